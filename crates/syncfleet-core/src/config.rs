@@ -1,0 +1,553 @@
+//! The configuration file, validated once into typed values.
+//!
+//! One TOML file (`syncfleet.toml`, `--config PATH` or `SYNCFLEET_CONFIG`)
+//! with environment overrides for the three URLs. Unknown keys are errors,
+//! not silently ignored, and every error names the file and the field.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration;
+use crate::ident;
+use crate::secret::SecretUrl;
+
+/// Environment variables that override the file.
+pub const ENV_SOURCE_URL: &str = "SYNCFLEET_SOURCE_URL";
+pub const ENV_DESTINATION_URL: &str = "SYNCFLEET_DESTINATION_URL";
+pub const ENV_AMQP_URL: &str = "SYNCFLEET_AMQP_URL";
+
+/// Everything a syncfleet process needs to know, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config came from, for error messages.
+    pub origin: String,
+    pub source: DbConfig,
+    pub destination: DbConfig,
+    pub broker: BrokerConfig,
+    pub jobs: JobsConfig,
+    pub worker: WorkerConfig,
+    pub streams: Vec<StreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    pub url: SecretUrl,
+    /// Pool size. For the source this is also the most connections the whole
+    /// process takes from the app database.
+    pub max_connections: usize,
+    /// Bounds connecting and waiting for a pooled connection.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub url: SecretUrl,
+    /// Every exchange and queue name starts with this, so several deployments
+    /// (and tests) can share one broker.
+    pub prefix: String,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// Default rows per batch for streams that do not set their own.
+    pub batch_size: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Jobs one worker process executes at once; also its broker prefetch.
+    pub concurrency: u16,
+}
+
+/// One reporting tab: where its rows come from and where they go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    pub name: String,
+    pub source: StreamSource,
+    /// Key columns; `None` means the source table's primary key.
+    pub key: Option<Vec<String>>,
+    pub batch_size: u32,
+    pub destination_table: TableName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamSource {
+    Table(TableName),
+    /// A single SELECT, used as a subquery.
+    Query(String),
+}
+
+/// An optionally schema-qualified table name. `Display` quotes it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TableName {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl TableName {
+    /// `"users"` or `"reporting.users"`; at most one dot.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = text.split('.').collect();
+        let bad = || format!("expected \"table\" or \"schema.table\", got {text:?}");
+        match parts.as_slice() {
+            [name] if !name.is_empty() => Ok(Self {
+                schema: None,
+                name: name.to_string(),
+            }),
+            [schema, name] if !schema.is_empty() && !name.is_empty() => Ok(Self {
+                schema: Some(schema.to_string()),
+                name: name.to_string(),
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{}.{}", ident::quote(s), ident::quote(&self.name)),
+            None => f.write_str(&ident::quote(&self.name)),
+        }
+    }
+}
+
+impl StreamConfig {
+    /// `"stream 'users'"`, the prefix of every error about this stream.
+    pub fn label(&self) -> String {
+        format!("stream '{}'", self.name)
+    }
+}
+
+/// A configuration that cannot be used. Each names where and what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {detail}")]
+    Parse { path: String, detail: String },
+    #[error("config {origin}: {field}: {message}")]
+    Invalid {
+        origin: String,
+        field: String,
+        message: String,
+    },
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: Option<RawDb>,
+    destination: Option<RawDb>,
+    broker: Option<RawBroker>,
+    #[serde(default)]
+    jobs: RawJobs,
+    #[serde(default)]
+    worker: RawWorker,
+    #[serde(default, rename = "stream")]
+    streams: Vec<RawStream>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDb {
+    url: Option<String>,
+    max_connections: Option<usize>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    url: Option<String>,
+    prefix: Option<String>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawJobs {
+    batch_size: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    concurrency: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    name: String,
+    table: Option<String>,
+    query: Option<String>,
+    key: Option<Vec<String>>,
+    batch_size: Option<u32>,
+    destination_table: Option<String>,
+}
+
+const DEFAULT_BATCH_SIZE: u32 = 500;
+const MAX_BATCH_SIZE: u32 = 1_000_000;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Config {
+    /// Reads and validates a config file, applying overrides from the process
+    /// environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&path.display().to_string(), &text, |k| std::env::var(k).ok())
+    }
+
+    /// Validates config text. `env` looks up overrides; tests pass their own.
+    pub fn parse(
+        origin: &str,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            detail: e.to_string().trim_end().to_string(),
+        })?;
+        let v = Validator { origin };
+        let source = v.db("source", raw.source.unwrap_or_default(), env(ENV_SOURCE_URL))?;
+        let destination = v.db(
+            "destination",
+            raw.destination.unwrap_or_default(),
+            env(ENV_DESTINATION_URL),
+        )?;
+        let broker = v.broker(raw.broker.unwrap_or_default(), env(ENV_AMQP_URL))?;
+        let jobs = JobsConfig {
+            batch_size: v.batch_size("jobs.batch_size", raw.jobs.batch_size)?,
+        };
+        let concurrency = raw.worker.concurrency.unwrap_or(4);
+        if concurrency == 0 {
+            return Err(v.invalid("worker.concurrency", "must be at least 1"));
+        }
+        let streams = v.streams(raw.streams, jobs.batch_size)?;
+        Ok(Config {
+            origin: origin.to_string(),
+            source,
+            destination,
+            broker,
+            jobs,
+            worker: WorkerConfig { concurrency },
+            streams,
+        })
+    }
+
+    pub fn stream(&self, name: &str) -> Option<&StreamConfig> {
+        self.streams.iter().find(|s| s.name == name)
+    }
+
+    /// The streams named, in config order, or all of them when `names` is
+    /// empty. An unknown name is a usage error naming the known ones.
+    pub fn select_streams(&self, names: &[String]) -> Result<Vec<&StreamConfig>, ConfigError> {
+        if let Some(unknown) = names.iter().find(|n| self.stream(n).is_none()) {
+            let known: Vec<&str> = self.streams.iter().map(|s| s.name.as_str()).collect();
+            return Err(ConfigError::Invalid {
+                origin: self.origin.clone(),
+                field: "--stream".into(),
+                message: format!(
+                    "no stream named '{unknown}' (configured: {})",
+                    known.join(", ")
+                ),
+            });
+        }
+        Ok(self
+            .streams
+            .iter()
+            .filter(|s| names.is_empty() || names.contains(&s.name))
+            .collect())
+    }
+}
+
+struct Validator<'a> {
+    origin: &'a str,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn url(
+        &self,
+        field: &str,
+        from_file: Option<String>,
+        from_env: Option<String>,
+        env_name: &str,
+        schemes: &[&str],
+    ) -> Result<SecretUrl, ConfigError> {
+        let url = from_env
+            .filter(|u| !u.trim().is_empty())
+            .or(from_file)
+            .ok_or_else(|| self.invalid(field, format!("missing; set it in the file or {env_name}")))?;
+        if !schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
+            return Err(self.invalid(
+                field,
+                format!(
+                    "expected a URL starting with {}, got {}",
+                    schemes
+                        .iter()
+                        .map(|s| format!("{s}://"))
+                        .collect::<Vec<_>>()
+                        .join(" or "),
+                    SecretUrl::new(url.clone())
+                ),
+            ));
+        }
+        Ok(SecretUrl::new(url))
+    }
+
+    fn timeout(&self, field: &str, text: Option<String>) -> Result<Duration, ConfigError> {
+        match text {
+            None => Ok(DEFAULT_CONNECT_TIMEOUT),
+            Some(t) => match duration::parse(&t) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(self.invalid(field, "must be greater than zero")),
+                Err(e) => Err(self.invalid(field, e)),
+            },
+        }
+    }
+
+    fn db(&self, section: &str, raw: RawDb, env_url: Option<String>) -> Result<DbConfig, ConfigError> {
+        let env_name = if section == "source" {
+            ENV_SOURCE_URL
+        } else {
+            ENV_DESTINATION_URL
+        };
+        let url = self.url(
+            &format!("{section}.url"),
+            raw.url,
+            env_url,
+            env_name,
+            &["postgres", "postgresql"],
+        )?;
+        let max_connections = raw.max_connections.unwrap_or(4);
+        if !(1..=1000).contains(&max_connections) {
+            return Err(self.invalid(
+                &format!("{section}.max_connections"),
+                format!("expected 1 to 1000, got {max_connections}"),
+            ));
+        }
+        Ok(DbConfig {
+            url,
+            max_connections,
+            connect_timeout: self.timeout(&format!("{section}.connect_timeout"), raw.connect_timeout)?,
+        })
+    }
+
+    fn broker(&self, raw: RawBroker, env_url: Option<String>) -> Result<BrokerConfig, ConfigError> {
+        let url = self.url("broker.url", raw.url, env_url, ENV_AMQP_URL, &["amqp", "amqps"])?;
+        let prefix = raw.prefix.unwrap_or_else(|| "syncfleet".into());
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 100
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !ok {
+            return Err(self.invalid(
+                "broker.prefix",
+                format!("expected 1-100 characters from [A-Za-z0-9_.-], got {prefix:?}"),
+            ));
+        }
+        Ok(BrokerConfig {
+            url,
+            prefix,
+            connect_timeout: self.timeout("broker.connect_timeout", raw.connect_timeout)?,
+        })
+    }
+
+    fn batch_size(&self, field: &str, value: Option<u32>) -> Result<u32, ConfigError> {
+        match value {
+            None => Ok(DEFAULT_BATCH_SIZE),
+            Some(n) if (1..=MAX_BATCH_SIZE).contains(&n) => Ok(n),
+            Some(n) => Err(self.invalid(field, format!("expected 1 to {MAX_BATCH_SIZE}, got {n}"))),
+        }
+    }
+
+    fn streams(&self, raw: Vec<RawStream>, default_batch: u32) -> Result<Vec<StreamConfig>, ConfigError> {
+        let mut names = HashSet::new();
+        let mut destinations = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, s) in raw.into_iter().enumerate() {
+            let field = |f: &str| format!("stream[{i}] ('{}').{f}", s.name);
+            let valid_name = !s.name.is_empty()
+                && s.name.len() <= 63
+                && s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid_name {
+                return Err(self.invalid(
+                    &format!("stream[{i}].name"),
+                    format!("expected 1-63 characters from [A-Za-z0-9_-], got {:?}", s.name),
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(self.invalid(&field("name"), "another stream has the same name"));
+            }
+            let source = match (s.table, s.query) {
+                (Some(t), None) => StreamSource::Table(
+                    TableName::parse(&t).map_err(|e| self.invalid(&field("table"), e))?,
+                ),
+                (None, Some(q)) => {
+                    let q = q.trim().trim_end_matches(';').trim().to_string();
+                    if q.is_empty() {
+                        return Err(self.invalid(&field("query"), "is empty"));
+                    }
+                    StreamSource::Query(q)
+                }
+                (Some(_), Some(_)) => {
+                    return Err(self.invalid(&field("table"), "set either table or query, not both"));
+                }
+                (None, None) => return Err(self.invalid(&field("table"), "set either table or query")),
+            };
+            if let Some(key) = &s.key {
+                if key.is_empty() {
+                    return Err(self.invalid(&field("key"), "needs at least one column"));
+                }
+                let unique: HashSet<&String> = key.iter().collect();
+                if unique.len() != key.len() {
+                    return Err(self.invalid(&field("key"), "names a column twice"));
+                }
+            } else if matches!(source, StreamSource::Query(_)) {
+                return Err(self.invalid(
+                    &field("key"),
+                    "a query stream needs key = [\"column\", ...] (there is no primary key to default to)",
+                ));
+            }
+            let destination_table = match s.destination_table {
+                Some(t) => TableName::parse(&t).map_err(|e| self.invalid(&field("destination_table"), e))?,
+                None => TableName {
+                    schema: None,
+                    name: s.name.clone(),
+                },
+            };
+            if !destinations.insert(destination_table.clone()) {
+                return Err(self.invalid(
+                    &field("destination_table"),
+                    format!("{destination_table} is already written by another stream; each stream needs its own table"),
+                ));
+            }
+            out.push(StreamConfig {
+                batch_size: self.batch_size(&field("batch_size"), s.batch_size.or(Some(default_batch)))?,
+                name: s.name,
+                source,
+                key: s.key,
+                destination_table,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Resolves the config path: the flag, else `SYNCFLEET_CONFIG`, else
+/// `syncfleet.toml` in the working directory.
+pub fn default_path(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("SYNCFLEET_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("syncfleet.toml"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [source]
+        url = "postgres://app:pw@127.0.0.1/app"
+        max_connections = 2
+        [destination]
+        url = "postgres://postgres@127.0.0.1/reporting"
+        [broker]
+        url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        prefix = "t1"
+        [[stream]]
+        name = "users"
+        table = "public.users"
+        batch_size = 10
+        [[stream]]
+        name = "profiles"
+        query = "SELECT id, bio FROM user_profiles;"
+        key = ["id"]
+        destination_table = "rep.profiles_tab"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse("test.toml", text, |_| None)
+    }
+
+    #[test]
+    fn parses_a_good_file_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.source.max_connections, 2);
+        assert_eq!(c.destination.max_connections, 4);
+        assert_eq!(c.broker.prefix, "t1");
+        assert_eq!(c.streams[0].batch_size, 10);
+        assert_eq!(c.streams[0].destination_table.to_string(), "\"users\"");
+        assert_eq!(c.streams[1].batch_size, DEFAULT_BATCH_SIZE);
+        assert_eq!(
+            c.streams[1].source,
+            StreamSource::Query("SELECT id, bio FROM user_profiles".into())
+        );
+        assert_eq!(
+            c.streams[1].destination_table.to_string(),
+            "\"rep\".\"profiles_tab\""
+        );
+    }
+
+    #[test]
+    fn environment_overrides_urls() {
+        let c = Config::parse("test.toml", GOOD, |k| {
+            (k == ENV_AMQP_URL).then(|| "amqp://other:secret@mq/%2f".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.broker.url.expose(), "amqp://other:secret@mq/%2f");
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_keys_name_the_file_and_key() {
+        let e = error_of(&GOOD.replace("prefix = \"t1\"", "prefix = \"t1\"\nprefetch_count = 3"));
+        assert!(e.contains("test.toml") && e.contains("prefetch_count"), "{e}");
+    }
+
+    #[test]
+    fn bad_streams_name_the_stream_and_field() {
+        let e = error_of(&GOOD.replace("key = [\"id\"]", ""));
+        assert!(e.contains("stream[1] ('profiles').key"), "{e}");
+        let e = error_of(&GOOD.replace("table = \"public.users\"", "table = \"a.b.c\""));
+        assert!(e.contains("('users').table"), "{e}");
+        let e = error_of(&GOOD.replace("batch_size = 10", "batch_size = 0"));
+        assert!(e.contains("('users').batch_size"), "{e}");
+        let e = error_of(&GOOD.replace("name = \"profiles\"", "name = \"users\""));
+        assert!(e.contains("same name"), "{e}");
+    }
+
+    #[test]
+    fn missing_or_wrong_urls_never_print_passwords() {
+        let e = error_of(&GOOD.replace("postgres://app:pw@", "mysql://app:pw@"));
+        assert!(e.contains("source.url") && !e.contains(":pw@"), "{e}");
+        let e = error_of(&GOOD.replace("url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"", ""));
+        assert!(e.contains("broker.url") && e.contains(ENV_AMQP_URL), "{e}");
+    }
+}

@@ -1,0 +1,23 @@
+//! Types every syncfleet component shares, and nothing that does I/O beyond
+//! reading the config file.
+//!
+//! - [`config`]: the TOML file and its environment overrides, validated once
+//!   into typed values ([`Config`]). Everything downstream trusts these values.
+//! - [`job`]: the message a producer publishes and a worker executes: one
+//!   batch of one stream, named by its key range ([`Job`]).
+//! - [`ident`]: SQL identifier quoting. Every identifier that reaches SQL goes
+//!   through it; every value is bound instead.
+//! - [`secret`]: connection URLs that never print their password.
+//! - [`shutdown`]: the one stop signal every long-running task selects on.
+//! - [`duration`]: `"250ms"`, `"60s"`, `"5m"` for config fields.
+
+pub mod config;
+pub mod duration;
+pub mod ident;
+pub mod job;
+pub mod secret;
+pub mod shutdown;
+
+pub use config::{Config, ConfigError, StreamConfig, StreamSource, TableName};
+pub use job::{Job, KeyRange};
+pub use secret::SecretUrl;

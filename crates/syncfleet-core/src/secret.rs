@@ -1,0 +1,99 @@
+//! Connection URLs whose passwords never reach a log line or an error.
+
+use std::fmt;
+
+/// A connection URL. `Display` and `Debug` mask the password; only
+/// [`SecretUrl::expose`] gives the real text, for handing to a driver.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The real URL, password included. Pass it to a driver, never to a log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact(&self.0)
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({})", self.redacted())
+    }
+}
+
+/// Masks the password of a `scheme://user:pass@host/...` URL, and of
+/// `password=...` in a libpq key/value string or URL query.
+pub fn redact(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@') {
+            let userinfo = &out[rest..rest + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest + colon + 1..rest + at, "***");
+            }
+        }
+    }
+    mask_password_params(&out)
+}
+
+fn mask_password_params(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("password=") {
+        let value_start = pos + "password=".len();
+        out.push_str(&rest[..value_start]);
+        out.push_str("***");
+        let value_end = rest[value_start..]
+            .find([' ', '&'])
+            .map_or(rest.len(), |i| value_start + i);
+        rest = &rest[value_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords_in_every_form() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/app"),
+            "postgres://app:***@db:5432/app"
+        );
+        assert_eq!(
+            redact("amqp://guest:gu@st@mq/%2f"),
+            "amqp://guest:***@mq/%2f"
+        );
+        assert_eq!(redact("postgres://app@db/app"), "postgres://app@db/app");
+        assert_eq!(
+            redact("host=db password=hunter2 user=x"),
+            "host=db password=*** user=x"
+        );
+        assert_eq!(
+            redact("postgres://db/app?password=hunter2&sslmode=require"),
+            "postgres://db/app?password=***&sslmode=require"
+        );
+        let s = SecretUrl::new("postgres://a:b@c/d");
+        assert!(!format!("{s} {s:?}").contains(":b@"));
+    }
+}

@@ -1,0 +1,324 @@
+//! The control schema: runs and their batches, kept in the destination.
+//!
+//! Keeping it in the destination is what lets a worker write a batch *and*
+//! record it done in one transaction: a batch is done exactly when its rows
+//! are committed, and the broker message is acked only after that commit.
+//! A run's state is derived from its batches; whichever worker commits the
+//! last batch marks the run finished (see [`try_finish_run`]).
+
+use serde_json::Value;
+use syncfleet_core::job::KeyRange;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::error::DbError;
+
+/// Migrations, in order. Each runs once, in its own transaction; the
+/// version table records how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE syncfleet.runs (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind        text NOT NULL DEFAULT 'full',
+    status      text NOT NULL DEFAULT 'planning'
+                CHECK (status IN ('planning', 'running', 'succeeded', 'failed')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    planned_at  timestamptz,
+    finished_at timestamptz,
+    error       text
+);
+CREATE TABLE syncfleet.run_streams (
+    run_id      bigint NOT NULL REFERENCES syncfleet.runs (id) ON DELETE CASCADE,
+    stream      text NOT NULL,
+    -- NULL until planning of this stream has published every batch.
+    batches_planned bigint,
+    PRIMARY KEY (run_id, stream)
+);
+CREATE TABLE syncfleet.batches (
+    run_id      bigint NOT NULL,
+    stream      text NOT NULL,
+    batch_no    bigint NOT NULL,
+    lower_key   jsonb,
+    upper_key   jsonb,
+    status      text NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'done', 'failed')),
+    rows_copied  bigint,
+    rows_deleted bigint,
+    attempts    integer NOT NULL DEFAULT 0,
+    error       text,
+    -- Start and end of the transaction that wrote the batch.
+    started_at  timestamptz,
+    finished_at timestamptz,
+    PRIMARY KEY (run_id, stream, batch_no),
+    FOREIGN KEY (run_id, stream) REFERENCES syncfleet.run_streams ON DELETE CASCADE
+);
+CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';
+"#];
+
+/// The schema version this build expects.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Creates or upgrades the control schema. Safe to run concurrently and
+/// repeatedly; returns the versions applied now.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, DbError> {
+    let tx = client.transaction().await?;
+    // Serialises concurrent migrations across processes.
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('syncfleet.migrate'))", &[])
+        .await?;
+    tx.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS syncfleet;
+         CREATE TABLE IF NOT EXISTS syncfleet.schema_version (version integer NOT NULL);",
+    )
+    .await?;
+    let current: i32 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM syncfleet.schema_version", &[])
+        .await?
+        .get(0);
+    let mut applied = Vec::new();
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as i32 + 1;
+        tx.batch_execute(sql).await?;
+        tx.execute("INSERT INTO syncfleet.schema_version VALUES ($1)", &[&version])
+            .await?;
+        applied.push(version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// The control schema's version, 0 when it does not exist.
+pub async fn schema_version(client: &impl GenericClient) -> Result<i32, DbError> {
+    match client
+        .query_one("SELECT coalesce(max(version), 0) FROM syncfleet.schema_version", &[])
+        .await
+    {
+        Ok(r) => Ok(r.get(0)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates a run in state `planning` with its streams.
+pub async fn create_run(client: &mut Client, streams: &[&str]) -> Result<i64, DbError> {
+    let tx = client.transaction().await?;
+    let id: i64 = tx
+        .query_one("INSERT INTO syncfleet.runs DEFAULT VALUES RETURNING id", &[])
+        .await?
+        .get(0);
+    tx.execute(
+        "INSERT INTO syncfleet.run_streams (run_id, stream) SELECT $1, unnest($2::text[])",
+        &[&id, &streams],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+fn key_json(key: &Option<Vec<String>>) -> Option<Value> {
+    key.as_ref()
+        .map(|k| Value::Array(k.iter().cloned().map(Value::String).collect()))
+}
+
+/// Records planned batches (one statement for the whole chunk).
+pub async fn insert_batches(
+    client: &impl GenericClient,
+    run_id: i64,
+    stream: &str,
+    batches: &[(i64, KeyRange)],
+) -> Result<(), DbError> {
+    let numbers: Vec<i64> = batches.iter().map(|(n, _)| *n).collect();
+    let lowers: Vec<Option<Value>> = batches.iter().map(|(_, r)| key_json(&r.lower)).collect();
+    let uppers: Vec<Option<Value>> = batches.iter().map(|(_, r)| key_json(&r.upper)).collect();
+    client
+        .execute(
+            "INSERT INTO syncfleet.batches (run_id, stream, batch_no, lower_key, upper_key) \
+             SELECT $1, $2, b.n, b.lo, b.hi FROM unnest($3::int8[], $4::jsonb[], $5::jsonb[]) AS b(n, lo, hi)",
+            &[&run_id, &stream, &numbers, &lowers, &uppers],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Records that a stream's planning is complete with `count` batches.
+pub async fn finish_stream_planning(
+    client: &impl GenericClient,
+    run_id: i64,
+    stream: &str,
+    count: i64,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE syncfleet.run_streams SET batches_planned = $3 WHERE run_id = $1 AND stream = $2",
+            &[&run_id, &stream, &count],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Moves a fully published run from `planning` to `running`, then finishes
+/// it if the workers were quicker than the planner.
+pub async fn mark_planned(client: &impl GenericClient, run_id: i64) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE syncfleet.runs SET status = 'running', planned_at = now() \
+             WHERE id = $1 AND status = 'planning'",
+            &[&run_id],
+        )
+        .await?;
+    try_finish_run(client, run_id).await?;
+    Ok(())
+}
+
+/// Marks a run failed with a reason (for example, planning failed).
+pub async fn fail_run(client: &impl GenericClient, run_id: i64, error: &str) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE syncfleet.runs SET status = 'failed', finished_at = now(), error = $2 \
+             WHERE id = $1 AND status IN ('planning', 'running')",
+            &[&run_id, &error],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Marks a batch done inside the transaction that wrote its rows. Returns
+/// false when the control schema does not know the batch.
+pub async fn complete_batch(
+    client: &impl GenericClient,
+    run_id: i64,
+    stream: &str,
+    batch_no: i64,
+    rows_copied: i64,
+    rows_deleted: i64,
+) -> Result<bool, DbError> {
+    let n = client
+        .execute(
+            "UPDATE syncfleet.batches SET status = 'done', rows_copied = $4, rows_deleted = $5, \
+             attempts = attempts + 1, error = NULL, started_at = now(), finished_at = clock_timestamp() \
+             WHERE run_id = $1 AND stream = $2 AND batch_no = $3",
+            &[&run_id, &stream, &batch_no, &rows_copied, &rows_deleted],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Marks the run succeeded if it is fully planned and no batch is left.
+///
+/// Called after each batch commit. Of the workers committing a run's last
+/// batches concurrently, the one that commits last runs this after every
+/// other commit is visible, so exactly that check sees zero pending batches.
+pub async fn try_finish_run(client: &impl GenericClient, run_id: i64) -> Result<bool, DbError> {
+    let n = client
+        .execute(
+            "UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() \
+             WHERE id = $1 AND status = 'running' \
+             AND NOT EXISTS (SELECT 1 FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done')",
+            &[&run_id],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// One run as `status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub id: i64,
+    pub status: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub seconds: f64,
+    pub error: Option<String>,
+}
+
+/// Progress of one stream in a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamProgress {
+    pub stream: String,
+    pub batches_done: i64,
+    pub batches_failed: i64,
+    /// Batches recorded so far; final once `planned` is true.
+    pub batches_total: i64,
+    pub planned: bool,
+    pub rows: i64,
+}
+
+const RUN_COLUMNS: &str = "id, status, to_char(created_at, 'YYYY-MM-DD HH24:MI:SS'), \
+     to_char(finished_at, 'YYYY-MM-DD HH24:MI:SS'), \
+     extract(epoch FROM coalesce(finished_at, now()) - created_at)::float8, error";
+
+fn run_from_row(r: &tokio_postgres::Row) -> RunSummary {
+    RunSummary {
+        id: r.get(0),
+        status: r.get(1),
+        created_at: r.get(2),
+        finished_at: r.get(3),
+        seconds: r.get(4),
+        error: r.get(5),
+    }
+}
+
+pub async fn recent_runs(client: &impl GenericClient, limit: i64) -> Result<Vec<RunSummary>, DbError> {
+    let rows = client
+        .query(
+            &format!("SELECT {RUN_COLUMNS} FROM syncfleet.runs ORDER BY id DESC LIMIT $1"),
+            &[&limit],
+        )
+        .await?;
+    Ok(rows.iter().map(run_from_row).collect())
+}
+
+pub async fn run(client: &impl GenericClient, run_id: i64) -> Result<Option<RunSummary>, DbError> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {RUN_COLUMNS} FROM syncfleet.runs WHERE id = $1"),
+            &[&run_id],
+        )
+        .await?;
+    Ok(row.as_ref().map(run_from_row))
+}
+
+pub async fn run_progress(client: &impl GenericClient, run_id: i64) -> Result<Vec<StreamProgress>, DbError> {
+    let rows = client
+        .query(
+            "SELECT rs.stream, \
+                    count(*) FILTER (WHERE b.status = 'done'), \
+                    count(*) FILTER (WHERE b.status = 'failed'), \
+                    count(b.batch_no), \
+                    rs.batches_planned IS NOT NULL, \
+                    coalesce(sum(b.rows_copied), 0)::int8 \
+             FROM syncfleet.run_streams rs \
+             LEFT JOIN syncfleet.batches b ON b.run_id = rs.run_id AND b.stream = rs.stream \
+             WHERE rs.run_id = $1 GROUP BY rs.stream, rs.batches_planned ORDER BY rs.stream",
+            &[&run_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| StreamProgress {
+            stream: r.get(0),
+            batches_done: r.get(1),
+            batches_failed: r.get(2),
+            batches_total: r.get(3),
+            planned: r.get(4),
+            rows: r.get(5),
+        })
+        .collect())
+}
+
+/// Records a batch that cannot succeed, and fails its run with the reason.
+pub async fn fail_batch(
+    client: &mut Client,
+    run_id: i64,
+    stream: &str,
+    batch_no: i64,
+    error: &str,
+) -> Result<(), DbError> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "UPDATE syncfleet.batches SET status = 'failed', attempts = attempts + 1, error = $4, \
+         finished_at = now() WHERE run_id = $1 AND stream = $2 AND batch_no = $3 AND status <> 'done'",
+        &[&run_id, &stream, &batch_no, &error],
+    )
+    .await?;
+    fail_run(&tx, run_id, &format!("stream {stream} batch {batch_no} failed: {error}")).await?;
+    tx.commit().await?;
+    Ok(())
+}

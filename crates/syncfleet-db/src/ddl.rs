@@ -1,0 +1,247 @@
+//! Prepares the destination table of a stream: checks an existing one, or
+//! creates a missing one from the source's column types and key.
+//!
+//! Enum and domain types the columns need are created too (arrays of them
+//! included). Any other type the destination lacks (composite, range, an
+//! extension's type) is an error that says what to create, since guessing
+//! its definition could change values.
+
+use std::collections::HashSet;
+
+use syncfleet_core::config::TableName;
+use syncfleet_core::ident;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::error::DbError;
+use crate::shape::{ShapeError, StreamShape};
+
+/// What [`ensure_table`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableState {
+    Existing,
+    Created,
+}
+
+/// Checks or creates the destination table for `shape`.
+pub async fn ensure_table(
+    source: &impl GenericClient,
+    destination: &mut Client,
+    shape: &StreamShape,
+    table: &TableName,
+) -> Result<TableState, ShapeError> {
+    let err = |e: tokio_postgres::Error| ShapeError::Db {
+        stream: shape.stream.clone(),
+        source: DbError::from(e),
+    };
+    let invalid = |message: String| ShapeError::Invalid {
+        stream: shape.stream.clone(),
+        field: "destination_table",
+        message,
+    };
+    let tx = destination.transaction().await.map_err(err)?;
+    // Two producers preparing the same table must not race on CREATE.
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('syncfleet.ddl'))", &[])
+        .await
+        .map_err(err)?;
+    let oid: Option<u32> = tx
+        .query_one("SELECT to_regclass($1::text)::oid", &[&table.to_string()])
+        .await
+        .map_err(err)?
+        .get(0);
+
+    if let Some(oid) = oid {
+        let present: HashSet<String> = tx
+            .query(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                &[&oid],
+            )
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let missing: Vec<&str> = shape
+            .column_names()
+            .into_iter()
+            .filter(|c| !present.contains(*c))
+            .collect();
+        if !missing.is_empty() {
+            return Err(invalid(format!(
+                "destination table {table} lacks column(s) {} that the stream produces",
+                missing.join(", ")
+            )));
+        }
+        let unique_sets: Vec<Vec<String>> = tx
+            .query(
+                "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                 WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL \
+                 GROUP BY i.indexrelid",
+                &[&oid],
+            )
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut key: Vec<String> = shape.key_names().iter().map(|k| k.to_string()).collect();
+        key.sort();
+        if !unique_sets.contains(&key) {
+            let keys = ident::list(&shape.key_names(), None);
+            return Err(invalid(format!(
+                "destination table {table} has no primary key or unique index on ({keys}), \
+                 which syncfleet needs to upsert by key; create one: CREATE UNIQUE INDEX ON {table} ({keys})"
+            )));
+        }
+        tx.commit().await.map_err(err)?;
+        return Ok(TableState::Existing);
+    }
+
+    let mut done = HashSet::new();
+    for column in &shape.columns {
+        ensure_type(source, &tx, column.type_oid, &column.name, &mut done, &invalid)
+            .await
+            .map_err(|e| match e {
+                TypeError::Db(e) => err(e),
+                TypeError::Invalid(e) => e,
+            })?;
+    }
+    if let Some(schema) = &table.schema {
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ident::quote(schema)))
+            .await
+            .map_err(err)?;
+    }
+    let columns: Vec<String> = shape
+        .columns
+        .iter()
+        .map(|c| format!("{} {}", ident::quote(&c.name), c.type_sql))
+        .collect();
+    tx.batch_execute(&format!(
+        "CREATE TABLE {table} ({}, PRIMARY KEY ({}))",
+        columns.join(", "),
+        ident::list(&shape.key_names(), None)
+    ))
+    .await
+    .map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    Ok(TableState::Created)
+}
+
+enum TypeError {
+    Db(tokio_postgres::Error),
+    Invalid(ShapeError),
+}
+
+impl From<tokio_postgres::Error> for TypeError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        TypeError::Db(e)
+    }
+}
+
+/// Makes sure the destination has the type `oid` of the source, creating
+/// enums and domains (and their dependencies) when missing.
+async fn ensure_type(
+    source: &impl GenericClient,
+    dest: &impl GenericClient,
+    oid: u32,
+    column: &str,
+    done: &mut HashSet<u32>,
+    invalid: &impl Fn(String) -> ShapeError,
+) -> Result<(), TypeError> {
+    if !done.insert(oid) {
+        return Ok(());
+    }
+    let t = source
+        .query_one(
+            "SELECT t.typtype::text, t.typcategory::text, n.nspname::text, t.typname::text, t.typelem, \
+                    t.typbasetype, format_type(t.oid, NULL), format_type(t.typbasetype, NULLIF(t.typtypmod, -1)), \
+                    t.typnotnull, pg_get_expr(t.typdefaultbin, 0) \
+             FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = $1",
+            &[&oid],
+        )
+        .await?;
+    let (kind, category, schema, name): (String, String, String, String) =
+        (t.get(0), t.get(1), t.get(2), t.get(3));
+    let (elem, base): (u32, u32) = (t.get(4), t.get(5));
+    let (type_sql, base_sql): (String, String) = (t.get(6), t.get(7));
+    if category == "A" && elem != 0 {
+        return Box::pin(ensure_type(source, dest, elem, column, done, invalid)).await;
+    }
+    if schema == "pg_catalog" || schema == "information_schema" {
+        return Ok(());
+    }
+    let exists: bool = dest
+        .query_one("SELECT to_regtype($1) IS NOT NULL", &[&type_sql])
+        .await?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    let qualified = format!("{}.{}", ident::quote(&schema), ident::quote(&name));
+    dest.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ident::quote(&schema)))
+        .await?;
+    match kind.as_str() {
+        "e" => {
+            let labels: Vec<String> = source
+                .query(
+                    "SELECT enumlabel::text FROM pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder",
+                    &[&oid],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // Labels are values: the server quotes them.
+            let ddl: String = dest
+                .query_one(
+                    "SELECT format('CREATE TYPE %s AS ENUM (%s)', $1::text, \
+                     (SELECT coalesce(string_agg(quote_literal(l), ', ' ORDER BY o), '') \
+                      FROM unnest($2::text[]) WITH ORDINALITY AS x(l, o)))",
+                    &[&qualified, &labels],
+                )
+                .await?
+                .get(0);
+            dest.batch_execute(&ddl).await?;
+        }
+        "d" => {
+            Box::pin(ensure_type(source, dest, base, column, done, invalid)).await?;
+            let checks: Vec<String> = source
+                .query(
+                    "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE contypid = $1 ORDER BY conname",
+                    &[&oid],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let not_null: bool = t.get(8);
+            let default: Option<String> = t.get(9);
+            let mut ddl = format!("CREATE DOMAIN {qualified} AS {base_sql}");
+            if let Some(d) = default {
+                ddl.push_str(&format!(" DEFAULT {d}"));
+            }
+            if not_null {
+                ddl.push_str(" NOT NULL");
+            }
+            for c in checks {
+                ddl.push(' ');
+                ddl.push_str(&c);
+            }
+            dest.batch_execute(&ddl).await?;
+        }
+        other => {
+            let what = match other {
+                "c" => "a composite type",
+                "r" | "m" => "a range type",
+                "b" => "a base type from an extension",
+                _ => "a type",
+            };
+            return Err(TypeError::Invalid(invalid(format!(
+                "column '{column}' has type {type_sql}, {what} the destination database lacks; \
+                 syncfleet creates only enum and domain types, so create {type_sql} in the \
+                 destination first (for an extension: CREATE EXTENSION ...)"
+            ))));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! Errors that say whether trying again can help.
+
+use tokio_postgres::error::SqlState;
+
+/// What the caller should do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The same work may succeed later: connection trouble, a conflict with
+    /// a concurrent transaction, a server shutting down, a pool timeout.
+    Transient,
+    /// The work itself is wrong (missing table, type mismatch, constraint
+    /// violation): retrying gives the same answer.
+    Permanent,
+}
+
+/// An error talking to one of the databases.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot connect to the {role} database {url}: {detail}")]
+    Connect {
+        role: &'static str,
+        url: String,
+        detail: String,
+    },
+    #[error("timed out waiting for a {role} database connection (pool of {size})")]
+    PoolTimeout { role: &'static str, size: usize },
+    #[error("{}", describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+impl DbError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            DbError::Connect { .. } | DbError::PoolTimeout { .. } => ErrorClass::Transient,
+            DbError::Postgres(e) => classify(e),
+        }
+    }
+}
+
+/// Sorts a driver error into transient or permanent.
+pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
+    let Some(code) = error.code() else {
+        // No SQLSTATE: the connection broke, timed out or closed.
+        return ErrorClass::Transient;
+    };
+    let transient = [
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::LOCK_NOT_AVAILABLE,
+        SqlState::QUERY_CANCELED,
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::CRASH_SHUTDOWN,
+        SqlState::CANNOT_CONNECT_NOW,
+        SqlState::TOO_MANY_CONNECTIONS,
+        SqlState::CONNECTION_EXCEPTION,
+        SqlState::CONNECTION_FAILURE,
+        SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+    ];
+    if transient.contains(code) || code.code().starts_with("08") || code.code().starts_with("53") {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Permanent
+    }
+}
+
+/// The server's own message with its detail and hint, or the driver's chain
+/// of causes for errors that did not come from the server.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = db.message().to_string();
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" ({detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!(" hint: {hint}"));
+        }
+        return text;
+    }
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}

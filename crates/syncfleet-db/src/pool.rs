@@ -1,0 +1,123 @@
+//! Connection pools with syncfleet's session settings.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime, Timeouts};
+use syncfleet_core::config::DbConfig;
+
+use crate::error::{DbError, describe};
+
+/// Which database a pool talks to; it decides the session settings and
+/// names the database in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        }
+    }
+}
+
+/// A pool plus what its errors need to say.
+#[derive(Clone)]
+pub struct Pool {
+    inner: deadpool_postgres::Pool,
+    role: Role,
+    url: String,
+}
+
+pub type Client = deadpool_postgres::Object;
+
+/// Session settings for both sides. Rows travel in PostgreSQL's text COPY
+/// format, so both sessions must print and parse values the same way: ISO
+/// dates, UTC, and floats with every digit.
+const SESSION_SETTINGS: &str = "-c DateStyle=ISO,YMD -c IntervalStyle=postgres -c TimeZone=UTC \
+     -c extra_float_digits=3 -c bytea_output=hex";
+
+impl Pool {
+    /// Builds a pool and checks out one connection, so an unreachable or
+    /// misconfigured server is reported now, by name, without its password.
+    pub async fn connect(role: Role, config: &DbConfig) -> Result<Self, DbError> {
+        let url = config.url.redacted();
+        let connect_error = |detail: String| DbError::Connect {
+            role: role.name(),
+            url: url.clone(),
+            detail,
+        };
+        let mut pg = tokio_postgres::Config::from_str(config.url.expose())
+            .map_err(|e| connect_error(format!("invalid URL: {}", describe(&e))))?;
+        let mut options = pg.get_options().unwrap_or_default().to_string();
+        options.push(' ');
+        options.push_str(SESSION_SETTINGS);
+        if role == Role::Source {
+            // Belt and braces: every source transaction is also started READ ONLY.
+            options.push_str(" -c default_transaction_read_only=on");
+        }
+        pg.options(options.trim());
+        if pg.get_application_name().is_none() {
+            pg.application_name(&format!("syncfleet-{}", role.name()));
+        }
+        pg.connect_timeout(config.connect_timeout);
+        let manager = Manager::from_config(
+            pg,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let inner = deadpool_postgres::Pool::builder(manager)
+            .max_size(config.max_connections)
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(config.connect_timeout),
+                create: Some(config.connect_timeout),
+                recycle: Some(Duration::from_secs(5)),
+            })
+            .build()
+            .map_err(|e| connect_error(e.to_string()))?;
+        let pool = Self {
+            inner,
+            role,
+            url: url.clone(),
+        };
+        drop(pool.get().await?);
+        Ok(pool)
+    }
+
+    /// A pooled connection, waiting at most the connect timeout.
+    pub async fn get(&self) -> Result<Client, DbError> {
+        use deadpool_postgres::PoolError;
+        self.inner.get().await.map_err(|e| match e {
+            PoolError::Timeout(_) => DbError::PoolTimeout {
+                role: self.role.name(),
+                size: self.inner.status().max_size,
+            },
+            PoolError::Backend(e) => DbError::Connect {
+                role: self.role.name(),
+                url: self.url.clone(),
+                detail: describe(&e),
+            },
+            other => DbError::Connect {
+                role: self.role.name(),
+                url: self.url.clone(),
+                detail: other.to_string(),
+            },
+        })
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Pool size, available and waiting counts, for status and metrics.
+    pub fn status(&self) -> deadpool_postgres::Status {
+        self.inner.status()
+    }
+}

@@ -1,0 +1,210 @@
+//! What a stream looks like on the source.
+//!
+//! The server describes the stream's `SELECT` for us (a prepared statement's
+//! row description carries every column's name, type and modifier), so a
+//! table and a query are handled the same way, and a wrong table, column or
+//! query is caught before a run is planned.
+
+use std::collections::HashSet;
+
+use syncfleet_core::config::{StreamConfig, StreamSource};
+use syncfleet_core::ident;
+use tokio_postgres::GenericClient;
+use tokio_postgres::error::SqlState;
+
+use crate::error::{DbError, ErrorClass, classify, describe};
+
+/// One output column of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// The type as SQL, with its modifier: `numeric(12,2)`, `mood`, `text[]`.
+    pub type_sql: String,
+    pub type_oid: u32,
+}
+
+/// A stream's columns and key, as the source describes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamShape {
+    pub stream: String,
+    /// The FROM item: a quoted table name or a parenthesised query.
+    pub relation: String,
+    pub columns: Vec<Column>,
+    /// Indexes into `columns`, in key order.
+    pub key: Vec<usize>,
+}
+
+/// A stream that cannot be synced as configured, or a failure to find out.
+#[derive(Debug, thiserror::Error)]
+pub enum ShapeError {
+    #[error("stream '{stream}': {field}: {message}")]
+    Invalid {
+        stream: String,
+        field: &'static str,
+        message: String,
+    },
+    #[error("stream '{stream}': {source}")]
+    Db { stream: String, source: DbError },
+}
+
+impl ShapeError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ShapeError::Invalid { .. } => ErrorClass::Permanent,
+            ShapeError::Db { source, .. } => source.class(),
+        }
+    }
+}
+
+impl StreamShape {
+    pub fn column_names(&self) -> Vec<&str> {
+        self.columns.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    pub fn key_names(&self) -> Vec<&str> {
+        self.key.iter().map(|&i| self.columns[i].name.as_str()).collect()
+    }
+
+    pub fn key_types(&self) -> Vec<&str> {
+        self.key
+            .iter()
+            .map(|&i| self.columns[i].type_sql.as_str())
+            .collect()
+    }
+
+    /// Asks the source to describe the stream.
+    pub async fn describe(
+        client: &impl GenericClient,
+        stream: &StreamConfig,
+    ) -> Result<Self, ShapeError> {
+        let (relation, field) = match &stream.source {
+            StreamSource::Table(t) => (t.to_string(), "table"),
+            StreamSource::Query(q) => (format!("({q})"), "query"),
+        };
+        let invalid = |field: &'static str, message: String| ShapeError::Invalid {
+            stream: stream.name.clone(),
+            field,
+            message,
+        };
+        let db = |e: tokio_postgres::Error| ShapeError::Db {
+            stream: stream.name.clone(),
+            source: e.into(),
+        };
+
+        let statement = match client
+            .prepare(&format!("SELECT * FROM {relation} AS q LIMIT 0"))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) if classify(&e) == ErrorClass::Transient => return Err(db(e)),
+            Err(e) => {
+                let message = match (&stream.source, e.code()) {
+                    (StreamSource::Table(t), Some(&SqlState::UNDEFINED_TABLE)) => {
+                        format!("table {t} does not exist in the source database")
+                    }
+                    (StreamSource::Query(_), Some(&SqlState::SYNTAX_ERROR)) => format!(
+                        "must be a single SELECT statement usable as a subquery: {}",
+                        describe(&e)
+                    ),
+                    _ => describe(&e),
+                };
+                return Err(invalid(field, message));
+            }
+        };
+
+        let described = statement.columns();
+        if described.is_empty() {
+            return Err(invalid(field, "returns no columns".into()));
+        }
+        let mut seen = HashSet::new();
+        for c in described {
+            if !seen.insert(c.name()) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "returns two columns named '{}'; give them distinct names with AS",
+                        c.name()
+                    ),
+                ));
+            }
+        }
+        let oids: Vec<u32> = described.iter().map(|c| c.type_().oid()).collect();
+        let mods: Vec<i32> = described.iter().map(|c| c.type_modifier()).collect();
+        let types: Vec<String> = client
+            .query(
+                "SELECT format_type(t.oid, NULLIF(t.typmod, -1)) \
+                 FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, typmod, n) ORDER BY n",
+                &[&oids, &mods],
+            )
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let columns: Vec<Column> = described
+            .iter()
+            .zip(types)
+            .map(|(c, type_sql)| Column {
+                name: c.name().to_string(),
+                type_sql,
+                type_oid: c.type_().oid(),
+            })
+            .collect();
+
+        let key_names = match (&stream.key, &stream.source) {
+            (Some(k), _) => k.clone(),
+            (None, StreamSource::Table(t)) => {
+                let pk: Vec<String> = client
+                    .query(
+                        "SELECT a.attname::text FROM pg_index i \
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                         WHERE i.indrelid = $1::text::regclass AND i.indisprimary \
+                         ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                        &[&t.to_string()],
+                    )
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                if pk.is_empty() {
+                    return Err(invalid(
+                        "key",
+                        format!("table {t} has no primary key; set key = [\"column\", ...]"),
+                    ));
+                }
+                pk
+            }
+            (None, StreamSource::Query(_)) => {
+                return Err(invalid("key", "a query stream needs key = [...]".into()));
+            }
+        };
+        let mut key = Vec::with_capacity(key_names.len());
+        for k in &key_names {
+            match columns.iter().position(|c| &c.name == k) {
+                Some(i) => key.push(i),
+                None => {
+                    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+                    return Err(invalid(
+                        "key",
+                        format!(
+                            "column '{k}' is not among the stream's columns ({})",
+                            names.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(StreamShape {
+            stream: stream.name.clone(),
+            relation,
+            columns,
+            key,
+        })
+    }
+
+    /// `q."a", q."b"`: every column, with an alias.
+    pub fn select_list(&self, alias: &str) -> String {
+        ident::list(&self.column_names(), Some(alias))
+    }
+}

@@ -1,0 +1,213 @@
+//! The SQL syncfleet runs, built from a [`StreamShape`].
+//!
+//! Identifiers are always quoted. Key values are always bound: as statement
+//! parameters where PostgreSQL allows them, and where it does not (inside
+//! `COPY (SELECT …)`) as transaction-local settings set by a parameterised
+//! `set_config` and read back with `current_setting`. Either way a value is
+//! never spliced into SQL text, and it is cast to the key column's type on
+//! the server, so ranges compare exactly as the source orders keys.
+
+use syncfleet_core::config::TableName;
+use syncfleet_core::ident;
+use syncfleet_core::job::KeyRange;
+
+use crate::shape::StreamShape;
+
+/// The temporary table a batch is copied into before it is merged. It is
+/// created per transaction and dropped at commit, in `pg_temp` so that it can
+/// never resolve to a real table.
+pub const STAGE: &str = "pg_temp.syncfleet_stage";
+
+/// How a range predicate receives its key values.
+#[derive(Debug, Clone, Copy)]
+pub enum Binding {
+    /// As `$n` statement parameters, numbered from `first`.
+    Params { first: usize },
+    /// As settings applied with [`SET_SETTINGS`] in the same transaction.
+    Settings,
+}
+
+/// A key-range predicate and the values it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangePredicate {
+    /// SQL such as `(q."id") > ($1::text::integer) AND (q."id") <= ($2::text::integer)`.
+    pub sql: String,
+    /// For [`Binding::Params`]: the parameters, in order.
+    pub params: Vec<String>,
+    /// For [`Binding::Settings`]: setting names and values.
+    pub settings: (Vec<String>, Vec<String>),
+}
+
+/// Applies [`Binding::Settings`] values: bind `settings.0` and `settings.1`.
+pub const SET_SETTINGS: &str =
+    "SELECT set_config(s.name, s.value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)";
+
+impl RangePredicate {
+    /// `lower < key <= upper` over `alias`'s key columns.
+    pub fn new(shape: &StreamShape, alias: &str, range: &KeyRange, binding: Binding) -> Self {
+        let lhs = format!("({})", ident::list(&shape.key_names(), Some(alias)));
+        let types = shape.key_types();
+        let mut out = RangePredicate {
+            sql: String::new(),
+            params: Vec::new(),
+            settings: (Vec::new(), Vec::new()),
+        };
+        let mut conditions = Vec::new();
+        for (bound, op, tag) in [(&range.lower, ">", "lo"), (&range.upper, "<=", "hi")] {
+            let Some(values) = bound else { continue };
+            let rhs: Vec<String> = values
+                .iter()
+                .zip(&types)
+                .enumerate()
+                .map(|(i, (value, ty))| {
+                    let source = match binding {
+                        Binding::Params { first } => {
+                            out.params.push(value.clone());
+                            format!("${}::text", first + out.params.len() - 1)
+                        }
+                        Binding::Settings => {
+                            let name = format!("syncfleet.{tag}_{i}");
+                            out.settings.0.push(name.clone());
+                            out.settings.1.push(value.clone());
+                            format!("current_setting('{name}')")
+                        }
+                    };
+                    format!("{source}::{ty}")
+                })
+                .collect();
+            conditions.push(format!("{lhs} {op} ({})", rhs.join(", ")));
+        }
+        out.sql = if conditions.is_empty() {
+            "true".into()
+        } else {
+            conditions.join(" AND ")
+        };
+        out
+    }
+}
+
+/// Reads one key range of the stream from the source in text COPY format.
+pub fn copy_out(shape: &StreamShape, predicate: &RangePredicate) -> String {
+    format!(
+        "COPY (SELECT {} FROM {} AS q WHERE {}) TO STDOUT",
+        shape.select_list("q"),
+        shape.relation,
+        predicate.sql
+    )
+}
+
+/// Creates the stage with exactly the stream's columns, typed as in the
+/// destination table.
+pub fn create_stage(shape: &StreamShape, table: &TableName) -> String {
+    format!(
+        "CREATE TEMP TABLE syncfleet_stage ON COMMIT DROP AS SELECT {} FROM {table} WITH NO DATA",
+        ident::list(&shape.column_names(), None)
+    )
+}
+
+pub fn copy_in_stage(shape: &StreamShape) -> String {
+    format!(
+        "COPY {STAGE} ({}) FROM STDIN",
+        ident::list(&shape.column_names(), None)
+    )
+}
+
+/// Inserts or updates every staged row by key.
+pub fn upsert(shape: &StreamShape, table: &TableName) -> String {
+    let columns = ident::list(&shape.column_names(), None);
+    let keys = ident::list(&shape.key_names(), None);
+    let updates: Vec<String> = shape
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !shape.key.contains(i))
+        .map(|(_, c)| {
+            let c = ident::quote(&c.name);
+            format!("{c} = EXCLUDED.{c}")
+        })
+        .collect();
+    let action = if updates.is_empty() {
+        "NOTHING".to_string()
+    } else {
+        format!("UPDATE SET {}", updates.join(", "))
+    };
+    format!(
+        "INSERT INTO {table} AS d ({columns}) SELECT {columns} FROM {STAGE} \
+         ON CONFLICT ({keys}) DO {action}"
+    )
+}
+
+/// Deletes destination rows in the range that the source no longer has.
+/// Parameters as in `predicate` (built over alias `d`).
+pub fn delete_missing(shape: &StreamShape, table: &TableName, predicate: &RangePredicate) -> String {
+    let keys = shape.key_names();
+    format!(
+        "DELETE FROM {table} AS d WHERE {} AND NOT EXISTS \
+         (SELECT 1 FROM {STAGE} AS s WHERE ({}) = ({}))",
+        predicate.sql,
+        ident::list(&keys, Some("s")),
+        ident::list(&keys, Some("d")),
+    )
+}
+
+/// Row count and an order-independent checksum of one key range: the sum of
+/// a 64-bit hash of each row's text form. The same rows give the same sum on
+/// both sides whatever their physical order.
+pub fn checksum(shape: &StreamShape, relation: &str, predicate: &RangePredicate) -> String {
+    format!(
+        "SELECT count(*)::int8, \
+         coalesce(sum(('x' || substr(md5(ROW({})::text), 1, 16))::bit(64)::int8::numeric), 0)::text \
+         FROM {relation} AS q WHERE {}",
+        shape.select_list("q"),
+        predicate.sql
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shape::Column;
+
+    fn shape() -> StreamShape {
+        let col = |name: &str, ty: &str| Column {
+            name: name.into(),
+            type_sql: ty.into(),
+            type_oid: 0,
+        };
+        StreamShape {
+            stream: "s".into(),
+            relation: "\"t\"".into(),
+            columns: vec![col("org", "text"), col("id", "bigint"), col("v\"x", "jsonb")],
+            key: vec![0, 1],
+        }
+    }
+
+    #[test]
+    fn range_predicates_bind_values_and_cast_to_key_types() {
+        let range = KeyRange {
+            lower: Some(vec!["a'; DROP TABLE t; --".into(), "1".into()]),
+            upper: Some(vec!["b".into(), "9".into()]),
+        };
+        let p = RangePredicate::new(&shape(), "d", &range, Binding::Params { first: 1 });
+        assert_eq!(
+            p.sql,
+            "(d.\"org\", d.\"id\") > ($1::text::text, $2::text::bigint) AND \
+             (d.\"org\", d.\"id\") <= ($3::text::text, $4::text::bigint)"
+        );
+        assert_eq!(p.params, vec!["a'; DROP TABLE t; --", "1", "b", "9"]);
+        let s = RangePredicate::new(&shape(), "q", &range, Binding::Settings);
+        assert!(!s.sql.contains("DROP"), "{}", s.sql);
+        assert_eq!(s.settings.0[0], "syncfleet.lo_0");
+        assert_eq!(s.settings.1[0], "a'; DROP TABLE t; --");
+        let open = RangePredicate::new(&shape(), "q", &KeyRange::default(), Binding::Settings);
+        assert_eq!(open.sql, "true");
+    }
+
+    #[test]
+    fn upsert_quotes_every_identifier() {
+        let t = TableName::parse("rep.tab").unwrap();
+        let sql = upsert(&shape(), &t);
+        assert!(sql.contains("\"v\"\"x\" = EXCLUDED.\"v\"\"x\""), "{sql}");
+        assert!(sql.contains("ON CONFLICT (\"org\", \"id\")"), "{sql}");
+    }
+}

@@ -1,0 +1,206 @@
+//! Plans a sync run and publishes its jobs.
+//!
+//! A run goes through three steps, in this order, so that a bad config
+//! publishes nothing and a worker never sees a job the control schema does
+//! not know:
+//!
+//! 1. [`prepare`]: describe every selected stream on the source and check
+//!    (or create) its destination table. Any error stops here, before a run
+//!    exists.
+//! 2. Create the run, then for each stream walk its keys in one snapshot
+//!    ([`syncfleet_db::scan`]) and, a chunk at a time, record the chunk's
+//!    batches in the control schema and publish one job per batch, waiting
+//!    for the broker's confirms.
+//! 3. Mark the run planned; from then on the workers finish it.
+
+use std::fmt;
+
+use syncfleet_broker::{BrokerError, Publisher};
+use syncfleet_core::config::StreamConfig;
+use syncfleet_core::job::{Job, KeyRange};
+use syncfleet_db::control;
+use syncfleet_db::ddl::{self, TableState};
+use syncfleet_db::scan::{KeyScan, Ranges};
+use syncfleet_db::{DbError, Pool, ShapeError, StreamShape};
+use tokio_postgres::IsolationLevel;
+
+/// Why a run could not be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The config asks for something the databases cannot give (exit 2).
+    #[error(transparent)]
+    Invalid(ShapeError),
+    #[error(
+        "the control schema in the destination is at version {found}, this syncfleet needs {needed}: run `syncfleet migrate`"
+    )]
+    Schema { found: i32, needed: i32 },
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+}
+
+impl From<ShapeError> for PlanError {
+    fn from(e: ShapeError) -> Self {
+        match e {
+            ShapeError::Db { source, .. } => PlanError::Db(source),
+            invalid => PlanError::Invalid(invalid),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for PlanError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        PlanError::Db(e.into())
+    }
+}
+
+/// A stream ready to plan.
+pub struct PreparedStream<'c> {
+    pub config: &'c StreamConfig,
+    pub shape: StreamShape,
+    pub table: TableState,
+}
+
+/// Checks that the destination's control schema matches this build.
+pub async fn check_schema(destination: &Pool) -> Result<(), PlanError> {
+    let found = control::schema_version(&**destination.get().await?).await?;
+    if found != control::SCHEMA_VERSION {
+        return Err(PlanError::Schema {
+            found,
+            needed: control::SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Step 1: describes each stream and prepares its destination table.
+pub async fn prepare<'c>(
+    source: &Pool,
+    destination: &Pool,
+    streams: &[&'c StreamConfig],
+) -> Result<Vec<PreparedStream<'c>>, PlanError> {
+    let src = source.get().await?;
+    let mut dest = destination.get().await?;
+    let mut prepared = Vec::with_capacity(streams.len());
+    for &config in streams {
+        let shape = StreamShape::describe(&**src, config).await?;
+        let table = ddl::ensure_table(&**src, &mut dest, &shape, &config.destination_table).await?;
+        if table == TableState::Created {
+            tracing::info!(stream = %config.name, table = %config.destination_table, "created destination table");
+        }
+        prepared.push(PreparedStream {
+            config,
+            shape,
+            table,
+        });
+    }
+    Ok(prepared)
+}
+
+/// What planning produced, per stream.
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    pub run_id: i64,
+    pub batches: Vec<(String, i64)>,
+}
+
+impl fmt::Display for RunPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .batches
+            .iter()
+            .map(|(s, n)| format!("{s}: {n} batches"))
+            .collect();
+        write!(f, "run {} planned ({})", self.run_id, parts.join(", "))
+    }
+}
+
+/// Steps 1 to 3: plans a full run of `streams` and publishes its jobs.
+pub async fn start_run(
+    source: &Pool,
+    destination: &Pool,
+    publisher: &Publisher,
+    streams: &[&StreamConfig],
+) -> Result<RunPlan, PlanError> {
+    check_schema(destination).await?;
+    let prepared = prepare(source, destination, streams).await?;
+    let names: Vec<&str> = streams.iter().map(|s| s.name.as_str()).collect();
+    let run_id = control::create_run(&mut **destination.get().await?, &names).await?;
+    tracing::info!(run_id, streams = ?names, "planning run");
+    let mut plan = RunPlan {
+        run_id,
+        batches: Vec::new(),
+    };
+    for stream in &prepared {
+        match plan_stream(source, destination, publisher, run_id, stream).await {
+            Ok(n) => plan.batches.push((stream.config.name.clone(), n)),
+            Err(e) => {
+                // Best effort: the run is failed whether or not this lands.
+                if let Ok(client) = destination.get().await {
+                    let _ = control::fail_run(&**client, run_id, &format!("planning failed: {e}")).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    control::mark_planned(&**destination.get().await?, run_id).await?;
+    Ok(plan)
+}
+
+/// Plans one stream: records and publishes its batches a chunk at a time.
+async fn plan_stream(
+    source: &Pool,
+    destination: &Pool,
+    publisher: &Publisher,
+    run_id: i64,
+    stream: &PreparedStream<'_>,
+) -> Result<i64, PlanError> {
+    let name = &stream.config.name;
+    let mut src = source.get().await?;
+    let tx = src
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let mut scan = KeyScan::start(&tx, &stream.shape, stream.config.batch_size).await?;
+    let mut ranges = Ranges::default();
+    let mut count = 0i64;
+    let mut numbered = |range: KeyRange| {
+        count += 1;
+        (count, range)
+    };
+    while let Some(chunk) = scan.next_chunk().await? {
+        let batches: Vec<(i64, KeyRange)> = chunk
+            .into_iter()
+            .map(|boundary| numbered(ranges.until(boundary)))
+            .collect();
+        record_and_publish(destination, publisher, run_id, name, &batches).await?;
+    }
+    let last = numbered(ranges.last());
+    let total = last.0;
+    record_and_publish(destination, publisher, run_id, name, &[last]).await?;
+    tx.commit().await?;
+    control::finish_stream_planning(&**destination.get().await?, run_id, name, total).await?;
+    tracing::info!(run_id, stream = %name, batches = total, "stream planned");
+    Ok(total)
+}
+
+/// Records batches first, then publishes them: a worker may pick a job up
+/// the moment it is confirmed, and must find its batch.
+async fn record_and_publish(
+    destination: &Pool,
+    publisher: &Publisher,
+    run_id: i64,
+    stream: &str,
+    batches: &[(i64, KeyRange)],
+) -> Result<(), PlanError> {
+    control::insert_batches(&**destination.get().await?, run_id, stream, batches).await?;
+    let jobs: Vec<Job> = batches
+        .iter()
+        .map(|(n, range)| Job::new(run_id, stream, *n, range.clone()))
+        .collect();
+    publisher.publish(&jobs).await?;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! Executing one job: converge one key range of the destination.
+//!
+//! Per job, whatever the batch size:
+//! - source (one REPEATABLE READ, READ ONLY transaction): set the range
+//!   bounds, then one `COPY (SELECT … WHERE range) TO STDOUT`;
+//! - destination (one transaction): create the stage, `COPY` the source's
+//!   bytes straight into it, one `INSERT … ON CONFLICT` upsert, one
+//!   `DELETE` of rows the source no longer has in the range, and marking
+//!   the batch done. Then commit; only then is the job acknowledged.
+//!
+//! Rows travel in PostgreSQL's own text COPY format and are never decoded
+//! here, so every type (enums, domains, arrays, intervals, …) arrives as the
+//! source had it, and memory stays at one in-flight chunk per job.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures_util::SinkExt;
+use syncfleet_core::Config;
+use syncfleet_core::config::StreamConfig;
+use syncfleet_core::job::Job;
+use syncfleet_db::sql::{self, Binding, RangePredicate};
+use syncfleet_db::{Pool, Role, StreamShape, control};
+use tokio_postgres::IsolationLevel;
+use tokio_postgres::types::ToSql;
+
+use crate::error::JobError;
+
+/// What one job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Rows read from the source range and upserted.
+    pub rows_copied: u64,
+    /// Destination rows in the range the source no longer has.
+    pub rows_deleted: u64,
+    /// This job's commit completed its run.
+    pub finished_run: bool,
+}
+
+/// Executes jobs against the source and destination pools.
+pub struct Executor {
+    config: Arc<Config>,
+    source: Pool,
+    destination: Pool,
+    /// Stream shapes described once per process. An entry is dropped when a
+    /// job of its stream fails, so a changed source schema is seen again.
+    shapes: Mutex<HashMap<String, Arc<StreamShape>>>,
+}
+
+impl Executor {
+    /// Connects both pools (and fails fast, naming the server, if either
+    /// database is unreachable).
+    pub async fn connect(config: Arc<Config>) -> Result<Self, syncfleet_db::DbError> {
+        let source = Pool::connect(Role::Source, &config.source).await?;
+        let destination = Pool::connect(Role::Destination, &config.destination).await?;
+        Ok(Self::new(config, source, destination))
+    }
+
+    pub fn new(config: Arc<Config>, source: Pool, destination: Pool) -> Self {
+        Self {
+            config,
+            source,
+            destination,
+            shapes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn destination(&self) -> &Pool {
+        &self.destination
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Executes one job; see the module docs for the statements it runs.
+    pub async fn execute(&self, job: &Job) -> Result<BatchOutcome, JobError> {
+        let stream = self.config.stream(&job.stream).ok_or_else(|| {
+            JobError::Reject(format!(
+                "job {} names stream '{}', which this worker's config does not have",
+                job.id(),
+                job.stream
+            ))
+        })?;
+        let result = self.converge(stream, job).await;
+        if result.is_err() {
+            self.shapes.lock().expect("shape cache").remove(&stream.name);
+        }
+        let outcome = result?;
+        let finished_run = match control::try_finish_run(&**self.destination.get().await?, job.run_id).await {
+            Ok(finished) => finished,
+            Err(e) => {
+                // The batch is committed; the next batch or `status` finishes the run.
+                tracing::warn!(run_id = job.run_id, error = %e, "could not check whether the run finished");
+                false
+            }
+        };
+        Ok(BatchOutcome {
+            finished_run,
+            ..outcome
+        })
+    }
+
+    async fn shape(&self, stream: &StreamConfig) -> Result<Arc<StreamShape>, JobError> {
+        if let Some(shape) = self.shapes.lock().expect("shape cache").get(&stream.name) {
+            return Ok(shape.clone());
+        }
+        let shape = Arc::new(StreamShape::describe(&**self.source.get().await?, stream).await?);
+        self.shapes
+            .lock()
+            .expect("shape cache")
+            .insert(stream.name.clone(), shape.clone());
+        Ok(shape)
+    }
+
+    async fn converge(&self, stream: &StreamConfig, job: &Job) -> Result<BatchOutcome, JobError> {
+        let shape = self.shape(stream).await?;
+        let table = &stream.destination_table;
+        let mut src = self.source.get().await?;
+        let mut dst = self.destination.get().await?;
+
+        let read = src
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let source_range = RangePredicate::new(&shape, "q", &job.range, Binding::Settings);
+        if !source_range.settings.0.is_empty() {
+            read.execute(
+                sql::SET_SETTINGS,
+                &[&source_range.settings.0, &source_range.settings.1],
+            )
+            .await?;
+        }
+        let rows = read.copy_out(&sql::copy_out(&shape, &source_range)).await?;
+
+        let write = dst.transaction().await?;
+        write.batch_execute(&sql::create_stage(&shape, table)).await?;
+        let stage = write.copy_in(&sql::copy_in_stage(&shape)).await?;
+        futures_util::pin_mut!(rows, stage);
+        stage.as_mut().send_all(&mut rows).await?;
+        let rows_copied = stage.finish().await?;
+
+        write.execute(&sql::upsert(&shape, table), &[]).await?;
+        let dest_range = RangePredicate::new(&shape, "d", &job.range, Binding::Params { first: 1 });
+        let params: Vec<&(dyn ToSql + Sync)> = dest_range
+            .params
+            .iter()
+            .map(|p| p as &(dyn ToSql + Sync))
+            .collect();
+        let rows_deleted = write
+            .execute(&sql::delete_missing(&shape, table, &dest_range), &params)
+            .await?;
+        let known = control::complete_batch(
+            &*write,
+            job.run_id,
+            &job.stream,
+            job.batch,
+            rows_copied as i64,
+            rows_deleted as i64,
+        )
+        .await?;
+        if !known {
+            return Err(JobError::Reject(format!(
+                "job {} names a batch the control schema does not have",
+                job.id()
+            )));
+        }
+        write.commit().await?;
+        read.commit().await?;
+        Ok(BatchOutcome {
+            rows_copied,
+            rows_deleted,
+            finished_run: false,
+        })
+    }
+
+    /// Records a job that cannot succeed: its batch and run become failed.
+    pub async fn fail(&self, job: &Job, reason: &str) -> Result<(), syncfleet_db::DbError> {
+        let mut client = self.destination.get().await?;
+        control::fail_batch(&mut client, job.run_id, &job.stream, job.batch, reason).await
+    }
+}

@@ -1,0 +1,69 @@
+//! Every failure of a command, and its exit code.
+
+use std::process::ExitCode;
+
+use syncfleet_core::ConfigError;
+use syncfleet_db::{DbError, ShapeError};
+use syncfleet_producer::PlanError;
+use syncfleet_worker::WorkerError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad usage or config: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// Anything else: exit 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Usage(_) => ExitCode::from(2),
+            CliError::Failed(_) => ExitCode::from(1),
+        }
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        CliError::Usage(e.to_string())
+    }
+}
+
+impl From<ShapeError> for CliError {
+    fn from(e: ShapeError) -> Self {
+        match e {
+            ShapeError::Invalid { .. } => CliError::Usage(e.to_string()),
+            ShapeError::Db { .. } => CliError::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<PlanError> for CliError {
+    fn from(e: PlanError) -> Self {
+        match e {
+            PlanError::Invalid(_) => CliError::Usage(e.to_string()),
+            _ => CliError::Failed(e.to_string()),
+        }
+    }
+}
+
+macro_rules! failed_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for CliError {
+            fn from(e: $t) -> Self {
+                CliError::Failed(e.to_string())
+            }
+        }
+    )*};
+}
+
+failed_from!(
+    DbError,
+    WorkerError,
+    syncfleet_broker::BrokerError,
+    tokio_postgres::Error,
+    std::io::Error
+);

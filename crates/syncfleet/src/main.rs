@@ -1,0 +1,104 @@
+//! The `syncfleet` command: wires the producer, the worker and the database
+//! and broker crates into one binary.
+//!
+//! - `migrate`, `sync`, `worker`, `status`, `verify`, `demo`: one module
+//!   each under this crate, named after the command.
+//! - [`error`]: every failure ends here and picks the exit code: 2 for bad
+//!   usage or config, 1 for anything else.
+//! - [`signals`]: SIGINT/SIGTERM into the shared shutdown signal.
+
+mod demo;
+mod error;
+mod migrate;
+mod signals;
+mod status;
+mod sync;
+mod verify;
+mod worker;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use syncfleet_core::Config;
+use syncfleet_core::config;
+
+use crate::error::CliError;
+
+/// syncfleet: copies PostgreSQL tables into a reporting database through a
+/// RabbitMQ-driven fleet of workers.
+#[derive(Debug, Parser)]
+#[command(name = "syncfleet", version, about, long_about = None)]
+struct Cli {
+    /// Config file [default: $SYNCFLEET_CONFIG, else ./syncfleet.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or upgrade syncfleet's control schema in the destination (idempotent)
+    Migrate,
+    /// Plan a full sync run and publish its jobs; prints the run id
+    Sync(sync::Args),
+    /// Consume and execute jobs until stopped (SIGINT/SIGTERM drains, a second signal exits)
+    Worker(worker::Args),
+    /// Show runs, per-stream progress and queue depth
+    Status(status::Args),
+    /// Compare source and destination per key range (row count and checksum); exit 1 on any difference
+    Verify(verify::Args),
+    /// Create a seed-shaped app database, sync it with in-process workers, verify, and summarise
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    if let Command::Demo(args) = cli.command {
+        return demo::run(args).await;
+    }
+    let config = Arc::new(Config::load(&config::default_path(cli.config.as_deref()))?);
+    match cli.command {
+        Command::Migrate => migrate::run(&config).await,
+        Command::Sync(args) => sync::run(&config, args).await,
+        Command::Worker(args) => worker::run(config, args).await,
+        Command::Status(args) => status::run(&config, args).await,
+        Command::Verify(args) => verify::run(&config, args).await,
+        Command::Demo(_) => unreachable!("handled above"),
+    }
+}
+
+/// Logs go to stderr (stdout is for results). `RUST_LOG` overrides.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "warn,syncfleet=info,syncfleet_producer=info,syncfleet_worker=info,syncfleet_db=info",
+        )
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -1,0 +1,56 @@
+//! `syncfleet sync`
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use syncfleet_broker::{Publisher, Topology};
+use syncfleet_core::Config;
+use syncfleet_db::{Pool, Role};
+
+use crate::error::CliError;
+use crate::status;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Only these streams (repeatable) [default: all]
+    #[arg(long = "stream", value_name = "NAME")]
+    streams: Vec<String>,
+    /// Wait for the run to finish, showing progress; exit 1 if it failed
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this long (e.g. 90s, 30m, 2h)
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    syncfleet_core::duration::parse(text)
+}
+
+pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
+    let streams = config.select_streams(&args.streams)?;
+    if streams.is_empty() {
+        return Err(CliError::Usage(format!(
+            "config {}: no [[stream]] is configured",
+            config.origin
+        )));
+    }
+    let source = Pool::connect(Role::Source, &config.source).await?;
+    let destination = Pool::connect(Role::Destination, &config.destination).await?;
+    let connection = syncfleet_broker::connect(&config.broker, "producer").await?;
+    let publisher = Publisher::open(&connection, Topology::new(&config.broker.prefix)).await?;
+    let plan = syncfleet_producer::start_run(&source, &destination, &publisher, &streams).await;
+    let _ = connection.close(200, "planned".into()).await;
+    let plan = plan?;
+    println!("{}", plan.run_id);
+    tracing::info!("{plan}");
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let run = status::wait_for_run(&destination, plan.run_id, args.timeout, true).await?;
+    Ok(if run.status == "succeeded" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,24 @@
+//! `syncfleet worker`
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use syncfleet_core::Config;
+use syncfleet_core::shutdown::Shutdown;
+
+use crate::error::CliError;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Jobs executed at once (and the broker prefetch) [default: worker.concurrency, 4]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    concurrency: Option<u16>,
+}
+
+pub async fn run(config: Arc<Config>, args: Args) -> Result<ExitCode, CliError> {
+    let shutdown = Shutdown::new();
+    crate::signals::install(shutdown.clone())?;
+    let concurrency = args.concurrency.unwrap_or(config.worker.concurrency);
+    syncfleet_worker::run(config, concurrency, shutdown.signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,33 @@
+# syncfleet task runner — run `just` to list recipes.
+
+# List available recipes.
+default:
+    @just --list
+
+# Build every crate in the workspace.
+build:
+    cargo build --workspace
+
+# Run the end-to-end demo (starts local PostgreSQL/RabbitMQ if needed).
+demo *args: _services
+    cargo run --release -p syncfleet -- demo {{ args }}
+
+# Run all tests, including integration tests against local services.
+test *args: _services
+    cargo test --workspace {{ args }}
+
+# Check formatting and run clippy with warnings as errors.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Format all code.
+fmt:
+    cargo fmt --all
+
+# Run exactly what CI runs: lint, then test.
+ci: lint test
+
+# Ensure local PostgreSQL and RabbitMQ are installed and running.
+_services:
+    bash deploy/local/services.sh
