@@ -17,11 +17,11 @@
 
 use std::time::Duration;
 
+use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use syncfleet_core::config::BrokerConfig;
@@ -126,7 +126,11 @@ impl Topology {
             .await?;
 
         channel
-            .queue_declare(self.work_queue().into(), queue_options, self.work_queue_args())
+            .queue_declare(
+                self.work_queue().into(),
+                queue_options,
+                self.work_queue_args(),
+            )
             .await?;
         channel
             .queue_bind(
@@ -143,11 +147,20 @@ impl Topology {
     fn work_queue_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long_string("quorum"));
-        args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long_string(&self.dead_exchange()),
+        );
         // At-least-once dead-lettering needs reject-publish overflow.
-        args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
         args.insert("x-overflow".into(), long_string("reject-publish"));
-        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
         args
     }
 

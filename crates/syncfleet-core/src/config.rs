@@ -209,7 +209,9 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&path.display().to_string(), &text, |k| std::env::var(k).ok())
+        Self::parse(&path.display().to_string(), &text, |k| {
+            std::env::var(k).ok()
+        })
     }
 
     /// Validates config text. `env` looks up overrides; tests pass their own.
@@ -223,7 +225,11 @@ impl Config {
             detail: e.to_string().trim_end().to_string(),
         })?;
         let v = Validator { origin };
-        let source = v.db("source", raw.source.unwrap_or_default(), env(ENV_SOURCE_URL))?;
+        let source = v.db(
+            "source",
+            raw.source.unwrap_or_default(),
+            env(ENV_SOURCE_URL),
+        )?;
         let destination = v.db(
             "destination",
             raw.destination.unwrap_or_default(),
@@ -299,7 +305,9 @@ impl Validator<'_> {
         let url = from_env
             .filter(|u| !u.trim().is_empty())
             .or(from_file)
-            .ok_or_else(|| self.invalid(field, format!("missing; set it in the file or {env_name}")))?;
+            .ok_or_else(|| {
+                self.invalid(field, format!("missing; set it in the file or {env_name}"))
+            })?;
         if !schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
             return Err(self.invalid(
                 field,
@@ -328,7 +336,12 @@ impl Validator<'_> {
         }
     }
 
-    fn db(&self, section: &str, raw: RawDb, env_url: Option<String>) -> Result<DbConfig, ConfigError> {
+    fn db(
+        &self,
+        section: &str,
+        raw: RawDb,
+        env_url: Option<String>,
+    ) -> Result<DbConfig, ConfigError> {
         let env_name = if section == "source" {
             ENV_SOURCE_URL
         } else {
@@ -351,12 +364,19 @@ impl Validator<'_> {
         Ok(DbConfig {
             url,
             max_connections,
-            connect_timeout: self.timeout(&format!("{section}.connect_timeout"), raw.connect_timeout)?,
+            connect_timeout: self
+                .timeout(&format!("{section}.connect_timeout"), raw.connect_timeout)?,
         })
     }
 
     fn broker(&self, raw: RawBroker, env_url: Option<String>) -> Result<BrokerConfig, ConfigError> {
-        let url = self.url("broker.url", raw.url, env_url, ENV_AMQP_URL, &["amqp", "amqps"])?;
+        let url = self.url(
+            "broker.url",
+            raw.url,
+            env_url,
+            ENV_AMQP_URL,
+            &["amqp", "amqps"],
+        )?;
         let prefix = raw.prefix.unwrap_or_else(|| "syncfleet".into());
         let ok = !prefix.is_empty()
             && prefix.len() <= 100
@@ -384,7 +404,11 @@ impl Validator<'_> {
         }
     }
 
-    fn streams(&self, raw: Vec<RawStream>, default_batch: u32) -> Result<Vec<StreamConfig>, ConfigError> {
+    fn streams(
+        &self,
+        raw: Vec<RawStream>,
+        default_batch: u32,
+    ) -> Result<Vec<StreamConfig>, ConfigError> {
         let mut names = HashSet::new();
         let mut destinations = HashSet::new();
         let mut out = Vec::with_capacity(raw.len());
@@ -392,11 +416,16 @@ impl Validator<'_> {
             let field = |f: &str| format!("stream[{i}] ('{}').{f}", s.name);
             let valid_name = !s.name.is_empty()
                 && s.name.len() <= 63
-                && s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                && s.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
             if !valid_name {
                 return Err(self.invalid(
                     &format!("stream[{i}].name"),
-                    format!("expected 1-63 characters from [A-Za-z0-9_-], got {:?}", s.name),
+                    format!(
+                        "expected 1-63 characters from [A-Za-z0-9_-], got {:?}",
+                        s.name
+                    ),
                 ));
             }
             if !names.insert(s.name.clone()) {
@@ -414,9 +443,13 @@ impl Validator<'_> {
                     StreamSource::Query(q)
                 }
                 (Some(_), Some(_)) => {
-                    return Err(self.invalid(&field("table"), "set either table or query, not both"));
+                    return Err(
+                        self.invalid(&field("table"), "set either table or query, not both")
+                    );
                 }
-                (None, None) => return Err(self.invalid(&field("table"), "set either table or query")),
+                (None, None) => {
+                    return Err(self.invalid(&field("table"), "set either table or query"));
+                }
             };
             if let Some(key) = &s.key {
                 if key.is_empty() {
@@ -433,7 +466,8 @@ impl Validator<'_> {
                 ));
             }
             let destination_table = match s.destination_table {
-                Some(t) => TableName::parse(&t).map_err(|e| self.invalid(&field("destination_table"), e))?,
+                Some(t) => TableName::parse(&t)
+                    .map_err(|e| self.invalid(&field("destination_table"), e))?,
                 None => TableName {
                     schema: None,
                     name: s.name.clone(),
@@ -446,7 +480,8 @@ impl Validator<'_> {
                 ));
             }
             out.push(StreamConfig {
-                batch_size: self.batch_size(&field("batch_size"), s.batch_size.or(Some(default_batch)))?,
+                batch_size: self
+                    .batch_size(&field("batch_size"), s.batch_size.or(Some(default_batch)))?,
                 name: s.name,
                 source,
                 key: s.key,
@@ -528,7 +563,10 @@ mod tests {
     #[test]
     fn unknown_keys_name_the_file_and_key() {
         let e = error_of(&GOOD.replace("prefix = \"t1\"", "prefix = \"t1\"\nprefetch_count = 3"));
-        assert!(e.contains("test.toml") && e.contains("prefetch_count"), "{e}");
+        assert!(
+            e.contains("test.toml") && e.contains("prefetch_count"),
+            "{e}"
+        );
     }
 
     #[test]

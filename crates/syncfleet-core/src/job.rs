@@ -43,9 +43,13 @@ pub struct Job {
 /// Why a message body is not a job we can execute.
 #[derive(Debug, thiserror::Error)]
 pub enum JobDecodeError {
-    #[error("message is not a syncfleet job (expected JSON with v, run_id, stream, batch, range): {0}")]
+    #[error(
+        "message is not a syncfleet job (expected JSON with v, run_id, stream, batch, range): {0}"
+    )]
     Malformed(#[from] serde_json::Error),
-    #[error("job message version {0} is not supported (this worker understands version {JOB_VERSION})")]
+    #[error(
+        "job message version {0} is not supported (this worker understands version {JOB_VERSION})"
+    )]
     UnknownVersion(u32),
 }
 

@@ -44,7 +44,8 @@ CREATE TABLE syncfleet.batches (
     rows_deleted bigint,
     attempts    integer NOT NULL DEFAULT 0,
     error       text,
-    -- Start and end of the transaction that wrote the batch.
+    -- Which worker wrote the batch, and when its transaction started and ended.
+    worker      text,
     started_at  timestamptz,
     finished_at timestamptz,
     PRIMARY KEY (run_id, stream, batch_no),
@@ -61,23 +62,32 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, DbError> {
     let tx = client.transaction().await?;
     // Serialises concurrent migrations across processes.
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext('syncfleet.migrate'))", &[])
-        .await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('syncfleet.migrate'))",
+        &[],
+    )
+    .await?;
     tx.batch_execute(
         "CREATE SCHEMA IF NOT EXISTS syncfleet;
          CREATE TABLE IF NOT EXISTS syncfleet.schema_version (version integer NOT NULL);",
     )
     .await?;
     let current: i32 = tx
-        .query_one("SELECT coalesce(max(version), 0) FROM syncfleet.schema_version", &[])
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM syncfleet.schema_version",
+            &[],
+        )
         .await?
         .get(0);
     let mut applied = Vec::new();
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = i as i32 + 1;
         tx.batch_execute(sql).await?;
-        tx.execute("INSERT INTO syncfleet.schema_version VALUES ($1)", &[&version])
-            .await?;
+        tx.execute(
+            "INSERT INTO syncfleet.schema_version VALUES ($1)",
+            &[&version],
+        )
+        .await?;
         applied.push(version);
     }
     tx.commit().await?;
@@ -87,7 +97,10 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, DbError> {
 /// The control schema's version, 0 when it does not exist.
 pub async fn schema_version(client: &impl GenericClient) -> Result<i32, DbError> {
     match client
-        .query_one("SELECT coalesce(max(version), 0) FROM syncfleet.schema_version", &[])
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM syncfleet.schema_version",
+            &[],
+        )
         .await
     {
         Ok(r) => Ok(r.get(0)),
@@ -100,7 +113,10 @@ pub async fn schema_version(client: &impl GenericClient) -> Result<i32, DbError>
 pub async fn create_run(client: &mut Client, streams: &[&str]) -> Result<i64, DbError> {
     let tx = client.transaction().await?;
     let id: i64 = tx
-        .query_one("INSERT INTO syncfleet.runs DEFAULT VALUES RETURNING id", &[])
+        .query_one(
+            "INSERT INTO syncfleet.runs DEFAULT VALUES RETURNING id",
+            &[],
+        )
         .await?
         .get(0);
     tx.execute(
@@ -168,7 +184,11 @@ pub async fn mark_planned(client: &impl GenericClient, run_id: i64) -> Result<()
 }
 
 /// Marks a run failed with a reason (for example, planning failed).
-pub async fn fail_run(client: &impl GenericClient, run_id: i64, error: &str) -> Result<(), DbError> {
+pub async fn fail_run(
+    client: &impl GenericClient,
+    run_id: i64,
+    error: &str,
+) -> Result<(), DbError> {
     client
         .execute(
             "UPDATE syncfleet.runs SET status = 'failed', finished_at = now(), error = $2 \
@@ -188,13 +208,21 @@ pub async fn complete_batch(
     batch_no: i64,
     rows_copied: i64,
     rows_deleted: i64,
+    worker: &str,
 ) -> Result<bool, DbError> {
     let n = client
         .execute(
             "UPDATE syncfleet.batches SET status = 'done', rows_copied = $4, rows_deleted = $5, \
-             attempts = attempts + 1, error = NULL, started_at = now(), finished_at = clock_timestamp() \
-             WHERE run_id = $1 AND stream = $2 AND batch_no = $3",
-            &[&run_id, &stream, &batch_no, &rows_copied, &rows_deleted],
+             attempts = attempts + 1, error = NULL, worker = $6, started_at = now(), \
+             finished_at = clock_timestamp() WHERE run_id = $1 AND stream = $2 AND batch_no = $3",
+            &[
+                &run_id,
+                &stream,
+                &batch_no,
+                &rows_copied,
+                &rows_deleted,
+                &worker,
+            ],
         )
         .await?;
     Ok(n == 1)
@@ -255,7 +283,10 @@ fn run_from_row(r: &tokio_postgres::Row) -> RunSummary {
     }
 }
 
-pub async fn recent_runs(client: &impl GenericClient, limit: i64) -> Result<Vec<RunSummary>, DbError> {
+pub async fn recent_runs(
+    client: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<RunSummary>, DbError> {
     let rows = client
         .query(
             &format!("SELECT {RUN_COLUMNS} FROM syncfleet.runs ORDER BY id DESC LIMIT $1"),
@@ -275,7 +306,10 @@ pub async fn run(client: &impl GenericClient, run_id: i64) -> Result<Option<RunS
     Ok(row.as_ref().map(run_from_row))
 }
 
-pub async fn run_progress(client: &impl GenericClient, run_id: i64) -> Result<Vec<StreamProgress>, DbError> {
+pub async fn run_progress(
+    client: &impl GenericClient,
+    run_id: i64,
+) -> Result<Vec<StreamProgress>, DbError> {
     let rows = client
         .query(
             "SELECT rs.stream, \
@@ -318,7 +352,12 @@ pub async fn fail_batch(
         &[&run_id, &stream, &batch_no, &error],
     )
     .await?;
-    fail_run(&tx, run_id, &format!("stream {stream} batch {batch_no} failed: {error}")).await?;
+    fail_run(
+        &tx,
+        run_id,
+        &format!("stream {stream} batch {batch_no} failed: {error}"),
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }

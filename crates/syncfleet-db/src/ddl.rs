@@ -40,9 +40,12 @@ pub async fn ensure_table(
     };
     let tx = destination.transaction().await.map_err(err)?;
     // Two producers preparing the same table must not race on CREATE.
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext('syncfleet.ddl'))", &[])
-        .await
-        .map_err(err)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('syncfleet.ddl'))",
+        &[],
+    )
+    .await
+    .map_err(err)?;
     let oid: Option<u32> = tx
         .query_one("SELECT to_regclass($1::text)::oid", &[&table.to_string()])
         .await
@@ -99,17 +102,27 @@ pub async fn ensure_table(
 
     let mut done = HashSet::new();
     for column in &shape.columns {
-        ensure_type(source, &tx, column.type_oid, &column.name, &mut done, &invalid)
-            .await
-            .map_err(|e| match e {
-                TypeError::Db(e) => err(e),
-                TypeError::Invalid(e) => e,
-            })?;
+        ensure_type(
+            source,
+            &tx,
+            column.type_oid,
+            &column.name,
+            &mut done,
+            &invalid,
+        )
+        .await
+        .map_err(|e| match e {
+            TypeError::Db(e) => err(e),
+            TypeError::Invalid(e) => e,
+        })?;
     }
     if let Some(schema) = &table.schema {
-        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ident::quote(schema)))
-            .await
-            .map_err(err)?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            ident::quote(schema)
+        ))
+        .await
+        .map_err(err)?;
     }
     let columns: Vec<String> = shape
         .columns
@@ -178,8 +191,11 @@ async fn ensure_type(
         return Ok(());
     }
     let qualified = format!("{}.{}", ident::quote(&schema), ident::quote(&name));
-    dest.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ident::quote(&schema)))
-        .await?;
+    dest.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        ident::quote(&schema)
+    ))
+    .await?;
     match kind.as_str() {
         "e" => {
             let labels: Vec<String> = source

@@ -62,7 +62,7 @@ impl Pool {
         }
         pg.options(options.trim());
         if pg.get_application_name().is_none() {
-            pg.application_name(&format!("syncfleet-{}", role.name()));
+            pg.application_name(format!("syncfleet-{}", role.name()));
         }
         pg.connect_timeout(config.connect_timeout);
         let manager = Manager::from_config(

@@ -62,7 +62,10 @@ impl StreamShape {
     }
 
     pub fn key_names(&self) -> Vec<&str> {
-        self.key.iter().map(|&i| self.columns[i].name.as_str()).collect()
+        self.key
+            .iter()
+            .map(|&i| self.columns[i].name.as_str())
+            .collect()
     }
 
     pub fn key_types(&self) -> Vec<&str> {
@@ -128,26 +131,40 @@ impl StreamShape {
                 ));
             }
         }
+        // The row description gives a domain column its base type; a
+        // column read straight from a table also names that table and
+        // column, whose catalog entry has the real (domain) type.
         let oids: Vec<u32> = described.iter().map(|c| c.type_().oid()).collect();
         let mods: Vec<i32> = described.iter().map(|c| c.type_modifier()).collect();
-        let types: Vec<String> = client
+        let tables: Vec<u32> = described
+            .iter()
+            .map(|c| c.table_oid().unwrap_or(0))
+            .collect();
+        let attnums: Vec<i16> = described
+            .iter()
+            .map(|c| c.column_id().unwrap_or(0))
+            .collect();
+        let types: Vec<(u32, String)> = client
             .query(
-                "SELECT format_type(t.oid, NULLIF(t.typmod, -1)) \
-                 FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, typmod, n) ORDER BY n",
-                &[&oids, &mods],
+                "SELECT coalesce(a.atttypid, t.oid), \
+                        format_type(coalesce(a.atttypid, t.oid), NULLIF(coalesce(a.atttypmod, t.typmod), -1)) \
+                 FROM unnest($1::oid[], $2::int4[], $3::oid[], $4::int2[]) WITH ORDINALITY AS t(oid, typmod, rel, att, n) \
+                 LEFT JOIN pg_attribute a ON a.attrelid = t.rel AND a.attnum = t.att AND t.att > 0 \
+                 ORDER BY t.n",
+                &[&oids, &mods, &tables, &attnums],
             )
             .await
             .map_err(db)?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
         let columns: Vec<Column> = described
             .iter()
             .zip(types)
-            .map(|(c, type_sql)| Column {
+            .map(|(c, (type_oid, type_sql))| Column {
                 name: c.name().to_string(),
                 type_sql,
-                type_oid: c.type_().oid(),
+                type_oid,
             })
             .collect();
 

@@ -39,8 +39,7 @@ pub struct RangePredicate {
 }
 
 /// Applies [`Binding::Settings`] values: bind `settings.0` and `settings.1`.
-pub const SET_SETTINGS: &str =
-    "SELECT set_config(s.name, s.value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)";
+pub const SET_SETTINGS: &str = "SELECT set_config(s.name, s.value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)";
 
 impl RangePredicate {
     /// `lower < key <= upper` over `alias`'s key columns.
@@ -139,7 +138,11 @@ pub fn upsert(shape: &StreamShape, table: &TableName) -> String {
 
 /// Deletes destination rows in the range that the source no longer has.
 /// Parameters as in `predicate` (built over alias `d`).
-pub fn delete_missing(shape: &StreamShape, table: &TableName, predicate: &RangePredicate) -> String {
+pub fn delete_missing(
+    shape: &StreamShape,
+    table: &TableName,
+    predicate: &RangePredicate,
+) -> String {
     let keys = shape.key_names();
     format!(
         "DELETE FROM {table} AS d WHERE {} AND NOT EXISTS \
@@ -177,7 +180,11 @@ mod tests {
         StreamShape {
             stream: "s".into(),
             relation: "\"t\"".into(),
-            columns: vec![col("org", "text"), col("id", "bigint"), col("v\"x", "jsonb")],
+            columns: vec![
+                col("org", "text"),
+                col("id", "bigint"),
+                col("v\"x", "jsonb"),
+            ],
             key: vec![0, 1],
         }
     }

@@ -138,7 +138,8 @@ pub async fn start_run(
             Err(e) => {
                 // Best effort: the run is failed whether or not this lands.
                 if let Ok(client) = destination.get().await {
-                    let _ = control::fail_run(&**client, run_id, &format!("planning failed: {e}")).await;
+                    let _ = control::fail_run(&**client, run_id, &format!("planning failed: {e}"))
+                        .await;
                 }
                 return Err(e);
             }

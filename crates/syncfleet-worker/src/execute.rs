@@ -13,6 +13,7 @@
 //! source had it, and memory stays at one in-flight chunk per job.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::SinkExt;
@@ -39,6 +40,10 @@ pub struct BatchOutcome {
 
 /// Executes jobs against the source and destination pools.
 pub struct Executor {
+    /// Names this worker in the control schema (`batches.worker`) and logs:
+    /// the host (the pod name under Kubernetes), the process and an instance
+    /// number, since one process may run several executors.
+    id: String,
     config: Arc<Config>,
     source: Pool,
     destination: Pool,
@@ -57,12 +62,29 @@ impl Executor {
     }
 
     pub fn new(config: Arc<Config>, source: Pool, destination: Pool) -> Self {
+        static INSTANCE: AtomicU32 = AtomicU32::new(0);
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "worker".into());
+        let id = format!(
+            "{host}:{}:{}",
+            std::process::id(),
+            INSTANCE.fetch_add(1, Ordering::Relaxed)
+        );
         Self {
+            id,
             config,
             source,
             destination,
             shapes: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub fn destination(&self) -> &Pool {
@@ -84,10 +106,18 @@ impl Executor {
         })?;
         let result = self.converge(stream, job).await;
         if result.is_err() {
-            self.shapes.lock().expect("shape cache").remove(&stream.name);
+            self.shapes
+                .lock()
+                .expect("shape cache")
+                .remove(&stream.name);
         }
         let outcome = result?;
-        let finished_run = match control::try_finish_run(&**self.destination.get().await?, job.run_id).await {
+        let finished_run = match control::try_finish_run(
+            &**self.destination.get().await?,
+            job.run_id,
+        )
+        .await
+        {
             Ok(finished) => finished,
             Err(e) => {
                 // The batch is committed; the next batch or `status` finishes the run.
@@ -136,7 +166,9 @@ impl Executor {
         let rows = read.copy_out(&sql::copy_out(&shape, &source_range)).await?;
 
         let write = dst.transaction().await?;
-        write.batch_execute(&sql::create_stage(&shape, table)).await?;
+        write
+            .batch_execute(&sql::create_stage(&shape, table))
+            .await?;
         let stage = write.copy_in(&sql::copy_in_stage(&shape)).await?;
         futures_util::pin_mut!(rows, stage);
         stage.as_mut().send_all(&mut rows).await?;
@@ -159,6 +191,7 @@ impl Executor {
             job.batch,
             rows_copied as i64,
             rows_deleted as i64,
+            &self.id,
         )
         .await?;
         if !known {

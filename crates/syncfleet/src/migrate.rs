@@ -16,7 +16,10 @@ pub async fn run(config: &Config) -> Result<ExitCode, CliError> {
             control::SCHEMA_VERSION
         );
     } else {
-        println!("control schema migrated to version {}", control::SCHEMA_VERSION);
+        println!(
+            "control schema migrated to version {}",
+            control::SCHEMA_VERSION
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

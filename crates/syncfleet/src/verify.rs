@@ -127,7 +127,10 @@ pub async fn compare(
                 .query_one(&sql::checksum(&shape, &shape.relation, &predicate), &params)
                 .await?;
             let d = dst
-                .query_one(&sql::checksum(&shape, &destination_relation, &predicate), &params)
+                .query_one(
+                    &sql::checksum(&shape, &destination_relation, &predicate),
+                    &params,
+                )
                 .await?;
             let (source_rows, source_sum): (i64, String) = (s.get(0), s.get(1));
             let (destination_rows, destination_sum): (i64, String) = (d.get(0), d.get(1));
@@ -159,7 +162,11 @@ pub fn format_range(range: &KeyRange) -> String {
             format!("({})", k.join(", "))
         }
     };
-    let lower = range.lower.as_ref().map(key).unwrap_or_else(|| "-inf".into());
+    let lower = range
+        .lower
+        .as_ref()
+        .map(key)
+        .unwrap_or_else(|| "-inf".into());
     match &range.upper {
         Some(u) => format!("({lower}, {}]", key(u)),
         None => format!("({lower}, +inf)"),

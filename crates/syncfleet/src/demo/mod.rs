@@ -37,10 +37,20 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1000))]
     concurrency: u16,
     /// PostgreSQL server URL to create the demo databases on
-    #[arg(long, env = "SYNCFLEET_DEMO_PG_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SYNCFLEET_DEMO_PG_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
     pg_url: String,
     /// RabbitMQ URL
-    #[arg(long, env = "SYNCFLEET_DEMO_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SYNCFLEET_DEMO_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     amqp_url: String,
     /// Name prefix for the demo databases and broker objects
     #[arg(long, default_value = "syncfleet_demo")]
@@ -118,7 +128,12 @@ fn with_database(url: &str, database: &str) -> Result<String, CliError> {
     let slash = base
         .find("://")
         .and_then(|s| base[s + 3..].find('/').map(|i| s + 3 + i))
-        .ok_or_else(|| CliError::Usage(format!("--pg-url: expected postgres://host/db, got {}", syncfleet_core::secret::redact(url))))?;
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--pg-url: expected postgres://host/db, got {}",
+                syncfleet_core::secret::redact(url)
+            ))
+        })?;
     Ok(format!("{}/{database}{query}", &base[..slash]))
 }
 
@@ -132,7 +147,10 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let t = Instant::now();
     recreate_databases(&args.pg_url, &[&app_db, &reporting_db]).await?;
     seed(&app_url, args.users).await?;
-    println!("  created {app_db} (seeded in {:.1}s) and an empty {reporting_db}", t.elapsed().as_secs_f64());
+    println!(
+        "  created {app_db} (seeded in {:.1}s) and an empty {reporting_db}",
+        t.elapsed().as_secs_f64()
+    );
 
     let text = config_text(&args, &app_url, &reporting_url);
     if let Some(dir) = args.write_config.parent() {
@@ -149,20 +167,35 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     // A fresh broker topology, so leftovers of an earlier demo cannot mix in.
     let connection = syncfleet_broker::connect(&config.broker, "demo").await?;
     let topology = Topology::new(&config.broker.prefix);
-    topology.delete(&connection.create_channel().await.map_err(syncfleet_broker::BrokerError::from)?).await?;
+    topology
+        .delete(
+            &connection
+                .create_channel()
+                .await
+                .map_err(syncfleet_broker::BrokerError::from)?,
+        )
+        .await?;
     let publisher = Publisher::open(&connection, topology).await?;
 
     let shutdown = Shutdown::new();
     let mut workers = JoinSet::new();
     for _ in 0..args.workers {
-        workers.spawn(syncfleet_worker::run(config.clone(), args.concurrency, shutdown.signal()));
+        workers.spawn(syncfleet_worker::run(
+            config.clone(),
+            args.concurrency,
+            shutdown.signal(),
+        ));
     }
-    println!("  started {} workers x {} concurrent jobs", args.workers, args.concurrency);
+    println!(
+        "  started {} workers x {} concurrent jobs",
+        args.workers, args.concurrency
+    );
 
     let started = Instant::now();
     let streams = config.select_streams(&[])?;
     let result = async {
-        let plan = syncfleet_producer::start_run(&source, &destination, &publisher, &streams).await?;
+        let plan =
+            syncfleet_producer::start_run(&source, &destination, &publisher, &streams).await?;
         println!("  {plan}");
         wait_for_run(&destination, plan.run_id, Duration::from_secs(3600), true).await
     }
@@ -206,7 +239,10 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     );
     let mut all_ok = true;
     for stream in &streams {
-        let report = reports.iter().find(|r| r.stream == stream.name).expect("one report per stream");
+        let report = reports
+            .iter()
+            .find(|r| r.stream == stream.name)
+            .expect("one report per stream");
         let row = per_stream
             .iter()
             .find(|r| r.get::<_, String>(0) == stream.name);
@@ -260,7 +296,9 @@ async fn recreate_databases(url: &str, names: &[&str]) -> Result<(), CliError> {
         client
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await?;
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
     }
     Ok(())
 }
@@ -271,7 +309,9 @@ async fn seed(url: &str, users: u32) -> Result<(), CliError> {
     let users = users as i32;
     for statement in DATA.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
         if statement.contains("$1") {
-            client.execute(&statement.replace("$1", "$1::int"), &[&users]).await?;
+            client
+                .execute(&statement.replace("$1", "$1::int"), &[&users])
+                .await?;
         } else {
             client.batch_execute(statement).await?;
         }

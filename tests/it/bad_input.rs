@@ -1,0 +1,191 @@
+//! Bad input gets a clear error, exit code 2 (1 for an unreachable
+//! server), no password in the output, and nothing published.
+
+use crate::helpers::{TestEnv, amqp_url};
+
+const APP: &str = "CREATE TABLE users (id bigint PRIMARY KEY, email text);
+     CREATE TABLE no_pk (id bigint, v text);
+     INSERT INTO users VALUES (1, 'a@example.com');";
+
+struct Case {
+    name: &'static str,
+    streams: &'static str,
+    code: i32,
+    /// Every one of these must appear in stderr.
+    expect: &'static [&'static str],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "unknown config key",
+        streams: "[[stream]]\nname = \"users\"\ntable = \"users\"\nbatch_sise = 10\n",
+        code: 2,
+        expect: &["unknown field `batch_sise`", "bad.toml"],
+    },
+    Case {
+        name: "key column that does not exist",
+        streams: "[[stream]]\nname = \"users\"\ntable = \"users\"\nkey = [\"user_id\"]\n",
+        code: 2,
+        expect: &["stream 'users'", "key", "column 'user_id' is not among"],
+    },
+    Case {
+        name: "no key and no primary key",
+        streams: "[[stream]]\nname = \"nopk\"\ntable = \"no_pk\"\n",
+        code: 2,
+        expect: &["stream 'nopk'", "key", "has no primary key"],
+    },
+    Case {
+        name: "query stream without key",
+        streams: "[[stream]]\nname = \"q\"\nquery = \"SELECT id FROM users\"\n",
+        code: 2,
+        expect: &["stream[0] ('q').key", "bad.toml"],
+    },
+    Case {
+        name: "table that does not exist",
+        streams: "[[stream]]\nname = \"ghost\"\ntable = \"ghosts\"\n",
+        code: 2,
+        expect: &["stream 'ghost'", "table", "\"ghosts\" does not exist"],
+    },
+    Case {
+        name: "column that does not exist",
+        streams: "[[stream]]\nname = \"q\"\nquery = \"SELECT id, nickname FROM users\"\nkey = [\"id\"]\n",
+        code: 2,
+        expect: &["stream 'q'", "query", "nickname"],
+    },
+    Case {
+        name: "a statement that is not a SELECT",
+        streams: "[[stream]]\nname = \"q\"\nquery = \"DELETE FROM users RETURNING id\"\nkey = [\"id\"]\n",
+        code: 2,
+        expect: &["stream 'q'", "query", "single SELECT"],
+    },
+    Case {
+        name: "two statements",
+        streams: "[[stream]]\nname = \"q\"\nquery = \"SELECT id FROM users; DROP TABLE users\"\nkey = [\"id\"]\n",
+        code: 2,
+        expect: &["stream 'q'", "query", "single SELECT"],
+    },
+    Case {
+        name: "an unknown stream on the command line",
+        streams: "[[stream]]\nname = \"users\"\ntable = \"users\"\n",
+        code: 2,
+        expect: &["--stream", "no stream named 'nope'", "configured: users"],
+    },
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_input_is_named_and_publishes_nothing() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(APP).await.unwrap();
+    env.migrate().await;
+    for case in CASES {
+        let path = env.write("bad.toml", &env.config_text(case.streams));
+        let args: &[&str] = if case.name.contains("command line") {
+            &["sync", "--stream", "nope"]
+        } else {
+            &["sync"]
+        };
+        let out = env.cli(&path, args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(case.code),
+            "{}: {stderr}",
+            case.name
+        );
+        for e in case.expect {
+            assert!(
+                stderr.contains(e),
+                "{}: expected {e:?} in: {stderr}",
+                case.name
+            );
+        }
+        assert!(!stderr.contains("panicked"), "{}: {stderr}", case.name);
+    }
+    assert_eq!(env.queue_depth().await, 0, "nothing was published");
+    let runs: i64 = env
+        .dest
+        .query_one("SELECT count(*) FROM syncfleet.runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(runs, 0, "no run was recorded");
+    let tables: i64 = env
+        .dest
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "no destination table was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_servers_are_named_without_passwords() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(APP).await.unwrap();
+    env.migrate().await;
+    let stream = "[[stream]]\nname = \"users\"\ntable = \"users\"\n";
+    let good = env.config_text(stream);
+    let cases = [
+        (
+            "source",
+            good.replacen(
+                &env.source_url,
+                "postgres://app:hunter2secret@127.0.0.1:1/app",
+                1,
+            ),
+            "cannot connect to the source database postgres://app:***@127.0.0.1:1/app",
+        ),
+        (
+            "destination",
+            good.replacen(
+                &env.dest_url,
+                "postgres://rep:hunter2secret@127.0.0.1:1/rep",
+                1,
+            ),
+            "cannot connect to the destination database postgres://rep:***@127.0.0.1:1/rep",
+        ),
+        (
+            "broker",
+            good.replacen(&amqp_url(), "amqp://mq:hunter2secret@127.0.0.1:1/%2f", 1),
+            "cannot connect to the broker at amqp://mq:***@127.0.0.1:1/%2f",
+        ),
+    ];
+    for (what, text, expected) in cases {
+        let path = env.write("down.toml", &text);
+        for command in [&["sync"][..], &["worker"][..], &["verify"][..]] {
+            if what == "broker" && command == ["verify"] {
+                continue; // verify does not use the broker
+            }
+            let out = env.cli(&path, command).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{what} {command:?}: {stderr}");
+            assert!(stderr.contains(expected), "{what} {command:?}: {stderr}");
+            assert!(
+                !stderr.contains("hunter2"),
+                "{what} {command:?} leaked: {stderr}"
+            );
+        }
+    }
+    assert_eq!(env.queue_depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_unreadable_config_is_a_usage_error() {
+    let env = TestEnv::new().await;
+    let out = env.cli(&env.dir.join("nope.toml"), &["migrate"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+    let path = env.write("broken.toml", "[source\nurl = 1");
+    let out = env.cli(&path, &["migrate"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("broken.toml") && stderr.contains("line 1"),
+        "{stderr}"
+    );
+    let out = env.cli(&path, &["frobnicate"]).await;
+    assert_eq!(out.status.code(), Some(2), "clap usage errors exit 2");
+}

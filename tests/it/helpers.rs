@@ -1,0 +1,285 @@
+//! Test environment: private databases, a private broker prefix, config
+//! files, in-process workers and the real `syncfleet` binary.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use syncfleet_broker::{Publisher, Topology};
+use syncfleet_core::Config;
+use syncfleet_core::shutdown::Shutdown;
+use syncfleet_db::{Pool, Role, control};
+use syncfleet_producer::RunPlan;
+use tokio::task::JoinSet;
+use tokio_postgres::{Client, NoTls};
+
+pub fn pg_url() -> String {
+    std::env::var("SYNCFLEET_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("SYNCFLEET_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// `postgres://host/x` → `postgres://host/{db}`.
+pub fn url_for(db: &str) -> String {
+    let url = pg_url();
+    let slash = url.rfind('/').expect("a database URL");
+    format!("{}/{db}", &url[..slash])
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("info,lapin=warn")
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// One test's private world.
+pub struct TestEnv {
+    /// Unique per test: database names and the broker prefix start with it.
+    pub name: String,
+    pub source_url: String,
+    pub dest_url: String,
+    /// Where config files go.
+    pub dir: PathBuf,
+    /// Connections for the test's own queries.
+    pub source: Client,
+    pub dest: Client,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        init_logging();
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "sft_{}_{}_{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = connect(&pg_url()).await;
+        for db in [format!("{name}_src"), format!("{name}_dst")] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+                .await
+                .unwrap();
+        }
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let source_url = url_for(&format!("{name}_src"));
+        let dest_url = url_for(&format!("{name}_dst"));
+        TestEnv {
+            source: connect(&source_url).await,
+            dest: connect(&dest_url).await,
+            name,
+            source_url,
+            dest_url,
+            dir,
+        }
+    }
+
+    /// A config file with this test's databases and prefix, plus `streams`.
+    pub fn config_text(&self, streams: &str) -> String {
+        format!(
+            "[source]\nurl = \"{}\"\nmax_connections = 4\nconnect_timeout = \"5s\"\n\
+             [destination]\nurl = \"{}\"\nmax_connections = 6\nconnect_timeout = \"5s\"\n\
+             [broker]\nurl = \"{}\"\nprefix = \"{}\"\nconnect_timeout = \"5s\"\n\
+             [worker]\nconcurrency = 3\n\n{streams}\n",
+            self.source_url,
+            self.dest_url,
+            amqp_url(),
+            self.name
+        )
+    }
+
+    pub fn write(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Writes and loads a config the way the binary does.
+    pub fn config(&self, streams: &str) -> Arc<Config> {
+        let path = self.write("syncfleet.toml", &self.config_text(streams));
+        Arc::new(Config::load(&path).unwrap())
+    }
+
+    pub async fn migrate(&self) {
+        let mut dest = connect(&self.dest_url).await;
+        control::migrate(&mut dest).await.unwrap();
+    }
+
+    /// Plans and publishes a full run of every stream (no workers).
+    pub async fn plan(&self, config: &Config) -> RunPlan {
+        let source = Pool::connect(Role::Source, &config.source).await.unwrap();
+        let dest = Pool::connect(Role::Destination, &config.destination)
+            .await
+            .unwrap();
+        let connection = syncfleet_broker::connect(&config.broker, "test")
+            .await
+            .unwrap();
+        let publisher = Publisher::open(&connection, Topology::new(&config.broker.prefix))
+            .await
+            .unwrap();
+        let streams = config.select_streams(&[]).unwrap();
+        let plan = syncfleet_producer::start_run(&source, &dest, &publisher, &streams)
+            .await
+            .unwrap();
+        let _ = connection.close(200, "planned".into()).await;
+        plan
+    }
+
+    /// A full run through the broker with `workers` in-process workers;
+    /// returns the run id once it succeeded.
+    pub async fn sync(&self, config: &Arc<Config>, workers: usize) -> i64 {
+        let fleet = Fleet::start(config, workers);
+        let plan = self.plan(config).await;
+        self.wait(plan.run_id).await;
+        fleet.stop().await;
+        plan.run_id
+    }
+
+    /// Waits (bounded) until a run succeeded; panics if it failed.
+    pub async fn wait(&self, run_id: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let run = control::run(&self.dest, run_id).await.unwrap().unwrap();
+            match run.status.as_str() {
+                "succeeded" => return,
+                "failed" => panic!("run {run_id} failed: {:?}", run.error),
+                _ => {}
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {run_id} did not finish in time: {run:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every row of a query, each row as one text (`row::text`), sorted.
+    pub async fn rows(client: &Client, sql: &str) -> Vec<String> {
+        let mut rows: Vec<String> = client
+            .query(&format!("SELECT s::text FROM ({sql}) AS s"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// Runs the real binary with a config file; bounded by a timeout.
+    pub async fn cli(&self, config: &std::path::Path, args: &[&str]) -> Output {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"));
+        command
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("SYNCFLEET_SOURCE_URL")
+            .env_remove("SYNCFLEET_DESTINATION_URL")
+            .env_remove("SYNCFLEET_AMQP_URL")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        tokio::time::timeout(Duration::from_secs(120), command.output())
+            .await
+            .expect("syncfleet finished in time")
+            .expect("syncfleet ran")
+    }
+
+    /// Messages ready in this test's work queue (0 if it does not exist).
+    pub async fn queue_depth(&self) -> u32 {
+        let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let depth = Topology::new(&self.name)
+            .depth(&channel, &Topology::new(&self.name).work_queue())
+            .await
+            .map(|(ready, _)| ready)
+            .unwrap_or(0);
+        let _ = connection.close(200, "".into()).await;
+        depth
+    }
+}
+
+impl Drop for TestEnv {
+    /// Removes the databases, the broker objects and the config folder,
+    /// whether the test passed or panicked.
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let dir = self.dir.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let admin = connect(&pg_url()).await;
+                for db in [format!("{name}_src"), format!("{name}_dst")] {
+                    let _ = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                        .await;
+                }
+                if let Ok(c) = lapin::Connection::connect(&amqp_url(), Default::default()).await {
+                    if let Ok(channel) = c.create_channel().await {
+                        let _ = Topology::new(&name).delete(&channel).await;
+                    }
+                    let _ = c.close(200, "".into()).await;
+                }
+            });
+            let _ = std::fs::remove_dir_all(dir);
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Workers running in this process until [`Fleet::stop`].
+pub struct Fleet {
+    shutdown: Shutdown,
+    tasks: JoinSet<Result<(), syncfleet_worker::WorkerError>>,
+}
+
+impl Fleet {
+    pub fn start(config: &Arc<Config>, workers: usize) -> Self {
+        let shutdown = Shutdown::new();
+        let mut tasks = JoinSet::new();
+        for _ in 0..workers {
+            tasks.spawn(syncfleet_worker::run(
+                config.clone(),
+                config.worker.concurrency,
+                shutdown.signal(),
+            ));
+        }
+        Fleet { shutdown, tasks }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.trigger();
+        while let Some(result) = self.tasks.join_next().await {
+            result.unwrap().unwrap();
+        }
+    }
+}

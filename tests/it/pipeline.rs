@@ -1,0 +1,300 @@
+//! The pipeline end to end: deletes, replays, a shared queue, verify, and
+//! the commands around them.
+
+use std::sync::Arc;
+
+use syncfleet_core::job::{Job, KeyRange};
+use syncfleet_db::{Pool, Role};
+use syncfleet_worker::Executor;
+
+use crate::helpers::{Fleet, TestEnv};
+
+const USERS: &str = "CREATE TABLE users (id bigint PRIMARY KEY, email text NOT NULL, name text, score numeric);
+     INSERT INTO users SELECT i, 'u' || i || '@example.com', 'name ' || i, i * 1.5 FROM generate_series(1, 500) i;";
+
+const USERS_STREAM: &str = "[[stream]]\nname = \"users\"\ntable = \"users\"\nbatch_size = 40\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_in_the_source_reach_the_destination() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(USERS).await.unwrap();
+    env.migrate().await;
+    let config = env.config(USERS_STREAM);
+    env.sync(&config, 1).await;
+
+    // First row, last row, a whole batch's worth in the middle, and changes.
+    env.source
+        .batch_execute(
+            "DELETE FROM users WHERE id = 1 OR id = 500 OR id BETWEEN 100 AND 180;
+             UPDATE users SET name = 'renamed' WHERE id % 7 = 0;
+             INSERT INTO users VALUES (1000, 'new@example.com', NULL, NULL);",
+        )
+        .await
+        .unwrap();
+    env.sync(&config, 1).await;
+    let all = "SELECT * FROM users";
+    assert_eq!(
+        TestEnv::rows(&env.source, all).await,
+        TestEnv::rows(&env.dest, all).await
+    );
+
+    // An emptied source empties the destination.
+    env.source.batch_execute("DELETE FROM users").await.unwrap();
+    env.sync(&config, 1).await;
+    assert!(TestEnv::rows(&env.dest, all).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_replayed_three_times_leaves_the_same_state() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(USERS).await.unwrap();
+    env.migrate().await;
+    let config = env.config(USERS_STREAM);
+    let plan = env.plan(&config).await;
+    let executor = Executor::new(
+        config.clone(),
+        Pool::connect(Role::Source, &config.source).await.unwrap(),
+        Pool::connect(Role::Destination, &config.destination)
+            .await
+            .unwrap(),
+    );
+    // The jobs exactly as published, rebuilt from the control schema.
+    let jobs: Vec<Job> = env
+        .dest
+        .query(
+            "SELECT batch_no, lower_key, upper_key FROM syncfleet.batches WHERE run_id = $1 ORDER BY batch_no",
+            &[&plan.run_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let key = |v: Option<serde_json::Value>| v.map(|v| serde_json::from_value(v).unwrap());
+            Job::new(
+                plan.run_id,
+                "users",
+                r.get(0),
+                KeyRange {
+                    lower: key(r.get(1)),
+                    upper: key(r.get(2)),
+                },
+            )
+        })
+        .collect();
+    assert_eq!(jobs.len(), 13);
+
+    // A destination row the source never had, inside the first batch's range: the
+    // first round deletes it, the replays find nothing left to delete.
+    env.dest
+        .batch_execute("INSERT INTO users VALUES (0, 'stray', 'stray', 0)")
+        .await
+        .unwrap();
+    let mut snapshots = Vec::new();
+    for round in 0..3 {
+        for job in &jobs {
+            let outcome = executor.execute(job).await.unwrap();
+            if round > 0 {
+                assert_eq!(
+                    outcome.rows_deleted, 0,
+                    "nothing left to delete on a replay"
+                );
+            }
+        }
+        snapshots.push(TestEnv::rows(&env.dest, "SELECT * FROM users").await);
+    }
+    assert_eq!(snapshots[0], snapshots[1]);
+    assert_eq!(snapshots[1], snapshots[2]);
+    assert_eq!(
+        snapshots[2],
+        TestEnv::rows(&env.source, "SELECT * FROM users").await
+    );
+    let attempts: i32 = env
+        .dest
+        .query_one(
+            "SELECT min(attempts) FROM syncfleet.batches WHERE run_id = $1",
+            &[&plan.run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_one_queue() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(USERS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"users\"\ntable = \"users\"\nbatch_size = 5\n");
+    // Two worker processes of the real binary.
+    let path = env.dir.join("syncfleet.toml");
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+            .arg("--config")
+            .arg(&path)
+            .args(["worker", "--concurrency", "2"])
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut workers = [spawn(), spawn()];
+    let plan = env.plan(&config).await;
+    env.wait(plan.run_id).await;
+    let by_worker: Vec<i64> = env
+        .dest
+        .query(
+            "SELECT count(*) FROM syncfleet.batches WHERE run_id = $1 GROUP BY worker",
+            &[&plan.run_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(by_worker.len(), 2, "both workers took jobs: {by_worker:?}");
+    assert_eq!(by_worker.iter().sum::<i64>(), 101);
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM users").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM users").await
+    );
+    // SIGTERM drains and exits 0.
+    for w in &mut workers {
+        let pid = w.id().unwrap() as i32;
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    for w in &mut workers {
+        let status = tokio::time::timeout(std::time::Duration::from_secs(30), w.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+    assert_eq!(env.queue_depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_the_streams_and_ranges_that_differ() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(&format!(
+            "{USERS} CREATE TABLE notes (id int PRIMARY KEY, body text);
+             INSERT INTO notes SELECT i, 'n' || i FROM generate_series(1, 30) i;"
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(&format!(
+        "{USERS_STREAM}[[stream]]\nname = \"notes\"\ntable = \"notes\"\n"
+    ));
+    env.sync(&config, 1).await;
+    let path = env.dir.join("syncfleet.toml");
+    let out = env.cli(&path, &["verify", "--range-rows", "100"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("users") && stdout.contains("ok"),
+        "{stdout}"
+    );
+
+    // Same count, different content in one range; a missing row in another.
+    env.dest
+        .batch_execute(
+            "UPDATE users SET name = 'tampered' WHERE id = 150; DELETE FROM users WHERE id = 420;",
+        )
+        .await
+        .unwrap();
+    let out = env.cli(&path, &["verify", "--range-rows", "100"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("stream 'users': 2 key range(s) differ"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "(100, 200]: source 100 rows, destination 100 rows (same count, different content)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(400, 500]: source 100 rows, destination 99 rows"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("stream 'notes'"),
+        "notes is intact: {stdout}"
+    );
+
+    // A destination row beyond every source key is caught by the open range.
+    env.dest
+        .batch_execute("UPDATE users SET name = 'name 150' WHERE id = 150; INSERT INTO users VALUES (420, 'u420@example.com', 'name 420', 630.0), (9999, 'x', 'x', 1);")
+        .await
+        .unwrap();
+    let out = env
+        .cli(
+            &path,
+            &["verify", "--stream", "users", "--range-rows", "100"],
+        )
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("(500, +inf): source 0 rows, destination 1 rows"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_wait_and_status_through_the_binary() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(USERS).await.unwrap();
+    let config = env.config(USERS_STREAM);
+    let path = env.dir.join("syncfleet.toml");
+
+    // Without the control schema, sync refuses and says what to run.
+    let out = env.cli(&path, &["sync"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("syncfleet migrate"));
+
+    let out = env.cli(&path, &["migrate"]).await;
+    assert!(out.status.success());
+    let again = env.cli(&path, &["migrate"]).await;
+    assert!(again.status.success(), "migrate is idempotent");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("up to date"));
+
+    let fleet = Fleet::start(&Arc::clone(&config), 1);
+    // --config after the subcommand works too.
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+            .args(["sync", "--wait", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(run_id.parse::<i64>().is_ok(), "prints the run id: {run_id}");
+    fleet.stop().await;
+
+    let out = env.cli(&path, &["status", &run_id]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    assert!(stdout.contains("13/13"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("queue {}.work: 0 ready", env.name)),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,186 @@
+//! Planning: keyset batches over integer, text and composite keys, an empty
+//! table, and more boundaries than one planner chunk.
+
+use serde_json::Value;
+
+use crate::helpers::TestEnv;
+
+/// The run's batches as (lower, upper) JSON, in batch order.
+async fn batches(env: &TestEnv, run_id: i64, stream: &str) -> Vec<(Value, Value)> {
+    env.dest
+        .query(
+            "SELECT coalesce(lower_key, 'null'), coalesce(upper_key, 'null') FROM syncfleet.batches \
+             WHERE run_id = $1 AND stream = $2 ORDER BY batch_no",
+            &[&run_id, &stream],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn keys(values: &[(Value, Value)]) -> Vec<String> {
+    values.iter().map(|(l, u)| format!("{l}..{u}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integer_keys_split_into_keyset_ranges() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i * 10, 'v' || i FROM generate_series(1, 10) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 3\n");
+    let plan = env.plan(&config).await;
+    assert_eq!(plan.batches, vec![("items".to_string(), 4)]);
+    assert_eq!(
+        keys(&batches(&env, plan.run_id, "items").await),
+        vec![
+            "null..[\"30\"]",
+            "[\"30\"]..[\"60\"]",
+            "[\"60\"]..[\"90\"]",
+            "[\"90\"]..null"
+        ]
+    );
+    assert_eq!(env.queue_depth().await, 4, "one message per batch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_keys_follow_the_source_order_and_sync() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE tags (name text PRIMARY KEY, n int);
+             INSERT INTO tags VALUES ('b', 1), ('A', 2), ('a''b', 3), ('zeta', 4), ('Ärger', 5),
+               ('ünïcødé ✓', 6), ('', 7), ('with space', 8), ('\\back', 9);",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"tags\"\ntable = \"tags\"\nbatch_size = 2\n");
+    let run = env.sync(&config, 1).await;
+    let b = batches(&env, run, "tags").await;
+    assert_eq!(
+        b.len(),
+        5,
+        "9 rows in batches of 2: 4 bounded and one open range"
+    );
+    // Boundaries are every second key in the source's own order.
+    let ordered: Vec<String> = env
+        .source
+        .query("SELECT name FROM tags ORDER BY name", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let uppers: Vec<String> = b
+        .iter()
+        .filter_map(|(_, u)| u.get(0).and_then(Value::as_str).map(str::to_string))
+        .collect();
+    assert_eq!(
+        uppers,
+        vec![
+            ordered[1].clone(),
+            ordered[3].clone(),
+            ordered[5].clone(),
+            ordered[7].clone()
+        ]
+    );
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM tags").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM tags").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_and_uuid_keys_sync_exactly() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE messages (conversation text, seq int, body text, PRIMARY KEY (conversation, seq));
+             INSERT INTO messages SELECT 'c' || (i % 7), i, 'm' || i FROM generate_series(1, 100) i;
+             CREATE TABLE events (id uuid PRIMARY KEY, at timestamptz);
+             INSERT INTO events SELECT md5(i::text)::uuid, now() FROM generate_series(1, 50) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"messages\"\ntable = \"messages\"\nbatch_size = 9\n\
+         [[stream]]\nname = \"events\"\ntable = \"events\"\nbatch_size = 7\n",
+    );
+    let run = env.sync(&config, 2).await;
+    let b = batches(&env, run, "messages").await;
+    assert_eq!(
+        b.len(),
+        12,
+        "100 rows / 9 = 11 full batches + the open tail"
+    );
+    assert_eq!(
+        b[0].1.as_array().unwrap().len(),
+        2,
+        "bounds carry both key columns"
+    );
+    assert_eq!(batches(&env, run, "events").await.len(), 8);
+    for table in ["messages", "events"] {
+        assert_eq!(
+            TestEnv::rows(&env.source, &format!("SELECT * FROM {table}")).await,
+            TestEnv::rows(&env.dest, &format!("SELECT * FROM {table}")).await,
+            "{table}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_table_is_one_open_batch() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute("CREATE TABLE nothing (id bigint PRIMARY KEY, v text);")
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"nothing\"\ntable = \"nothing\"\n");
+    let run = env.sync(&config, 1).await;
+    assert_eq!(
+        keys(&batches(&env, run, "nothing").await),
+        vec!["null..null"]
+    );
+    let n: i64 = env
+        .dest
+        .query_one("SELECT count(*) FROM nothing", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planning_streams_boundaries_in_chunks() {
+    // 2,500 rows in batches of 2 is 1,250 boundaries: more than one chunk
+    // of the planner's portal, so the chunk hand-over is exercised.
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE big (id bigint PRIMARY KEY);
+             INSERT INTO big SELECT generate_series(1, 2500);",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"big\"\ntable = \"big\"\nbatch_size = 2\n");
+    let plan = env.plan(&config).await;
+    assert_eq!(plan.batches, vec![("big".to_string(), 1251)]);
+    let b = batches(&env, plan.run_id, "big").await;
+    for pair in b.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "consecutive ranges meet exactly");
+    }
+    assert_eq!(b[999].1, serde_json::json!(["2000"]));
+    assert_eq!(b[1000].1, serde_json::json!(["2002"]));
+    assert_eq!(env.queue_depth().await, 1251);
+}
