@@ -39,6 +39,8 @@ pub enum BrokerError {
     Nacked(String),
     #[error("the broker could not route job {0}: is the topology declared?")]
     Unroutable(String),
+    #[error("the broker did not confirm published jobs within {0:?}")]
+    ConfirmTimeout(Duration),
 }
 
 /// Redeliveries before the broker dead-letters a job by itself. It catches
@@ -268,12 +270,7 @@ impl Publisher {
         };
         tokio::time::timeout(CONFIRM_TIMEOUT, confirm_all)
             .await
-            .unwrap_or_else(|_| {
-                Err(BrokerError::Connect {
-                    url: String::new(),
-                    detail: format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"),
-                })
-            })
+            .unwrap_or(Err(BrokerError::ConfirmTimeout(CONFIRM_TIMEOUT)))
     }
 
     pub fn channel(&self) -> &Channel {

@@ -548,6 +548,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../../../syncfleet.example.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.streams.len(), 2);
+        assert_eq!(c.streams[0].batch_size, 10);
+        assert_eq!(c.streams[1].batch_size, 50);
+        assert_eq!(c.jobs.batch_size, 500);
+    }
+
+    #[test]
     fn environment_overrides_urls() {
         let c = Config::parse("test.toml", GOOD, |k| {
             (k == ENV_AMQP_URL).then(|| "amqp://other:secret@mq/%2f".to_string())

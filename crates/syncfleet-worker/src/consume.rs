@@ -77,7 +77,7 @@ pub async fn run(
             FieldTable::default(),
         )
         .await?;
-    tracing::info!(queue = %topology.work_queue(), concurrency, "worker consuming");
+    tracing::info!(worker = %executor.id(), queue = %topology.work_queue(), concurrency, "worker consuming");
 
     let mut in_flight = JoinSet::new();
     let outcome = loop {
