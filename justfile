@@ -14,7 +14,7 @@ demo *args: _services
 
 # Run all tests, including integration tests against local services.
 test *args: _services
-    cargo test --workspace {{ args }}
+    cargo test --workspace --all-targets {{ args }}
 
 # Check formatting and run clippy with warnings as errors.
 lint:
