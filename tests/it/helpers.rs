@@ -136,17 +136,12 @@ impl TestEnv {
         let dest = Pool::connect(Role::Destination, &config.destination)
             .await
             .unwrap();
-        let connection = syncfleet_broker::connect(&config.broker, "test")
-            .await
-            .unwrap();
-        let publisher = Publisher::open(&connection, Topology::new(&config.broker.prefix))
-            .await
-            .unwrap();
+        let publisher = Publisher::connect(&config.broker, "test").await.unwrap();
         let streams = config.select_streams(&[]).unwrap();
         let plan = syncfleet_producer::start_run(&source, &dest, &publisher, &streams)
             .await
             .unwrap();
-        let _ = connection.close(200, "planned".into()).await;
+        publisher.close().await;
         plan
     }
 
@@ -245,7 +240,7 @@ impl Drop for TestEnv {
                 }
                 if let Ok(c) = lapin::Connection::connect(&amqp_url(), Default::default()).await {
                     if let Ok(channel) = c.create_channel().await {
-                        let _ = Topology::new(&name).delete(&channel).await;
+                        let _ = Topology::new(&name).delete(&channel, 10).await;
                     }
                     let _ = c.close(200, "".into()).await;
                 }

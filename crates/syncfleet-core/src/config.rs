@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::backoff::RetryPolicy;
 use crate::duration;
 use crate::ident;
 use crate::secret::SecretUrl;
@@ -19,6 +20,9 @@ use crate::secret::SecretUrl;
 pub const ENV_SOURCE_URL: &str = "SYNCFLEET_SOURCE_URL";
 pub const ENV_DESTINATION_URL: &str = "SYNCFLEET_DESTINATION_URL";
 pub const ENV_AMQP_URL: &str = "SYNCFLEET_AMQP_URL";
+/// The seed's knobs: retry attempts, and the delay between attempts.
+pub const ENV_MAX_RETRIES: &str = "SYNC_MAX_RETRIES";
+pub const ENV_DELAY_SECONDS: &str = "SYNC_DELAY_SECONDS";
 
 /// Everything a syncfleet process needs to know, validated.
 #[derive(Debug, Clone)]
@@ -50,18 +54,27 @@ pub struct BrokerConfig {
     /// (and tests) can share one broker.
     pub prefix: String,
     pub connect_timeout: Duration,
+    /// The broker's `consumer_timeout`: a delivery unacked for this long
+    /// closes its channel. Every job deadline must stay well below it.
+    pub consumer_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct JobsConfig {
     /// Default rows per batch for streams that do not set their own.
     pub batch_size: u32,
+    /// Default bound on one job, for streams that do not set their own.
+    pub deadline: Duration,
+    /// Attempts per job before it is dead-lettered, and the delays between.
+    pub retry: RetryPolicy,
 }
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Jobs one worker process executes at once; also its broker prefetch.
     pub concurrency: u16,
+    /// How long a stopping worker lets jobs in flight finish.
+    pub shutdown_grace: Duration,
 }
 
 /// One reporting tab: where its rows come from and where they go.
@@ -73,6 +86,9 @@ pub struct StreamConfig {
     pub key: Option<Vec<String>>,
     pub batch_size: u32,
     pub destination_table: TableName,
+    /// Bound on one job of this stream: past it, the job's queries are
+    /// cancelled on the server and the job is retried later.
+    pub deadline: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,18 +188,24 @@ struct RawBroker {
     url: Option<String>,
     prefix: Option<String>,
     connect_timeout: Option<String>,
+    consumer_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawJobs {
     batch_size: Option<u32>,
+    deadline: Option<String>,
+    max_attempts: Option<u32>,
+    retry_initial: Option<String>,
+    retry_max: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawWorker {
     concurrency: Option<u16>,
+    shutdown_grace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -195,11 +217,18 @@ struct RawStream {
     key: Option<Vec<String>>,
     batch_size: Option<u32>,
     destination_table: Option<String>,
+    deadline: Option<String>,
 }
 
 const DEFAULT_BATCH_SIZE: u32 = 500;
 const MAX_BATCH_SIZE: u32 = 1_000_000;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
+const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl Config {
     /// Reads and validates a config file, applying overrides from the process
@@ -236,23 +265,65 @@ impl Config {
             env(ENV_DESTINATION_URL),
         )?;
         let broker = v.broker(raw.broker.unwrap_or_default(), env(ENV_AMQP_URL))?;
-        let jobs = JobsConfig {
-            batch_size: v.batch_size("jobs.batch_size", raw.jobs.batch_size)?,
-        };
+        let jobs = v.jobs(raw.jobs, &env)?;
         let concurrency = raw.worker.concurrency.unwrap_or(4);
         if concurrency == 0 {
             return Err(v.invalid("worker.concurrency", "must be at least 1"));
         }
-        let streams = v.streams(raw.streams, jobs.batch_size)?;
+        let worker = WorkerConfig {
+            concurrency,
+            shutdown_grace: v.duration(
+                "worker.shutdown_grace",
+                raw.worker.shutdown_grace,
+                DEFAULT_SHUTDOWN_GRACE,
+            )?,
+        };
+        let streams = v.streams(raw.streams, &jobs)?;
         Ok(Config {
             origin: origin.to_string(),
             source,
             destination,
             broker,
             jobs,
-            worker: WorkerConfig { concurrency },
+            worker,
             streams,
         })
+    }
+
+    /// A worker holds each delivery for up to its stream's deadline. The
+    /// broker closes the channel of a delivery unacked past its
+    /// `consumer_timeout` (and redelivers it elsewhere while it may still be
+    /// running), so every deadline must stay under half of it.
+    pub fn check_deadlines(&self) -> Result<(), ConfigError> {
+        let limit = self.broker.consumer_timeout / 2;
+        let deadlines = std::iter::once(("jobs.deadline".to_string(), self.jobs.deadline)).chain(
+            self.streams
+                .iter()
+                .map(|s| (format!("stream '{}' deadline", s.name), s.deadline)),
+        );
+        for (what, deadline) in deadlines {
+            if deadline > limit {
+                return Err(self.invalid_field(
+                    &what,
+                    format!(
+                        "{deadline:?} is not comfortably below the broker's consumer_timeout \
+                         ({:?}, broker.consumer_timeout): a job that long could be redelivered \
+                         while it still runs; keep it under {limit:?}, or raise the broker's \
+                         consumer_timeout and broker.consumer_timeout with it",
+                        self.broker.consumer_timeout
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn invalid_field(&self, field: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.clone(),
+            field: field.to_string(),
+            message,
+        }
     }
 
     pub fn stream(&self, name: &str) -> Option<&StreamConfig> {
@@ -264,14 +335,13 @@ impl Config {
     pub fn select_streams(&self, names: &[String]) -> Result<Vec<&StreamConfig>, ConfigError> {
         if let Some(unknown) = names.iter().find(|n| self.stream(n).is_none()) {
             let known: Vec<&str> = self.streams.iter().map(|s| s.name.as_str()).collect();
-            return Err(ConfigError::Invalid {
-                origin: self.origin.clone(),
-                field: "--stream".into(),
-                message: format!(
+            return Err(self.invalid_field(
+                "--stream",
+                format!(
                     "no stream named '{unknown}' (configured: {})",
                     known.join(", ")
                 ),
-            });
+            ));
         }
         Ok(self
             .streams
@@ -326,8 +396,18 @@ impl Validator<'_> {
     }
 
     fn timeout(&self, field: &str, text: Option<String>) -> Result<Duration, ConfigError> {
+        self.duration(field, text, DEFAULT_CONNECT_TIMEOUT)
+    }
+
+    /// A positive duration field, or its default.
+    fn duration(
+        &self,
+        field: &str,
+        text: Option<String>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         match text {
-            None => Ok(DEFAULT_CONNECT_TIMEOUT),
+            None => Ok(default),
             Some(t) => match duration::parse(&t) {
                 Ok(d) if !d.is_zero() => Ok(d),
                 Ok(_) => Err(self.invalid(field, "must be greater than zero")),
@@ -393,6 +473,70 @@ impl Validator<'_> {
             url,
             prefix,
             connect_timeout: self.timeout("broker.connect_timeout", raw.connect_timeout)?,
+            consumer_timeout: self.duration(
+                "broker.consumer_timeout",
+                raw.consumer_timeout,
+                DEFAULT_CONSUMER_TIMEOUT,
+            )?,
+        })
+    }
+
+    fn jobs(
+        &self,
+        raw: RawJobs,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<JobsConfig, ConfigError> {
+        let env_error = |name: &str, message: String| ConfigError::Invalid {
+            origin: "environment".into(),
+            field: name.to_string(),
+            message,
+        };
+        let max_attempts = match env(ENV_MAX_RETRIES) {
+            Some(v) => v.trim().parse::<u32>().map_err(|_| {
+                env_error(
+                    ENV_MAX_RETRIES,
+                    format!("expected a whole number of attempts, got {v:?}"),
+                )
+            })?,
+            None => raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        };
+        if !(1..=100).contains(&max_attempts) {
+            return Err(self.invalid(
+                "jobs.max_attempts",
+                format!("expected 1 to 100, got {max_attempts}"),
+            ));
+        }
+        let retry_initial = match env(ENV_DELAY_SECONDS) {
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(secs) if secs > 0 => Duration::from_secs(secs),
+                _ => {
+                    return Err(env_error(
+                        ENV_DELAY_SECONDS,
+                        format!("expected a whole number of seconds above 0, got {v:?}"),
+                    ));
+                }
+            },
+            None => self.duration(
+                "jobs.retry_initial",
+                raw.retry_initial,
+                DEFAULT_RETRY_INITIAL,
+            )?,
+        };
+        let retry_max = self.duration("jobs.retry_max", raw.retry_max, DEFAULT_RETRY_MAX)?;
+        if retry_max < retry_initial {
+            return Err(self.invalid(
+                "jobs.retry_max",
+                format!("must be at least jobs.retry_initial ({retry_initial:?})"),
+            ));
+        }
+        Ok(JobsConfig {
+            batch_size: self.batch_size("jobs.batch_size", raw.batch_size)?,
+            deadline: self.duration("jobs.deadline", raw.deadline, DEFAULT_DEADLINE)?,
+            retry: RetryPolicy {
+                initial: retry_initial,
+                max: retry_max,
+                max_attempts,
+            },
         })
     }
 
@@ -407,7 +551,7 @@ impl Validator<'_> {
     fn streams(
         &self,
         raw: Vec<RawStream>,
-        default_batch: u32,
+        jobs: &JobsConfig,
     ) -> Result<Vec<StreamConfig>, ConfigError> {
         let mut names = HashSet::new();
         let mut destinations = HashSet::new();
@@ -479,9 +623,12 @@ impl Validator<'_> {
                     format!("{destination_table} is already written by another stream; each stream needs its own table"),
                 ));
             }
+            let batch_size =
+                self.batch_size(&field("batch_size"), s.batch_size.or(Some(jobs.batch_size)))?;
+            let deadline = self.duration(&field("deadline"), s.deadline, jobs.deadline)?;
             out.push(StreamConfig {
-                batch_size: self
-                    .batch_size(&field("batch_size"), s.batch_size.or(Some(default_batch)))?,
+                batch_size,
+                deadline,
                 name: s.name,
                 source,
                 key: s.key,

@@ -9,8 +9,10 @@
 //!   through it; every value is bound instead.
 //! - [`secret`]: connection URLs that never print their password.
 //! - [`shutdown`]: the one stop signal every long-running task selects on.
+//! - [`backoff`]: capped exponential delays with full jitter.
 //! - [`duration`]: `"250ms"`, `"60s"`, `"5m"` for config fields.
 
+pub mod backoff;
 pub mod config;
 pub mod duration;
 pub mod ident;

@@ -44,6 +44,9 @@ CREATE TABLE syncfleet.batches (
     rows_deleted bigint,
     attempts    integer NOT NULL DEFAULT 0,
     error       text,
+    -- Set once the broker confirmed the batch's job; a resumed run
+    -- publishes the pending batches that never were.
+    published_at timestamptz,
     -- Which worker wrote the batch, and when its transaction started and ended.
     worker      text,
     started_at  timestamptz,
@@ -151,6 +154,177 @@ pub async fn insert_batches(
         )
         .await?;
     Ok(())
+}
+
+/// Records that the broker confirmed these batches' jobs.
+pub async fn mark_published(
+    client: &impl GenericClient,
+    run_id: i64,
+    stream: &str,
+    batch_nos: &[i64],
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE syncfleet.batches SET published_at = now() \
+             WHERE run_id = $1 AND stream = $2 AND batch_no = ANY ($3)",
+            &[&run_id, &stream, &batch_nos],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A recorded batch, as resuming a run needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRecord {
+    pub stream: String,
+    pub batch_no: i64,
+    pub range: KeyRange,
+    pub status: String,
+    pub published: bool,
+}
+
+fn key_from_json(value: Option<Value>) -> Option<Vec<String>> {
+    value.and_then(|v| serde_json::from_value(v).ok())
+}
+
+/// The batches of a run that are not done, in order.
+pub async fn unfinished_batches(
+    client: &impl GenericClient,
+    run_id: i64,
+) -> Result<Vec<BatchRecord>, DbError> {
+    let rows = client
+        .query(
+            "SELECT stream, batch_no, lower_key, upper_key, status, published_at IS NOT NULL \
+             FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done' ORDER BY stream, batch_no",
+            &[&run_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| BatchRecord {
+            stream: r.get(0),
+            batch_no: r.get(1),
+            range: KeyRange {
+                lower: key_from_json(r.get(2)),
+                upper: key_from_json(r.get(3)),
+            },
+            status: r.get(4),
+            published: r.get(5),
+        })
+        .collect())
+}
+
+/// Where a stream's planning got to: `Some(n)` batches when it finished,
+/// else the number and upper key of the last batch recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanState {
+    pub stream: String,
+    pub batches_planned: Option<i64>,
+    pub last_batch: i64,
+    pub last_upper: Option<Vec<String>>,
+}
+
+pub async fn plan_states(
+    client: &impl GenericClient,
+    run_id: i64,
+) -> Result<Vec<PlanState>, DbError> {
+    let rows = client
+        .query(
+            "SELECT rs.stream, rs.batches_planned, coalesce(b.batch_no, 0), b.upper_key \
+             FROM syncfleet.run_streams rs LEFT JOIN LATERAL ( \
+                SELECT batch_no, upper_key FROM syncfleet.batches \
+                WHERE run_id = rs.run_id AND stream = rs.stream ORDER BY batch_no DESC LIMIT 1) b ON true \
+             WHERE rs.run_id = $1 ORDER BY rs.stream",
+            &[&run_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PlanState {
+            stream: r.get(0),
+            batches_planned: r.get(1),
+            last_batch: r.get(2),
+            last_upper: key_from_json(r.get(3)),
+        })
+        .collect())
+}
+
+/// Makes failed batches of a run pending again and the run running again
+/// (resume and dead-letter replay); returns how many batches were reopened.
+pub async fn reopen(
+    client: &impl GenericClient,
+    run_id: i64,
+    only: Option<(&str, i64)>,
+) -> Result<u64, DbError> {
+    let (stream, batch) = match only {
+        Some((s, b)) => (Some(s), Some(b)),
+        None => (None, None),
+    };
+    let n = client
+        .execute(
+            "UPDATE syncfleet.batches SET status = 'pending', attempts = 0, error = NULL, finished_at = NULL \
+             WHERE run_id = $1 AND status = 'failed' \
+             AND ($2::text IS NULL OR stream = $2) AND ($3::int8 IS NULL OR batch_no = $3)",
+            &[&run_id, &stream, &batch],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE syncfleet.runs SET status = CASE WHEN planned_at IS NULL THEN 'planning' ELSE 'running' END, \
+             error = NULL, finished_at = NULL WHERE id = $1 AND status = 'failed'",
+            &[&run_id],
+        )
+        .await?;
+    Ok(n)
+}
+
+/// Records a failed attempt that will be retried: the batch stays pending.
+pub async fn record_retry(
+    client: &impl GenericClient,
+    run_id: i64,
+    stream: &str,
+    batch_no: i64,
+    error: &str,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE syncfleet.batches SET attempts = attempts + 1, error = $4 \
+             WHERE run_id = $1 AND stream = $2 AND batch_no = $3 AND status = 'pending'",
+            &[&run_id, &stream, &batch_no, &error],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A failed batch, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedBatch {
+    pub stream: String,
+    pub batch_no: i64,
+    pub attempts: i32,
+    pub error: String,
+}
+
+pub async fn failed_batches(
+    client: &impl GenericClient,
+    run_id: i64,
+) -> Result<Vec<FailedBatch>, DbError> {
+    let rows = client
+        .query(
+            "SELECT stream, batch_no, attempts, coalesce(error, '') FROM syncfleet.batches \
+             WHERE run_id = $1 AND status = 'failed' ORDER BY stream, batch_no LIMIT 20",
+            &[&run_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| FailedBatch {
+            stream: r.get(0),
+            batch_no: r.get(1),
+            attempts: r.get(2),
+            error: r.get(3),
+        })
+        .collect())
 }
 
 /// Records that a stream's planning is complete with `count` batches.

@@ -12,6 +12,8 @@ use tokio_postgres::{Portal, Transaction};
 
 use crate::error::DbError;
 use crate::shape::{ShapeError, StreamShape};
+use crate::sql::{Binding, RangePredicate};
+use tokio_postgres::types::ToSql;
 
 /// Boundaries read per round trip.
 pub const CHUNK: i32 = 1000;
@@ -26,12 +28,15 @@ pub struct KeyScan<'t> {
 }
 
 impl<'t> KeyScan<'t> {
-    /// Starts a scan yielding the key of every `every`-th row. Run it in a
-    /// REPEATABLE READ transaction so the boundaries come from one snapshot.
+    /// Starts a scan yielding the key of every `every`-th row, counting
+    /// from the first key after `after` (from the start when `None`). Run
+    /// it in a REPEATABLE READ transaction so the boundaries come from one
+    /// snapshot.
     pub async fn start(
         tx: &'t Transaction<'t>,
         shape: &StreamShape,
         every: u32,
+        after: Option<&Key>,
     ) -> Result<KeyScan<'t>, ShapeError> {
         let keys = shape.key_names();
         let as_text: Vec<String> = keys
@@ -44,17 +49,25 @@ impl<'t> KeyScan<'t> {
             .collect();
         // Rows with a NULL key could never be addressed by a key range, so
         // they are returned too and rejected below rather than skipped.
+        let from = KeyRange {
+            lower: after.cloned(),
+            upper: None,
+        };
+        let start = RangePredicate::new(shape, "q", &from, Binding::Params { first: 2 });
         let sql = format!(
             "SELECT {} FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS syncfleet_rn \
-             FROM {} AS q) AS s WHERE s.syncfleet_rn % $1 = 0 OR {} ORDER BY s.syncfleet_rn",
+             FROM {} AS q WHERE {}) AS s WHERE s.syncfleet_rn % $1 = 0 OR {} ORDER BY s.syncfleet_rn",
             as_text.join(", "),
             ident::list(&keys, Some("q")),
             ident::list(&keys, Some("q")),
             shape.relation,
+            start.sql,
             any_null.join(" OR "),
         );
         let every = i64::from(every);
-        let portal = tx.bind(&sql, &[&every]).await.map_err(|e| ShapeError::Db {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&every];
+        params.extend(start.params.iter().map(|p| p as &(dyn ToSql + Sync)));
+        let portal = tx.bind(&sql, &params).await.map_err(|e| ShapeError::Db {
             stream: shape.stream.clone(),
             source: e.into(),
         })?;
@@ -113,6 +126,11 @@ pub struct Ranges {
 }
 
 impl Ranges {
+    /// Ranges continuing after `key` (a resumed plan); from the start when `None`.
+    pub fn after(key: Option<Key>) -> Self {
+        Self { previous: key }
+    }
+
     /// The range ending at this boundary.
     pub fn until(&mut self, boundary: Key) -> KeyRange {
         KeyRange {

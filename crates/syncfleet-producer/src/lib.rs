@@ -12,15 +12,22 @@
 //!    batches in the control schema and publish one job per batch, waiting
 //!    for the broker's confirms.
 //! 3. Mark the run planned; from then on the workers finish it.
+//!
+//! A batch is marked published only after the broker confirmed its job. If
+//! planning stops halfway (the producer died, the broker refused
+//! publishes), [`resume_run`] publishes exactly the batches that are
+//! neither done nor published, re-opens failed ones, and continues each
+//! unfinished stream's key walk after its last recorded batch.
 
 use std::fmt;
 
 use syncfleet_broker::{BrokerError, Publisher};
+use syncfleet_core::Config;
 use syncfleet_core::config::StreamConfig;
-use syncfleet_core::job::{Job, KeyRange};
+use syncfleet_core::job::{Job, Key, KeyRange};
 use syncfleet_db::control;
 use syncfleet_db::ddl::{self, TableState};
-use syncfleet_db::scan::{KeyScan, Ranges};
+use syncfleet_db::scan::{CHUNK, KeyScan, Ranges};
 use syncfleet_db::{DbError, Pool, ShapeError, StreamShape};
 use tokio_postgres::IsolationLevel;
 
@@ -38,6 +45,12 @@ pub enum PlanError {
     Db(#[from] DbError),
     #[error("{0}")]
     Broker(#[from] BrokerError),
+    #[error(
+        "run {run_id} stopped while planning: {reason}; publish the rest with `syncfleet sync --resume {run_id}`"
+    )]
+    Stopped { run_id: i64, reason: String },
+    #[error("no run with id {0}")]
+    UnknownRun(i64),
 }
 
 impl From<ShapeError> for PlanError {
@@ -157,6 +170,19 @@ async fn plan_stream(
     run_id: i64,
     stream: &PreparedStream<'_>,
 ) -> Result<i64, PlanError> {
+    plan_stream_from(source, destination, publisher, run_id, stream, 0, None).await
+}
+
+/// Plans one stream after batch `count`, whose upper key was `after`.
+async fn plan_stream_from(
+    source: &Pool,
+    destination: &Pool,
+    publisher: &Publisher,
+    run_id: i64,
+    stream: &PreparedStream<'_>,
+    mut count: i64,
+    after: Option<Key>,
+) -> Result<i64, PlanError> {
     let name = &stream.config.name;
     let mut src = source.get().await?;
     let tx = src
@@ -165,9 +191,9 @@ async fn plan_stream(
         .read_only(true)
         .start()
         .await?;
-    let mut scan = KeyScan::start(&tx, &stream.shape, stream.config.batch_size).await?;
-    let mut ranges = Ranges::default();
-    let mut count = 0i64;
+    let mut scan =
+        KeyScan::start(&tx, &stream.shape, stream.config.batch_size, after.as_ref()).await?;
+    let mut ranges = Ranges::after(after);
     let mut numbered = |range: KeyRange| {
         count += 1;
         (count, range)
@@ -198,10 +224,96 @@ async fn record_and_publish(
     batches: &[(i64, KeyRange)],
 ) -> Result<(), PlanError> {
     control::insert_batches(&**destination.get().await?, run_id, stream, batches).await?;
+    publish(destination, publisher, run_id, stream, batches).await
+}
+
+/// Publishes recorded batches and marks them published once confirmed.
+async fn publish(
+    destination: &Pool,
+    publisher: &Publisher,
+    run_id: i64,
+    stream: &str,
+    batches: &[(i64, KeyRange)],
+) -> Result<(), PlanError> {
     let jobs: Vec<Job> = batches
         .iter()
         .map(|(n, range)| Job::new(run_id, stream, *n, range.clone()))
         .collect();
-    publisher.publish(&jobs).await?;
+    publisher.publish_jobs(&jobs).await?;
+    let numbers: Vec<i64> = batches.iter().map(|(n, _)| *n).collect();
+    control::mark_published(&**destination.get().await?, run_id, stream, &numbers).await?;
     Ok(())
+}
+
+/// Resumes a run whose planning stopped halfway or whose batches failed:
+/// publishes every batch that is neither done nor already published (failed
+/// ones are re-opened), then finishes planning the streams that were not
+/// fully planned. Returns the number of jobs published.
+pub async fn resume_run(
+    source: &Pool,
+    destination: &Pool,
+    publisher: &Publisher,
+    config: &Config,
+    run_id: i64,
+) -> Result<u64, PlanError> {
+    check_schema(destination).await?;
+    let states = control::plan_states(&**destination.get().await?, run_id).await?;
+    if states.is_empty() {
+        return Err(PlanError::UnknownRun(run_id));
+    }
+    let names: Vec<String> = states.iter().map(|s| s.stream.clone()).collect();
+    let streams = config.select_streams(&names).map_err(|e| {
+        PlanError::Invalid(ShapeError::Invalid {
+            stream: names.join(", "),
+            field: "name",
+            message: format!("run {run_id} has a stream this config lacks: {e}"),
+        })
+    })?;
+    let prepared = prepare(source, destination, &streams).await?;
+    control::reopen(&**destination.get().await?, run_id, None).await?;
+    let mut published = 0u64;
+
+    let unfinished = control::unfinished_batches(&**destination.get().await?, run_id).await?;
+    for stream in &names {
+        let batches: Vec<(i64, KeyRange)> = unfinished
+            .iter()
+            .filter(|b| &b.stream == stream && !b.published)
+            .map(|b| (b.batch_no, b.range.clone()))
+            .collect();
+        for chunk in batches.chunks(CHUNK as usize) {
+            publish(destination, publisher, run_id, stream, chunk).await?;
+            published += chunk.len() as u64;
+        }
+    }
+    for state in states.iter().filter(|s| s.batches_planned.is_none()) {
+        let stream = prepared
+            .iter()
+            .find(|p| p.config.name == state.stream)
+            .expect("every run stream was prepared");
+        let total = if state.last_batch > 0 && state.last_upper.is_none() {
+            // The open last batch was recorded: only the bookkeeping is missing.
+            control::finish_stream_planning(
+                &**destination.get().await?,
+                run_id,
+                &state.stream,
+                state.last_batch,
+            )
+            .await?;
+            state.last_batch
+        } else {
+            plan_stream_from(
+                source,
+                destination,
+                publisher,
+                run_id,
+                stream,
+                state.last_batch,
+                state.last_upper.clone(),
+            )
+            .await?
+        };
+        published += (total - state.last_batch) as u64;
+    }
+    control::mark_planned(&**destination.get().await?, run_id).await?;
+    Ok(published)
 }

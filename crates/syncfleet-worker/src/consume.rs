@@ -1,19 +1,37 @@
-//! The worker loop: deliveries in, acks out.
+//! The worker loop: deliveries in, settled deliveries out.
+//!
+//! A session is one broker connection with one consumer. When the broker
+//! goes away the session ends, the worker reconnects with backoff, declares
+//! the topology again and resumes; jobs that were unacked are redelivered by
+//! the broker and applied again, idempotently. Every delivery is settled in
+//! exactly one of four ways:
+//!
+//! | outcome | what happens |
+//! | --- | --- |
+//! | committed | ack |
+//! | transient failure, attempts left | re-published to `P.retry.N` (confirmed), then ack |
+//! | permanent failure, attempts used up, or not a job | batch marked failed, message published to `P.dead` with the reason (confirmed), then ack |
+//! | the job panicked | nack with requeue; the queue's delivery limit dead-letters a job that keeps doing so |
+//!
+//! Publishing before acking means a crash in between duplicates a message
+//! rather than losing it, and duplicates are harmless.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions,
 };
 use lapin::types::FieldTable;
-use syncfleet_broker::{BrokerError, Topology};
-use syncfleet_core::Config;
+use syncfleet_broker::headers::now_ms;
+use syncfleet_broker::{BrokerError, Meta, Publisher};
+use syncfleet_core::backoff::RetryPolicy;
 use syncfleet_core::job::Job;
 use syncfleet_core::shutdown::ShutdownSignal;
+use syncfleet_core::{Config, ConfigError};
 use syncfleet_db::{DbError, control};
 use tokio::task::JoinSet;
 
@@ -24,6 +42,8 @@ use crate::execute::Executor;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -31,8 +51,6 @@ pub enum WorkerError {
         "the control schema in the destination is at version {found}, this syncfleet needs {needed}: run `syncfleet migrate`"
     )]
     Schema { found: i32, needed: i32 },
-    #[error("the broker closed the consumer")]
-    ConsumerClosed,
 }
 
 impl From<lapin::Error> for WorkerError {
@@ -41,18 +59,39 @@ impl From<lapin::Error> for WorkerError {
     }
 }
 
-/// How long a job that hit a transient error waits before it is handed back.
-const RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// How long a stopping worker waits for jobs in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Backoff between reconnection attempts.
+const RECONNECT: RetryPolicy = RetryPolicy {
+    initial: Duration::from_millis(250),
+    max: Duration::from_secs(10),
+    max_attempts: u32::MAX,
+};
+
+/// Everything a delivery handler needs.
+struct Context {
+    executor: Executor,
+    publisher: Publisher,
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// Shutdown was requested and the session drained.
+    Stopped,
+    /// The broker connection or channel failed; `consumed` says whether the
+    /// session got as far as consuming (which ends an outage).
+    Lost { error: WorkerError, consumed: bool },
+}
 
 /// Consumes jobs until `shutdown`, running up to `concurrency` at once.
+///
+/// Starting fails fast, naming what is wrong (config, database, broker,
+/// schema); once running, the worker rides out broker and database restarts.
 pub async fn run(
     config: Arc<Config>,
     concurrency: u16,
     mut shutdown: ShutdownSignal,
 ) -> Result<(), WorkerError> {
-    let executor = Arc::new(Executor::connect(config.clone()).await?);
+    config.check_deadlines()?;
+    let executor = Executor::connect(config.clone()).await?;
     let found = control::schema_version(&**executor.destination().get().await?).await?;
     if found != control::SCHEMA_VERSION {
         return Err(WorkerError::Schema {
@@ -60,81 +99,168 @@ pub async fn run(
             needed: control::SCHEMA_VERSION,
         });
     }
-    let topology = Topology::new(&config.broker.prefix);
-    let connection = syncfleet_broker::connect(&config.broker, "worker").await?;
-    let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
-    // The prefetch bounds the jobs in flight: the broker sends no more until
-    // one is acked, so memory and connections stay bounded.
-    channel
-        .basic_qos(concurrency, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            topology.work_queue().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!(worker = %executor.id(), queue = %topology.work_queue(), concurrency, "worker consuming");
-
+    let publisher = Publisher::connect(&config.broker, "worker").await?;
+    let context = Arc::new(Context {
+        executor,
+        publisher,
+    });
     let mut in_flight = JoinSet::new();
-    let outcome = loop {
+    let mut failures = 0u32;
+    loop {
+        match session(&context, concurrency, &mut shutdown, &mut in_flight).await {
+            SessionEnd::Stopped => break,
+            SessionEnd::Lost { error: e, consumed } => {
+                if consumed {
+                    failures = 0;
+                }
+                // Logged once per outage, not once per attempt.
+                if failures == 0 {
+                    tracing::warn!(error = %e, "lost the broker; reconnecting");
+                } else {
+                    tracing::debug!(error = %e, failures, "still reconnecting to the broker");
+                }
+                failures += 1;
+                tokio::select! {
+                    _ = shutdown.wait() => break,
+                    _ = tokio::time::sleep(RECONNECT.delay(failures)) => {}
+                }
+            }
+        }
+    }
+    // Jobs of earlier, lost sessions may still be running; their acks go
+    // nowhere and the broker redelivers them, but let them end cleanly.
+    let grace = context.executor.config().worker.shutdown_grace;
+    if tokio::time::timeout(grace, drain(&mut in_flight))
+        .await
+        .is_err()
+    {
+        in_flight.abort_all();
+    }
+    context.publisher.close().await;
+    tracing::info!(worker = %context.executor.id(), "worker stopped");
+    Ok(())
+}
+
+/// One connection's worth of consuming. Drains and returns `Stopped` on
+/// shutdown; returns `Lost` when the broker goes away.
+async fn session(
+    context: &Arc<Context>,
+    concurrency: u16,
+    shutdown: &mut ShutdownSignal,
+    in_flight: &mut JoinSet<()>,
+) -> SessionEnd {
+    let config = context.executor.config();
+    let topology = context.publisher.topology().clone();
+    let opened = async {
+        let connection = syncfleet_broker::connect(&config.broker, "worker").await?;
+        let channel = connection.create_channel().await?;
+        topology.declare(&channel).await?;
+        // The prefetch bounds the jobs in flight: the broker sends no more
+        // until one is settled.
+        channel
+            .basic_qos(concurrency, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                topology.work_queue().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, WorkerError>((connection, channel, consumer))
+    }
+    .await;
+    let (connection, channel, mut consumer) = match opened {
+        Ok(parts) => parts,
+        Err(error) => {
+            return SessionEnd::Lost {
+                error,
+                consumed: false,
+            };
+        }
+    };
+    tracing::info!(
+        worker = %context.executor.id(),
+        queue = %topology.work_queue(),
+        concurrency,
+        "worker consuming"
+    );
+
+    let lost = loop {
         tokio::select! {
-            _ = shutdown.wait() => break Ok(()),
+            _ = shutdown.wait() => break None,
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(e) = done {
-                    tracing::error!(error = %e, "job task panicked; its message will be redelivered");
+                    tracing::error!(error = %e, "a job task failed to complete");
                 }
             }
             delivery = consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
-                    in_flight.spawn(handle(executor.clone(), delivery));
+                    in_flight.spawn(handle(context.clone(), delivery));
                 }
-                Some(Err(e)) => break Err(WorkerError::from(e)),
-                None => break Err(WorkerError::ConsumerClosed),
+                Some(Err(e)) => break Some(WorkerError::from(e)),
+                None => break Some(WorkerError::Broker(BrokerError::Connect {
+                    url: config.broker.url.redacted(),
+                    detail: "the broker cancelled the consumer".into(),
+                })),
             },
         }
     };
+    if let Some(error) = lost {
+        let _ = connection.close(200, "reconnecting".into()).await;
+        return SessionEnd::Lost {
+            error,
+            consumed: true,
+        };
+    }
 
-    // Stop taking jobs, let those in flight finish and ack, then leave.
+    // Graceful drain: take no more jobs, let those in flight finish and be
+    // acked within the grace, then leave. Jobs still running after it are
+    // abandoned; closing the channel hands them back to the broker.
     let _ = channel
         .basic_cancel(consumer.tag(), BasicCancelOptions::default())
         .await;
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while in_flight.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    let grace = config.worker.shutdown_grace;
+    tracing::info!(in_flight = in_flight.len(), ?grace, "draining");
+    if tokio::time::timeout(grace, drain(in_flight)).await.is_err() {
         tracing::warn!(
             abandoned = in_flight.len(),
-            "jobs still running after the drain timeout; the broker will redeliver them"
+            "jobs still running after the shutdown grace; the broker will redeliver them"
         );
         in_flight.abort_all();
     }
     let _ = channel.close(200, "worker stopping".into()).await;
     let _ = connection.close(200, "worker stopping".into()).await;
-    tracing::info!("worker stopped");
-    outcome
+    SessionEnd::Stopped
 }
 
-/// Executes one delivery and settles it: ack after commit, reject to the
-/// dead-letter queue when retrying cannot help, nack (requeue) otherwise.
-async fn handle(executor: Arc<Executor>, delivery: Delivery) {
+async fn drain(in_flight: &mut JoinSet<()>) {
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Executes one delivery and settles it (see the module docs).
+async fn handle(context: Arc<Context>, delivery: Delivery) {
+    let meta = Meta::from_properties(&delivery.properties);
     let job = match Job::decode(&delivery.data) {
         Ok(job) => job,
         Err(e) => {
             tracing::error!(error = %e, "dead-lettering a message that is not a valid job");
-            settle(delivery.reject(BasicRejectOptions { requeue: false }).await);
+            dead_letter(&context, &delivery, "?", meta, "malformed", &e.to_string()).await;
             return;
         }
     };
-    let started = std::time::Instant::now();
-    match executor.execute(&job).await {
-        Ok(outcome) => {
+    let id = job.id();
+    let started = Instant::now();
+    let result = AssertUnwindSafe(context.executor.execute(&job))
+        .catch_unwind()
+        .await;
+    let retry = context.executor.config().jobs.retry;
+    match result {
+        Ok(Ok(outcome)) => {
             tracing::debug!(
-                job = %job.id(),
+                job = %id,
+                attempt = meta.attempt,
                 rows = outcome.rows_copied,
                 deleted = outcome.rows_deleted,
                 ms = started.elapsed().as_millis() as u64,
@@ -145,38 +271,90 @@ async fn handle(executor: Arc<Executor>, delivery: Delivery) {
             }
             settle(delivery.ack(BasicAckOptions::default()).await);
         }
-        Err(JobError::Retry(reason)) => {
-            tracing::warn!(job = %job.id(), %reason, "batch failed; handing it back for another attempt");
-            tokio::time::sleep(RETRY_PAUSE).await;
+        Ok(Err(JobError::Retry(reason))) if meta.attempt < retry.max_attempts => {
+            let delay = retry.delay(meta.attempt);
+            tracing::warn!(job = %id, attempt = meta.attempt, %reason, ?delay, "batch failed; retrying later");
+            if let Err(e) = context.executor.record_retry(&job, &reason).await {
+                tracing::debug!(job = %id, error = %e, "could not record the failed attempt");
+            }
+            match context
+                .publisher
+                .publish_retry(&delivery.data, &id, meta, delay)
+                .await
+            {
+                Ok(()) => settle(delivery.ack(BasicAckOptions::default()).await),
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "could not park the job for a retry; requeueing it");
+                    settle(delivery.nack(requeue()).await);
+                }
+            }
+        }
+        Ok(Err(e)) => {
+            let (kind, reason) = match e {
+                JobError::Retry(r) => ("attempts exhausted", r),
+                JobError::Reject(r) => ("permanent", r),
+            };
+            tracing::error!(job = %id, attempt = meta.attempt, %reason, kind, "batch failed for good; dead-lettering it");
+            let recorded = format!("{reason} ({kind} after {} attempt(s))", meta.attempt);
+            if let Err(e) = context.executor.fail(&job, &recorded).await {
+                tracing::error!(job = %id, error = %e, "could not record the failed batch");
+            }
+            dead_letter(&context, &delivery, &id, meta, kind, &reason).await;
+        }
+        Err(_panic) => {
+            tracing::error!(job = %id, "job panicked; handing it back (the delivery limit stops a job that keeps doing so)");
+            settle(delivery.nack(requeue()).await);
+        }
+    }
+}
+
+/// Publishes the message to the dead-letter queue with why, then acks it.
+/// If that publish fails, a reject makes the broker dead-letter it instead
+/// (without syncfleet's reason, but not lost).
+async fn dead_letter(
+    context: &Context,
+    delivery: &Delivery,
+    id: &str,
+    meta: Meta,
+    kind: &str,
+    reason: &str,
+) {
+    let headers = meta.dead(kind, reason, now_ms());
+    match context
+        .publisher
+        .publish_dead(&delivery.data, id, headers)
+        .await
+    {
+        Ok(()) => settle(delivery.ack(BasicAckOptions::default()).await),
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "could not publish the dead letter; rejecting to the broker's dead-letter exchange");
             settle(
                 delivery
                     .nack(BasicNackOptions {
-                        requeue: true,
+                        requeue: false,
                         ..Default::default()
                     })
                     .await,
             );
         }
-        Err(JobError::Reject(reason)) => {
-            tracing::error!(job = %job.id(), %reason, "batch cannot succeed; dead-lettering it");
-            if let Err(e) = executor.fail(&job, &reason).await {
-                // Reject anyway: the dead letter carries the job, and a
-                // replay re-runs it.
-                tracing::error!(job = %job.id(), error = %e, "could not record the failed batch");
-            }
-            settle(delivery.reject(BasicRejectOptions { requeue: false }).await);
-        }
     }
 }
 
-/// A failed ack or reject is not lost work: the broker redelivers the job,
-/// and executing it again is idempotent.
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    }
+}
+
+/// A failed settle is not lost work: the broker redelivers the job, and
+/// executing it again is idempotent.
 fn settle(result: Result<bool, lapin::Error>) {
     match result {
         Ok(true) => {}
         Ok(false) => tracing::warn!("delivery was already settled"),
         Err(e) => {
-            tracing::warn!(error = %e, "could not settle a delivery; the broker will redeliver it")
+            tracing::debug!(error = %e, "could not settle a delivery; the broker will redeliver it")
         }
     }
 }

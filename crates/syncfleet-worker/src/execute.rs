@@ -11,21 +11,40 @@
 //! Rows travel in PostgreSQL's own text COPY format and are never decoded
 //! here, so every type (enums, domains, arrays, intervals, …) arrives as the
 //! source had it, and memory stays at one in-flight chunk per job.
+//!
+//! Every job runs under its stream's deadline. Transient errors are retried
+//! here a few times with exponential backoff and full jitter, all within
+//! the deadline. When the deadline passes, the running statements are
+//! cancelled *on the server* (dropping a future would leave them running),
+//! the destination transaction rolls back with its connection, and the job
+//! goes back to the broker for a later attempt.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use deadpool_postgres::Object;
 use futures_util::SinkExt;
 use syncfleet_core::Config;
+use syncfleet_core::backoff::full_jitter;
 use syncfleet_core::config::StreamConfig;
 use syncfleet_core::job::Job;
+use syncfleet_db::pool::Client;
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape, control};
-use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, NoTls};
 
 use crate::error::JobError;
+
+/// Quick retries of a transient error inside the worker, before the job
+/// goes back to the broker.
+const IN_WORKER_RETRIES: usize = 3;
+/// Bound on asking the server to cancel a statement.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What one job did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +123,28 @@ impl Executor {
                 job.stream
             ))
         })?;
-        let result = self.converge(stream, job).await;
+        let deadline = Instant::now() + stream.deadline;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(IN_WORKER_RETRIES)
+            .build()
+            .map(full_jitter as fn(Duration) -> Duration);
+        let attempts = (|| self.attempt(stream, job, deadline))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e| matches!(e, JobError::Retry(_)) && Instant::now() < deadline)
+            .notify(|e, delay| {
+                tracing::debug!(job = %job.id(), error = %e, ?delay, "retrying in this worker");
+            });
+        // The retries' sleeps count against the deadline too.
+        let result = match tokio::time::timeout_at(deadline.into(), attempts).await {
+            Ok(result) => result,
+            Err(_) => Err(JobError::Retry(format!(
+                "deadline of {:?} passed",
+                stream.deadline
+            ))),
+        };
         if result.is_err() {
             self.shapes
                 .lock()
@@ -143,11 +183,50 @@ impl Executor {
         Ok(shape)
     }
 
-    async fn converge(&self, stream: &StreamConfig, job: &Job) -> Result<BatchOutcome, JobError> {
+    /// One attempt, cut off at `deadline` with a server-side cancel.
+    async fn attempt(
+        &self,
+        stream: &StreamConfig,
+        job: &Job,
+        deadline: Instant,
+    ) -> Result<BatchOutcome, JobError> {
         let shape = self.shape(stream).await?;
-        let table = &stream.destination_table;
         let mut src = self.source.get().await?;
         let mut dst = self.destination.get().await?;
+        let cancel = [src.cancel_token(), dst.cancel_token()];
+        let converge = self.converge(&shape, stream, job, &mut src, &mut dst);
+        match tokio::time::timeout_at(deadline.into(), converge).await {
+            Ok(result) => result,
+            Err(_) => {
+                for token in cancel {
+                    if let Err(e) = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls))
+                        .await
+                        .unwrap_or(Ok(()))
+                    {
+                        tracing::warn!(job = %job.id(), error = %e, "could not cancel a statement past its deadline");
+                    }
+                }
+                // Mid-statement connections never go back to the pool: closing
+                // them also rolls the destination transaction back.
+                drop(Object::take(src));
+                drop(Object::take(dst));
+                Err(JobError::Retry(format!(
+                    "deadline of {:?} passed; its statements were cancelled",
+                    stream.deadline
+                )))
+            }
+        }
+    }
+
+    async fn converge(
+        &self,
+        shape: &StreamShape,
+        stream: &StreamConfig,
+        job: &Job,
+        src: &mut Client,
+        dst: &mut Client,
+    ) -> Result<BatchOutcome, JobError> {
+        let table = &stream.destination_table;
 
         let read = src
             .build_transaction()
@@ -155,7 +234,7 @@ impl Executor {
             .read_only(true)
             .start()
             .await?;
-        let source_range = RangePredicate::new(&shape, "q", &job.range, Binding::Settings);
+        let source_range = RangePredicate::new(shape, "q", &job.range, Binding::Settings);
         if !source_range.settings.0.is_empty() {
             read.execute(
                 sql::SET_SETTINGS,
@@ -163,7 +242,7 @@ impl Executor {
             )
             .await?;
         }
-        let rows = read.copy_out(&sql::copy_out(&shape, &source_range)).await?;
+        let rows = read.copy_out(&sql::copy_out(shape, &source_range)).await?;
 
         let write = dst.transaction().await?;
         write
@@ -174,15 +253,15 @@ impl Executor {
         stage.as_mut().send_all(&mut rows).await?;
         let rows_copied = stage.finish().await?;
 
-        write.execute(&sql::upsert(&shape, table), &[]).await?;
-        let dest_range = RangePredicate::new(&shape, "d", &job.range, Binding::Params { first: 1 });
+        write.execute(&sql::upsert(shape, table), &[]).await?;
+        let dest_range = RangePredicate::new(shape, "d", &job.range, Binding::Params { first: 1 });
         let params: Vec<&(dyn ToSql + Sync)> = dest_range
             .params
             .iter()
             .map(|p| p as &(dyn ToSql + Sync))
             .collect();
         let rows_deleted = write
-            .execute(&sql::delete_missing(&shape, table, &dest_range), &params)
+            .execute(&sql::delete_missing(shape, table, &dest_range), &params)
             .await?;
         let known = control::complete_batch(
             &*write,
@@ -213,5 +292,11 @@ impl Executor {
     pub async fn fail(&self, job: &Job, reason: &str) -> Result<(), syncfleet_db::DbError> {
         let mut client = self.destination.get().await?;
         control::fail_batch(&mut client, job.run_id, &job.stream, job.batch, reason).await
+    }
+
+    /// Records a failed attempt that will be retried through the broker.
+    pub async fn record_retry(&self, job: &Job, reason: &str) -> Result<(), syncfleet_db::DbError> {
+        let client = self.destination.get().await?;
+        control::record_retry(&**client, job.run_id, &job.stream, job.batch, reason).await
     }
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use syncfleet_broker::{Publisher, Topology};
+use syncfleet_broker::Publisher;
 use syncfleet_core::Config;
 use syncfleet_db::{Pool, Role};
 
@@ -18,6 +18,11 @@ pub struct Args {
     /// Wait for the run to finish, showing progress; exit 1 if it failed
     #[arg(long)]
     wait: bool,
+    /// Resume this run instead of planning a new one: publish its batches
+    /// that are neither done nor published, re-open failed ones, and finish
+    /// planning streams that stopped halfway
+    #[arg(long, value_name = "RUN_ID", conflicts_with = "streams")]
+    resume: Option<i64>,
     /// With --wait: give up after this long (e.g. 90s, 30m, 2h)
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     timeout: Duration,
@@ -37,17 +42,31 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     }
     let source = Pool::connect(Role::Source, &config.source).await?;
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
-    let connection = syncfleet_broker::connect(&config.broker, "producer").await?;
-    let publisher = Publisher::open(&connection, Topology::new(&config.broker.prefix)).await?;
-    let plan = syncfleet_producer::start_run(&source, &destination, &publisher, &streams).await;
-    let _ = connection.close(200, "planned".into()).await;
-    let plan = plan?;
-    println!("{}", plan.run_id);
-    tracing::info!("{plan}");
+    let publisher = Publisher::connect(&config.broker, "producer").await?;
+    let run_id = match args.resume {
+        Some(run_id) => {
+            let result =
+                syncfleet_producer::resume_run(&source, &destination, &publisher, config, run_id)
+                    .await;
+            publisher.close().await;
+            let published = result?;
+            tracing::info!(run_id, published, "run resumed");
+            run_id
+        }
+        None => {
+            let result =
+                syncfleet_producer::start_run(&source, &destination, &publisher, &streams).await;
+            publisher.close().await;
+            let plan = result?;
+            tracing::info!("{plan}");
+            plan.run_id
+        }
+    };
+    println!("{run_id}");
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    let run = status::wait_for_run(&destination, plan.run_id, args.timeout, true).await?;
+    let run = status::wait_for_run(&destination, run_id, args.timeout, true).await?;
     Ok(if run.status == "succeeded" {
         ExitCode::SUCCESS
     } else {

@@ -166,16 +166,15 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
 
     // A fresh broker topology, so leftovers of an earlier demo cannot mix in.
     let connection = syncfleet_broker::connect(&config.broker, "demo").await?;
-    let topology = Topology::new(&config.broker.prefix);
-    topology
-        .delete(
-            &connection
-                .create_channel()
-                .await
-                .map_err(syncfleet_broker::BrokerError::from)?,
-        )
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(syncfleet_broker::BrokerError::from)?;
+    Topology::new(&config.broker.prefix)
+        .delete(&channel, config.jobs.retry.max_attempts)
         .await?;
-    let publisher = Publisher::open(&connection, topology).await?;
+    let _ = connection.close(200, "reset".into()).await;
+    let publisher = Publisher::connect(&config.broker, "demo").await?;
 
     let shutdown = Shutdown::new();
     let mut workers = JoinSet::new();
@@ -209,7 +208,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             Err(e) => eprintln!("worker task failed: {e}"),
         }
     }
-    let _ = connection.close(200, "demo done".into()).await;
+    publisher.close().await;
     let run = result?;
     if run.status != "succeeded" {
         return Err(CliError::Failed(format!(

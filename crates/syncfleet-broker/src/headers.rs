@@ -1,0 +1,185 @@
+//! What a message carries besides the job.
+//!
+//! The job body never changes between attempts (its key range is the whole
+//! job); the attempt number and failure history travel in headers, so a
+//! replayed dead letter can be re-published with a fresh attempt count.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+
+use crate::topology::text;
+
+const ATTEMPT: &str = "x-syncfleet-attempt";
+const FIRST_ATTEMPT_AT: &str = "x-syncfleet-first-attempt-at";
+const ERROR: &str = "x-syncfleet-error";
+const REASON: &str = "x-syncfleet-reason";
+const DEAD_AT: &str = "x-syncfleet-dead-lettered-at";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A work message's attempt number (1 for the first delivery) and when its
+/// first attempt happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub attempt: u32,
+    pub first_attempt_at_ms: Option<i64>,
+}
+
+impl Meta {
+    pub fn first() -> Self {
+        Self {
+            attempt: 1,
+            first_attempt_at_ms: None,
+        }
+    }
+
+    pub fn from_properties(properties: &BasicProperties) -> Self {
+        let headers = properties.headers().as_ref();
+        Self {
+            attempt: headers
+                .and_then(|h| int(h, ATTEMPT))
+                .map(|a| a.clamp(1, u32::MAX as i64) as u32)
+                .unwrap_or(1),
+            first_attempt_at_ms: headers.and_then(|h| int(h, FIRST_ATTEMPT_AT)),
+        }
+    }
+
+    /// Headers for the next attempt.
+    pub fn next(&self, now_ms: i64) -> FieldTable {
+        let mut h = FieldTable::default();
+        h.insert(
+            ATTEMPT.into(),
+            AMQPValue::LongLongInt(self.attempt as i64 + 1),
+        );
+        h.insert(
+            FIRST_ATTEMPT_AT.into(),
+            AMQPValue::LongLongInt(self.first_attempt_at_ms.unwrap_or(now_ms)),
+        );
+        h
+    }
+
+    /// Headers for a dead letter: this meta plus why it died.
+    pub fn dead(&self, reason: &str, error: &str, now_ms: i64) -> FieldTable {
+        let mut h = FieldTable::default();
+        h.insert(ATTEMPT.into(), AMQPValue::LongLongInt(self.attempt as i64));
+        h.insert(
+            FIRST_ATTEMPT_AT.into(),
+            AMQPValue::LongLongInt(self.first_attempt_at_ms.unwrap_or(now_ms)),
+        );
+        h.insert(REASON.into(), text(reason));
+        h.insert(ERROR.into(), text(error));
+        h.insert(DEAD_AT.into(), AMQPValue::LongLongInt(now_ms));
+        h
+    }
+}
+
+/// A message in the dead-letter queue, as `dead-letters list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The job id (`run:stream:batch`), or `?` for a body that was no job.
+    pub id: String,
+    pub reason: String,
+    pub error: String,
+    pub attempts: u32,
+    pub first_attempt_at_ms: Option<i64>,
+    pub dead_lettered_at_ms: Option<i64>,
+}
+
+impl DeadLetter {
+    /// Reads syncfleet's headers, or the broker's `x-death` for a message
+    /// the broker dead-lettered itself (a poison message).
+    pub fn from_properties(properties: &BasicProperties) -> Self {
+        let empty = FieldTable::default();
+        let h = properties.headers().as_ref().unwrap_or(&empty);
+        let id = properties
+            .message_id()
+            .as_ref()
+            .map(ShortString::to_string)
+            .unwrap_or_else(|| "?".into());
+        if let Some(reason) = string(h, REASON) {
+            return Self {
+                id,
+                reason,
+                error: string(h, ERROR).unwrap_or_default(),
+                attempts: int(h, ATTEMPT).unwrap_or(1) as u32,
+                first_attempt_at_ms: int(h, FIRST_ATTEMPT_AT),
+                dead_lettered_at_ms: int(h, DEAD_AT),
+            };
+        }
+        let broker_reason = string(h, "x-first-death-reason")
+            .unwrap_or_else(|| "dead-lettered by the broker".into());
+        let redeliveries = int(h, "x-delivery-count").unwrap_or(0);
+        Self {
+            id,
+            error: format!(
+                "the broker dead-lettered it ({broker_reason}) after {redeliveries} redeliveries: \
+                 its worker never settled it (crashed or was killed each time)"
+            ),
+            reason: broker_reason,
+            attempts: int(h, ATTEMPT).unwrap_or(1) as u32,
+            first_attempt_at_ms: int(h, FIRST_ATTEMPT_AT),
+            dead_lettered_at_ms: None,
+        }
+    }
+}
+
+fn int(h: &FieldTable, key: &str) -> Option<i64> {
+    match h.inner().get(key)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(*v as i64),
+        AMQPValue::LongUInt(v) => Some(*v as i64),
+        AMQPValue::ShortInt(v) => Some(*v as i64),
+        AMQPValue::ShortUInt(v) => Some(*v as i64),
+        AMQPValue::Timestamp(v) => Some(*v as i64 * 1000),
+        _ => None,
+    }
+}
+
+fn string(h: &FieldTable, key: &str) -> Option<String> {
+    match h.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_count_up_and_dead_letters_keep_their_history() {
+        let first = Meta::first();
+        let props = BasicProperties::default().with_headers(first.next(1_000));
+        let second = Meta::from_properties(&props);
+        assert_eq!(second.attempt, 2);
+        assert_eq!(second.first_attempt_at_ms, Some(1_000));
+        let third =
+            Meta::from_properties(&BasicProperties::default().with_headers(second.next(2_000)));
+        assert_eq!(
+            third.first_attempt_at_ms,
+            Some(1_000),
+            "the first attempt time is kept"
+        );
+        let dead = BasicProperties::default()
+            .with_headers(third.dead("attempts exhausted", "boom", 3_000))
+            .with_message_id("1:s:2".into());
+        let d = DeadLetter::from_properties(&dead);
+        assert_eq!(d.id, "1:s:2");
+        assert_eq!(d.attempts, 3);
+        assert_eq!(d.error, "boom");
+        assert_eq!(d.dead_lettered_at_ms, Some(3_000));
+        assert_eq!(
+            Meta::from_properties(&BasicProperties::default()),
+            Meta::first()
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! Confirmed publishing that survives a broker restart.
+//!
+//! A publish returns `Ok` only after the broker confirmed every message, so
+//! the caller may then ack, record or forget. When the connection is gone,
+//! the publisher reconnects with backoff (for a bounded time), declares the
+//! topology again and publishes the whole chunk again: a message confirmed
+//! before the failure may be stored twice, which is harmless because
+//! executing a job is idempotent.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use syncfleet_core::backoff::RetryPolicy;
+use syncfleet_core::config::BrokerConfig;
+use syncfleet_core::job::Job;
+use tokio::sync::Mutex;
+
+use crate::headers::Meta;
+use crate::{BrokerError, Topology, connect};
+
+/// How long to wait for the broker to confirm one chunk of publishes.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to keep reconnecting before a publish gives up.
+const RECONNECT_FOR: Duration = Duration::from_secs(90);
+const RECONNECT_BACKOFF: RetryPolicy = RetryPolicy {
+    initial: Duration::from_millis(200),
+    max: Duration::from_secs(5),
+    max_attempts: u32::MAX,
+};
+
+/// One message to publish.
+struct Outgoing {
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    properties: BasicProperties,
+}
+
+struct Session {
+    connection: Connection,
+    /// A confirm-mode channel.
+    channel: Channel,
+    /// Retry queues declared on this connection.
+    retry_queues: HashSet<u32>,
+}
+
+/// Publishes to the work, retry and dead-letter exchanges.
+pub struct Publisher {
+    config: BrokerConfig,
+    name: String,
+    topology: Topology,
+    session: Mutex<Option<Session>>,
+}
+
+impl Publisher {
+    /// Connects and declares the topology. This first connection fails
+    /// fast, so a wrong URL is reported at once; later failures reconnect.
+    pub async fn connect(config: &BrokerConfig, name: &str) -> Result<Self, BrokerError> {
+        let publisher = Self {
+            config: config.clone(),
+            name: name.to_string(),
+            topology: Topology::new(&config.prefix),
+            session: Mutex::new(None),
+        };
+        *publisher.session.lock().await = Some(publisher.open().await?);
+        Ok(publisher)
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    async fn open(&self) -> Result<Session, BrokerError> {
+        let connection = connect(&self.config, &self.name).await?;
+        let channel = connection.create_channel().await?;
+        self.topology.declare(&channel).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Session {
+            connection,
+            channel,
+            retry_queues: HashSet::new(),
+        })
+    }
+
+    /// Publishes jobs to the work queue as first attempts.
+    pub async fn publish_jobs(&self, jobs: &[Job]) -> Result<(), BrokerError> {
+        let messages = jobs
+            .iter()
+            .map(|job| Outgoing {
+                exchange: self.topology.work_exchange(),
+                routing_key: self.topology.work_queue(),
+                body: job.encode(),
+                properties: properties(&job.id(), FieldTable::default()),
+            })
+            .collect();
+        self.send(messages, None).await
+    }
+
+    /// Re-publishes a job body to the work queue with `headers` (a replay).
+    pub async fn publish_work(
+        &self,
+        body: &[u8],
+        message_id: &str,
+        headers: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let message = Outgoing {
+            exchange: self.topology.work_exchange(),
+            routing_key: self.topology.work_queue(),
+            body: body.to_vec(),
+            properties: properties(message_id, headers),
+        };
+        self.send(vec![message], None).await
+    }
+
+    /// Parks a job that failed attempt `meta.attempt` for `delay`, after
+    /// which the broker moves it back to the work queue as the next attempt.
+    pub async fn publish_retry(
+        &self,
+        body: &[u8],
+        message_id: &str,
+        meta: Meta,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
+        let headers = meta.next(crate::headers::now_ms());
+        let message = Outgoing {
+            exchange: self.topology.retry_exchange(),
+            routing_key: meta.attempt.to_string(),
+            body: body.to_vec(),
+            // The broker reads the expiration as whole milliseconds; at
+            // least 1 so that zero does not mean "never expires".
+            properties: properties(message_id, headers)
+                .with_expiration(delay.as_millis().max(1).to_string().into()),
+        };
+        self.send(vec![message], Some(meta.attempt)).await
+    }
+
+    /// Sends a message to the dead-letter queue with `headers` saying why.
+    pub async fn publish_dead(
+        &self,
+        body: &[u8],
+        message_id: &str,
+        headers: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let message = Outgoing {
+            exchange: self.topology.dead_exchange(),
+            routing_key: String::new(),
+            body: body.to_vec(),
+            properties: properties(message_id, headers),
+        };
+        self.send(vec![message], None).await
+    }
+
+    /// Publishes and awaits every confirm, reconnecting (bounded) on failure.
+    async fn send(
+        &self,
+        messages: Vec<Outgoing>,
+        retry_queue: Option<u32>,
+    ) -> Result<(), BrokerError> {
+        let mut session = self.session.lock().await;
+        let started = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            let result = async {
+                if session.is_none() {
+                    *session = Some(self.open().await?);
+                    tracing::info!(publisher = %self.name, "broker connection restored");
+                }
+                let s = session.as_mut().expect("session was just opened");
+                if let Some(attempt) = retry_queue {
+                    if s.retry_queues.insert(attempt) {
+                        self.topology.declare_retry(&s.channel, attempt).await?;
+                    }
+                }
+                publish_all(&s.channel, &messages).await
+            }
+            .await;
+            match result {
+                Ok(()) => return Ok(()),
+                // A nack is the broker, up and well, refusing the message
+                // (a full queue, say): reconnecting would not change that.
+                Err(e @ BrokerError::Nacked(_)) => return Err(e),
+                Err(e) if started.elapsed() >= RECONNECT_FOR => return Err(e),
+                Err(e) => {
+                    if failures == 0 {
+                        tracing::warn!(publisher = %self.name, error = %e, "publish failed; reconnecting to the broker");
+                    }
+                    failures += 1;
+                    if let Some(old) = session.take() {
+                        let _ = old.connection.close(200, "reconnecting".into()).await;
+                    }
+                    tokio::time::sleep(RECONNECT_BACKOFF.delay(failures)).await;
+                }
+            }
+        }
+    }
+
+    /// Closes the connection (best effort).
+    pub async fn close(&self) {
+        if let Some(s) = self.session.lock().await.take() {
+            let _ = s.connection.close(200, "closing".into()).await;
+        }
+    }
+}
+
+fn properties(message_id: &str, headers: FieldTable) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_headers(headers)
+}
+
+/// Publishes every message, then awaits their confirms: pipelined, so a
+/// chunk costs about one round trip, not one per message.
+async fn publish_all(channel: &Channel, messages: &[Outgoing]) -> Result<(), BrokerError> {
+    let mut pending = Vec::with_capacity(messages.len());
+    for m in messages {
+        let confirm = channel
+            .basic_publish(
+                m.exchange.as_str().into(),
+                m.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &m.body,
+                m.properties.clone(),
+            )
+            .await?;
+        let id = m
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        pending.push((id, confirm));
+    }
+    let confirm_all = async {
+        for (id, confirm) in pending {
+            match confirm.await? {
+                Confirmation::Ack(None) => {}
+                Confirmation::Ack(Some(_)) => return Err(BrokerError::Unroutable(id)),
+                Confirmation::Nack(_) | Confirmation::NotRequested => {
+                    return Err(BrokerError::Nacked(id));
+                }
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(CONFIRM_TIMEOUT, confirm_all)
+        .await
+        .unwrap_or(Err(BrokerError::ConfirmTimeout(CONFIRM_TIMEOUT)))
+}

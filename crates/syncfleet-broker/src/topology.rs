@@ -1,0 +1,192 @@
+//! Exchange and queue names under one prefix, and their declaration.
+
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::BrokerError;
+
+/// Redeliveries before the broker dead-letters a job by itself. It catches
+/// messages that kill their worker every time (poison messages): ordinary
+/// failures are settled by the worker long before.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// The names of everything syncfleet declares under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn work_exchange(&self) -> String {
+        format!("{}.work", self.prefix)
+    }
+
+    /// Also the routing key of work messages.
+    pub fn work_queue(&self) -> String {
+        format!("{}.work", self.prefix)
+    }
+
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+
+    /// Where a job waits after failing attempt `attempt`. One queue per
+    /// attempt keeps the delays in a queue alike, so a long delay at a
+    /// queue's head never holds a short one behind it for long.
+    pub fn retry_queue(&self, attempt: u32) -> String {
+        format!("{}.retry.{attempt}", self.prefix)
+    }
+
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// The queues `status` reports on.
+    pub fn queues(&self) -> Vec<String> {
+        vec![self.work_queue(), self.dead_queue()]
+    }
+
+    /// Declares exchanges, the work and dead-letter queues, and their
+    /// bindings. Idempotent.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), BrokerError> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for (name, kind) in [
+            (self.dead_exchange(), ExchangeKind::Fanout),
+            (self.work_exchange(), ExchangeKind::Direct),
+            (self.retry_exchange(), ExchangeKind::Direct),
+        ] {
+            channel
+                .exchange_declare(name.into(), kind, durable, FieldTable::default())
+                .await?;
+        }
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), text("quorum"));
+        self.queue(
+            channel,
+            &self.dead_queue(),
+            dead_args,
+            &self.dead_exchange(),
+            "",
+        )
+        .await?;
+        let mut work_args = FieldTable::default();
+        work_args.insert("x-queue-type".into(), text("quorum"));
+        work_args.insert("x-dead-letter-exchange".into(), text(&self.dead_exchange()));
+        // At-least-once dead-lettering needs reject-publish overflow.
+        work_args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        work_args.insert("x-overflow".into(), text("reject-publish"));
+        work_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        self.queue(
+            channel,
+            &self.work_queue(),
+            work_args,
+            &self.work_exchange(),
+            &self.work_queue(),
+        )
+        .await
+    }
+
+    /// Declares the retry queue for `attempt`: each message carries its own
+    /// expiration, and when it expires the broker moves it back to the work
+    /// queue. Classic queues, since quorum queues in RabbitMQ 3.10 ignore
+    /// per-message TTLs.
+    pub async fn declare_retry(&self, channel: &Channel, attempt: u32) -> Result<(), BrokerError> {
+        let mut args = FieldTable::default();
+        args.insert("x-dead-letter-exchange".into(), text(&self.work_exchange()));
+        args.insert("x-dead-letter-routing-key".into(), text(&self.work_queue()));
+        self.queue(
+            channel,
+            &self.retry_queue(attempt),
+            args,
+            &self.retry_exchange(),
+            &attempt.to_string(),
+        )
+        .await
+    }
+
+    async fn queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+        args: FieldTable,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), BrokerError> {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel.queue_declare(name.into(), options, args).await?;
+        channel
+            .queue_bind(
+                name.into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Ready messages and consumers of a queue, by a passive declare (which
+    /// closes the channel if the queue does not exist).
+    pub async fn depth(&self, channel: &Channel, queue: &str) -> Result<(u32, u32), BrokerError> {
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((q.message_count(), q.consumer_count()))
+    }
+
+    /// Deletes every queue (retry queues up to `max_attempts`) and exchange
+    /// under the prefix: tests and the demo's reset.
+    pub async fn delete(&self, channel: &Channel, max_attempts: u32) -> Result<(), BrokerError> {
+        let retries = (1..=max_attempts).map(|a| self.retry_queue(a));
+        for q in self.queues().into_iter().chain(retries) {
+            channel
+                .queue_delete(q.into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for e in [
+            self.work_exchange(),
+            self.retry_exchange(),
+            self.dead_exchange(),
+        ] {
+            channel
+                .exchange_delete(e.into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
