@@ -171,10 +171,10 @@ impl Publisher {
                     tracing::info!(publisher = %self.name, "broker connection restored");
                 }
                 let s = session.as_mut().expect("session was just opened");
-                if let Some(attempt) = retry_queue {
-                    if s.retry_queues.insert(attempt) {
-                        self.topology.declare_retry(&s.channel, attempt).await?;
-                    }
+                if let Some(attempt) = retry_queue
+                    && s.retry_queues.insert(attempt)
+                {
+                    self.topology.declare_retry(&s.channel, attempt).await?;
                 }
                 publish_all(&s.channel, &messages).await
             }
