@@ -246,9 +246,9 @@ impl Executor {
 
         let write = dst.transaction().await?;
         write
-            .batch_execute(&sql::create_stage(&shape, table))
+            .batch_execute(&sql::create_stage(shape, table))
             .await?;
-        let stage = write.copy_in(&sql::copy_in_stage(&shape)).await?;
+        let stage = write.copy_in(&sql::copy_in_stage(shape)).await?;
         futures_util::pin_mut!(rows, stage);
         stage.as_mut().send_all(&mut rows).await?;
         let rows_copied = stage.finish().await?;
