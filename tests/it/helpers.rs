@@ -105,7 +105,8 @@ impl TestEnv {
             "[source]\nurl = \"{}\"\nmax_connections = 4\nconnect_timeout = \"5s\"\n\
              [destination]\nurl = \"{}\"\nmax_connections = 6\nconnect_timeout = \"5s\"\n\
              [broker]\nurl = \"{}\"\nprefix = \"{}\"\nconnect_timeout = \"5s\"\n\
-             [worker]\nconcurrency = 3\n\n{streams}\n",
+             [jobs]\nretry_initial = \"100ms\"\nretry_max = \"500ms\"\n\
+             [worker]\nconcurrency = 3\nshutdown_grace = \"20s\"\n\n{streams}\n",
             self.source_url,
             self.dest_url,
             amqp_url(),
@@ -206,17 +207,69 @@ impl TestEnv {
 
     /// Messages ready in this test's work queue (0 if it does not exist).
     pub async fn queue_depth(&self) -> u32 {
+        self.depth_of(&Topology::new(&self.name).work_queue()).await
+    }
+
+    /// Messages in this test's dead-letter queue.
+    pub async fn dead_letters(&self) -> u32 {
+        self.depth_of(&Topology::new(&self.name).dead_queue()).await
+    }
+
+    pub async fn depth_of(&self, queue: &str) -> u32 {
         let connection = lapin::Connection::connect(&amqp_url(), Default::default())
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
         let depth = Topology::new(&self.name)
-            .depth(&channel, &Topology::new(&self.name).work_queue())
+            .depth(&channel, queue)
             .await
             .map(|(ready, _)| ready)
             .unwrap_or(0);
         let _ = connection.close(200, "".into()).await;
         depth
+    }
+
+    /// Publishes a raw body to this test's work queue, as a foreign
+    /// publisher (or a buggy one) would.
+    pub async fn publish_raw(&self, body: &[u8], message_id: &str) {
+        let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let topology = Topology::new(&self.name);
+        topology.declare(&channel).await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        channel
+            .basic_publish(
+                topology.work_exchange().into(),
+                topology.work_queue().into(),
+                Default::default(),
+                body,
+                lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(message_id.into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let _ = connection.close(200, "".into()).await;
+    }
+
+    /// Waits (bounded) until `check` holds.
+    pub async fn eventually<F, Fut>(&self, what: &str, seconds: u64, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        while !check().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {seconds}s waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

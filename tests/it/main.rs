@@ -12,4 +12,5 @@ mod demo;
 mod helpers;
 mod pipeline;
 mod planning;
+mod reliability;
 mod types;

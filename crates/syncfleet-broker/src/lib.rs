@@ -53,11 +53,12 @@ pub enum BrokerError {
 }
 
 /// Connects to the broker within the configured timeout. Errors name the
-/// broker without its password.
+/// broker without its password. The connection is named `PREFIX/ROLE` (for
+/// example `syncfleet/worker`) so operators can tell deployments apart.
 pub async fn connect(config: &BrokerConfig, name: &str) -> Result<Connection, BrokerError> {
     let url = config.url.redacted();
     let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(format!("syncfleet-{name}")));
+        .with_connection_name(LongString::from(format!("{}/{name}", config.prefix)));
     match tokio::time::timeout(
         config.connect_timeout,
         Connection::connect(config.url.expose(), properties),

@@ -137,8 +137,11 @@ impl Executor {
             .notify(|e, delay| {
                 tracing::debug!(job = %job.id(), error = %e, ?delay, "retrying in this worker");
             });
-        // The retries' sleeps count against the deadline too.
-        let result = match tokio::time::timeout_at(deadline.into(), attempts).await {
+        // Each attempt stops itself at the deadline (cancelling its
+        // statements); this outer bound only catches what lies between
+        // attempts, so it must not fire first and skip that cancel.
+        let outer = deadline + CANCEL_TIMEOUT + Duration::from_secs(1);
+        let result = match tokio::time::timeout_at(outer.into(), attempts).await {
             Ok(result) => result,
             Err(_) => Err(JobError::Retry(format!(
                 "deadline of {:?} passed",

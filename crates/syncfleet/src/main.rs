@@ -7,6 +7,7 @@
 //!   usage or config, 1 for anything else.
 //! - [`signals`]: SIGINT/SIGTERM into the shared shutdown signal.
 
+mod dead_letters;
 mod demo;
 mod error;
 mod migrate;
@@ -51,6 +52,9 @@ enum Command {
     Status(status::Args),
     /// Compare source and destination per key range (row count and checksum); exit 1 on any difference
     Verify(verify::Args),
+    /// List, replay or purge jobs in the dead-letter queue
+    #[command(name = "dead-letters")]
+    DeadLetters(dead_letters::Args),
     /// Create a seed-shaped app database, sync it with in-process workers, verify, and summarise
     Demo(demo::Args),
 }
@@ -88,6 +92,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Worker(args) => worker::run(config, args).await,
         Command::Status(args) => status::run(&config, args).await,
         Command::Verify(args) => verify::run(&config, args).await,
+        Command::DeadLetters(args) => dead_letters::run(&config, args).await,
         Command::Demo(_) => unreachable!("handled above"),
     }
 }

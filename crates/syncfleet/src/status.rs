@@ -31,6 +31,16 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
         Some(run) => {
             print_run(run);
             print_progress(&control::run_progress(&**client, run.id).await?);
+            let failed = control::failed_batches(&**client, run.id).await?;
+            if !failed.is_empty() {
+                println!("  failed batches:");
+                for b in failed {
+                    println!(
+                        "    {} batch {} after {} attempt(s): {}",
+                        b.stream, b.batch_no, b.attempts, b.error
+                    );
+                }
+            }
         }
         None => println!("no runs yet"),
     }

@@ -1,0 +1,472 @@
+//! Reliability: retries, deadlines, dead letters, drain and reconnects,
+//! against the real broker and databases.
+
+use std::time::Duration;
+
+use syncfleet_broker::Topology;
+use syncfleet_db::control;
+
+use crate::helpers::{Fleet, TestEnv};
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v text);
+     INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 30) i;";
+
+async fn run_status(env: &TestEnv, run_id: i64) -> control::RunSummary {
+    control::run(&env.dest, run_id).await.unwrap().unwrap()
+}
+
+async fn batch_attempts(env: &TestEnv, run_id: i64) -> Vec<(i64, String, i32)> {
+    env.dest
+        .query(
+            "SELECT batch_no, status, attempts FROM syncfleet.batches WHERE run_id = $1 ORDER BY batch_no",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_error_is_retried_until_it_succeeds() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
+    let plan = env.plan(&config).await;
+    // The destination fails its first five writes with a serialization
+    // failure (a sequence is not rolled back with the failed transaction):
+    // four tries in the worker, then a delayed retry through the broker.
+    env.dest
+        .batch_execute(
+            "CREATE SEQUENCE failures;
+             CREATE FUNCTION flaky() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF nextval('failures') <= 5 THEN
+                 RAISE EXCEPTION 'injected conflict' USING ERRCODE = '40001';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER flaky BEFORE INSERT ON items FOR EACH STATEMENT EXECUTE FUNCTION flaky();",
+        )
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+    assert_eq!(
+        batch_attempts(&env, plan.run_id).await,
+        vec![(1, "done".to_string(), 2)],
+        "one failed delivery recorded, then success on the second"
+    );
+    let tries: i64 = env
+        .dest
+        .query_one("SELECT last_value FROM failures", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tries, 6);
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+    assert_eq!(env.dead_letters().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_is_dead_lettered_at_once_and_can_be_replayed() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let path = env.dir.join("syncfleet.toml");
+    env.dest
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text, CONSTRAINT no_v17 CHECK (v <> 'v17'))",
+        )
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    let plan = env.plan(&config).await;
+    let run_id = plan.run_id;
+    env.eventually("the run to fail", 60, || async {
+        run_status(&env, run_id).await.status == "failed"
+    })
+    .await;
+    env.eventually("the dead letter", 30, || async {
+        env.dead_letters().await == 1
+    })
+    .await;
+    let run = run_status(&env, run_id).await;
+    assert!(
+        run.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("items batch 2 failed")
+            && run.error.as_deref().unwrap_or("").contains("no_v17"),
+        "{run:?}"
+    );
+    let batches = batch_attempts(&env, run_id).await;
+    assert!(
+        batches.contains(&(2, "failed".to_string(), 1)),
+        "dead-lettered on the first attempt: {batches:?}"
+    );
+
+    let status = env.cli(&path, &["status", &run_id.to_string()]).await;
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        stdout.contains("failed batches:") && stdout.contains("items batch 2 after 1 attempt(s)"),
+        "{stdout}"
+    );
+    let list = env.cli(&path, &["dead-letters", "list"]).await;
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "{stdout}");
+    let id = format!("{run_id}:items:2");
+    assert!(
+        stdout.contains(&id) && stdout.contains("permanent") && stdout.contains("no_v17"),
+        "{stdout}"
+    );
+    assert_eq!(
+        env.dead_letters().await,
+        1,
+        "listing leaves the dead letters in place"
+    );
+
+    // Fix the cause, replay: the run completes.
+    env.dest
+        .batch_execute("ALTER TABLE items DROP CONSTRAINT no_v17")
+        .await
+        .unwrap();
+    let replay = env.cli(&path, &["dead-letters", "replay", &id]).await;
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    env.wait(run_id).await;
+    fleet.stop().await;
+    assert_eq!(env.dead_letters().await, 0);
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+    let unknown = env
+        .cli(&path, &["dead-letters", "replay", "1:nope:1"])
+        .await;
+    assert_eq!(unknown.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_exhausted_end_in_the_dead_letter_queue() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
+    env.dest
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             CREATE FUNCTION always() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'always busy' USING ERRCODE = '55P03'; END $$;
+             CREATE TRIGGER always BEFORE INSERT ON items FOR EACH STATEMENT EXECUTE FUNCTION always();",
+        )
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    let plan = env.plan(&config).await;
+    env.eventually("the dead letter", 60, || async {
+        env.dead_letters().await == 1
+    })
+    .await;
+    fleet.stop().await;
+    assert_eq!(
+        batch_attempts(&env, plan.run_id).await,
+        vec![(1, "failed".to_string(), 3)],
+        "three attempts (SYNC_MAX_RETRIES default), then dead"
+    );
+    let list = env
+        .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "list"])
+        .await;
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        stdout.contains("attempts exhausted") && stdout.contains("always busy"),
+        "{stdout}"
+    );
+    assert_eq!(run_status(&env, plan.run_id).await.status, "failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_cancels_the_query_on_the_server_and_retries_the_job() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(&format!(
+            "{ITEMS}
+             CREATE TABLE slow_flag (on_ boolean);
+             CREATE FUNCTION maybe_slow() RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+             BEGIN
+               IF EXISTS (SELECT 1 FROM slow_flag) THEN PERFORM pg_sleep(60); END IF;
+               RETURN true;
+             END $$;"
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"items\"\nquery = \"SELECT id, v FROM items WHERE maybe_slow()\"\n\
+         key = [\"id\"]\nbatch_size = 100\ndeadline = \"2s\"\n",
+    );
+    let plan = env.plan(&config).await;
+    env.source
+        .batch_execute("INSERT INTO slow_flag VALUES (true)")
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+
+    let active = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                  AND state = 'active' AND query LIKE 'COPY (SELECT%maybe_slow%'";
+    env.eventually("the slow query to start", 30, || async {
+        env.source.query_opt(active, &[]).await.unwrap().is_some()
+    })
+    .await;
+    let pid: i32 = env.source.query_one(active, &[]).await.unwrap().get(0);
+    // The query would sleep 60 s; the 2 s deadline cancels it on the server.
+    env.eventually("the server to stop running the query", 15, || async {
+        env.source
+            .query_opt(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    let retried = control::run(&env.dest, plan.run_id).await.unwrap().unwrap();
+    assert_ne!(retried.status, "succeeded");
+
+    env.source
+        .batch_execute("DELETE FROM slow_flag")
+        .await
+        .unwrap();
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+    let batches = batch_attempts(&env, plan.run_id).await;
+    assert_eq!(batches.len(), 1);
+    assert!(batches[0].2 >= 2, "retried after the deadline: {batches:?}");
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_dead_lettered_and_the_worker_goes_on() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let fleet = Fleet::start(&config, 1);
+    env.publish_raw(b"this is not json", "garbage-1").await;
+    env.publish_raw(
+        br#"{"v": 99, "run_id": 1, "stream": "items", "batch": 1, "range": {}}"#,
+        "future-1",
+    )
+    .await;
+    env.eventually("two dead letters", 30, || async {
+        env.dead_letters().await == 2
+    })
+    .await;
+    // The same worker still executes real jobs.
+    let plan = env.plan(&config).await;
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+    let list = env
+        .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "list"])
+        .await;
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(stdout.contains("malformed"), "{stdout}");
+    assert!(stdout.contains("not a syncfleet job"), "{stdout}");
+    assert!(stdout.contains("version 99 is not supported"), "{stdout}");
+    let purge = env
+        .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "purge"])
+        .await;
+    assert!(String::from_utf8_lossy(&purge.stdout).contains("purged 2"));
+    assert_eq!(env.dead_letters().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_after_the_delivery_limit() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let _config = env.config("");
+    env.publish_raw(
+        br#"{"v": 1, "run_id": 1, "stream": "s", "batch": 1, "range": {}}"#,
+        "poison-1",
+    )
+    .await;
+    // A worker that dies holding the job, again and again: the message is
+    // taken and its channel closes without a settle.
+    let connection = lapin::Connection::connect(&crate::helpers::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let queue = Topology::new(&env.name).work_queue();
+    let mut deliveries = 0;
+    for _ in 0..(syncfleet_broker::DELIVERY_LIMIT + 10) {
+        let channel = connection.create_channel().await.unwrap();
+        let got = channel
+            .basic_get(queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+        if got.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if env.dead_letters().await == 1 {
+                break;
+            }
+            continue;
+        }
+        deliveries += 1;
+        channel.close(200, "crash".into()).await.unwrap();
+    }
+    let _ = connection.close(200, "".into()).await;
+    assert_eq!(env.dead_letters().await, 1);
+    assert_eq!(env.queue_depth().await, 0);
+    assert_eq!(deliveries, syncfleet_broker::DELIVERY_LIMIT + 1);
+    let list = env
+        .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "list"])
+        .await;
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        stdout.contains("poison-1") && stdout.contains("delivery_limit"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_job_in_flight_and_exits_zero() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(&format!(
+            "{ITEMS}
+             CREATE FUNCTION take_a_while() RETURNS boolean LANGUAGE plpgsql STABLE AS
+             $$ BEGIN PERFORM pg_sleep(3); RETURN true; END $$;"
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"items\"\nquery = \"SELECT id, v FROM items WHERE take_a_while()\"\n\
+         key = [\"id\"]\nbatch_size = 100\n",
+    );
+    let plan = env.plan(&config).await;
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+        .arg("--config")
+        .arg(env.dir.join("syncfleet.toml"))
+        .arg("worker")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    env.eventually("the job to start", 30, || async {
+        env.source
+            .query_opt(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND state = 'active' AND query LIKE 'COPY (SELECT%take_a_while%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let pid = worker.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let run = control::run(&env.dest, plan.run_id).await.unwrap().unwrap();
+    assert_eq!(
+        run.status, "succeeded",
+        "the in-flight job finished during the drain"
+    );
+    assert_eq!(
+        env.queue_depth().await,
+        0,
+        "and it was acked, not handed back"
+    );
+}
+
+/// Runs rabbitmqctl (the tests run where the broker runs, as root).
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// How many connections a broker user has.
+fn connections_of(user: &str) -> usize {
+    rabbitmqctl(&["list_connections", "user", "-q"])
+        .lines()
+        .filter(|l| l.trim() == user)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    // A broker user of this test's own, so closing "its" connections
+    // touches no other test.
+    let user = env.name.clone();
+    rabbitmqctl(&["add_user", &user, "pw"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    struct DropUser(String);
+    impl Drop for DropUser {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["delete_user", &self.0])
+                .output();
+        }
+    }
+    let _cleanup = DropUser(user.clone());
+    let text = env
+        .config_text("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 5\n")
+        .replace("amqp://guest:guest@", &format!("amqp://{user}:pw@"));
+    let path = env.write("syncfleet.toml", &text);
+    let config = std::sync::Arc::new(syncfleet_core::Config::load(&path).unwrap());
+
+    let fleet = Fleet::start(&config, 1);
+    env.eventually("the worker to connect", 30, || async {
+        connections_of(&user) >= 2
+    })
+    .await;
+    rabbitmqctl(&[
+        "close_all_user_connections",
+        &user,
+        "test: the broker drops the worker",
+    ]);
+    env.eventually("the worker to reconnect", 30, || async {
+        connections_of(&user) >= 1
+    })
+    .await;
+    let plan = env.plan(&config).await;
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+}
