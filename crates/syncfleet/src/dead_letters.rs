@@ -152,10 +152,8 @@ async fn replay(
         replayed += 1;
     }
     publisher.close().await;
-    if replayed == 0 {
-        if let Some(id) = id {
-            return Err(CliError::Usage(format!("no dead letter with id {id}")));
-        }
+    if let (0, Some(id)) = (replayed, id) {
+        return Err(CliError::Usage(format!("no dead letter with id {id}")));
     }
     println!("{replayed} job(s) replayed");
     Ok(ExitCode::SUCCESS)
