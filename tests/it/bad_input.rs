@@ -173,6 +173,22 @@ async fn unreachable_servers_are_named_without_passwords() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_a_deadline_near_the_consumer_timeout() {
+    let env = TestEnv::new().await;
+    let path = env.write(
+        "long.toml",
+        &env.config_text("[[stream]]\nname = \"users\"\ntable = \"users\"\ndeadline = \"20m\"\n"),
+    );
+    let out = env.cli(&path, &["worker"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stream 'users' deadline") && stderr.contains("consumer_timeout"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_or_unreadable_config_is_a_usage_error() {
     let env = TestEnv::new().await;
     let out = env.cli(&env.dir.join("nope.toml"), &["migrate"]).await;

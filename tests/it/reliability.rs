@@ -470,3 +470,107 @@ async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
         TestEnv::rows(&env.dest, "SELECT * FROM items").await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stopped_halfway_is_resumed_with_exactly_the_missing_batches() {
+    let env = TestEnv::new().await;
+    // 1,251 batches, published by the planner a chunk at a time. A
+    // max-length policy makes the broker refuse publishes part way through.
+    env.source
+        .batch_execute("CREATE TABLE big (id int PRIMARY KEY); INSERT INTO big SELECT generate_series(1, 2500);")
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"big\"\ntable = \"big\"\nbatch_size = 2\n");
+    let path = env.dir.join("syncfleet.toml");
+    let policy = format!("{}-full", env.name);
+    let pattern = format!("^{}\\.work$", env.name);
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &policy,
+        &pattern,
+        r#"{"max-length": 1100}"#,
+    ]);
+    struct ClearPolicy(String);
+    impl Drop for ClearPolicy {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["clear_policy", &self.0])
+                .output();
+        }
+    }
+    let cleared = ClearPolicy(policy.clone());
+    // Declare the queue so the policy is in force before planning.
+    env.publish_raw(b"x", "placeholder").await;
+    let purge = env.cli(&path, &["dead-letters", "purge"]).await;
+    assert!(purge.status.success());
+    let connection = lapin::Connection::connect(&crate::helpers::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    connection
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_purge(
+            Topology::new(&env.name).work_queue().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "".into()).await;
+    // Let the policy reach the queue.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let out = env.cli(&path, &["sync"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let run_id: i64 = env
+        .dest
+        .query_one("SELECT max(id) FROM syncfleet.runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        stderr.contains(&format!("sync --resume {run_id}")),
+        "{stderr}"
+    );
+    drop(cleared);
+
+    // Workers drain what the broker took; those batches are done.
+    let fleet = Fleet::start(&config, 2);
+    env.eventually("the accepted jobs to be done", 60, || async {
+        env.queue_depth().await == 0
+    })
+    .await;
+    let not_done: i64 = env
+        .dest
+        .query_one(
+            "SELECT 1251 - count(*) FROM syncfleet.batches WHERE run_id = $1 AND status = 'done'",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(not_done > 0 && not_done < 1251, "{not_done}");
+
+    let out = env
+        .cli(&path, &["sync", "--resume", &run_id.to_string(), "--wait"])
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "resumed run {run_id}: published {not_done} job(s)"
+        )),
+        "exactly the batches not done: {not_done}\n{stderr}"
+    );
+    fleet.stop().await;
+    let verify = env.cli(&path, &["verify"]).await;
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}

@@ -705,6 +705,47 @@ mod tests {
     }
 
     #[test]
+    fn the_seed_variables_override_retries() {
+        let c = Config::parse("test.toml", GOOD, |k| match k {
+            ENV_MAX_RETRIES => Some("7".into()),
+            ENV_DELAY_SECONDS => Some("10".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.jobs.retry.max_attempts, 7);
+        assert_eq!(c.jobs.retry.initial, Duration::from_secs(10));
+        let e = Config::parse("test.toml", GOOD, |k| {
+            (k == ENV_MAX_RETRIES).then(|| "lots".into())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("SYNC_MAX_RETRIES") && e.contains("lots"), "{e}");
+    }
+
+    #[test]
+    fn deadlines_must_stay_well_below_the_consumer_timeout() {
+        let ok = parse(GOOD).unwrap();
+        assert!(ok.check_deadlines().is_ok());
+        let long =
+            parse(&GOOD.replace("batch_size = 10", "batch_size = 10\ndeadline = \"20m\"")).unwrap();
+        let e = long.check_deadlines().unwrap_err().to_string();
+        assert!(
+            e.contains("stream 'users' deadline") && e.contains("consumer_timeout"),
+            "{e}"
+        );
+        let raised = parse(
+            &GOOD
+                .replace("batch_size = 10", "batch_size = 10\ndeadline = \"20m\"")
+                .replace(
+                    "prefix = \"t1\"",
+                    "prefix = \"t1\"\nconsumer_timeout = \"2h\"",
+                ),
+        )
+        .unwrap();
+        assert!(raised.check_deadlines().is_ok());
+    }
+
+    #[test]
     fn environment_overrides_urls() {
         let c = Config::parse("test.toml", GOOD, |k| {
             (k == ENV_AMQP_URL).then(|| "amqp://other:secret@mq/%2f".to_string())

@@ -154,7 +154,13 @@ pub async fn start_run(
                     let _ = control::fail_run(&**client, run_id, &format!("planning failed: {e}"))
                         .await;
                 }
-                return Err(e);
+                return Err(match e {
+                    invalid @ PlanError::Invalid(_) => invalid,
+                    other => PlanError::Stopped {
+                        run_id,
+                        reason: other.to_string(),
+                    },
+                });
             }
         }
     }

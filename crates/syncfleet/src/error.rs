@@ -50,6 +50,15 @@ impl From<PlanError> for CliError {
     }
 }
 
+impl From<WorkerError> for CliError {
+    fn from(e: WorkerError) -> Self {
+        match e {
+            WorkerError::Config(_) => CliError::Usage(e.to_string()),
+            _ => CliError::Failed(e.to_string()),
+        }
+    }
+}
+
 macro_rules! failed_from {
     ($($t:ty),*) => {$(
         impl From<$t> for CliError {
@@ -62,7 +71,6 @@ macro_rules! failed_from {
 
 failed_from!(
     DbError,
-    WorkerError,
     syncfleet_broker::BrokerError,
     tokio_postgres::Error,
     std::io::Error

@@ -50,7 +50,7 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
                     .await;
             publisher.close().await;
             let published = result?;
-            tracing::info!(run_id, published, "run resumed");
+            eprintln!("resumed run {run_id}: published {published} job(s)");
             run_id
         }
         None => {
