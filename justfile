@@ -16,6 +16,12 @@ demo *args: _services
 test *args: _services
     cargo test --workspace --all-targets {{ args }}
 
+# Chaos: a 300,000-row sync while workers are killed, the broker restarts and
+# database backends are terminated; prints lost/duplicated counts (both must be 0).
+chaos *args: _services
+    cargo build --release -p syncfleet -p syncfleet-chaos
+    target/release/syncfleet-chaos {{ args }}
+
 # Check formatting and run clippy with warnings as errors.
 lint:
     cargo fmt --all -- --check

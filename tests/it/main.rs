@@ -8,6 +8,7 @@
 //! local servers). Set `TEST_LOG=1` to see the components' logs.
 
 mod bad_input;
+mod chaos;
 mod demo;
 mod helpers;
 mod pipeline;
