@@ -25,3 +25,86 @@ async fn chaos_loses_and_doubles_nothing() {
     assert!(report.passed(), "{report}");
     assert_eq!((report.lost, report.duplicated), (0, 0));
 }
+
+/// A PostgreSQL restart in the middle of a run: the jobs wait for the
+/// server without using up attempts, the pools drop dead connections, and
+/// the run completes with nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_rides_out_a_postgres_restart() {
+    use crate::helpers::{Fleet, TestEnv, amqp_url, connect};
+
+    let env = TestEnv::new().await; // for its broker prefix and cleanup
+    let pg =
+        tokio::task::block_in_place(|| syncfleet_chaos::postgres::PrivatePostgres::start(&env.dir))
+            .unwrap();
+    let admin = connect(&pg.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE app").await.unwrap();
+    admin
+        .batch_execute("CREATE DATABASE reporting")
+        .await
+        .unwrap();
+    connect(&pg.url("app"))
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, md5(i::text) FROM generate_series(1, 20000) i;",
+        )
+        .await
+        .unwrap();
+    let mut reporting = connect(&pg.url("reporting")).await;
+    syncfleet_db::control::migrate(&mut reporting)
+        .await
+        .unwrap();
+    let text = format!(
+        "[source]\nurl = \"{}\"\nconnect_timeout = \"2s\"\n[destination]\nurl = \"{}\"\nconnect_timeout = \"2s\"\n\
+         [broker]\nurl = \"{}\"\nprefix = \"{}\"\n[jobs]\nretry_initial = \"100ms\"\nretry_max = \"500ms\"\n\
+         [[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 25\n",
+        pg.url("app"),
+        pg.url("reporting"),
+        amqp_url(),
+        env.name
+    );
+    let config = std::sync::Arc::new(
+        syncfleet_core::Config::load(&env.write("restart.toml", &text)).unwrap(),
+    );
+    let fleet = Fleet::start(&config, 2);
+    let plan = env.plan(&config).await;
+
+    let done = |client: tokio_postgres::Client| async move {
+        client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'done') FROM syncfleet.batches WHERE run_id = $1",
+                &[&plan.run_id],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    env.eventually("a tenth of the run", 60, || async {
+        done(connect(&pg.url("reporting")).await).await > 80
+    })
+    .await;
+    drop(reporting);
+    tokio::task::block_in_place(|| {
+        pg.down().unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        pg.up().unwrap();
+    });
+    env.eventually("the run to succeed", 120, || async {
+        let c = connect(&pg.url("reporting")).await;
+        c.query_one(
+            "SELECT status FROM syncfleet.runs WHERE id = $1",
+            &[&plan.run_id],
+        )
+        .await
+        .map(|r| r.get::<_, String>(0) == "succeeded")
+        .unwrap_or(false)
+    })
+    .await;
+    fleet.stop().await;
+    assert_eq!(
+        TestEnv::rows(&connect(&pg.url("app")).await, "SELECT * FROM items").await,
+        TestEnv::rows(&connect(&pg.url("reporting")).await, "SELECT * FROM items").await
+    );
+    assert_eq!(env.dead_letters().await, 0);
+}

@@ -66,6 +66,15 @@ impl Meta {
         h
     }
 
+    /// Headers for the same attempt again.
+    pub fn again(&self, now_ms: i64) -> FieldTable {
+        Meta {
+            attempt: self.attempt - 1,
+            ..*self
+        }
+        .next(now_ms)
+    }
+
     /// Headers for a dead letter: this meta plus why it died.
     pub fn dead(&self, reason: &str, error: &str, now_ms: i64) -> FieldTable {
         let mut h = FieldTable::default();

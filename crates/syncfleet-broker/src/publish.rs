@@ -118,15 +118,23 @@ impl Publisher {
     }
 
     /// Parks a job that failed attempt `meta.attempt` for `delay`, after
-    /// which the broker moves it back to the work queue as the next attempt.
+    /// which the broker moves it back to the work queue: as the next
+    /// attempt, or as the same one again when `counts` is false (the job
+    /// never got a fair try, say because a database was down).
     pub async fn publish_retry(
         &self,
         body: &[u8],
         message_id: &str,
         meta: Meta,
         delay: Duration,
+        counts: bool,
     ) -> Result<(), BrokerError> {
-        let headers = meta.next(crate::headers::now_ms());
+        let now = crate::headers::now_ms();
+        let headers = if counts {
+            meta.next(now)
+        } else {
+            meta.again(now)
+        };
         let message = Outgoing {
             exchange: self.topology.retry_exchange(),
             routing_key: meta.attempt.to_string(),

@@ -16,6 +16,7 @@
 //! when [`run`] returns, whatever happened.
 
 pub mod broker;
+pub mod postgres;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

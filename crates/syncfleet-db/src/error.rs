@@ -5,8 +5,12 @@ use tokio_postgres::error::SqlState;
 /// What the caller should do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// The same work may succeed later: connection trouble, a conflict with
-    /// a concurrent transaction, a server shutting down, a pool timeout.
+    /// The database cannot be reached (refused, dropped, shutting down,
+    /// pool exhausted): an outage, not a property of the work. Wait for it
+    /// without counting attempts.
+    Unavailable,
+    /// The same work may succeed soon: a conflict with a concurrent
+    /// transaction, a lock or statement timeout, a cancelled query.
     Transient,
     /// The work itself is wrong (missing table, type mismatch, constraint
     /// violation): retrying gives the same answer.
@@ -31,7 +35,7 @@ pub enum DbError {
 impl DbError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            DbError::Connect { .. } | DbError::PoolTimeout { .. } => ErrorClass::Transient,
+            DbError::Connect { .. } | DbError::PoolTimeout { .. } => ErrorClass::Unavailable,
             DbError::Postgres(e) => classify(e),
         }
     }
@@ -41,22 +45,24 @@ impl DbError {
 pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
     let Some(code) = error.code() else {
         // No SQLSTATE: the connection broke, timed out or closed.
-        return ErrorClass::Transient;
+        return ErrorClass::Unavailable;
     };
+    let unavailable = [
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::CRASH_SHUTDOWN,
+        SqlState::CANNOT_CONNECT_NOW,
+        SqlState::TOO_MANY_CONNECTIONS,
+    ];
     let transient = [
         SqlState::T_R_SERIALIZATION_FAILURE,
         SqlState::T_R_DEADLOCK_DETECTED,
         SqlState::LOCK_NOT_AVAILABLE,
         SqlState::QUERY_CANCELED,
-        SqlState::ADMIN_SHUTDOWN,
-        SqlState::CRASH_SHUTDOWN,
-        SqlState::CANNOT_CONNECT_NOW,
-        SqlState::TOO_MANY_CONNECTIONS,
-        SqlState::CONNECTION_EXCEPTION,
-        SqlState::CONNECTION_FAILURE,
         SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
     ];
-    if transient.contains(code) || code.code().starts_with("08") || code.code().starts_with("53") {
+    if unavailable.contains(code) || code.code().starts_with("08") {
+        ErrorClass::Unavailable
+    } else if transient.contains(code) || code.code().starts_with("53") {
         ErrorClass::Transient
     } else {
         ErrorClass::Permanent

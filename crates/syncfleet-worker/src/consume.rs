@@ -9,6 +9,7 @@
 //! | outcome | what happens |
 //! | --- | --- |
 //! | committed | ack |
+//! | a database is unreachable | re-published to `P.retry.N` as the same attempt, after a backoff that grows while the outage lasts, then ack |
 //! | transient failure, attempts left | re-published to `P.retry.N` (confirmed), then ack |
 //! | permanent failure, attempts used up, or not a job | batch marked failed, message published to `P.dead` with the reason (confirmed), then ack |
 //! | the job panicked | nack with requeue; the queue's delivery limit dead-letters a job that keeps doing so |
@@ -18,6 +19,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
@@ -66,10 +68,20 @@ const RECONNECT: RetryPolicy = RetryPolicy {
     max_attempts: u32::MAX,
 };
 
+/// Backoff for jobs waiting out a database outage.
+const OUTAGE: RetryPolicy = RetryPolicy {
+    initial: Duration::from_millis(500),
+    max: Duration::from_secs(5),
+    max_attempts: u32::MAX,
+};
+
 /// Everything a delivery handler needs.
 struct Context {
     executor: Executor,
     publisher: Publisher,
+    /// Jobs that found a database unreachable since the last success: the
+    /// outage's backoff, and logging it once rather than once per job.
+    outage: AtomicU32,
 }
 
 /// How a session ended.
@@ -103,6 +115,7 @@ pub async fn run(
     let context = Arc::new(Context {
         executor,
         publisher,
+        outage: AtomicU32::new(0),
     });
     let mut in_flight = JoinSet::new();
     let mut failures = 0u32;
@@ -269,7 +282,18 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
             if outcome.finished_run {
                 tracing::info!(run_id = job.run_id, "run finished");
             }
+            if context.outage.swap(0, Ordering::Relaxed) > 0 {
+                tracing::info!("databases reachable again");
+            }
             settle(delivery.ack(BasicAckOptions::default()).await);
+        }
+        Ok(Err(JobError::Unavailable(reason))) => {
+            let streak = context.outage.fetch_add(1, Ordering::Relaxed) + 1;
+            if streak == 1 {
+                tracing::warn!(job = %id, %reason, "a database is unreachable; jobs wait for it without using up attempts");
+            }
+            let delay = OUTAGE.delay(streak);
+            park(&context, &delivery, &id, meta, delay, false).await;
         }
         Ok(Err(JobError::Retry(reason))) if meta.attempt < retry.max_attempts => {
             let delay = retry.delay(meta.attempt);
@@ -277,22 +301,12 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
             if let Err(e) = context.executor.record_retry(&job, &reason).await {
                 tracing::debug!(job = %id, error = %e, "could not record the failed attempt");
             }
-            match context
-                .publisher
-                .publish_retry(&delivery.data, &id, meta, delay)
-                .await
-            {
-                Ok(()) => settle(delivery.ack(BasicAckOptions::default()).await),
-                Err(e) => {
-                    tracing::warn!(job = %id, error = %e, "could not park the job for a retry; requeueing it");
-                    settle(delivery.nack(requeue()).await);
-                }
-            }
+            park(&context, &delivery, &id, meta, delay, true).await;
         }
         Ok(Err(e)) => {
             let (kind, reason) = match e {
-                JobError::Retry(r) => ("attempts exhausted", r),
                 JobError::Reject(r) => ("permanent", r),
+                JobError::Retry(r) | JobError::Unavailable(r) => ("attempts exhausted", r),
             };
             tracing::error!(job = %id, attempt = meta.attempt, %reason, kind, "batch failed for good; dead-lettering it");
             let recorded = format!("{reason} ({kind} after {} attempt(s))", meta.attempt);
@@ -303,6 +317,29 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
         }
         Err(_panic) => {
             tracing::error!(job = %id, "job panicked; handing it back (the delivery limit stops a job that keeps doing so)");
+            settle(delivery.nack(requeue()).await);
+        }
+    }
+}
+
+/// Parks the job in a retry queue for `delay`, then acks it; if that
+/// publish fails, hands it straight back instead.
+async fn park(
+    context: &Context,
+    delivery: &Delivery,
+    id: &str,
+    meta: Meta,
+    delay: Duration,
+    counts: bool,
+) {
+    match context
+        .publisher
+        .publish_retry(&delivery.data, id, meta, delay, counts)
+        .await
+    {
+        Ok(()) => settle(delivery.ack(BasicAckOptions::default()).await),
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "could not park the job for a retry; requeueing it");
             settle(delivery.nack(requeue()).await);
         }
     }

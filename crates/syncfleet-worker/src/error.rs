@@ -5,20 +5,31 @@ use syncfleet_db::{DbError, ErrorClass, ShapeError};
 /// Why a job did not complete, and so what to do with its message.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    /// Worth another attempt later: a database or connection hiccup.
-    #[error("{0} (will retry)")]
+    /// A database is unreachable: the job waits for it without using up
+    /// an attempt, however long the outage.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Worth another attempt later: a conflict, a timeout, a deadline.
+    #[error("{0}")]
     Retry(String),
     /// Retrying gives the same answer: dead-letter it and fail the batch.
     #[error("{0}")]
     Reject(String),
 }
 
+impl JobError {
+    fn classified(class: ErrorClass, message: String) -> Self {
+        match class {
+            ErrorClass::Unavailable => JobError::Unavailable(message),
+            ErrorClass::Transient => JobError::Retry(message),
+            ErrorClass::Permanent => JobError::Reject(message),
+        }
+    }
+}
+
 impl From<DbError> for JobError {
     fn from(e: DbError) -> Self {
-        match e.class() {
-            ErrorClass::Transient => JobError::Retry(e.to_string()),
-            ErrorClass::Permanent => JobError::Reject(e.to_string()),
-        }
+        JobError::classified(e.class(), e.to_string())
     }
 }
 
@@ -30,9 +41,6 @@ impl From<tokio_postgres::Error> for JobError {
 
 impl From<ShapeError> for JobError {
     fn from(e: ShapeError) -> Self {
-        match e.class() {
-            ErrorClass::Transient => JobError::Retry(e.to_string()),
-            ErrorClass::Permanent => JobError::Reject(e.to_string()),
-        }
+        JobError::classified(e.class(), e.to_string())
     }
 }

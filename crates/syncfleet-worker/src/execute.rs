@@ -133,7 +133,7 @@ impl Executor {
         let attempts = (|| self.attempt(stream, job, deadline))
             .retry(backoff)
             .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, JobError::Retry(_)) && Instant::now() < deadline)
+            .when(|e| !matches!(e, JobError::Reject(_)) && Instant::now() < deadline)
             .notify(|e, delay| {
                 tracing::debug!(job = %job.id(), error = %e, ?delay, "retrying in this worker");
             });

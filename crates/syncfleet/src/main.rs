@@ -101,7 +101,9 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            "warn,syncfleet=info,syncfleet_producer=info,syncfleet_worker=info,syncfleet_db=info",
+            // deadpool logs every broken connection; syncfleet logs an
+            // outage once, so keep deadpool's to errors.
+            "warn,deadpool=error,syncfleet=info,syncfleet_producer=info,syncfleet_worker=info,syncfleet_db=info",
         )
     });
     tracing_subscriber::fmt()
