@@ -239,6 +239,22 @@ async fn syncfleet(
     Ok(out)
 }
 
+/// Removes the databases and the work folder of an interrupted run (the
+/// processes and the broker node stop with the dropped [`run`] future).
+pub async fn cleanup(options: &Options) {
+    if let Ok(admin) = connect(&options.pg_url).await {
+        for db in ["src", "dst"] {
+            let _ = admin
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS \"{}_{db}\" WITH (FORCE)",
+                    options.name
+                ))
+                .await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&options.name));
+}
+
 /// Runs the whole scenario; see the crate docs.
 pub async fn run(options: &Options) -> Result<Report, ChaosError> {
     let dir = std::env::temp_dir().join(&options.name);

@@ -63,6 +63,7 @@ async fn main() -> ExitCode {
         r = run => r,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("chaos: interrupted; cleaning up");
+            syncfleet_chaos::cleanup(&options).await;
             return ExitCode::from(130);
         }
     };
