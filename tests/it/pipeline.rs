@@ -298,3 +298,54 @@ async fn sync_wait_and_status_through_the_binary() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_empty_range_and_merge_paths_give_the_same_rows() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text, j json, n numeric);
+             INSERT INTO t SELECT i, 'v' || i, '{\"a\": 1,  \"b\": [1, 2]}', i / 7.0 FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"t\"\ntable = \"t\"\nbatch_size = 50\n");
+    // Into an empty destination: every batch takes the direct COPY path.
+    env.sync(&config, 1).await;
+    let direct = TestEnv::rows(&env.dest, "SELECT * FROM t").await;
+    assert_eq!(direct, TestEnv::rows(&env.source, "SELECT * FROM t").await);
+
+    // Every range now holds rows, some stale, some extra, some identical:
+    // every batch takes the stage-and-merge path.
+    env.dest
+        .batch_execute(
+            "UPDATE t SET v = 'stale', j = '{\"a\": 2}' WHERE id % 3 = 0;
+             DELETE FROM t WHERE id % 5 = 0;
+             INSERT INTO t SELECT i * 1000, 'extra', NULL, NULL FROM generate_series(1, 300) i ON CONFLICT DO NOTHING;
+             INSERT INTO t VALUES (-1, 'before every range', NULL, NULL);",
+        )
+        .await
+        .unwrap();
+    env.sync(&config, 1).await;
+    assert_eq!(TestEnv::rows(&env.dest, "SELECT * FROM t").await, direct);
+    // json text is kept byte for byte on both paths.
+    let j: String = env
+        .dest
+        .query_one("SELECT j::text FROM t WHERE id = 3", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(j, "{\"a\": 1,  \"b\": [1, 2]}");
+
+    // An unchanged re-sync rewrites no row: every row keeps its version
+    // (the transaction id that wrote it).
+    let versions = "SELECT id, xmin::text FROM t";
+    let before = TestEnv::rows(&env.dest, versions).await;
+    env.sync(&config, 1).await;
+    assert_eq!(
+        before,
+        TestEnv::rows(&env.dest, versions).await,
+        "an unchanged re-sync wrote rows"
+    );
+}

@@ -105,30 +105,56 @@ pub fn create_stage(shape: &StreamShape, table: &TableName) -> String {
 }
 
 pub fn copy_in_stage(shape: &StreamShape) -> String {
+    copy_in(shape, STAGE)
+}
+
+/// `COPY table (columns) FROM STDIN`: the stage, or the destination table
+/// itself when the batch's range there is empty.
+pub fn copy_in(shape: &StreamShape, table: &str) -> String {
     format!(
-        "COPY {STAGE} ({}) FROM STDIN",
+        "COPY {table} ({}) FROM STDIN",
         ident::list(&shape.column_names(), None)
     )
 }
 
-/// Inserts or updates every staged row by key.
+/// Whether the destination has no row in the range (an index probe).
+/// Parameters as in `predicate` (built over alias `d`).
+pub fn range_is_empty(table: &TableName, predicate: &RangePredicate) -> String {
+    format!(
+        "SELECT NOT EXISTS (SELECT 1 FROM {table} AS d WHERE {})",
+        predicate.sql
+    )
+}
+
+/// Inserts or updates every staged row by key. A row whose values already
+/// match is left alone: no new row version, no WAL, no index churn, which
+/// is what makes a re-sync of unchanged data cheap. Values are compared in
+/// their text form, since some types (json, geometric) have no equality.
 pub fn upsert(shape: &StreamShape, table: &TableName) -> String {
     let columns = ident::list(&shape.column_names(), None);
     let keys = ident::list(&shape.key_names(), None);
-    let updates: Vec<String> = shape
+    let values: Vec<String> = shape
         .columns
         .iter()
         .enumerate()
         .filter(|(i, _)| !shape.key.contains(i))
-        .map(|(_, c)| {
-            let c = ident::quote(&c.name);
-            format!("{c} = EXCLUDED.{c}")
-        })
+        .map(|(_, c)| ident::quote(&c.name))
         .collect();
-    let action = if updates.is_empty() {
+    let action = if values.is_empty() {
         "NOTHING".to_string()
     } else {
-        format!("UPDATE SET {}", updates.join(", "))
+        let set: Vec<String> = values
+            .iter()
+            .map(|c| format!("{c} = EXCLUDED.{c}"))
+            .collect();
+        let old: Vec<String> = values.iter().map(|c| format!("d.{c}")).collect();
+        let new: Vec<String> = values.iter().map(|c| format!("EXCLUDED.{c}")).collect();
+        format!(
+            "UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
+            set.join(", "),
+            old.join(", "),
+            new.join(", ")
+        )
     };
     format!(
         "INSERT INTO {table} AS d ({columns}) SELECT {columns} FROM {STAGE} \

@@ -35,6 +35,7 @@ use syncfleet_core::job::Job;
 use syncfleet_db::pool::Client;
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape, control};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls};
 
@@ -248,24 +249,53 @@ impl Executor {
         let rows = read.copy_out(&sql::copy_out(shape, &source_range)).await?;
 
         let write = dst.transaction().await?;
-        write
-            .batch_execute(&sql::create_stage(shape, table))
-            .await?;
-        let stage = write.copy_in(&sql::copy_in_stage(shape)).await?;
-        futures_util::pin_mut!(rows, stage);
-        stage.as_mut().send_all(&mut rows).await?;
-        let rows_copied = stage.finish().await?;
-
-        write.execute(&sql::upsert(shape, table), &[]).await?;
         let dest_range = RangePredicate::new(shape, "d", &job.range, Binding::Params { first: 1 });
         let params: Vec<&(dyn ToSql + Sync)> = dest_range
             .params
             .iter()
             .map(|p| p as &(dyn ToSql + Sync))
             .collect();
-        let rows_deleted = write
-            .execute(&sql::delete_missing(shape, table, &dest_range), &params)
-            .await?;
+        futures_util::pin_mut!(rows);
+        let empty: bool = write
+            .query_one(&sql::range_is_empty(table, &dest_range), &params)
+            .await?
+            .get(0);
+        let (rows_copied, rows_deleted) = if empty {
+            // Fast path (an initial load): nothing to update or delete, so
+            // the rows go straight into the table.
+            let sink = write
+                .copy_in(&sql::copy_in(shape, &table.to_string()))
+                .await?;
+            futures_util::pin_mut!(sink);
+            let copied = async {
+                sink.as_mut().send_all(&mut rows).await?;
+                sink.finish().await
+            }
+            .await
+            .map_err(|e| match e.code() {
+                // Another job wrote into the range since we looked (a
+                // replay racing its original): the next attempt merges.
+                Some(&SqlState::UNIQUE_VIOLATION) => JobError::Retry(format!(
+                    "the range filled up concurrently: {}",
+                    syncfleet_db::error::describe(&e)
+                )),
+                _ => JobError::from(e),
+            })?;
+            (copied, 0)
+        } else {
+            write
+                .batch_execute(&sql::create_stage(shape, table))
+                .await?;
+            let stage = write.copy_in(&sql::copy_in_stage(shape)).await?;
+            futures_util::pin_mut!(stage);
+            stage.as_mut().send_all(&mut rows).await?;
+            let copied = stage.finish().await?;
+            write.execute(&sql::upsert(shape, table), &[]).await?;
+            let deleted = write
+                .execute(&sql::delete_missing(shape, table, &dest_range), &params)
+                .await?;
+            (copied, deleted)
+        };
         let known = control::complete_batch(
             &*write,
             job.run_id,
