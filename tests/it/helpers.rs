@@ -45,7 +45,9 @@ fn init_logging() {
     ONCE.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()
-                .with_env_filter("info,lapin=warn")
+                .with_env_filter(
+                    std::env::var("TEST_LOG_FILTER").unwrap_or_else(|_| "info,lapin=warn".into()),
+                )
                 .with_test_writer()
                 .try_init();
         }

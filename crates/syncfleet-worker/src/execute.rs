@@ -200,7 +200,15 @@ impl Executor {
         let cancel = [src.cancel_token(), dst.cancel_token()];
         let converge = self.converge(&shape, stream, job, &mut src, &mut dst);
         match tokio::time::timeout_at(deadline.into(), converge).await {
-            Ok(result) => result,
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) => {
+                // A statement failed, possibly in the middle of a COPY: the
+                // protocol state of these connections is not worth trusting
+                // to the next job, so they are closed, not pooled.
+                drop(Object::take(src));
+                drop(Object::take(dst));
+                Err(e)
+            }
             Err(_) => {
                 for token in cancel {
                     if let Err(e) = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls))
