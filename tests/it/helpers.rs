@@ -103,8 +103,13 @@ impl TestEnv {
 
     /// A config file with this test's databases and prefix, plus `streams`.
     pub fn config_text(&self, streams: &str) -> String {
+        self.config_text_with("", streams)
+    }
+
+    /// Same, with extra `[source]` keys.
+    pub fn config_text_with(&self, source: &str, streams: &str) -> String {
         format!(
-            "[source]\nurl = \"{}\"\nmax_connections = 4\nconnect_timeout = \"5s\"\n\
+            "[source]\nurl = \"{}\"\nmax_connections = 4\nconnect_timeout = \"5s\"\n{source}\n\
              [destination]\nurl = \"{}\"\nmax_connections = 6\nconnect_timeout = \"5s\"\n\
              [broker]\nurl = \"{}\"\nprefix = \"{}\"\nconnect_timeout = \"5s\"\n\
              [jobs]\nretry_initial = \"100ms\"\nretry_max = \"500ms\"\n\
@@ -317,11 +322,7 @@ impl Fleet {
         let shutdown = Shutdown::new();
         let mut tasks = JoinSet::new();
         for _ in 0..workers {
-            tasks.spawn(syncfleet_worker::run(
-                config.clone(),
-                config.worker.concurrency,
-                shutdown.signal(),
-            ));
+            tasks.spawn(syncfleet_worker::run(config.clone(), shutdown.signal()));
         }
         Fleet { shutdown, tasks }
     }

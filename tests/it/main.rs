@@ -13,5 +13,6 @@ mod demo;
 mod helpers;
 mod pipeline;
 mod planning;
+mod protection;
 mod reliability;
 mod types;

@@ -544,6 +544,9 @@ async fn a_run_stopped_halfway_is_resumed_with_exactly_the_missing_batches() {
         env.queue_depth().await == 0
     })
     .await;
+    // A graceful stop finishes the jobs in flight.
+    fleet.stop().await;
+    let fleet = Fleet::start(&config, 2);
     let not_done: i64 = env
         .dest
         .query_one(

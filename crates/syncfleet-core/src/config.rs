@@ -30,6 +30,8 @@ pub struct Config {
     /// Where the config came from, for error messages.
     pub origin: String,
     pub source: DbConfig,
+    /// How gently the fleet reads the source (the rest of `[source]`).
+    pub reads: ReadLimits,
     pub destination: DbConfig,
     pub broker: BrokerConfig,
     pub jobs: JobsConfig,
@@ -45,6 +47,38 @@ pub struct DbConfig {
     pub max_connections: usize,
     /// Bounds connecting and waiting for a pooled connection.
     pub connect_timeout: Duration,
+    /// Set on every session: the server cancels any statement running longer.
+    pub statement_timeout: Option<Duration>,
+}
+
+/// Protection of the source database while the fleet reads it.
+#[derive(Debug, Clone)]
+pub struct ReadLimits {
+    /// Fleet-wide: source reads running at once across every worker
+    /// process, however many pods run. `None` is unlimited.
+    pub max_concurrent: Option<u32>,
+    /// Per worker process: rows read per second, on average. `None` is
+    /// unlimited.
+    pub max_rows_per_second: Option<u32>,
+    /// Read from this standby instead; the primary (`source.url`) is still
+    /// the one probed for the app's latency.
+    pub replica_url: Option<SecretUrl>,
+    /// The adaptive throttle; `None` when disabled.
+    pub throttle: Option<ThrottleConfig>,
+}
+
+/// The adaptive throttle: back off when the app's own latency rises.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThrottleConfig {
+    /// A cheap query standing for the app's hot path, timed on the primary.
+    pub probe: String,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Back off when a probe takes longer than the idle baseline times this.
+    pub factor: f64,
+    /// ...and longer than this, so that noise on sub-millisecond probes
+    /// does not count as a rise.
+    pub min_latency: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -163,7 +197,7 @@ pub enum ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    source: Option<RawDb>,
+    source: Option<RawSource>,
     destination: Option<RawDb>,
     broker: Option<RawBroker>,
     #[serde(default)]
@@ -180,6 +214,30 @@ struct RawDb {
     url: Option<String>,
     max_connections: Option<usize>,
     connect_timeout: Option<String>,
+    statement_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    url: Option<String>,
+    max_connections: Option<usize>,
+    connect_timeout: Option<String>,
+    statement_timeout: Option<String>,
+    max_concurrent_reads: Option<u32>,
+    max_rows_per_second: Option<u32>,
+    replica_url: Option<String>,
+    throttle: Option<RawThrottle>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawThrottle {
+    enabled: Option<bool>,
+    probe: Option<String>,
+    interval: Option<String>,
+    factor: Option<f64>,
+    min_latency: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -229,6 +287,13 @@ const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
+const DEFAULT_SOURCE_STATEMENT_TIMEOUT: &str = "5m";
+const DEFAULT_MAX_CONCURRENT_READS: u32 = 4;
+const DEFAULT_THROTTLE_ENABLED: bool = true;
+const DEFAULT_THROTTLE_PROBE: &str = "SELECT 1";
+const DEFAULT_THROTTLE_INTERVAL: Duration = Duration::from_millis(250);
+const DEFAULT_THROTTLE_FACTOR: f64 = 2.0;
+const DEFAULT_THROTTLE_MIN_LATENCY: Duration = Duration::from_millis(2);
 
 impl Config {
     /// Reads and validates a config file, applying overrides from the process
@@ -254,9 +319,18 @@ impl Config {
             detail: e.to_string().trim_end().to_string(),
         })?;
         let v = Validator { origin };
+        let raw_source = raw.source.unwrap_or_default();
+        let reads = v.reads(&raw_source)?;
         let source = v.db(
             "source",
-            raw.source.unwrap_or_default(),
+            RawDb {
+                url: raw_source.url,
+                max_connections: raw_source.max_connections,
+                connect_timeout: raw_source.connect_timeout,
+                statement_timeout: raw_source
+                    .statement_timeout
+                    .or_else(|| Some(DEFAULT_SOURCE_STATEMENT_TIMEOUT.into())),
+            },
             env(ENV_SOURCE_URL),
         )?;
         let destination = v.db(
@@ -282,6 +356,7 @@ impl Config {
         Ok(Config {
             origin: origin.to_string(),
             source,
+            reads,
             destination,
             broker,
             jobs,
@@ -441,11 +516,81 @@ impl Validator<'_> {
                 format!("expected 1 to 1000, got {max_connections}"),
             ));
         }
+        let statement_timeout = match raw.statement_timeout {
+            None => None,
+            Some(t) => Some(self.duration(
+                &format!("{section}.statement_timeout"),
+                Some(t),
+                Duration::ZERO,
+            )?),
+        };
         Ok(DbConfig {
             url,
             max_connections,
             connect_timeout: self
                 .timeout(&format!("{section}.connect_timeout"), raw.connect_timeout)?,
+            statement_timeout,
+        })
+    }
+
+    fn reads(&self, raw: &RawSource) -> Result<ReadLimits, ConfigError> {
+        let positive = |field: &str, v: Option<u32>| match v {
+            Some(0) => Err(self.invalid(field, "must be at least 1 (leave it out for no limit)")),
+            other => Ok(other),
+        };
+        let replica_url = match &raw.replica_url {
+            Some(u) => Some(self.url(
+                "source.replica_url",
+                Some(u.clone()),
+                None,
+                "",
+                &["postgres", "postgresql"],
+            )?),
+            None => None,
+        };
+        let t = raw.throttle.as_ref();
+        let throttle = if t
+            .and_then(|t| t.enabled)
+            .unwrap_or(DEFAULT_THROTTLE_ENABLED)
+        {
+            let factor = t.and_then(|t| t.factor).unwrap_or(DEFAULT_THROTTLE_FACTOR);
+            if !(factor > 1.0 && factor.is_finite()) {
+                return Err(self.invalid(
+                    "source.throttle.factor",
+                    format!("expected a number above 1, got {factor}"),
+                ));
+            }
+            let probe = t
+                .and_then(|t| t.probe.clone())
+                .unwrap_or_else(|| DEFAULT_THROTTLE_PROBE.into());
+            if probe.trim().is_empty() {
+                return Err(self.invalid("source.throttle.probe", "is empty"));
+            }
+            Some(ThrottleConfig {
+                probe,
+                interval: self.duration(
+                    "source.throttle.interval",
+                    t.and_then(|t| t.interval.clone()),
+                    DEFAULT_THROTTLE_INTERVAL,
+                )?,
+                factor,
+                min_latency: self.duration(
+                    "source.throttle.min_latency",
+                    t.and_then(|t| t.min_latency.clone()),
+                    DEFAULT_THROTTLE_MIN_LATENCY,
+                )?,
+            })
+        } else {
+            None
+        };
+        Ok(ReadLimits {
+            max_concurrent: match raw.max_concurrent_reads {
+                None => Some(DEFAULT_MAX_CONCURRENT_READS),
+                v => positive("source.max_concurrent_reads", v)?,
+            },
+            max_rows_per_second: positive("source.max_rows_per_second", raw.max_rows_per_second)?,
+            replica_url,
+            throttle,
         })
     }
 

@@ -60,6 +60,9 @@ impl Pool {
             // Belt and braces: every source transaction is also started READ ONLY.
             options.push_str(" -c default_transaction_read_only=on");
         }
+        if let Some(timeout) = config.statement_timeout {
+            options.push_str(&format!(" -c statement_timeout={}", timeout.as_millis()));
+        }
         pg.options(options.trim());
         if pg.get_application_name().is_none() {
             pg.application_name(format!("syncfleet-{}", role.name()));

@@ -93,16 +93,13 @@ enum SessionEnd {
     Lost { error: WorkerError, consumed: bool },
 }
 
-/// Consumes jobs until `shutdown`, running up to `concurrency` at once.
+/// Consumes jobs until `shutdown`, running up to `worker.concurrency` at once.
 ///
 /// Starting fails fast, naming what is wrong (config, database, broker,
 /// schema); once running, the worker rides out broker and database restarts.
-pub async fn run(
-    config: Arc<Config>,
-    concurrency: u16,
-    mut shutdown: ShutdownSignal,
-) -> Result<(), WorkerError> {
+pub async fn run(config: Arc<Config>, mut shutdown: ShutdownSignal) -> Result<(), WorkerError> {
     config.check_deadlines()?;
+    let concurrency = config.worker.concurrency;
     let executor = Executor::connect(config.clone()).await?;
     let found = control::schema_version(&**executor.destination().get().await?).await?;
     if found != control::SCHEMA_VERSION {
@@ -112,6 +109,21 @@ pub async fn run(
         });
     }
     let publisher = Publisher::connect(&config.broker, "worker").await?;
+    if let Some(throttle) = &config.reads.throttle {
+        // The probe times the primary, where the app runs, even when the
+        // fleet reads a replica.
+        let probe = syncfleet_core::config::DbConfig {
+            max_connections: 1,
+            ..config.source.clone()
+        };
+        let probe = syncfleet_db::Pool::connect(syncfleet_db::Role::Source, &probe).await?;
+        tokio::spawn(crate::throttle::run_probe(
+            executor.gate().clone(),
+            probe,
+            throttle.clone(),
+            shutdown.clone(),
+        ));
+    }
     let context = Arc::new(Context {
         executor,
         publisher,

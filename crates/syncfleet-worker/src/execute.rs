@@ -40,12 +40,38 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls};
 
 use crate::error::JobError;
+use crate::throttle::ReadGate;
 
 /// Quick retries of a transient error inside the worker, before the job
 /// goes back to the broker.
 const IN_WORKER_RETRIES: usize = 3;
 /// Bound on asking the server to cancel a statement.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits for one of the fleet's `slots` source-read slots: transaction-level
+/// advisory locks in the destination, which every worker of the fleet
+/// shares, so the ceiling holds however many processes run, and a slot is
+/// released with its transaction even if the worker dies. The deadline
+/// around the job bounds the wait.
+async fn take_read_slot(
+    write: &deadpool_postgres::Transaction<'_>,
+    slots: u32,
+    prefix: &str,
+) -> Result<(), JobError> {
+    let slots = slots as i32;
+    let namespace = format!("syncfleet.reads/{prefix}");
+    loop {
+        let start = fastrand::i32(0..slots);
+        if write
+            .query_opt(sql::TAKE_READ_SLOT, &[&slots, &namespace, &start])
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=25))).await;
+    }
+}
 
 /// What one job did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,13 +96,26 @@ pub struct Executor {
     /// Stream shapes described once per process. An entry is dropped when a
     /// job of its stream fails, so a changed source schema is seen again.
     shapes: Mutex<HashMap<String, Arc<StreamShape>>>,
+    /// Every source read of this process passes this gate (adaptive
+    /// throttle, rows per second).
+    gate: Arc<ReadGate>,
 }
 
 impl Executor {
     /// Connects both pools (and fails fast, naming the server, if either
     /// database is unreachable).
+    /// Reads go to `source.replica_url` when one is set.
     pub async fn connect(config: Arc<Config>) -> Result<Self, syncfleet_db::DbError> {
-        let source = Pool::connect(Role::Source, &config.source).await?;
+        let source = match &config.reads.replica_url {
+            Some(url) => {
+                let replica = syncfleet_core::config::DbConfig {
+                    url: url.clone(),
+                    ..config.source.clone()
+                };
+                Pool::connect(Role::Source, &replica).await?
+            }
+            None => Pool::connect(Role::Source, &config.source).await?,
+        };
         let destination = Pool::connect(Role::Destination, &config.destination).await?;
         Ok(Self::new(config, source, destination))
     }
@@ -96,11 +135,20 @@ impl Executor {
         );
         Self {
             id,
-            config,
             source,
             destination,
             shapes: Mutex::new(HashMap::new()),
+            gate: Arc::new(ReadGate::new(
+                config.worker.concurrency,
+                config.reads.throttle.as_ref(),
+                config.reads.max_rows_per_second,
+            )),
+            config,
         }
+    }
+
+    pub fn gate(&self) -> &Arc<ReadGate> {
+        &self.gate
     }
 
     pub fn id(&self) -> &str {
@@ -142,7 +190,16 @@ impl Executor {
         // statements); this outer bound only catches what lies between
         // attempts, so it must not fire first and skip that cancel.
         let outer = deadline + CANCEL_TIMEOUT + Duration::from_secs(1);
-        let result = match tokio::time::timeout_at(outer.into(), attempts).await {
+        // Waiting for the gate is not part of the job's deadline: the job
+        // has not touched the source yet.
+        let permit = self.gate.acquire().await;
+        let result = tokio::time::timeout_at(outer.into(), attempts).await;
+        let rows = match &result {
+            Ok(Ok(outcome)) => outcome.rows_copied,
+            _ => 0,
+        };
+        self.gate.finish(permit, rows);
+        let result = match result {
             Ok(result) => result,
             Err(_) => Err(JobError::Retry(format!(
                 "deadline of {:?} passed",
@@ -239,6 +296,12 @@ impl Executor {
         dst: &mut Client,
     ) -> Result<BatchOutcome, JobError> {
         let table = &stream.destination_table;
+        // The destination transaction comes first: it holds this read's
+        // slot of the fleet-wide ceiling until it ends, however it ends.
+        let write = dst.transaction().await?;
+        if let Some(slots) = self.config.reads.max_concurrent {
+            take_read_slot(&write, slots, &self.config.broker.prefix).await?;
+        }
 
         let read = src
             .build_transaction()
@@ -256,7 +319,6 @@ impl Executor {
         }
         let rows = read.copy_out(&sql::copy_out(shape, &source_range)).await?;
 
-        let write = dst.transaction().await?;
         let dest_range = RangePredicate::new(shape, "d", &job.range, Binding::Params { first: 1 });
         let params: Vec<&(dyn ToSql + Sync)> = dest_range
             .params

@@ -17,6 +17,7 @@
 pub mod consume;
 pub mod error;
 pub mod execute;
+pub mod throttle;
 
 pub use consume::{WorkerError, run};
 pub use error::JobError;

@@ -18,7 +18,10 @@ pub struct Args {
 pub async fn run(config: Arc<Config>, args: Args) -> Result<ExitCode, CliError> {
     let shutdown = Shutdown::new();
     crate::signals::install(shutdown.clone())?;
-    let concurrency = args.concurrency.unwrap_or(config.worker.concurrency);
-    syncfleet_worker::run(config, concurrency, shutdown.signal()).await?;
+    let mut config = (*config).clone();
+    if let Some(n) = args.concurrency {
+        config.worker.concurrency = n;
+    }
+    syncfleet_worker::run(Arc::new(config), shutdown.signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

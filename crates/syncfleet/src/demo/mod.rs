@@ -179,11 +179,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let shutdown = Shutdown::new();
     let mut workers = JoinSet::new();
     for _ in 0..args.workers {
-        workers.spawn(syncfleet_worker::run(
-            config.clone(),
-            args.concurrency,
-            shutdown.signal(),
-        ));
+        workers.spawn(syncfleet_worker::run(config.clone(), shutdown.signal()));
     }
     println!(
         "  started {} workers x {} concurrent jobs",

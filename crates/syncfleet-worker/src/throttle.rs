@@ -1,0 +1,331 @@
+//! Source protection inside one worker process: the gate every source read
+//! passes, and the adaptive throttle that sets how wide it opens.
+//!
+//! The throttle samples a cheap probe query on the source primary (ideally
+//! the app's own hot lookup). While the probe stays near its idle baseline
+//! the read *level* grows additively; when it rises above `factor` times
+//! the baseline the level halves: additive increase, multiplicative
+//! decrease, as TCP's congestion control and vector's adaptive request
+//! concurrency do. A level of 3 lets three reads run at once; a level of
+//! 0.25 lets one run a quarter of the time (after a read that took `t`, the
+//! next waits `3t`), so the fleet can back off below one connection's worth
+//! of load, which is where a two-core database needs it.
+//!
+//! The same gate applies `max_rows_per_second` (a leaky bucket charged with
+//! each batch's rows).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use syncfleet_core::config::ThrottleConfig;
+use syncfleet_core::shutdown::ShutdownSignal;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// The lowest level: one read at a time, busy one part in twenty.
+pub const MIN_LEVEL: f64 = 0.05;
+/// Added to the level after each healthy probe.
+const INCREASE: f64 = 0.1;
+/// Probes kept for the baseline (the minimum of the window).
+const BASELINE_WINDOW: usize = 240;
+
+/// The AIMD controller, fed probe latencies.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    level: f64,
+    max: f64,
+    factor: f64,
+    min_latency: Duration,
+    recent: VecDeque<Duration>,
+}
+
+impl Controller {
+    pub fn new(max: f64, config: &ThrottleConfig) -> Self {
+        Self {
+            level: max,
+            max,
+            factor: config.factor,
+            min_latency: config.min_latency,
+            recent: VecDeque::with_capacity(BASELINE_WINDOW),
+        }
+    }
+
+    /// The idle baseline: the fastest recent probe. While the fleet reads,
+    /// some probes still land in quiet moments, so the minimum tracks the
+    /// unloaded latency; it only rises if the source stays slow for a whole
+    /// window.
+    pub fn baseline(&self) -> Option<Duration> {
+        self.recent.iter().min().copied()
+    }
+
+    pub fn level(&self) -> f64 {
+        self.level
+    }
+
+    /// Takes one probe latency; returns the new level.
+    pub fn observe(&mut self, latency: Duration) -> f64 {
+        let baseline = self.baseline().unwrap_or(latency);
+        if self.recent.len() == BASELINE_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(latency);
+        let limit = baseline.mul_f64(self.factor).max(self.min_latency);
+        self.level = if latency > limit {
+            (self.level / 2.0).max(MIN_LEVEL)
+        } else {
+            (self.level + INCREASE).min(self.max)
+        };
+        self.level
+    }
+}
+
+struct GateState {
+    /// Reads running now.
+    active: u32,
+    /// No read starts before this (the duty cycle and the rows/s bucket).
+    not_before: Instant,
+}
+
+/// The gate in front of every source read of this process.
+pub struct ReadGate {
+    state: Mutex<GateState>,
+    changed: Notify,
+    /// `None` without a throttle: the level is always the maximum.
+    controller: Option<Mutex<Controller>>,
+    max: f64,
+    rows_per_second: Option<u32>,
+}
+
+/// A read in progress; give it back with [`ReadGate::finish`].
+#[must_use]
+pub struct Permit {
+    started: Instant,
+}
+
+impl ReadGate {
+    /// `max` is the process's concurrency: the level never exceeds it.
+    pub fn new(max: u16, throttle: Option<&ThrottleConfig>, rows_per_second: Option<u32>) -> Self {
+        let max = f64::from(max.max(1));
+        Self {
+            state: Mutex::new(GateState {
+                active: 0,
+                not_before: Instant::now(),
+            }),
+            changed: Notify::new(),
+            controller: throttle.map(|t| Mutex::new(Controller::new(max, t))),
+            max,
+            rows_per_second,
+        }
+    }
+
+    pub fn level(&self) -> f64 {
+        self.controller
+            .as_ref()
+            .map_or(self.max, |c| c.lock().expect("controller").level())
+    }
+
+    /// The throttle's idle baseline, once it has probed.
+    pub fn baseline(&self) -> Option<Duration> {
+        self.controller
+            .as_ref()
+            .and_then(|c| c.lock().expect("controller").baseline())
+    }
+
+    /// Feeds a probe latency to the throttle.
+    pub fn observe(&self, latency: Duration) -> f64 {
+        let level = match &self.controller {
+            Some(c) => c.lock().expect("controller").observe(latency),
+            None => self.max,
+        };
+        self.changed.notify_waiters();
+        level
+    }
+
+    /// Waits until a read may start.
+    pub async fn acquire(&self) -> Permit {
+        loop {
+            let notified = self.changed.notified();
+            let wait = {
+                let mut s = self.state.lock().expect("gate");
+                let allowed = self.level().floor().max(1.0) as u32;
+                let now = Instant::now();
+                if s.active < allowed && now >= s.not_before {
+                    s.active += 1;
+                    return Permit { started: now };
+                }
+                // Wake at the time limit, on a change, or to re-check the
+                // level, whichever comes first.
+                s.not_before
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1))
+                    .min(Duration::from_millis(100))
+            };
+            let _ = tokio::time::timeout(wait, notified).await;
+        }
+    }
+
+    /// Ends a read that moved `rows` rows: below level 1 the next read
+    /// waits out the rest of the duty cycle, and the rows/s bucket is
+    /// charged.
+    pub fn finish(&self, permit: Permit, rows: u64) {
+        let now = Instant::now();
+        let busy = now.saturating_duration_since(permit.started);
+        let level = self.level();
+        {
+            let mut s = self.state.lock().expect("gate");
+            s.active = s.active.saturating_sub(1);
+            if level < 1.0 {
+                let idle = busy.mul_f64(1.0 / level - 1.0);
+                s.not_before = s.not_before.max(now + idle);
+            }
+            if let Some(rate) = self.rows_per_second {
+                let cost = Duration::from_secs_f64(rows as f64 / f64::from(rate));
+                s.not_before = s.not_before.max(permit.started) + cost;
+            }
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// Probes the source every `interval` and feeds the gate, until shutdown.
+/// A probe that fails is skipped: a source that is down fails the jobs by
+/// itself.
+pub async fn run_probe(
+    gate: std::sync::Arc<ReadGate>,
+    client: syncfleet_db::Pool,
+    config: ThrottleConfig,
+    mut shutdown: ShutdownSignal,
+) {
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_level = gate.level();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(client) = client.get().await else {
+            continue;
+        };
+        let started = Instant::now();
+        // A probe that times out is the slowest probe of all; one that fails
+        // says nothing about the app's latency and is skipped.
+        let probe =
+            tokio::time::timeout(config.interval * 4, client.simple_query(&config.probe)).await;
+        if let Ok(Err(_)) = probe {
+            continue;
+        }
+        let latency = started.elapsed();
+        let level = gate.observe(latency);
+        tracing::trace!(?latency, level, "probe");
+        if (level < 1.0) != (last_level < 1.0) {
+            tracing::info!(
+                level,
+                "adaptive throttle {}",
+                if level < 1.0 {
+                    "backing off the source"
+                } else {
+                    "back to full speed"
+                }
+            );
+        }
+        last_level = level;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ThrottleConfig {
+        ThrottleConfig {
+            probe: "SELECT 1".into(),
+            interval: Duration::from_millis(250),
+            factor: 2.0,
+            min_latency: Duration::from_millis(2),
+        }
+    }
+
+    #[test]
+    fn backs_off_multiplicatively_and_recovers_additively() {
+        let mut c = Controller::new(4.0, &config());
+        for _ in 0..10 {
+            c.observe(Duration::from_millis(1));
+        }
+        assert_eq!(c.level(), 4.0);
+        assert_eq!(c.baseline(), Some(Duration::from_millis(1)));
+        // The app slows down: 20 ms against a 1 ms baseline.
+        let levels: Vec<f64> = (0..8)
+            .map(|_| c.observe(Duration::from_millis(20)))
+            .collect();
+        assert_eq!(levels[0], 2.0);
+        assert_eq!(levels[1], 1.0);
+        assert!(levels[7] <= MIN_LEVEL + 1e-9, "{levels:?}");
+        // It recovers, a step at a time.
+        let up: Vec<f64> = (0..60)
+            .map(|_| c.observe(Duration::from_millis(1)))
+            .collect();
+        assert!(up.windows(2).all(|w| w[1] >= w[0]));
+        assert!((up[0] - (MIN_LEVEL + INCREASE)).abs() < 1e-9);
+        assert_eq!(*up.last().unwrap(), 4.0);
+    }
+
+    #[test]
+    fn noise_below_the_floor_is_not_a_rise() {
+        let mut c = Controller::new(2.0, &config());
+        c.observe(Duration::from_micros(100));
+        // 1.5 ms is 15x the baseline but under the 2 ms floor.
+        assert_eq!(c.observe(Duration::from_micros(1500)), 2.0);
+    }
+
+    // Virtual time: the gate's waits are checked exactly, not against a clock.
+    #[tokio::test(start_paused = true)]
+    async fn below_level_one_reads_take_turns_with_idle_time() {
+        let gate = ReadGate::new(4, Some(&config()), None);
+        for _ in 0..4 {
+            gate.observe(Duration::from_millis(1));
+        }
+        for _ in 0..3 {
+            gate.observe(Duration::from_millis(50));
+        }
+        assert!(gate.level() < 1.0);
+        let first = gate.acquire().await;
+        // A second read cannot start while the first runs.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), gate.acquire())
+                .await
+                .is_err()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gate.finish(first, 10);
+        let waited = Instant::now();
+        let second = gate.acquire().await;
+        // 70 ms busy at level 0.5 means 70 ms idle before the next read.
+        assert_eq!(gate.level(), 0.5);
+        assert!(
+            waited.elapsed() >= Duration::from_millis(70),
+            "{:?}",
+            waited.elapsed()
+        );
+        assert!(
+            waited.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            waited.elapsed()
+        );
+        gate.finish(second, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rows_per_second_limit_spaces_reads_by_their_rows() {
+        let gate = ReadGate::new(2, None, Some(1000));
+        let start = Instant::now();
+        let p = gate.acquire().await;
+        gate.finish(p, 500);
+        let p = gate.acquire().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        gate.finish(p, 2000);
+        let _p = gate.acquire().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(2500));
+    }
+}

@@ -1,0 +1,143 @@
+//! Source protection: the fleet-wide ceiling on source reads and the
+//! adaptive throttle, against the real databases.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use syncfleet_core::Config;
+use syncfleet_core::shutdown::Shutdown;
+use syncfleet_db::{Pool, Role};
+use syncfleet_worker::throttle::{ReadGate, run_probe};
+
+use crate::helpers::{Fleet, TestEnv, connect};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_never_runs_more_source_reads_than_its_ceiling() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 400) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    // Each batch's read takes 300 ms (a sleep evaluated once per query).
+    let text = env.config_text_with(
+        "max_concurrent_reads = 2\n[source.throttle]\nenabled = false\n",
+        "[[stream]]\nname = \"items\"\n\
+         query = \"SELECT id, v FROM items WHERE id > (SELECT -1 FROM pg_sleep(0.3))\"\n\
+         key = [\"id\"]\nbatch_size = 20\n",
+    );
+    let config = Arc::new(Config::load(&env.write("ceiling.toml", &text)).unwrap());
+    let plan = env.plan(&config).await;
+
+    // Watch the source from the side while three workers of three jobs
+    // each (nine reads could run at once) work through 21 batches.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stop, url) = (stop.clone(), env.source_url.clone());
+        tokio::spawn(async move {
+            let client = connect(&url).await;
+            let mut most = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let n: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                         AND state = 'active' AND query LIKE 'COPY (SELECT%pg_sleep%'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                most = most.max(n);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            most
+        })
+    };
+    let fleet = Fleet::start(&config, 3);
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+    stop.store(true, Ordering::Relaxed);
+    let most = sampler.await.unwrap();
+    assert!(
+        most <= 2,
+        "{most} source reads ran at once, above the ceiling of 2"
+    );
+    assert_eq!(most, 2, "the fleet did use its two slots");
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_throttle_backs_off_while_the_app_is_slow_and_recovers_after() {
+    let env = TestEnv::new().await;
+    // The app's hot lookup, made slow on demand (the injected load).
+    env.source
+        .batch_execute(
+            "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE);
+             INSERT INTO users SELECT i, 'u' || i || '@example.com' FROM generate_series(1, 1000) i;
+             CREATE TABLE slow_app (on_ boolean);
+             CREATE FUNCTION lookup_user(e text) RETURNS int LANGUAGE plpgsql STABLE AS $$
+             BEGIN
+               IF EXISTS (SELECT 1 FROM slow_app) THEN PERFORM pg_sleep(0.03); END IF;
+               RETURN (SELECT id FROM users WHERE email = e);
+             END $$;",
+        )
+        .await
+        .unwrap();
+    let text = env.config_text_with(
+        "[source.throttle]\nprobe = \"SELECT lookup_user('u42@example.com')\"\ninterval = \"50ms\"\n",
+        "",
+    );
+    let config = Config::load(&env.write("throttle.toml", &text)).unwrap();
+    let throttle = config.reads.throttle.clone().unwrap();
+    let gate = Arc::new(ReadGate::new(4, Some(&throttle), None));
+    let probe_pool = Pool::connect(Role::Source, &config.source).await.unwrap();
+    let shutdown = Shutdown::new();
+    tokio::spawn(run_probe(
+        gate.clone(),
+        probe_pool,
+        throttle,
+        shutdown.signal(),
+    ));
+
+    let level = |g: &Arc<ReadGate>| g.level();
+    // The baseline is the fastest recent probe: let it see the app healthy.
+    env.eventually("a healthy baseline", 30, || async {
+        gate.baseline()
+            .is_some_and(|b| b < Duration::from_millis(10))
+    })
+    .await;
+    assert_eq!(level(&gate), 4.0);
+    env.source
+        .batch_execute("INSERT INTO slow_app VALUES (true)")
+        .await
+        .unwrap();
+    env.eventually("the throttle to back off below one read", 30, || async {
+        level(&gate) < 1.0
+    })
+    .await;
+    // Below level one, reads take turns with idle time: a second read
+    // cannot start while one runs.
+    let first = gate.acquire().await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), gate.acquire())
+            .await
+            .is_err()
+    );
+    gate.finish(first, 0);
+    env.source
+        .batch_execute("DELETE FROM slow_app")
+        .await
+        .unwrap();
+    env.eventually("the throttle to recover to full level", 30, || async {
+        level(&gate) == 4.0
+    })
+    .await;
+    shutdown.trigger();
+}
