@@ -22,6 +22,12 @@ chaos *args: _services
     cargo build --release -p syncfleet -p syncfleet-chaos
     target/release/syncfleet-chaos {{ args }}
 
+# Benchmarks (release build, about 5 minutes): prints a Markdown report and
+# writes it to docs/benchmarks.md.
+bench *args: _services
+    cargo build --release -p syncfleet -p syncfleet-bench
+    target/release/syncfleet-bench {{ args }}
+
 # Check formatting and run clippy with warnings as errors.
 lint:
     cargo fmt --all -- --check

@@ -20,6 +20,12 @@ pub struct PrivatePostgres {
 
 impl PrivatePostgres {
     pub fn start(dir: &Path) -> Result<Self, ChaosError> {
+        Self::start_with(dir, &[])
+    }
+
+    /// Starts a cluster with extra `postgresql.conf` lines (for example
+    /// `shared_preload_libraries = 'pg_stat_statements'`).
+    pub fn start_with(dir: &Path, settings: &[&str]) -> Result<Self, ChaosError> {
         let dir = dir.join("postgres");
         std::fs::create_dir_all(&dir)?;
         let bin = std::fs::read_dir("/usr/lib/postgresql")?
@@ -58,6 +64,13 @@ impl PrivatePostgres {
                 "--no-sync",
             ],
         )?;
+        if !settings.is_empty() {
+            use std::io::Write;
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(cluster.dir.join("data").join("postgresql.conf"))?;
+            writeln!(conf, "\n# syncfleet\n{}", settings.join("\n"))?;
+        }
         cluster.up()?;
         Ok(cluster)
     }

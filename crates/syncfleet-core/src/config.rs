@@ -291,9 +291,9 @@ const DEFAULT_SOURCE_STATEMENT_TIMEOUT: &str = "5m";
 const DEFAULT_MAX_CONCURRENT_READS: u32 = 4;
 const DEFAULT_THROTTLE_ENABLED: bool = true;
 const DEFAULT_THROTTLE_PROBE: &str = "SELECT 1";
-const DEFAULT_THROTTLE_INTERVAL: Duration = Duration::from_millis(250);
+const DEFAULT_THROTTLE_INTERVAL: Duration = Duration::from_millis(100);
 const DEFAULT_THROTTLE_FACTOR: f64 = 2.0;
-const DEFAULT_THROTTLE_MIN_LATENCY: Duration = Duration::from_millis(2);
+const DEFAULT_THROTTLE_MIN_LATENCY: Duration = Duration::from_millis(1);
 
 impl Config {
     /// Reads and validates a config file, applying overrides from the process

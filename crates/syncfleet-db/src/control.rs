@@ -353,7 +353,7 @@ pub async fn mark_planned(client: &impl GenericClient, run_id: i64) -> Result<()
             &[&run_id],
         )
         .await?;
-    try_finish_run(client, run_id).await?;
+    client.execute(TRY_FINISH_RUN, &[&run_id]).await?;
     Ok(())
 }
 
@@ -376,7 +376,7 @@ pub async fn fail_run(
 /// Marks a batch done inside the transaction that wrote its rows. Returns
 /// false when the control schema does not know the batch.
 pub async fn complete_batch(
-    client: &impl GenericClient,
+    client: &impl deadpool_postgres::GenericClient,
     run_id: i64,
     stream: &str,
     batch_no: i64,
@@ -384,11 +384,17 @@ pub async fn complete_batch(
     rows_deleted: i64,
     worker: &str,
 ) -> Result<bool, DbError> {
-    let n = client
-        .execute(
+    // Prepared once per connection: it runs once per job.
+    let statement = client
+        .prepare_cached(
             "UPDATE syncfleet.batches SET status = 'done', rows_copied = $4, rows_deleted = $5, \
              attempts = attempts + 1, error = NULL, worker = $6, started_at = now(), \
              finished_at = clock_timestamp() WHERE run_id = $1 AND stream = $2 AND batch_no = $3",
+        )
+        .await?;
+    let n = client
+        .execute(
+            &statement,
             &[
                 &run_id,
                 &stream,
@@ -407,17 +413,17 @@ pub async fn complete_batch(
 /// Called after each batch commit. Of the workers committing a run's last
 /// batches concurrently, the one that commits last runs this after every
 /// other commit is visible, so exactly that check sees zero pending batches.
-pub async fn try_finish_run(client: &impl GenericClient, run_id: i64) -> Result<bool, DbError> {
-    let n = client
-        .execute(
-            "UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() \
-             WHERE id = $1 AND status = 'running' \
-             AND NOT EXISTS (SELECT 1 FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done')",
-            &[&run_id],
-        )
-        .await?;
-    Ok(n == 1)
+pub async fn try_finish_run(
+    client: &impl deadpool_postgres::GenericClient,
+    run_id: i64,
+) -> Result<bool, DbError> {
+    let statement = client.prepare_cached(TRY_FINISH_RUN).await?;
+    Ok(client.execute(&statement, &[&run_id]).await? == 1)
 }
+
+const TRY_FINISH_RUN: &str = "UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() \
+     WHERE id = $1 AND status = 'running' \
+     AND NOT EXISTS (SELECT 1 FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done')";
 
 /// One run as `status` shows it.
 #[derive(Debug, Clone, PartialEq)]

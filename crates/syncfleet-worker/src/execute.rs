@@ -63,7 +63,10 @@ async fn take_read_slot(
     loop {
         let start = fastrand::i32(0..slots);
         if write
-            .query_opt(sql::TAKE_READ_SLOT, &[&slots, &namespace, &start])
+            .query_opt(
+                &write.prepare_cached(sql::TAKE_READ_SLOT).await?,
+                &[&slots, &namespace, &start],
+            )
             .await?
             .is_some()
         {
@@ -213,11 +216,8 @@ impl Executor {
                 .remove(&stream.name);
         }
         let outcome = result?;
-        let finished_run = match control::try_finish_run(
-            &**self.destination.get().await?,
-            job.run_id,
-        )
-        .await
+        let finished_run = match control::try_finish_run(&self.destination.get().await?, job.run_id)
+            .await
         {
             Ok(finished) => finished,
             Err(e) => {
@@ -296,40 +296,51 @@ impl Executor {
         dst: &mut Client,
     ) -> Result<BatchOutcome, JobError> {
         let table = &stream.destination_table;
-        // The destination transaction comes first: it holds this read's
-        // slot of the fleet-wide ceiling until it ends, however it ends.
-        let write = dst.transaction().await?;
-        if let Some(slots) = self.config.reads.max_concurrent {
-            take_read_slot(&write, slots, &self.config.broker.prefix).await?;
-        }
-
-        let read = src
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
         let source_range = RangePredicate::new(shape, "q", &job.range, Binding::Settings);
-        if !source_range.settings.0.is_empty() {
-            read.execute(
-                sql::SET_SETTINGS,
-                &[&source_range.settings.0, &source_range.settings.1],
-            )
-            .await?;
-        }
-        let rows = read.copy_out(&sql::copy_out(shape, &source_range)).await?;
-
         let dest_range = RangePredicate::new(shape, "d", &job.range, Binding::Params { first: 1 });
         let params: Vec<&(dyn ToSql + Sync)> = dest_range
             .params
             .iter()
             .map(|p| p as &(dyn ToSql + Sync))
             .collect();
+
+        // The two databases are independent, so their set-up round trips
+        // overlap; only the COPY waits for both. The destination
+        // transaction holds this read's slot of the fleet-wide ceiling
+        // until it ends, however it ends, and the slot is taken before the
+        // source query starts.
+        let (write, read) = tokio::try_join!(
+            dst.transaction(),
+            src.build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start(),
+        )?;
+        let destination_ready = async {
+            if let Some(slots) = self.config.reads.max_concurrent {
+                take_read_slot(&write, slots, &self.config.broker.prefix).await?;
+            }
+            let statement = write
+                .prepare_cached(&sql::range_is_empty(table, &dest_range))
+                .await?;
+            let empty: bool = write.query_one(&statement, &params).await?.get(0);
+            Ok::<_, JobError>(empty)
+        };
+        let source_ready = async {
+            if !source_range.settings.0.is_empty() {
+                let statement = read.prepare_cached(sql::SET_SETTINGS).await?;
+                read.execute(
+                    &statement,
+                    &[&source_range.settings.0, &source_range.settings.1],
+                )
+                .await?;
+            }
+            Ok::<_, JobError>(())
+        };
+        let (empty, ()) = tokio::try_join!(destination_ready, source_ready)?;
+        let rows = read.copy_out(&sql::copy_out(shape, &source_range)).await?;
+        let rows = crate::throttle::paced(self.gate.clone(), rows);
         futures_util::pin_mut!(rows);
-        let empty: bool = write
-            .query_one(&sql::range_is_empty(table, &dest_range), &params)
-            .await?
-            .get(0);
         let (rows_copied, rows_deleted) = if empty {
             // Fast path (an initial load): nothing to update or delete, so
             // the rows go straight into the table.
@@ -362,12 +373,17 @@ impl Executor {
             let copied = stage.finish().await?;
             write.execute(&sql::upsert(shape, table), &[]).await?;
             let deleted = write
-                .execute(&sql::delete_missing(shape, table, &dest_range), &params)
+                .execute(
+                    &write
+                        .prepare_cached(&sql::delete_missing(shape, table, &dest_range))
+                        .await?,
+                    &params,
+                )
                 .await?;
             (copied, deleted)
         };
         let known = control::complete_batch(
-            &*write,
+            &write,
             job.run_id,
             &job.stream,
             job.batch,

@@ -1,0 +1,205 @@
+//! Benchmark 3: the app's latency alone and while syncs run.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::util::{Bench, Workers, db_err};
+
+/// The seed's user operations: sign-up, a lookup by email, a profile update.
+const SCRIPT: &str = r"\set uid random(1, 100000)
+\set nid random(1, 1000000000)
+BEGIN;
+INSERT INTO app_users (email, first_name, last_name) VALUES ('new' || :nid || '-' || :client_id || '@example.com', 'New', 'User') ON CONFLICT (email) DO NOTHING;
+SELECT id, first_name, last_name FROM app_users WHERE email = 'user' || :uid || '@example.com';
+UPDATE app_profiles SET bio = 'updated ' || :nid, updated_at = now() WHERE user_id = :uid;
+END;
+";
+
+/// The app's own hot lookup, as the throttle's probe.
+const APP_PROBE: &str = "SELECT id FROM app_users WHERE email = 'user42@example.com'";
+
+struct Mode {
+    name: &'static str,
+    source: String,
+}
+
+pub async fn run(bench: &Bench, seconds: u64, rate: u32) -> Result<Vec<Vec<String>>, String> {
+    bench
+        .src
+        .batch_execute(
+            "DROP TABLE IF EXISTS app_profiles, app_users;
+             CREATE TABLE app_users (id bigserial PRIMARY KEY, email text NOT NULL UNIQUE,
+               first_name text NOT NULL, last_name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO app_users (email, first_name, last_name)
+               SELECT 'user' || i || '@example.com', 'First' || i, 'Last' || i FROM generate_series(1, 100000) i;
+             CREATE TABLE app_profiles (user_id bigint PRIMARY KEY REFERENCES app_users, bio text, updated_at timestamptz);
+             INSERT INTO app_profiles SELECT i, 'bio', now() FROM generate_series(1, 100000) i;
+             ANALYZE app_users; ANALYZE app_profiles;",
+        )
+        .await
+        .map_err(db_err)?;
+    let script = bench.dir.join("app.sql");
+    std::fs::write(&script, SCRIPT).map_err(|e| e.to_string())?;
+
+    let modes = [
+        Mode {
+            name: "unthrottled: no ceiling, no throttle",
+            source: "max_concurrent_reads = 1000\n[source.throttle]\nenabled = false\n".into(),
+        },
+        Mode {
+            name: "default settings",
+            source: String::new(),
+        },
+        Mode {
+            name: "fleet-wide ceiling 1, no throttle",
+            source: "max_concurrent_reads = 1\n[source.throttle]\nenabled = false\n".into(),
+        },
+        Mode {
+            name: "adaptive throttle probing the app's lookup",
+            source: format!("[source.throttle]\nprobe = \"{APP_PROBE}\"\n"),
+        },
+    ];
+    let (alone_p50, alone_p99) = pgbench(bench, &script, seconds, rate, "alone").await?;
+    let mut rows = vec![vec![
+        "app alone".into(),
+        format!("{alone_p50:.2}"),
+        format!("{alone_p99:.2}"),
+        "1.00".into(),
+        "".into(),
+        "".into(),
+    ]];
+    let mut unthrottled = None;
+    for (i, mode) in modes.iter().enumerate() {
+        eprintln!("bench: app latency with {}", mode.name);
+        let config = bench.config("wide", "batch_size = 10000", &mode.source);
+        let (p50, p99, rows_per_s) =
+            during_syncs(bench, &config, &script, seconds, rate, &format!("mode{i}")).await?;
+        let base = *unthrottled.get_or_insert(rows_per_s);
+        rows.push(vec![
+            mode.name.to_string(),
+            format!("{p50:.2}"),
+            format!("{p99:.2}"),
+            format!("{:.2}", p99 / alone_p99),
+            format!("{rows_per_s:.0}"),
+            format!("{:.2}", rows_per_s / base.max(1.0)),
+        ]);
+    }
+    Ok(rows)
+}
+
+/// pgbench while 2 workers run back-to-back full syncs.
+async fn during_syncs(
+    bench: &Bench,
+    config: &Path,
+    script: &Path,
+    seconds: u64,
+    rate: u32,
+    tag: &str,
+) -> Result<(f64, f64, f64), String> {
+    let workers = Workers::start(bench, config, 2).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let syncs = {
+        let stop = stop.clone();
+        let (binary, config) = (bench.syncfleet.clone(), config.to_path_buf());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = Command::new(&binary)
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["sync", "--wait"])
+                    .env("RUST_LOG", "error")
+                    .kill_on_drop(true)
+                    .output()
+                    .await;
+            }
+        })
+    };
+    // Let the syncs get going before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let window_start: f64 = bench
+        .dst
+        .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+        .await
+        .map_err(db_err)?
+        .get(0);
+    let (p50, p99) = pgbench(bench, script, seconds, rate, tag).await?;
+    let copied: f64 = bench
+        .dst
+        .query_one(
+            "SELECT coalesce(sum(rows_copied), 0)::float8 FROM syncfleet.batches \
+             WHERE finished_at >= to_timestamp($1) AND finished_at < to_timestamp($1) + make_interval(secs => $2)",
+            &[&window_start, &(seconds as f64)],
+        )
+        .await
+        .map_err(db_err)?
+        .get(0);
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(120), syncs).await;
+    workers.stop().await;
+    Ok((p50, p99, copied / seconds as f64))
+}
+
+/// Runs pgbench at a fixed rate; returns p50 and p99 latency in ms.
+async fn pgbench(
+    bench: &Bench,
+    script: &Path,
+    seconds: u64,
+    rate: u32,
+    tag: &str,
+) -> Result<(f64, f64), String> {
+    let prefix = bench.dir.join(format!("pgbench-{tag}"));
+    let out = Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            "2",
+            "-j",
+            "2",
+            "-R",
+            &rate.to_string(),
+            "-T",
+            &seconds.to_string(),
+        ])
+        .arg("-f")
+        .arg(script)
+        .arg("-l")
+        .arg(format!("--log-prefix={}", prefix.display()))
+        .arg(bench.pg.url("bench_src"))
+        .current_dir(&bench.dir)
+        .output()
+        .await
+        .map_err(|e| format!("pgbench: {e} (is it installed? it comes with postgresql-contrib)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "pgbench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // One log file per thread: `client txn latency_us script epoch us [lag]`.
+    let mut latencies: Vec<f64> = Vec::new();
+    for entry in std::fs::read_dir(&bench.dir)
+        .map_err(|e| e.to_string())?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!("pgbench-{tag}.")) {
+            let text = std::fs::read_to_string(entry.path()).map_err(|e| e.to_string())?;
+            latencies.extend(
+                text.lines()
+                    .filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok())
+                    .map(|us| us / 1000.0),
+            );
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    if latencies.is_empty() {
+        return Err("pgbench logged no transactions".into());
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+    Ok((at(0.50), at(0.99)))
+}

@@ -1,0 +1,612 @@
+//! The bench's world: a private PostgreSQL cluster, the local broker under
+//! a private prefix, config files and worker processes.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use syncfleet_chaos::postgres::PrivatePostgres;
+use tokio::process::{Child, Command};
+use tokio_postgres::{Client, NoTls};
+
+pub fn ms(t: Duration) -> String {
+    format!("{:.2}", t.as_secs_f64())
+}
+
+/// `reference / measured` as a ratio of speeds (higher is better).
+pub fn ratio(reference: Duration, measured: Duration) -> String {
+    format!(
+        "{:.2}",
+        reference.as_secs_f64() / measured.as_secs_f64().max(1e-9)
+    )
+}
+
+pub async fn connect(url: &str) -> Result<Client, String> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+pub fn db_err(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => e.to_string(),
+    }
+}
+
+pub struct Bench {
+    pub pg: PrivatePostgres,
+    pub dir: PathBuf,
+    pub syncfleet: PathBuf,
+    pub amqp_url: String,
+    pub prefix: String,
+    pub src: Client,
+    pub dst: Client,
+}
+
+impl Bench {
+    pub async fn start(syncfleet: PathBuf, amqp_url: String) -> Result<Self, String> {
+        if !syncfleet.exists() {
+            return Err(format!(
+                "no syncfleet binary at {} (build it with --release)",
+                syncfleet.display()
+            ));
+        }
+        let dir = std::env::temp_dir().join(format!("sfbench_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let pg = tokio::task::block_in_place(|| {
+            PrivatePostgres::start_with(
+                &dir,
+                &[
+                    "shared_preload_libraries = 'pg_stat_statements'",
+                    "pg_stat_statements.track = top",
+                    "max_connections = 200",
+                    "shared_buffers = '512MB'",
+                ],
+            )
+        })
+        .map_err(|e| e.to_string())?;
+        let admin = connect(&pg.url("postgres")).await?;
+        for db in ["bench_src", "bench_dst"] {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await
+                .map_err(db_err)?;
+        }
+        let src = connect(&pg.url("bench_src")).await?;
+        src.batch_execute("CREATE EXTENSION pg_stat_statements")
+            .await
+            .map_err(db_err)?;
+        let dst = connect(&pg.url("bench_dst")).await?;
+        let bench = Self {
+            pg,
+            dir,
+            syncfleet,
+            amqp_url,
+            prefix: format!("sfbench-{}", std::process::id()),
+            src,
+            dst,
+        };
+        let config = bench.config("none", "", "");
+        bench.syncfleet_ok(&config, &["migrate"]).await?;
+        Ok(bench)
+    }
+
+    pub async fn machine(&self) -> Result<String, String> {
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| {
+                        l.split_whitespace()
+                            .nth(1)
+                            .and_then(|k| k.parse::<u64>().ok())
+                    })
+            })
+            .map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / 1048576.0));
+        let pg: String = self
+            .src
+            .query_one("SHOW server_version", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let rabbit = std::process::Command::new("rabbitmqctl")
+            .args(["version"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        Ok(format!(
+            "{cores} cores, {memory} memory; PostgreSQL {pg} (a private cluster: shared_buffers 512MB, fsync off); RabbitMQ {rabbit}"
+        ))
+    }
+
+    /// Writes a config for one stream over `table` and returns its path.
+    pub fn config(&self, table: &str, stream_extra: &str, source_extra: &str) -> PathBuf {
+        let name = format!(
+            "{table}-{:x}.toml",
+            hash(&(stream_extra.to_string() + source_extra))
+        );
+        let path = self.dir.join(name);
+        let text = format!(
+            "[source]\nurl = \"{}\"\n{source_extra}\n[destination]\nurl = \"{}\"\n\
+             [broker]\nurl = \"{}\"\nprefix = \"{}\"\n\
+             [[stream]]\nname = \"{table}\"\ntable = \"{table}\"\n{stream_extra}\n",
+            self.pg.url("bench_src"),
+            self.pg.url("bench_dst"),
+            self.amqp_url,
+            self.prefix
+        );
+        let _ = std::fs::write(&path, text);
+        path
+    }
+
+    pub async fn syncfleet_ok(&self, config: &Path, args: &[&str]) -> Result<String, String> {
+        let out = tokio::time::timeout(
+            Duration::from_secs(600),
+            Command::new(&self.syncfleet)
+                .arg("--config")
+                .arg(config)
+                .args(args)
+                .env("RUST_LOG", "warn")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| format!("syncfleet {args:?} took over 600s"))?
+        .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "syncfleet {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A full sync with `--wait`, timed.
+    pub async fn sync_wait(&self, config: &Path) -> Result<Duration, String> {
+        let t = Instant::now();
+        self.syncfleet_ok(config, &["sync", "--wait"]).await?;
+        Ok(t.elapsed())
+    }
+
+    pub async fn verify(&self, config: &Path) -> Result<(), String> {
+        self.syncfleet_ok(config, &["verify"]).await.map(|_| ())
+    }
+
+    /// The throughput table: about 200 bytes a row, mixed types.
+    pub async fn generate_wide(&self, rows: u64) -> Result<(), String> {
+        self.src
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS wide;
+                 CREATE TABLE wide (id bigint PRIMARY KEY, account int NOT NULL, name text NOT NULL,
+                   email text NOT NULL, created_at timestamptz NOT NULL, amount numeric(12,2),
+                   attrs jsonb, note text);
+                 INSERT INTO wide SELECT i, i % 10000, 'name ' || md5(i::text), 'user' || i || '@example.com',
+                   timestamptz '2024-01-01' + i * interval '1 second', (i % 100000) / 100.0,
+                   jsonb_build_object('plan', (ARRAY['free','pro','team'])[1 + i % 3], 'n', i % 97),
+                   repeat('x', 40 + (i % 30)::int)
+                 FROM generate_series(1, {rows}) i;
+                 ANALYZE wide;"
+            ))
+            .await
+            .map_err(db_err)
+    }
+
+    const WIDE_DDL: &str = "(id bigint PRIMARY KEY, account int NOT NULL, name text NOT NULL, \
+        email text NOT NULL, created_at timestamptz NOT NULL, amount numeric(12,2), attrs jsonb, note text)";
+
+    /// The raw ceiling, best of two.
+    pub async fn ceiling(&self) -> Result<Duration, String> {
+        let mut best = Duration::MAX;
+        for _ in 0..2 {
+            self.dst
+                .batch_execute(&format!(
+                    "DROP TABLE IF EXISTS ceiling; CREATE TABLE ceiling {}",
+                    Self::WIDE_DDL
+                ))
+                .await
+                .map_err(db_err)?;
+            let script = format!(
+                "psql -X -q '{}' -c 'COPY (SELECT * FROM wide) TO STDOUT' | psql -X -q '{}' -c 'COPY ceiling FROM STDIN'",
+                self.pg.url("bench_src"),
+                self.pg.url("bench_dst")
+            );
+            let t = Instant::now();
+            let status = Command::new("bash")
+                .args(["-o", "pipefail", "-c", &script])
+                .stdout(Stdio::null())
+                .status()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err("the COPY ceiling pipeline failed (is psql installed?)".into());
+            }
+            best = best.min(t.elapsed());
+        }
+        self.dst
+            .batch_execute("DROP TABLE ceiling")
+            .await
+            .map_err(db_err)?;
+        Ok(best)
+    }
+
+    /// An empty destination for the throughput table.
+    pub async fn reset_destination(&self) -> Result<(), String> {
+        self.dst
+            .batch_execute("DROP TABLE IF EXISTS wide; CHECKPOINT")
+            .await
+            .map_err(db_err)
+    }
+
+    pub async fn touch_every_row(&self) -> Result<(), String> {
+        self.src
+            .batch_execute("UPDATE wide SET note = note || '.'; ANALYZE wide")
+            .await
+            .map_err(db_err)
+    }
+
+    async fn run_done(&self, run_id: i64) -> Result<bool, String> {
+        let status: String = self
+            .dst
+            .query_one(
+                "SELECT status FROM syncfleet.runs WHERE id = $1",
+                &[&run_id],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        match status.as_str() {
+            "succeeded" => Ok(true),
+            "failed" => Err(format!("run {run_id} failed")),
+            _ => Ok(false),
+        }
+    }
+
+    async fn wait_run(&self, run_id: i64) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !self.run_done(run_id).await? {
+            if Instant::now() > deadline {
+                return Err(format!("run {run_id} did not finish in 600 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Plans (no workers), resets `pg_stat_statements`, runs the jobs and
+    /// counts the source statements per batch.
+    pub async fn statements_per_batch(&self, batch: u32) -> Result<(i64, f64, String), String> {
+        self.src
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS qpb AS SELECT i AS id, md5(i::text) AS v FROM generate_series(1, 200000) i;
+                 ALTER TABLE qpb DROP CONSTRAINT IF EXISTS qpb_pkey; ALTER TABLE qpb ADD PRIMARY KEY (id);",
+            )
+            .await
+            .map_err(db_err)?;
+        self.dst
+            .batch_execute("DROP TABLE IF EXISTS qpb")
+            .await
+            .map_err(db_err)?;
+        let config = self.config("qpb", &format!("batch_size = {batch}"), "");
+        let run_id: i64 = self
+            .syncfleet_ok(&config, &["sync"])
+            .await?
+            .trim()
+            .parse()
+            .map_err(|_| "sync printed no run id".to_string())?;
+        let batches: i64 = self
+            .dst
+            .query_one(
+                "SELECT count(*) FROM syncfleet.batches WHERE run_id = $1",
+                &[&run_id],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        self.src
+            .batch_execute("SELECT pg_stat_statements_reset()")
+            .await
+            .map_err(db_err)?;
+        let workers = Workers::start(self, &config, 2).await?;
+        self.wait_run(run_id).await?;
+        workers.stop().await;
+        // Grouped by kind: the COPY text differs between the first, middle
+        // and last batches (open ranges), the rest runs once per process.
+        let rows = self
+            .src
+            .query(
+                "SELECT CASE WHEN query LIKE 'COPY%' THEN 'COPY (SELECT … WHERE key range) TO STDOUT' \
+                             WHEN query LIKE 'START TRANSACTION%' THEN 'START TRANSACTION … READ ONLY' \
+                             WHEN query LIKE 'SELECT set_config%' THEN 'SELECT set_config(…)' \
+                             WHEN query LIKE 'COMMIT%' THEN 'COMMIT' \
+                             ELSE 'describe the stream (per worker process)' END, sum(calls)::int8 \
+                 FROM pg_stat_statements \
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'bench_src') \
+                 AND query <> 'SELECT $1' AND query NOT LIKE '%pg_stat_statements_reset%' \
+                 GROUP BY 1 ORDER BY 2 DESC",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        let total: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).sum();
+        let kinds: Vec<String> = rows
+            .iter()
+            .map(|r| format!("`{}` ×{}", r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .collect();
+        Ok((batches, total as f64 / batches as f64, kinds.join("; ")))
+    }
+
+    /// Empty jobs end to end against a bare lapin loop, both `n` messages.
+    pub async fn job_overhead(&self, n: usize) -> Result<(usize, Duration, Duration), String> {
+        self.src
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS empty_jobs; CREATE TABLE empty_jobs (id int PRIMARY KEY);
+                 INSERT INTO empty_jobs SELECT generate_series(1, {n});"
+            ))
+            .await
+            .map_err(db_err)?;
+        self.dst
+            .batch_execute("DROP TABLE IF EXISTS empty_jobs")
+            .await
+            .map_err(db_err)?;
+        // One job per row; then the rows go, so every job is a zero-row
+        // batch (the last, open one too: n jobs in all with it).
+        let config = self.config("empty_jobs", "batch_size = 1", "");
+        let t = Instant::now();
+        let run_id: i64 = self
+            .syncfleet_ok(&config, &["sync"])
+            .await?
+            .trim()
+            .parse()
+            .map_err(|_| "sync printed no run id".to_string())?;
+        let publish = t.elapsed();
+        self.src
+            .batch_execute("DELETE FROM empty_jobs")
+            .await
+            .map_err(db_err)?;
+        let jobs: i64 = self
+            .dst
+            .query_one(
+                "SELECT count(*) FROM syncfleet.batches WHERE run_id = $1",
+                &[&run_id],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let workers = Workers::start(self, &config, 2).await?;
+        let t = Instant::now();
+        self.wait_run(run_id).await?;
+        let ours = publish + t.elapsed();
+        workers.stop().await;
+        let bare = self.bare_loop(jobs as usize).await?;
+        Ok((jobs as usize, ours, bare))
+    }
+
+    async fn bare_loop(&self, n: usize) -> Result<Duration, String> {
+        let e = |e: lapin::Error| e.to_string();
+        let connection = Connection::connect(&self.amqp_url, ConnectionProperties::default())
+            .await
+            .map_err(e)?;
+        let channel = connection.create_channel().await.map_err(e)?;
+        let queue = format!("{}.bare", self.prefix);
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
+        );
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), durable, args)
+            .await
+            .map_err(e)?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(e)?;
+        let body =
+            br#"{"v":1,"run_id":1,"stream":"s","batch":1,"range":{"lower":null,"upper":null}}"#;
+        let t = Instant::now();
+        let mut confirms = Vec::with_capacity(n);
+        for _ in 0..n {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .map_err(e)?,
+            );
+        }
+        for c in confirms {
+            c.await.map_err(e)?;
+        }
+        let consumer_channel = connection.create_channel().await.map_err(e)?;
+        consumer_channel
+            .basic_qos(8, BasicQosOptions::default())
+            .await
+            .map_err(e)?;
+        let mut consumer = consumer_channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(e)?;
+        let mut got = 0;
+        while got < n {
+            let delivery = consumer.next().await.ok_or("consumer closed")?.map_err(e)?;
+            delivery.ack(BasicAckOptions::default()).await.map_err(e)?;
+            got += 1;
+        }
+        let elapsed = t.elapsed();
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = connection.close(200, "".into()).await;
+        Ok(elapsed)
+    }
+
+    /// Plans a fresh table of `rows` rows (no workers): wall time and the
+    /// planner's peak RSS.
+    pub async fn planner(&self, rows: u64) -> Result<(Duration, u64), String> {
+        let table = format!("plan_{rows}");
+        self.src
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id bigint PRIMARY KEY, v text);
+                 INSERT INTO {table} SELECT i, 'v' FROM generate_series(1, {rows}) i; ANALYZE {table};"
+            ))
+            .await
+            .map_err(db_err)?;
+        let config = self.config(&table, "batch_size = 1000", "");
+        let t = Instant::now();
+        let mut child = Command::new(&self.syncfleet)
+            .arg("--config")
+            .arg(&config)
+            .arg("sync")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let pid = child.id().unwrap_or(0);
+        let mut peak = 0;
+        let status = loop {
+            peak = peak.max(vm_hwm_kb(pid));
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let elapsed = t.elapsed();
+        if !status.success() {
+            return Err(format!("planning {rows} rows failed"));
+        }
+        Ok((elapsed, peak))
+    }
+
+    /// Removes the broker objects and the work folder; the cluster stops
+    /// when the bench is dropped.
+    pub async fn cleanup(&self) {
+        if let Ok(c) = Connection::connect(&self.amqp_url, ConnectionProperties::default()).await {
+            if let Ok(channel) = c.create_channel().await {
+                for q in ["work", "dead", "retry.1", "retry.2", "retry.3", "bare"] {
+                    let _ = channel
+                        .queue_delete(
+                            format!("{}.{q}", self.prefix).into(),
+                            QueueDeleteOptions::default(),
+                        )
+                        .await;
+                }
+                for x in ["work", "dead", "retry"] {
+                    let _ = channel
+                        .exchange_delete(format!("{}.{x}", self.prefix).into(), Default::default())
+                        .await;
+                }
+            }
+            let _ = c.close(200, "".into()).await;
+        }
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn hash(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+/// A process's peak resident set (VmHWM) in kB, 0 once it is gone.
+pub fn vm_hwm_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Worker processes of the release binary.
+pub struct Workers {
+    children: Vec<Child>,
+}
+
+impl Workers {
+    pub async fn start(bench: &Bench, config: &Path, n: usize) -> Result<Self, String> {
+        let mut children = Vec::new();
+        for _ in 0..n {
+            children.push(
+                Command::new(&bench.syncfleet)
+                    .arg("--config")
+                    .arg(config)
+                    .arg("worker")
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        // Let them connect and start consuming.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        Ok(Self { children })
+    }
+
+    pub fn peak_rss_kb(&self) -> u64 {
+        self.children
+            .iter()
+            .filter_map(|c| c.id())
+            .map(vm_hwm_kb)
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub async fn stop(mut self) {
+        for c in &self.children {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        }
+        for c in &mut self.children {
+            if tokio::time::timeout(Duration::from_secs(30), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.start_kill();
+            }
+        }
+    }
+}
