@@ -47,6 +47,15 @@ impl Topology {
         format!("{}.retry.{attempt}", self.prefix)
     }
 
+    /// Where upstream services publish change events (topic, any routing key).
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    pub fn events_queue(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
     pub fn dead_exchange(&self) -> String {
         format!("{}.dead", self.prefix)
     }
@@ -57,7 +66,7 @@ impl Topology {
 
     /// The queues `status` reports on.
     pub fn queues(&self) -> Vec<String> {
-        vec![self.work_queue(), self.dead_queue()]
+        vec![self.work_queue(), self.events_queue(), self.dead_queue()]
     }
 
     /// Declares exchanges, the work and dead-letter queues, and their
@@ -71,6 +80,7 @@ impl Topology {
             (self.dead_exchange(), ExchangeKind::Fanout),
             (self.work_exchange(), ExchangeKind::Direct),
             (self.retry_exchange(), ExchangeKind::Direct),
+            (self.events_exchange(), ExchangeKind::Topic),
         ] {
             channel
                 .exchange_declare(name.into(), kind, durable, FieldTable::default())
@@ -84,6 +94,20 @@ impl Topology {
             dead_args,
             &self.dead_exchange(),
             "",
+        )
+        .await?;
+        // Events: any routing key (the README suggests the table name).
+        let mut events_args = FieldTable::default();
+        events_args.insert("x-queue-type".into(), text("quorum"));
+        events_args.insert("x-dead-letter-exchange".into(), text(&self.dead_exchange()));
+        events_args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        events_args.insert("x-overflow".into(), text("reject-publish"));
+        self.queue(
+            channel,
+            &self.events_queue(),
+            events_args,
+            &self.events_exchange(),
+            "#",
         )
         .await?;
         let mut work_args = FieldTable::default();
@@ -177,6 +201,7 @@ impl Topology {
         for e in [
             self.work_exchange(),
             self.retry_exchange(),
+            self.events_exchange(),
             self.dead_exchange(),
         ] {
             channel

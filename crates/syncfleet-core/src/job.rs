@@ -38,7 +38,26 @@ pub struct Job {
     pub batch: i64,
     /// The key range to converge.
     pub range: KeyRange,
+    /// Instead of the whole range, only the rows whose `columns` hold one
+    /// of `values` (incremental runs and upstream events): the rows found
+    /// are upserted, and destination rows with those values that the source
+    /// no longer has are deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<Selection>,
 }
+
+/// A set of rows named by the values of some output columns of a stream:
+/// its key columns, or a column that carries another table's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selection {
+    pub columns: Vec<String>,
+    /// One value per column for each row, in PostgreSQL's text form.
+    pub values: Vec<Key>,
+}
+
+/// `run_id` of jobs that belong to no run (upstream events): nothing is
+/// recorded in the control schema for them.
+pub const NO_RUN: i64 = 0;
 
 /// Why a message body is not a job we can execute.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +80,15 @@ impl Job {
             stream: stream.into(),
             batch,
             range,
+            select: None,
+        }
+    }
+
+    /// A job for the rows that `select` names.
+    pub fn selection(run_id: i64, stream: impl Into<String>, batch: i64, select: Selection) -> Self {
+        Self {
+            select: Some(select),
+            ..Self::new(run_id, stream, batch, KeyRange::default())
         }
     }
 

@@ -21,5 +21,5 @@ pub mod secret;
 pub mod shutdown;
 
 pub use config::{Config, ConfigError, StreamConfig, StreamSource, TableName};
-pub use job::{Job, KeyRange};
+pub use job::{Job, KeyRange, Selection};
 pub use secret::SecretUrl;

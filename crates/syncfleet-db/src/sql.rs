@@ -9,7 +9,7 @@
 
 use syncfleet_core::config::TableName;
 use syncfleet_core::ident;
-use syncfleet_core::job::KeyRange;
+use syncfleet_core::job::{KeyRange, Selection};
 
 use crate::shape::StreamShape;
 
@@ -89,6 +89,61 @@ impl RangePredicate {
             conditions.join(" AND ")
         };
         out
+    }
+}
+
+impl RangePredicate {
+    /// `(columns) IN (values)` over `alias`: the rows a [`Selection`]
+    /// names. Each column's values travel as one JSON array of texts (a
+    /// parameter or a setting), unpacked and cast to the column's type on
+    /// the server. Fails when a column is not among the stream's.
+    pub fn selection(
+        shape: &StreamShape,
+        alias: &str,
+        select: &Selection,
+        binding: Binding,
+    ) -> Result<Self, String> {
+        let mut out = RangePredicate {
+            sql: String::new(),
+            params: Vec::new(),
+            settings: (Vec::new(), Vec::new()),
+        };
+        let mut arrays = Vec::with_capacity(select.columns.len());
+        for (i, name) in select.columns.iter().enumerate() {
+            let column = shape
+                .columns
+                .iter()
+                .find(|c| &c.name == name)
+                .ok_or_else(|| format!("column '{name}' is not among the stream's columns"))?;
+            let values: Vec<&str> = select
+                .values
+                .iter()
+                .map(|v| v.get(i).map_or("", String::as_str))
+                .collect();
+            let json = serde_json::to_string(&values).expect("strings serialize");
+            let source = match binding {
+                Binding::Params { first } => {
+                    out.params.push(json);
+                    format!("${}::text", first + out.params.len() - 1)
+                }
+                Binding::Settings => {
+                    let setting = format!("syncfleet.in_{i}");
+                    out.settings.0.push(setting.clone());
+                    out.settings.1.push(json);
+                    format!("current_setting('{setting}')")
+                }
+            };
+            arrays.push(format!(
+                "ARRAY(SELECT json_array_elements_text({source}::json))::{}[]",
+                column.type_sql
+            ));
+        }
+        out.sql = format!(
+            "({}) IN (SELECT * FROM unnest({}))",
+            ident::list(&select.columns, Some(alias)),
+            arrays.join(", ")
+        );
+        Ok(out)
     }
 }
 

@@ -31,7 +31,7 @@ use futures_util::SinkExt;
 use syncfleet_core::Config;
 use syncfleet_core::backoff::full_jitter;
 use syncfleet_core::config::StreamConfig;
-use syncfleet_core::job::Job;
+use syncfleet_core::job::{Job, NO_RUN};
 use syncfleet_db::pool::Client;
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape, control};
@@ -216,6 +216,9 @@ impl Executor {
                 .remove(&stream.name);
         }
         let outcome = result?;
+        if job.run_id == NO_RUN {
+            return Ok(outcome);
+        }
         let finished_run = match control::try_finish_run(&self.destination.get().await?, job.run_id)
             .await
         {
@@ -296,8 +299,13 @@ impl Executor {
         dst: &mut Client,
     ) -> Result<BatchOutcome, JobError> {
         let table = &stream.destination_table;
-        let source_range = RangePredicate::new(shape, "q", &job.range, Binding::Settings);
-        let dest_range = RangePredicate::new(shape, "d", &job.range, Binding::Params { first: 1 });
+        let predicate = |alias, binding| match &job.select {
+            Some(select) => RangePredicate::selection(shape, alias, select, binding)
+                .map_err(|e| JobError::Reject(format!("job {}: {e}", job.id()))),
+            None => Ok(RangePredicate::new(shape, alias, &job.range, binding)),
+        };
+        let source_range = predicate("q", Binding::Settings)?;
+        let dest_range = predicate("d", Binding::Params { first: 1 })?;
         let params: Vec<&(dyn ToSql + Sync)> = dest_range
             .params
             .iter()
@@ -382,16 +390,18 @@ impl Executor {
                 .await?;
             (copied, deleted)
         };
-        let known = control::complete_batch(
-            &write,
-            job.run_id,
-            &job.stream,
-            job.batch,
-            rows_copied as i64,
-            rows_deleted as i64,
-            &self.id,
-        )
-        .await?;
+        // Event jobs belong to no run: nothing to record.
+        let known = job.run_id == NO_RUN
+            || control::complete_batch(
+                &write,
+                job.run_id,
+                &job.stream,
+                job.batch,
+                rows_copied as i64,
+                rows_deleted as i64,
+                &self.id,
+            )
+            .await?;
         if !known {
             return Err(JobError::Reject(format!(
                 "job {} names a batch the control schema does not have",
