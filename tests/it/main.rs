@@ -11,6 +11,7 @@ mod bad_input;
 mod chaos;
 mod demo;
 mod helpers;
+mod incremental;
 mod pipeline;
 mod planning;
 mod protection;

@@ -23,6 +23,8 @@ pub const ENV_AMQP_URL: &str = "SYNCFLEET_AMQP_URL";
 /// The seed's knobs: retry attempts, and the delay between attempts.
 pub const ENV_MAX_RETRIES: &str = "SYNC_MAX_RETRIES";
 pub const ENV_DELAY_SECONDS: &str = "SYNC_DELAY_SECONDS";
+pub const ENV_INTERVAL_SECONDS: &str = "SYNC_INTERVAL_SECONDS";
+pub const ENV_ENABLE_INCREMENTAL: &str = "SYNC_ENABLE_INCREMENTAL";
 
 /// Everything a syncfleet process needs to know, validated.
 #[derive(Debug, Clone)]
@@ -36,6 +38,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub jobs: JobsConfig,
     pub worker: WorkerConfig,
+    pub producer: ProducerConfig,
     pub streams: Vec<StreamConfig>,
 }
 
@@ -123,6 +126,52 @@ pub struct StreamConfig {
     /// Bound on one job of this stream: past it, the job's queries are
     /// cancelled on the server and the job is retried later.
     pub deadline: Duration,
+    /// The change-marker column of incremental runs (`updated_at`, say).
+    pub cursor: Option<String>,
+    /// How far back each incremental run looks before the last watermark,
+    /// so rows committed late by long transactions are not missed.
+    pub cursor_overlap: Duration,
+    /// Upstream event tables that refresh this stream, and the stream's
+    /// output column that carries their ids. A `table` stream listens to
+    /// its own table by key without being told.
+    pub events: Vec<(String, String)>,
+}
+
+impl StreamConfig {
+    /// The tables whose events refresh this stream, each with the columns
+    /// its ids name (`None` for the stream's own key).
+    pub fn event_tables(&self) -> Vec<(String, Option<String>)> {
+        let mut tables: Vec<(String, Option<String>)> = self
+            .events
+            .iter()
+            .map(|(t, c)| (t.clone(), Some(c.clone())))
+            .collect();
+        if let StreamSource::Table(t) = &self.source
+            && !tables.iter().any(|(name, _)| name == &t.name)
+        {
+            tables.push((t.name.clone(), None));
+        }
+        tables
+    }
+}
+
+/// The producer service's schedule (`[producer]`).
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Between two runs of a stream (`SYNC_INTERVAL_SECONDS`).
+    pub interval: Duration,
+    /// Whether the interval runs are incremental (`SYNC_ENABLE_INCREMENTAL`).
+    pub incremental: bool,
+    /// Between two streams' runs, so they do not all start at once
+    /// (`SYNC_DELAY_SECONDS`).
+    pub stagger: Duration,
+    /// Between two full reconcile runs of a stream (they also propagate
+    /// deletes, which incremental runs cannot see).
+    pub full_interval: Duration,
+    /// Events are coalesced for this long...
+    pub event_window: Duration,
+    /// ...or until this many keys, whichever comes first.
+    pub event_max_keys: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +253,8 @@ struct RawConfig {
     jobs: RawJobs,
     #[serde(default)]
     worker: RawWorker,
+    #[serde(default)]
+    producer: RawProducer,
     #[serde(default, rename = "stream")]
     streams: Vec<RawStream>,
 }
@@ -276,6 +327,20 @@ struct RawStream {
     batch_size: Option<u32>,
     destination_table: Option<String>,
     deadline: Option<String>,
+    cursor: Option<String>,
+    cursor_overlap: Option<String>,
+    events: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProducer {
+    interval: Option<String>,
+    incremental: Option<bool>,
+    stagger: Option<String>,
+    full_interval: Option<String>,
+    event_window: Option<String>,
+    event_max_keys: Option<usize>,
 }
 
 const DEFAULT_BATCH_SIZE: u32 = 500;
@@ -287,6 +352,11 @@ const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
+const DEFAULT_CURSOR_OVERLAP: Duration = Duration::from_secs(60);
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
+const DEFAULT_STAGGER: Duration = Duration::from_secs(10);
+const DEFAULT_FULL_INTERVAL: Duration = Duration::from_secs(86_400);
+const DEFAULT_EVENT_WINDOW: Duration = Duration::from_millis(250);
 const DEFAULT_SOURCE_STATEMENT_TIMEOUT: &str = "5m";
 const DEFAULT_MAX_CONCURRENT_READS: u32 = 4;
 const DEFAULT_THROTTLE_ENABLED: bool = true;
@@ -353,6 +423,7 @@ impl Config {
             )?,
         };
         let streams = v.streams(raw.streams, &jobs)?;
+        let producer = v.producer(raw.producer, &env)?;
         Ok(Config {
             origin: origin.to_string(),
             source,
@@ -361,6 +432,7 @@ impl Config {
             broker,
             jobs,
             worker,
+            producer,
             streams,
         })
     }
@@ -626,6 +698,81 @@ impl Validator<'_> {
         })
     }
 
+    fn producer(
+        &self,
+        raw: RawProducer,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<ProducerConfig, ConfigError> {
+        let env_seconds = |name: &str| -> Result<Option<Duration>, ConfigError> {
+            match env(name) {
+                None => Ok(None),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(s) => Ok(Some(Duration::from_secs(s))),
+                    Err(_) => Err(ConfigError::Invalid {
+                        origin: "environment".into(),
+                        field: name.into(),
+                        message: format!("expected a whole number of seconds, got {v:?}"),
+                    }),
+                },
+            }
+        };
+        let interval = match env_seconds(ENV_INTERVAL_SECONDS)? {
+            Some(d) if !d.is_zero() => d,
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    origin: "environment".into(),
+                    field: ENV_INTERVAL_SECONDS.into(),
+                    message: "must be above 0".into(),
+                });
+            }
+            None => self.duration("producer.interval", raw.interval, DEFAULT_INTERVAL)?,
+        };
+        let incremental = match env(ENV_ENABLE_INCREMENTAL) {
+            Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        origin: "environment".into(),
+                        field: ENV_ENABLE_INCREMENTAL.into(),
+                        message: format!("expected true or false, got {v:?}"),
+                    });
+                }
+            },
+            None => raw.incremental.unwrap_or(true),
+        };
+        let stagger = match env_seconds(ENV_DELAY_SECONDS)? {
+            Some(d) => d,
+            None => match raw.stagger {
+                Some(t) => duration::parse(&t).map_err(|e| self.invalid("producer.stagger", e))?,
+                None => DEFAULT_STAGGER,
+            },
+        };
+        let event_max_keys = raw.event_max_keys.unwrap_or(1000);
+        if !(1..=100_000).contains(&event_max_keys) {
+            return Err(self.invalid(
+                "producer.event_max_keys",
+                format!("expected 1 to 100000, got {event_max_keys}"),
+            ));
+        }
+        Ok(ProducerConfig {
+            interval,
+            incremental,
+            stagger,
+            full_interval: self.duration(
+                "producer.full_interval",
+                raw.full_interval,
+                DEFAULT_FULL_INTERVAL,
+            )?,
+            event_window: self.duration(
+                "producer.event_window",
+                raw.event_window,
+                DEFAULT_EVENT_WINDOW,
+            )?,
+            event_max_keys,
+        })
+    }
+
     fn jobs(
         &self,
         raw: RawJobs,
@@ -771,9 +918,25 @@ impl Validator<'_> {
             let batch_size =
                 self.batch_size(&field("batch_size"), s.batch_size.or(Some(jobs.batch_size)))?;
             let deadline = self.duration(&field("deadline"), s.deadline, jobs.deadline)?;
+            let cursor_overlap = match s.cursor_overlap {
+                Some(t) => {
+                    duration::parse(&t).map_err(|e| self.invalid(&field("cursor_overlap"), e))?
+                }
+                None => DEFAULT_CURSOR_OVERLAP,
+            };
+            let events: Vec<(String, String)> = s.events.unwrap_or_default().into_iter().collect();
+            if let Some((table, _)) = events.iter().find(|(_, c)| c.trim().is_empty()) {
+                return Err(self.invalid(
+                    &field(&format!("events.{table}")),
+                    "name the stream's output column that carries the table's ids",
+                ));
+            }
             out.push(StreamConfig {
                 batch_size,
                 deadline,
+                cursor: s.cursor,
+                cursor_overlap,
+                events,
                 name: s.name,
                 source,
                 key: s.key,

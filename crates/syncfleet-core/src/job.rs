@@ -85,7 +85,12 @@ impl Job {
     }
 
     /// A job for the rows that `select` names.
-    pub fn selection(run_id: i64, stream: impl Into<String>, batch: i64, select: Selection) -> Self {
+    pub fn selection(
+        run_id: i64,
+        stream: impl Into<String>,
+        batch: i64,
+        select: Selection,
+    ) -> Self {
         Self {
             select: Some(select),
             ..Self::new(run_id, stream, batch, KeyRange::default())

@@ -7,14 +7,15 @@
 //! last batch marks the run finished (see [`try_finish_run`]).
 
 use serde_json::Value;
-use syncfleet_core::job::KeyRange;
+use syncfleet_core::job::{KeyRange, Selection};
 use tokio_postgres::{Client, GenericClient};
 
 use crate::error::DbError;
 
 /// Migrations, in order. Each runs once, in its own transaction; the
 /// version table records how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE syncfleet.runs (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind        text NOT NULL DEFAULT 'full',
@@ -55,7 +56,22 @@ CREATE TABLE syncfleet.batches (
     FOREIGN KEY (run_id, stream) REFERENCES syncfleet.run_streams ON DELETE CASCADE
 );
 CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';
-"#];
+"#,
+    r#"
+-- Incremental runs: where each stream's last finished run got to.
+CREATE TABLE syncfleet.watermarks (
+    stream      text PRIMARY KEY,
+    cursor_value text NOT NULL,
+    key_value   jsonb NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+-- Where this run's scan of the stream ended; becomes the watermark when
+-- the run finishes, and only then.
+ALTER TABLE syncfleet.run_streams ADD COLUMN cursor_to text, ADD COLUMN key_to jsonb;
+-- The rows a batch names when it is not a key range (incremental runs).
+ALTER TABLE syncfleet.batches ADD COLUMN selection jsonb;
+"#,
+];
 
 /// The schema version this build expects.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -114,11 +130,20 @@ pub async fn schema_version(client: &impl GenericClient) -> Result<i32, DbError>
 
 /// Creates a run in state `planning` with its streams.
 pub async fn create_run(client: &mut Client, streams: &[&str]) -> Result<i64, DbError> {
+    create_run_of(client, "full", streams).await
+}
+
+/// Creates a run of a kind (`full`, `incremental`) in state `planning`.
+pub async fn create_run_of(
+    client: &mut Client,
+    kind: &str,
+    streams: &[&str],
+) -> Result<i64, DbError> {
     let tx = client.transaction().await?;
     let id: i64 = tx
         .query_one(
-            "INSERT INTO syncfleet.runs DEFAULT VALUES RETURNING id",
-            &[],
+            "INSERT INTO syncfleet.runs (kind) VALUES ($1) RETURNING id",
+            &[&kind],
         )
         .await?
         .get(0);
@@ -353,7 +378,7 @@ pub async fn mark_planned(client: &impl GenericClient, run_id: i64) -> Result<()
             &[&run_id],
         )
         .await?;
-    client.execute(TRY_FINISH_RUN, &[&run_id]).await?;
+    client.query_one(TRY_FINISH_RUN, &[&run_id]).await?;
     Ok(())
 }
 
@@ -418,12 +443,94 @@ pub async fn try_finish_run(
     run_id: i64,
 ) -> Result<bool, DbError> {
     let statement = client.prepare_cached(TRY_FINISH_RUN).await?;
-    Ok(client.execute(&statement, &[&run_id]).await? == 1)
+    let finished: i64 = client.query_one(&statement, &[&run_id]).await?.get(0);
+    Ok(finished == 1)
 }
 
-const TRY_FINISH_RUN: &str = "UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() \
-     WHERE id = $1 AND status = 'running' \
-     AND NOT EXISTS (SELECT 1 FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done')";
+/// Finishes the run if nothing is left, and in the same statement moves
+/// its streams' watermarks to where its scans ended.
+const TRY_FINISH_RUN: &str = "WITH fin AS ( \
+       UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() \
+       WHERE id = $1 AND status = 'running' \
+       AND NOT EXISTS (SELECT 1 FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done') \
+       RETURNING id), \
+     wm AS ( \
+       INSERT INTO syncfleet.watermarks (stream, cursor_value, key_value) \
+       SELECT rs.stream, rs.cursor_to, rs.key_to FROM syncfleet.run_streams rs JOIN fin ON fin.id = rs.run_id \
+       WHERE rs.cursor_to IS NOT NULL \
+       ON CONFLICT (stream) DO UPDATE SET cursor_value = EXCLUDED.cursor_value, \
+         key_value = EXCLUDED.key_value, updated_at = now()) \
+     SELECT count(*) FROM fin";
+
+/// A stream's watermark: the cursor value and key where its last finished
+/// incremental run ended.
+pub async fn watermark(
+    client: &impl GenericClient,
+    stream: &str,
+) -> Result<Option<(String, Vec<String>)>, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT cursor_value, key_value FROM syncfleet.watermarks WHERE stream = $1",
+            &[&stream],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let key: Value = r.get(1);
+        (r.get(0), serde_json::from_value(key).unwrap_or_default())
+    }))
+}
+
+/// Records where this run's scan of a stream ended.
+pub async fn set_scan_end(
+    client: &impl GenericClient,
+    run_id: i64,
+    stream: &str,
+    cursor: &str,
+    key: &[String],
+) -> Result<(), DbError> {
+    let key = Value::Array(key.iter().cloned().map(Value::String).collect());
+    client
+        .execute(
+            "UPDATE syncfleet.run_streams SET cursor_to = $3, key_to = $4 WHERE run_id = $1 AND stream = $2",
+            &[&run_id, &stream, &cursor, &key],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Whether a stream has a run that is still planning or running.
+pub async fn stream_busy(client: &impl GenericClient, stream: &str) -> Result<bool, DbError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM syncfleet.runs r JOIN syncfleet.run_streams rs ON rs.run_id = r.id \
+             WHERE rs.stream = $1 AND r.status IN ('planning', 'running'))",
+            &[&stream],
+        )
+        .await?
+        .get(0))
+}
+
+/// Records planned selection batches (incremental runs).
+pub async fn insert_selection_batches(
+    client: &impl GenericClient,
+    run_id: i64,
+    stream: &str,
+    batches: &[(i64, Selection)],
+) -> Result<(), DbError> {
+    let numbers: Vec<i64> = batches.iter().map(|(n, _)| *n).collect();
+    let selections: Vec<Value> = batches
+        .iter()
+        .map(|(_, s)| serde_json::to_value(s).expect("a selection serializes"))
+        .collect();
+    client
+        .execute(
+            "INSERT INTO syncfleet.batches (run_id, stream, batch_no, selection) \
+             SELECT $1, $2, b.n, b.s FROM unnest($3::int8[], $4::jsonb[]) AS b(n, s)",
+            &[&run_id, &stream, &numbers, &selections],
+        )
+        .await?;
+    Ok(())
+}
 
 /// One run as `status` shows it.
 #[derive(Debug, Clone, PartialEq)]

@@ -18,6 +18,13 @@
 //! publishes), [`resume_run`] publishes exactly the batches that are
 //! neither done nor published, re-opens failed ones, and continues each
 //! unfinished stream's key walk after its last recorded batch.
+//!
+//! [`start_incremental_run`] plans only the rows changed since a stream's
+//! watermark; [`service`] is the long-running, leader-elected producer and
+//! [`events`] turns upstream change events into jobs.
+
+pub mod events;
+pub mod service;
 
 use std::fmt;
 
@@ -322,4 +329,197 @@ pub async fn resume_run(
     }
     control::mark_planned(&**destination.get().await?, run_id).await?;
     Ok(published)
+}
+
+/// Plans an incremental run of one stream: one selection job per
+/// `batch_size` rows changed since the stream's watermark. A stream without
+/// a `cursor` gets a full run instead.
+///
+/// The scan walks `(cursor, key)` in order in one snapshot, so rows that
+/// share a cursor value are never split and lost between batches, and it
+/// starts `cursor_overlap` before the watermark rather than at it. Why an
+/// overlap and not a snapshot bound: a row's cursor (`updated_at = now()`)
+/// is stamped when its transaction writes it, but the row only becomes
+/// visible at commit. A transaction that stamped its rows before this scan
+/// and commits after it leaves rows behind the next watermark; looking back
+/// over the overlap picks up every such row whose transaction lasted less
+/// than the overlap. The rows re-read inside the window cost a re-check
+/// (unchanged rows are not rewritten). A snapshot bound (`xmin`) would be
+/// exact, but query streams (joins) have no single `xmin` per row; longer
+/// transactions, rows without a cursor value and deletes are all settled by
+/// the periodic full run.
+pub async fn start_incremental_run(
+    source: &Pool,
+    destination: &Pool,
+    publisher: &Publisher,
+    stream: &StreamConfig,
+) -> Result<RunPlan, PlanError> {
+    let Some(cursor) = &stream.cursor else {
+        return start_run(source, destination, publisher, &[stream]).await;
+    };
+    check_schema(destination).await?;
+    let prepared = prepare(source, destination, &[stream]).await?;
+    let shape = &prepared[0].shape;
+    let Some(cursor_col) = shape.columns.iter().find(|c| &c.name == cursor) else {
+        return Err(PlanError::Invalid(ShapeError::Invalid {
+            stream: stream.name.clone(),
+            field: "cursor",
+            message: format!(
+                "column '{cursor}' is not among the stream's columns ({})",
+                shape.column_names().join(", ")
+            ),
+        }));
+    };
+    let watermark = control::watermark(&**destination.get().await?, &stream.name).await?;
+    let run_id = control::create_run_of(
+        &mut **destination.get().await?,
+        "incremental",
+        &[&stream.name],
+    )
+    .await?;
+    let result = plan_incremental(
+        source,
+        destination,
+        publisher,
+        run_id,
+        stream,
+        shape,
+        &cursor_col.type_sql,
+        watermark,
+    )
+    .await;
+    match result {
+        Ok(total) => {
+            control::mark_planned(&**destination.get().await?, run_id).await?;
+            Ok(RunPlan {
+                run_id,
+                batches: vec![(stream.name.clone(), total)],
+            })
+        }
+        Err(e) => {
+            if let Ok(client) = destination.get().await {
+                let _ =
+                    control::fail_run(&**client, run_id, &format!("planning failed: {e}")).await;
+            }
+            Err(PlanError::Stopped {
+                run_id,
+                reason: e.to_string(),
+            })
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn plan_incremental(
+    source: &Pool,
+    destination: &Pool,
+    publisher: &Publisher,
+    run_id: i64,
+    stream: &StreamConfig,
+    shape: &StreamShape,
+    cursor_type: &str,
+    watermark: Option<(String, Key)>,
+) -> Result<i64, PlanError> {
+    use syncfleet_core::ident;
+    let cursor = stream
+        .cursor
+        .as_deref()
+        .expect("an incremental stream has a cursor");
+    let keys = shape.key_names();
+    let key_types = shape.key_types();
+    let c = format!("q.{}", ident::quote(cursor));
+    let mut params: Vec<String> = Vec::new();
+    let time_like = cursor_type.starts_with("timestamp") || cursor_type == "date";
+    let lower = match &watermark {
+        None => "true".to_string(),
+        Some((wc, _)) if time_like && !stream.cursor_overlap.is_zero() => {
+            params.push(wc.clone());
+            params.push(format!(
+                "{} milliseconds",
+                stream.cursor_overlap.as_millis()
+            ));
+            format!("{c} >= $1::text::{cursor_type} - $2::text::interval")
+        }
+        Some((wc, wk)) => {
+            params.push(wc.clone());
+            params.extend(wk.iter().cloned());
+            let rhs: Vec<String> = std::iter::once(format!("$1::text::{cursor_type}"))
+                .chain(
+                    key_types
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| format!("${}::text::{t}", i + 2)),
+                )
+                .collect();
+            format!(
+                "({c}, {}) > ({})",
+                ident::list(&keys, Some("q")),
+                rhs.join(", ")
+            )
+        }
+    };
+    let key_text: Vec<String> = keys
+        .iter()
+        .map(|k| format!("q.{}::text", ident::quote(k)))
+        .collect();
+    let sql = format!(
+        "SELECT {c}::text, {} FROM {} AS q WHERE {lower} AND {c} IS NOT NULL ORDER BY {c}, {}",
+        key_text.join(", "),
+        shape.relation,
+        ident::list(&keys, Some("q")),
+    );
+    let mut src = source.get().await?;
+    let tx = src
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let bound: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let portal = tx.bind(&sql, &bound).await?;
+    let mut count = 0i64;
+    let mut last: Option<(String, Key)> = None;
+    loop {
+        let rows = tx.query_portal(&portal, stream.batch_size as i32).await?;
+        if rows.is_empty() {
+            break;
+        }
+        let values: Vec<Key> = rows
+            .iter()
+            .map(|r| (1..=keys.len()).map(|i| r.get::<_, String>(i)).collect())
+            .collect();
+        let end = rows.last().expect("rows is not empty");
+        last = Some((end.get(0), values.last().cloned().unwrap_or_default()));
+        count += 1;
+        let select = syncfleet_core::job::Selection {
+            columns: keys.iter().map(|k| k.to_string()).collect(),
+            values,
+        };
+        control::insert_selection_batches(
+            &**destination.get().await?,
+            run_id,
+            &stream.name,
+            &[(count, select.clone())],
+        )
+        .await?;
+        publisher
+            .publish_jobs(&[Job::selection(run_id, &stream.name, count, select)])
+            .await?;
+        control::mark_published(&**destination.get().await?, run_id, &stream.name, &[count])
+            .await?;
+        if rows.len() < stream.batch_size as usize {
+            break;
+        }
+    }
+    tx.commit().await?;
+    let client = destination.get().await?;
+    if let Some((cursor_value, key)) = last {
+        control::set_scan_end(&**client, run_id, &stream.name, &cursor_value, &key).await?;
+    }
+    control::finish_stream_planning(&**client, run_id, &stream.name, count).await?;
+    tracing::info!(run_id, stream = %stream.name, batches = count, "incremental run planned");
+    Ok(count)
 }

@@ -11,6 +11,7 @@ mod dead_letters;
 mod demo;
 mod error;
 mod migrate;
+mod producer;
 mod signals;
 mod status;
 mod sync;
@@ -48,6 +49,9 @@ enum Command {
     Sync(sync::Args),
     /// Consume and execute jobs until stopped (SIGINT/SIGTERM drains, a second signal exits)
     Worker(worker::Args),
+    /// Run syncs on a schedule and turn upstream change events into jobs, until stopped
+    /// (replicas elect one leader)
+    Producer,
     /// Show runs, per-stream progress and queue depth
     Status(status::Args),
     /// Compare source and destination per key range (row count and checksum); exit 1 on any difference
@@ -90,6 +94,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Migrate => migrate::run(&config).await,
         Command::Sync(args) => sync::run(&config, args).await,
         Command::Worker(args) => worker::run(config, args).await,
+        Command::Producer => producer::run(config).await,
         Command::Status(args) => status::run(&config, args).await,
         Command::Verify(args) => verify::run(&config, args).await,
         Command::DeadLetters(args) => dead_letters::run(&config, args).await,

@@ -23,6 +23,10 @@ pub struct Args {
     /// planning streams that stopped halfway
     #[arg(long, value_name = "RUN_ID", conflicts_with = "streams")]
     resume: Option<i64>,
+    /// Only the rows changed since each stream's watermark (streams with a
+    /// `cursor`; the others get a full run)
+    #[arg(long, conflicts_with = "resume")]
+    incremental: bool,
     /// With --wait: give up after this long (e.g. 90s, 30m, 2h)
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     timeout: Duration,
@@ -52,6 +56,32 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
             let published = result?;
             eprintln!("resumed run {run_id}: published {published} job(s)");
             run_id
+        }
+        None if args.incremental => {
+            let mut last = 0;
+            for stream in &streams {
+                let result = syncfleet_producer::start_incremental_run(
+                    &source,
+                    &destination,
+                    &publisher,
+                    stream,
+                )
+                .await;
+                let plan = match result {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        publisher.close().await;
+                        return Err(e.into());
+                    }
+                };
+                tracing::info!("{plan}");
+                if args.wait {
+                    status::wait_for_run(&destination, plan.run_id, args.timeout, true).await?;
+                }
+                last = plan.run_id;
+            }
+            publisher.close().await;
+            last
         }
         None => {
             let result =

@@ -1,0 +1,375 @@
+//! Upstream change events into selection jobs.
+//!
+//! Any service publishes JSON to the `<prefix>.events` topic exchange with
+//! any routing key:
+//!
+//! ```json
+//! {"table": "users", "op": "upsert", "ids": [42, 43]}
+//! ```
+//!
+//! `op` is `upsert` or `delete`; `ids` are the table's ids, an array per
+//! id for composite keys. The leader maps the table to every stream that
+//! reads it (a `table =` stream by its key, a query stream through its
+//! `[stream.events]` column), coalesces ids per stream for `event_window`
+//! or `event_max_keys`, and publishes one selection job per stream and
+//! chunk. Deletes and upserts make the same job, because a worker always
+//! writes the source's current state: rows found are upserted, rows gone
+//! are deleted. Events are acked only after their jobs are confirmed.
+//! A malformed event goes to the dead-letter queue with the reason; events
+//! for tables no stream reads are counted and dropped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use serde_json::Value;
+use syncfleet_broker::{BrokerError, Meta, Publisher};
+use syncfleet_core::Config;
+use syncfleet_core::job::{Job, Key, NO_RUN, Selection};
+use syncfleet_core::shutdown::ShutdownSignal;
+use syncfleet_db::{Pool, StreamShape};
+use tokio::time::Instant;
+
+use crate::service::Counters;
+
+/// One stream an event table refreshes, and the columns its ids name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Route {
+    stream: String,
+    columns: Vec<String>,
+}
+
+/// A parsed event.
+#[derive(Debug, PartialEq)]
+struct Event {
+    table: String,
+    ids: Vec<Vec<Value>>,
+}
+
+/// Parses and checks an event, or says what is wrong with it.
+fn parse(body: &[u8]) -> Result<Event, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let table = v
+        .get("table")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .ok_or("field \"table\" must be a non-empty string")?;
+    match v.get("op").and_then(Value::as_str) {
+        Some("upsert") | Some("delete") => {}
+        _ => return Err("field \"op\" must be \"upsert\" or \"delete\"".into()),
+    }
+    let ids = v
+        .get("ids")
+        .and_then(Value::as_array)
+        .ok_or("field \"ids\" must be an array")?;
+    let ids = ids
+        .iter()
+        .map(|id| match id {
+            Value::Array(parts) => parts.clone(),
+            scalar => vec![scalar.clone()],
+        })
+        .collect();
+    Ok(Event {
+        table: table.to_string(),
+        ids,
+    })
+}
+
+/// A JSON scalar in PostgreSQL's text form.
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Table name → the streams it refreshes.
+async fn routes(config: &Config, source: &Pool) -> Result<HashMap<String, Vec<Route>>, String> {
+    let client = source.get().await.map_err(|e| e.to_string())?;
+    let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+    for stream in &config.streams {
+        let shape = StreamShape::describe(&**client, stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (table, column) in stream.event_tables() {
+            let columns = match column {
+                Some(c) => {
+                    if !shape.columns.iter().any(|col| col.name == c) {
+                        return Err(format!(
+                            "stream '{}': events.{table}: column '{c}' is not among the stream's columns ({})",
+                            stream.name,
+                            shape.column_names().join(", ")
+                        ));
+                    }
+                    vec![c]
+                }
+                None => shape.key_names().iter().map(|k| k.to_string()).collect(),
+            };
+            routes.entry(table).or_default().push(Route {
+                stream: stream.name.clone(),
+                columns,
+            });
+        }
+    }
+    Ok(routes)
+}
+
+/// Consumes events until shutdown, reconnecting when the broker goes away.
+pub async fn consume(
+    config: Arc<Config>,
+    source: Pool,
+    publisher: Arc<Publisher>,
+    counters: Arc<Counters>,
+    mut shutdown: ShutdownSignal,
+) {
+    let mut failures = 0u32;
+    while !shutdown.is_triggered() {
+        match session(&config, &source, &publisher, &counters, &mut shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                if failures == 0 {
+                    tracing::warn!(error = %e, "event consumer lost its connection; reconnecting");
+                }
+                failures += 1;
+                let delay = Duration::from_millis(250 * u64::from(failures.min(20)));
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Coalesced ids waiting to be published, and the events they came from.
+#[derive(Default)]
+struct Buffer {
+    ids: HashMap<Route, HashSet<Key>>,
+    deliveries: Vec<Delivery>,
+    keys: usize,
+    since: Option<Instant>,
+}
+
+async fn session(
+    config: &Config,
+    source: &Pool,
+    publisher: &Publisher,
+    counters: &Counters,
+    shutdown: &mut ShutdownSignal,
+) -> Result<(), String> {
+    let routes = routes(config, source).await?;
+    let topology = publisher.topology().clone();
+    let broker = |e: lapin::Error| BrokerError::from(e).to_string();
+    let connection = syncfleet_broker::connect(&config.broker, "events")
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = connection.create_channel().await.map_err(broker)?;
+    topology
+        .declare(&channel)
+        .await
+        .map_err(|e| e.to_string())?;
+    let window = config.producer.event_window;
+    let max_keys = config.producer.event_max_keys;
+    // Enough unacked events to fill a window.
+    let prefetch = (max_keys * 2).min(u16::MAX as usize) as u16;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(broker)?;
+    let mut consumer = channel
+        .basic_consume(
+            topology.events_queue().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker)?;
+    tracing::info!(queue = %topology.events_queue(), "consuming upstream events");
+    let mut buffer = Buffer::default();
+    loop {
+        let flush_at = buffer.since.map(|s| s + window);
+        tokio::select! {
+            _ = shutdown.wait() => {
+                flush(&mut buffer, publisher, counters, max_keys).await;
+                let _ = connection.close(200, "stopping".into()).await;
+                return Ok(());
+            }
+            _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
+                flush(&mut buffer, publisher, counters, max_keys).await;
+            }
+            delivery = consumer.next() => {
+                let delivery = match delivery {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => return Err(broker(e)),
+                    None => return Err("the broker cancelled the event consumer".into()),
+                };
+                take(delivery, &routes, &mut buffer, publisher, counters).await;
+                if buffer.keys >= max_keys {
+                    flush(&mut buffer, publisher, counters, max_keys).await;
+                }
+            }
+        }
+    }
+}
+
+/// Files one event into the buffer (or dead-letters or drops it).
+async fn take(
+    delivery: Delivery,
+    routes: &HashMap<String, Vec<Route>>,
+    buffer: &mut Buffer,
+    publisher: &Publisher,
+    counters: &Counters,
+) {
+    counters.events_received.fetch_add(1, Ordering::Relaxed);
+    let event = match parse(&delivery.data) {
+        Ok(e) => e,
+        Err(reason) => return dead(delivery, publisher, counters, &reason).await,
+    };
+    let unqualified = event.table.rsplit('.').next().unwrap_or(&event.table);
+    let Some(targets) = routes.get(&event.table).or_else(|| routes.get(unqualified)) else {
+        counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        return;
+    };
+    for route in targets {
+        let mut keys = Vec::with_capacity(event.ids.len());
+        for id in &event.ids {
+            let key: Option<Key> = id.iter().map(text).collect();
+            match key {
+                Some(k) if k.len() == route.columns.len() => keys.push(k),
+                _ => {
+                    let reason = format!(
+                        "ids for table {} must each be {} scalar value(s) ({}), got {}",
+                        event.table,
+                        route.columns.len(),
+                        route.columns.join(", "),
+                        Value::Array(id.clone())
+                    );
+                    return dead(delivery, publisher, counters, &reason).await;
+                }
+            }
+        }
+        let set = buffer.ids.entry(route.clone()).or_default();
+        for k in keys {
+            if set.insert(k) {
+                buffer.keys += 1;
+            }
+        }
+    }
+    buffer.since.get_or_insert_with(Instant::now);
+    buffer.deliveries.push(delivery);
+}
+
+async fn dead(delivery: Delivery, publisher: &Publisher, counters: &Counters, reason: &str) {
+    counters.events_dead.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%reason, "dead-lettering a malformed event");
+    let headers = Meta::first().dead(
+        "malformed event",
+        reason,
+        syncfleet_broker::headers::now_ms(),
+    );
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "event".into());
+    match publisher.publish_dead(&delivery.data, &id, headers).await {
+        Ok(()) => {
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+        Err(_) => {
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+}
+
+/// Publishes the buffered ids as jobs, then acks the events they came from.
+async fn flush(buffer: &mut Buffer, publisher: &Publisher, counters: &Counters, max_keys: usize) {
+    let taken = std::mem::take(buffer);
+    if taken.deliveries.is_empty() {
+        return;
+    }
+    let mut jobs = Vec::new();
+    for (route, ids) in taken.ids {
+        let mut ids: Vec<Key> = ids.into_iter().collect();
+        ids.sort();
+        for chunk in ids.chunks(max_keys) {
+            jobs.push(Job::selection(
+                NO_RUN,
+                &route.stream,
+                0,
+                Selection {
+                    columns: route.columns.clone(),
+                    values: chunk.to_vec(),
+                },
+            ));
+        }
+    }
+    match publisher.publish_jobs(&jobs).await {
+        Ok(()) => {
+            counters
+                .event_jobs
+                .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            for d in taken.deliveries {
+                let _ = d.ack(BasicAckOptions::default()).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish event jobs; the events go back to the queue");
+            for d in taken.deliveries {
+                let _ = d
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_events_and_names_what_is_wrong() {
+        let e =
+            parse(br#"{"table": "users", "op": "upsert", "ids": [42, "43", [1, "a"]]}"#).unwrap();
+        assert_eq!(e.table, "users");
+        assert_eq!(e.ids.len(), 3);
+        assert_eq!(e.ids[2].len(), 2);
+        assert!(parse(b"nope").unwrap_err().contains("not JSON"));
+        assert!(
+            parse(br#"{"op": "upsert", "ids": []}"#)
+                .unwrap_err()
+                .contains("table")
+        );
+        assert!(
+            parse(br#"{"table": "t", "op": "merge", "ids": []}"#)
+                .unwrap_err()
+                .contains("op")
+        );
+        assert!(
+            parse(br#"{"table": "t", "op": "delete", "ids": 5}"#)
+                .unwrap_err()
+                .contains("ids")
+        );
+        assert_eq!(text(&serde_json::json!(12)), Some("12".into()));
+        assert_eq!(text(&serde_json::json!(null)), None);
+    }
+}

@@ -1,0 +1,191 @@
+//! `syncfleet producer`: the long-running producer.
+//!
+//! Several replicas may run; exactly one leads, holding a session-level
+//! advisory lock on its own destination connection. The lock goes with the
+//! connection, so when a leader dies (or its connection does) a standby's
+//! next attempt, every [`ELECTION_EVERY`], takes over.
+//!
+//! The leader:
+//! - runs each stream every `interval` (incremental when the stream has a
+//!   cursor and incremental runs are on), and a full reconcile every
+//!   `full_interval`, streams staggered by `stagger`; a tick whose stream
+//!   still has a run going is skipped and counted, never overlapped;
+//! - consumes upstream change events (see [`events`](crate::events)).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use syncfleet_broker::Publisher;
+use syncfleet_core::Config;
+use syncfleet_core::shutdown::ShutdownSignal;
+use syncfleet_db::{Pool, Role, control};
+use tokio::time::Instant;
+
+use crate::{PlanError, start_incremental_run, start_run};
+
+/// How often a standby tries to become the leader.
+pub const ELECTION_EVERY: Duration = Duration::from_secs(2);
+
+/// What the service has done, for logs and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub runs_started: AtomicU64,
+    pub ticks_skipped: AtomicU64,
+    pub events_received: AtomicU64,
+    pub events_dropped: AtomicU64,
+    pub events_dead: AtomicU64,
+    pub event_jobs: AtomicU64,
+}
+
+/// Runs the producer until `shutdown`.
+pub async fn run(
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+    mut shutdown: ShutdownSignal,
+) -> Result<(), PlanError> {
+    let source = Pool::connect(Role::Source, &config.source).await?;
+    let destination = Pool::connect(Role::Destination, &config.destination).await?;
+    crate::check_schema(&destination).await?;
+    let publisher = Arc::new(Publisher::connect(&config.broker, "producer").await?);
+    let key = format!("syncfleet.leader/{}", config.broker.prefix);
+    loop {
+        // A dedicated connection: the lock lives exactly as long as it.
+        let leader = tokio::select! {
+            _ = shutdown.wait() => break,
+            leader = elect(&config, &key) => leader,
+        };
+        let Some(lock) = leader else {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tokio::time::sleep(ELECTION_EVERY) => continue,
+            }
+        };
+        tracing::info!("this producer is the leader");
+        let outcome = lead(
+            &config,
+            &source,
+            &destination,
+            &publisher,
+            &counters,
+            &lock,
+            &mut shutdown,
+        )
+        .await;
+        drop(lock);
+        match outcome {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "stepped down as leader; standing for election again")
+            }
+        }
+    }
+    publisher.close().await;
+    Ok(())
+}
+
+/// One attempt at leadership: the lock's connection when this process won.
+async fn elect(config: &Config, key: &str) -> Option<tokio_postgres::Client> {
+    use std::str::FromStr;
+    let mut pg = tokio_postgres::Config::from_str(config.destination.url.expose()).ok()?;
+    // Operators (and tests) find the leader by this name in pg_stat_activity.
+    pg.application_name(format!("syncfleet-leader-{}", std::process::id()));
+    pg.connect_timeout(config.destination.connect_timeout);
+    let (client, connection) = pg.connect(tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(connection);
+    let won: bool = client
+        .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
+        .await
+        .ok()?
+        .get(0);
+    won.then_some(client)
+}
+
+/// The leader's work, until shutdown (`Ok`) or the lock's connection is
+/// lost (`Err`).
+async fn lead(
+    config: &Arc<Config>,
+    source: &Pool,
+    destination: &Pool,
+    publisher: &Arc<Publisher>,
+    counters: &Arc<Counters>,
+    lock: &tokio_postgres::Client,
+    shutdown: &mut ShutdownSignal,
+) -> Result<(), PlanError> {
+    let events = tokio::spawn(crate::events::consume(
+        config.clone(),
+        source.clone(),
+        publisher.clone(),
+        counters.clone(),
+        shutdown.clone(),
+    ));
+    let schedule = &config.producer;
+    let start = Instant::now();
+    // Each stream's next incremental and full runs; streams staggered.
+    let mut next: HashMap<String, (Instant, Instant)> = config
+        .streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let first = start + schedule.stagger * i as u32;
+            (s.name.clone(), (first, first + schedule.full_interval))
+        })
+        .collect();
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.wait() => break Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if lock.simple_query("SELECT 1").await.is_err() {
+            break Err(PlanError::Db(syncfleet_db::DbError::Connect {
+                role: "destination",
+                url: config.destination.url.redacted(),
+                detail: "the leader's lock connection was lost".into(),
+            }));
+        }
+        let now = Instant::now();
+        for stream in &config.streams {
+            let (due, full_due) = next[&stream.name];
+            if now < due {
+                continue;
+            }
+            let full = now >= full_due || !schedule.incremental;
+            let busy = match destination.get().await {
+                Ok(c) => control::stream_busy(&**c, &stream.name)
+                    .await
+                    .unwrap_or(true),
+                Err(_) => true,
+            };
+            if busy {
+                counters.ticks_skipped.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(stream = %stream.name, "previous run still going; tick skipped");
+            } else {
+                let planned = if full {
+                    start_run(source, destination, publisher, &[stream]).await
+                } else {
+                    start_incremental_run(source, destination, publisher, stream).await
+                };
+                match planned {
+                    Ok(plan) => {
+                        counters.runs_started.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%plan, full, "scheduled run started");
+                    }
+                    Err(e) => {
+                        tracing::error!(stream = %stream.name, error = %e, "scheduled run failed to start")
+                    }
+                }
+            }
+            let entry = next
+                .get_mut(&stream.name)
+                .expect("every stream is scheduled");
+            entry.0 = now + schedule.interval;
+            if full {
+                entry.1 = now + schedule.full_interval;
+            }
+        }
+    };
+    events.abort();
+    let _ = events.await;
+    result
+}

@@ -1,0 +1,415 @@
+//! Incremental runs, the producer service, and upstream events.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use syncfleet_broker::Topology;
+use syncfleet_core::Config;
+use syncfleet_core::shutdown::Shutdown;
+use syncfleet_producer::service::{self, Counters};
+
+use crate::helpers::{Fleet, TestEnv, amqp_url};
+
+const ITEMS: &str =
+    "CREATE TABLE items (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL);
+     INSERT INTO items SELECT i, 'v' || i, timestamptz '2024-01-01' - i * interval '1 hour'
+     FROM generate_series(1, 20) i;";
+
+/// The ids each batch of a run selected.
+async fn selected(env: &TestEnv, run_id: i64) -> Vec<String> {
+    let mut ids: Vec<String> = env
+        .dest
+        .query(
+            "SELECT jsonb_array_elements(selection->'values')->>0 FROM syncfleet.batches WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ids.sort_by_key(|i| i.parse::<i64>().unwrap_or(0));
+    ids
+}
+
+async fn incremental(env: &TestEnv, config: &Arc<Config>) -> i64 {
+    let source = syncfleet_db::Pool::connect(syncfleet_db::Role::Source, &config.source)
+        .await
+        .unwrap();
+    let dest = syncfleet_db::Pool::connect(syncfleet_db::Role::Destination, &config.destination)
+        .await
+        .unwrap();
+    let publisher = syncfleet_broker::Publisher::connect(&config.broker, "test")
+        .await
+        .unwrap();
+    let plan =
+        syncfleet_producer::start_incremental_run(&source, &dest, &publisher, &config.streams[0])
+            .await
+            .unwrap();
+    publisher.close().await;
+    env.wait(plan.run_id).await;
+    plan.run_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_runs_pick_up_inserts_and_updates_and_nothing_else() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 3\n\
+         cursor = \"updated_at\"\ncursor_overlap = \"0s\"\n",
+    );
+    let fleet = Fleet::start(&config, 1);
+    let first = incremental(&env, &config).await;
+    assert_eq!(
+        selected(&env, first).await.len(),
+        20,
+        "no watermark yet: every row"
+    );
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+
+    env.source
+        .batch_execute(
+            "INSERT INTO items VALUES (21, 'new', now()), (22, 'new', now());
+             UPDATE items SET v = 'changed', updated_at = now() WHERE id IN (5, 17);
+             DELETE FROM items WHERE id = 9;",
+        )
+        .await
+        .unwrap();
+    let second = incremental(&env, &config).await;
+    assert_eq!(selected(&env, second).await, vec!["5", "17", "21", "22"]);
+    // A delete is not visible to an incremental run: the full run settles it.
+    let nine: i64 = env
+        .dest
+        .query_one("SELECT count(*) FROM items WHERE id = 9", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(nine, 1);
+    let third = incremental(&env, &config).await;
+    assert!(
+        selected(&env, third).await.is_empty(),
+        "nothing changed since"
+    );
+    env.sync(&config, 0).await;
+    fleet.stop().await;
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_cursor_values_across_batches_are_not_skipped() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL);
+             INSERT INTO items SELECT i, 'v' || i, timestamptz '2024-06-01' FROM generate_series(1, 7) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 2\n\
+         cursor = \"updated_at\"\ncursor_overlap = \"0s\"\n",
+    );
+    let fleet = Fleet::start(&config, 1);
+    let first = incremental(&env, &config).await;
+    assert_eq!(selected(&env, first).await.len(), 7);
+    // Same cursor value as the watermark, keys on both sides of it.
+    env.source
+        .batch_execute(
+            "UPDATE items SET v = 'again' WHERE id = 3;
+             INSERT INTO items VALUES (8, 'same stamp', timestamptz '2024-06-01'), (9, 'same stamp', timestamptz '2024-06-01');",
+        )
+        .await
+        .unwrap();
+    let second = incremental(&env, &config).await;
+    fleet.stop().await;
+    assert_eq!(selected(&env, second).await, vec!["8", "9"]);
+    let dest = TestEnv::rows(&env.dest, "SELECT id FROM items").await;
+    assert_eq!(dest.len(), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_late_is_picked_up_by_the_next_run() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    // The default overlap (60 s) is what catches the late row.
+    let config = env.config(
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 5\ncursor = \"updated_at\"\n",
+    );
+    let fleet = Fleet::start(&config, 1);
+    incremental(&env, &config).await;
+
+    // A long transaction stamps row 1 now, but commits only later.
+    let slow = crate::helpers::connect(&env.source_url).await;
+    slow.batch_execute("BEGIN; UPDATE items SET v = 'late', updated_at = now() WHERE id = 1")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile a quick one moves the watermark past that stamp.
+    env.source
+        .batch_execute("UPDATE items SET v = 'quick', updated_at = now() WHERE id = 2")
+        .await
+        .unwrap();
+    let during = incremental(&env, &config).await;
+    assert!(selected(&env, during).await.contains(&"2".to_string()));
+    slow.batch_execute("COMMIT").await.unwrap();
+    let after = incremental(&env, &config).await;
+    fleet.stop().await;
+    assert!(selected(&env, after).await.contains(&"1".to_string()));
+    let v: String = env
+        .dest
+        .query_one("SELECT v FROM items WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "late");
+}
+
+/// A plain lapin publisher, as any upstream service would be.
+async fn publish_event(env: &TestEnv, routing_key: &str, body: &str) {
+    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    channel
+        .basic_publish(
+            Topology::new(&env.name).events_exchange().into(),
+            routing_key.into(),
+            Default::default(),
+            body.as_bytes(),
+            lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(200, "".into()).await;
+}
+
+const APP: &str = "CREATE TABLE users (id int PRIMARY KEY, first_name text, email text);
+     CREATE TABLE user_profiles (id int PRIMARY KEY, user_id int REFERENCES users, bio text);
+     INSERT INTO users SELECT i, 'name' || i, 'u' || i || '@example.com' FROM generate_series(1, 10) i;
+     INSERT INTO user_profiles SELECT i, i, 'bio' || i FROM generate_series(1, 10) i;";
+
+const APP_STREAMS: &str = "[producer]\ninterval = \"1h\"\nstagger = \"0s\"\nevent_window = \"100ms\"\n\
+     [[stream]]\nname = \"users\"\ntable = \"users\"\n\
+     [[stream]]\nname = \"user_profiles\"\n\
+     query = \"SELECT p.id, p.user_id, p.bio, u.first_name, u.email FROM user_profiles p JOIN users u ON u.id = p.user_id\"\n\
+     key = [\"id\"]\n[stream.events]\nuser_profiles = \"id\"\nusers = \"user_id\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_from_any_publisher_reach_the_destination() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(APP).await.unwrap();
+    env.migrate().await;
+    let config = env.config(APP_STREAMS);
+    let fleet = Fleet::start(&config, 1);
+    let shutdown = Shutdown::new();
+    let counters = Arc::new(Counters::default());
+    let producer = tokio::spawn(service::run(
+        config.clone(),
+        counters.clone(),
+        shutdown.signal(),
+    ));
+    // The producer's first scheduled runs fill both tabs.
+    env.eventually("the first runs", 60, || async {
+        env.dest
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'succeeded') FROM syncfleet.runs",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) >= 2)
+            .unwrap_or(false)
+    })
+    .await;
+
+    // A sign-up, a rename (which the joined tab must show) and a deletion.
+    env.source
+        .batch_execute(
+            "INSERT INTO users VALUES (11, 'new', 'u11@example.com');
+             INSERT INTO user_profiles VALUES (11, 11, 'hello');
+             UPDATE users SET first_name = 'renamed' WHERE id = 3;
+             DELETE FROM user_profiles WHERE id = 7; DELETE FROM users WHERE id = 7;",
+        )
+        .await
+        .unwrap();
+    publish_event(
+        &env,
+        "users",
+        r#"{"table": "users", "op": "upsert", "ids": [11, 3]}"#,
+    )
+    .await;
+    publish_event(
+        &env,
+        "user_profiles",
+        r#"{"table": "user_profiles", "op": "upsert", "ids": [11]}"#,
+    )
+    .await;
+    publish_event(
+        &env,
+        "users",
+        r#"{"table": "users", "op": "delete", "ids": [7]}"#,
+    )
+    .await;
+    publish_event(
+        &env,
+        "user_profiles",
+        r#"{"table": "user_profiles", "op": "delete", "ids": [7]}"#,
+    )
+    .await;
+    publish_event(
+        &env,
+        "orders",
+        r#"{"table": "orders", "op": "upsert", "ids": [1]}"#,
+    )
+    .await;
+    publish_event(&env, "x", "{not json").await;
+
+    let profiles = "SELECT p.id, p.user_id, p.bio, u.first_name, u.email FROM user_profiles p JOIN users u ON u.id = p.user_id";
+    env.eventually("the events to reach both tabs", 60, || async {
+        TestEnv::rows(&env.source, profiles).await
+            == TestEnv::rows(
+                &env.dest,
+                "SELECT id, user_id, bio, first_name, email FROM user_profiles",
+            )
+            .await
+            && TestEnv::rows(&env.source, "SELECT * FROM users").await
+                == TestEnv::rows(&env.dest, "SELECT * FROM users").await
+    })
+    .await;
+    env.eventually("the malformed event's dead letter", 30, || async {
+        env.dead_letters().await == 1
+    })
+    .await;
+    shutdown.trigger();
+    producer.await.unwrap().unwrap();
+    fleet.stop().await;
+    assert_eq!(
+        counters.events_dropped.load(Ordering::Relaxed),
+        1,
+        "orders: no stream reads it"
+    );
+    assert_eq!(counters.events_dead.load(Ordering::Relaxed), 1);
+    let list = env
+        .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "list"])
+        .await;
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        stdout.contains("malformed event") && stdout.contains("not JSON"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_is_skipped_while_the_previous_run_is_going() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 40) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    // Each batch reads for 0.5 s; runs take about 4 s; ticks every second.
+    let config = env.config(
+        "[producer]\ninterval = \"1s\"\nstagger = \"0s\"\n\
+         [[stream]]\nname = \"items\"\nquery = \"SELECT id, v FROM items WHERE id > (SELECT -1 FROM pg_sleep(0.5))\"\n\
+         key = [\"id\"]\nbatch_size = 5\n",
+    );
+    let fleet = Fleet::start(&config, 1);
+    let shutdown = Shutdown::new();
+    let counters = Arc::new(Counters::default());
+    let producer = tokio::spawn(service::run(
+        config.clone(),
+        counters.clone(),
+        shutdown.signal(),
+    ));
+    env.eventually("two runs and a skipped tick", 90, || async {
+        counters.ticks_skipped.load(Ordering::Relaxed) >= 1
+            && counters.runs_started.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    shutdown.trigger();
+    producer.await.unwrap().unwrap();
+    fleet.stop().await;
+    // No two runs of the stream were ever unfinished at once.
+    let overlapping: i64 = env
+        .dest
+        .query_one(
+            "SELECT count(*) FROM syncfleet.runs a JOIN syncfleet.runs b ON a.id < b.id \
+             WHERE b.created_at < coalesce(a.finished_at, 'infinity')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(overlapping, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_producer_takes_over_within_fifteen_seconds() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(APP).await.unwrap();
+    env.migrate().await;
+    env.config(APP_STREAMS);
+    let path = env.dir.join("syncfleet.toml");
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+            .arg("--config")
+            .arg(&path)
+            .arg("producer")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut producers = vec![spawn(), spawn()];
+    let leader = || async {
+        env.dest
+            .query_opt(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE 'syncfleet-leader-%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
+    };
+    env.eventually("a leader", 30, || async { leader().await.is_some() })
+        .await;
+    let first = leader().await.unwrap();
+    let pid: u32 = first
+        .trim_start_matches("syncfleet-leader-")
+        .parse()
+        .unwrap();
+    let index = producers
+        .iter()
+        .position(|p| p.id() == Some(pid))
+        .expect("a producer leads");
+    let killed = std::time::Instant::now();
+    producers[index].start_kill().unwrap();
+    let _ = producers[index].wait().await;
+    env.eventually("the standby to lead", 15, || async {
+        leader().await.is_some_and(|l| l != first)
+    })
+    .await;
+    eprintln!("failover took {:?}", killed.elapsed());
+    for p in &mut producers {
+        let _ = p.start_kill();
+    }
+}
