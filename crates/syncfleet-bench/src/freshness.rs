@@ -104,7 +104,7 @@ pub async fn run(bench: &Bench, rate: u32, seconds: u64) -> Result<Freshness, St
         ticker.tick().await;
         let mut confirms = Vec::with_capacity(per_tick);
         for _ in 0..per_tick {
-            let id = if events % 2 == 0 {
+            let id = if events.is_multiple_of(2) {
                 next_new += 1;
                 bench
                     .src
