@@ -204,6 +204,8 @@ pub struct BatchRecord {
     pub stream: String,
     pub batch_no: i64,
     pub range: KeyRange,
+    /// Set for the batches of incremental runs, which name rows, not a range.
+    pub selection: Option<Selection>,
     pub status: String,
     pub published: bool,
 }
@@ -219,7 +221,7 @@ pub async fn unfinished_batches(
 ) -> Result<Vec<BatchRecord>, DbError> {
     let rows = client
         .query(
-            "SELECT stream, batch_no, lower_key, upper_key, status, published_at IS NOT NULL \
+            "SELECT stream, batch_no, lower_key, upper_key, status, published_at IS NOT NULL, selection \
              FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done' ORDER BY stream, batch_no",
             &[&run_id],
         )
@@ -235,6 +237,9 @@ pub async fn unfinished_batches(
             },
             status: r.get(4),
             published: r.get(5),
+            selection: r
+                .get::<_, Option<Value>>(6)
+                .and_then(|s| serde_json::from_value(s).ok()),
         })
         .collect())
 }

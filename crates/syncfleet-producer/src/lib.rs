@@ -288,17 +288,50 @@ pub async fn resume_run(
 
     let unfinished = control::unfinished_batches(&**destination.get().await?, run_id).await?;
     for stream in &names {
-        let batches: Vec<(i64, KeyRange)> = unfinished
+        let todo = unfinished
             .iter()
-            .filter(|b| &b.stream == stream && !b.published)
+            .filter(|b| &b.stream == stream && !b.published);
+        let (selections, ranges): (Vec<_>, Vec<_>) = todo.partition(|b| b.selection.is_some());
+        let batches: Vec<(i64, KeyRange)> = ranges
+            .iter()
             .map(|b| (b.batch_no, b.range.clone()))
             .collect();
         for chunk in batches.chunks(CHUNK as usize) {
             publish(destination, publisher, run_id, stream, chunk).await?;
             published += chunk.len() as u64;
         }
+        for b in selections {
+            let select = b.selection.clone().expect("partitioned on it");
+            publisher
+                .publish_jobs(&[Job::selection(run_id, stream, b.batch_no, select)])
+                .await?;
+            control::mark_published(&**destination.get().await?, run_id, stream, &[b.batch_no])
+                .await?;
+            published += 1;
+        }
     }
+    let incremental: bool = destination
+        .get()
+        .await?
+        .query_one(
+            "SELECT kind = 'incremental' FROM syncfleet.runs WHERE id = $1",
+            &[&run_id],
+        )
+        .await?
+        .get(0);
     for state in states.iter().filter(|s| s.batches_planned.is_none()) {
+        if incremental {
+            // An incremental scan cannot be resumed midway; its watermark has
+            // not moved, so the stream's next run picks up the rest.
+            control::finish_stream_planning(
+                &**destination.get().await?,
+                run_id,
+                &state.stream,
+                state.last_batch,
+            )
+            .await?;
+            continue;
+        }
         let stream = prepared
             .iter()
             .find(|p| p.config.name == state.stream)
