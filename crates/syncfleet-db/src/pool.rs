@@ -35,6 +35,20 @@ pub struct Pool {
 
 pub type Client = deadpool_postgres::Object;
 
+/// Starts the transaction every source read runs in: one consistent
+/// snapshot (REPEATABLE READ), and READ ONLY, so syncfleet can never write
+/// to the app's database.
+pub async fn read_snapshot(
+    client: &mut Client,
+) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
 /// Session settings for both sides. Rows travel in PostgreSQL's text COPY
 /// format, so both sessions must print and parse values the same way: ISO
 /// dates, UTC, and floats with every digit.

@@ -36,7 +36,6 @@ use syncfleet_db::control;
 use syncfleet_db::ddl::{self, TableState};
 use syncfleet_db::scan::{CHUNK, KeyScan, Ranges};
 use syncfleet_db::{DbError, Pool, ShapeError, StreamShape};
-use tokio_postgres::IsolationLevel;
 
 /// Why a run could not be planned.
 #[derive(Debug, thiserror::Error)]
@@ -198,12 +197,7 @@ async fn plan_stream_from(
 ) -> Result<i64, PlanError> {
     let name = &stream.config.name;
     let mut src = source.get().await?;
-    let tx = src
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = syncfleet_db::pool::read_snapshot(&mut src).await?;
     let mut scan =
         KeyScan::start(&tx, &stream.shape, stream.config.batch_size, after.as_ref()).await?;
     let mut ranges = Ranges::after(after);
@@ -502,12 +496,7 @@ async fn plan_incremental(
         ident::list(&keys, Some("q")),
     );
     let mut src = source.get().await?;
-    let tx = src
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = syncfleet_db::pool::read_snapshot(&mut src).await?;
     let bound: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
         .iter()
         .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))

@@ -35,9 +35,9 @@ use syncfleet_core::job::{Job, NO_RUN};
 use syncfleet_db::pool::Client;
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape, control};
+use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, NoTls};
 
 use crate::error::JobError;
 use crate::throttle::ReadGate;
@@ -317,13 +317,8 @@ impl Executor {
         // transaction holds this read's slot of the fleet-wide ceiling
         // until it ends, however it ends, and the slot is taken before the
         // source query starts.
-        let (write, read) = tokio::try_join!(
-            dst.transaction(),
-            src.build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start(),
-        )?;
+        let (write, read) =
+            tokio::try_join!(dst.transaction(), syncfleet_db::pool::read_snapshot(src),)?;
         let destination_ready = async {
             if let Some(slots) = self.config.reads.max_concurrent {
                 take_read_slot(&write, slots, &self.config.broker.prefix).await?;

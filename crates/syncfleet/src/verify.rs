@@ -14,7 +14,6 @@ use syncfleet_core::job::KeyRange;
 use syncfleet_db::scan::{KeyScan, Ranges};
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape};
-use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
 
 use crate::error::CliError;
@@ -92,12 +91,7 @@ pub async fn compare(
             stream.name, stream.destination_table
         )));
     }
-    let tx = src
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = syncfleet_db::pool::read_snapshot(&mut src).await?;
     let mut report = StreamReport {
         stream: stream.name.clone(),
         ranges: 0,
