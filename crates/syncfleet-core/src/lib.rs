@@ -17,6 +17,7 @@ pub mod config;
 pub mod duration;
 pub mod ident;
 pub mod job;
+pub mod metrics;
 pub mod secret;
 pub mod shutdown;
 

@@ -1,0 +1,63 @@
+//! Every metric name syncfleet exports, defined once. The Grafana dashboard
+//! and the alert rules in `deploy/` use only these (a test checks).
+
+/// Jobs finished, by `stream` and `outcome` (succeeded, retried, waiting,
+/// dead_lettered).
+pub const JOBS: &str = "syncfleet_jobs_total";
+/// Job duration, by `stream` (histogram).
+pub const JOB_DURATION: &str = "syncfleet_job_duration_seconds";
+/// Rows copied from the source, by `stream`.
+pub const ROWS: &str = "syncfleet_rows_synced_total";
+/// Bytes of COPY data read from the source, by `stream`.
+pub const BYTES: &str = "syncfleet_bytes_synced_total";
+/// Source read (COPY out) latency, by `stream` (histogram).
+pub const SOURCE_READ: &str = "syncfleet_source_read_seconds";
+/// Destination write latency, by `stream` (histogram).
+pub const DESTINATION_WRITE: &str = "syncfleet_destination_write_seconds";
+/// Jobs running in this process.
+pub const IN_FLIGHT: &str = "syncfleet_jobs_in_flight";
+/// Jobs parked for a later attempt, by `stream`.
+pub const RETRIES: &str = "syncfleet_retries_total";
+/// Messages sent to the dead-letter queue, by `reason`.
+pub const DEAD_LETTERS: &str = "syncfleet_dead_letters_total";
+/// Pool connections by `database` (source, destination) and `state`
+/// (size, available, waiting).
+pub const POOL: &str = "syncfleet_pool_connections";
+/// Broker reconnections of this process.
+pub const BROKER_RECONNECTS: &str = "syncfleet_broker_reconnects_total";
+/// Batches of the latest run of each `stream`, by `state` (done, total).
+pub const RUN_BATCHES: &str = "syncfleet_run_batches";
+/// Seconds since each `stream`'s watermark last moved (incremental runs).
+pub const WATERMARK_AGE: &str = "syncfleet_watermark_age_seconds";
+/// Upstream events by `outcome` (received, coalesced, dropped, dead_lettered).
+pub const EVENTS: &str = "syncfleet_events_total";
+/// 1 while this producer is the leader.
+pub const LEADER: &str = "syncfleet_leader";
+/// Messages in each `queue`, by `state` (ready).
+pub const QUEUE_MESSAGES: &str = "syncfleet_queue_messages";
+/// Consumers of each `queue`.
+pub const QUEUE_CONSUMERS: &str = "syncfleet_queue_consumers";
+/// The adaptive throttle's read level in this process.
+pub const THROTTLE_LEVEL: &str = "syncfleet_throttle_level";
+
+/// All of them.
+pub const ALL: &[&str] = &[
+    JOBS,
+    JOB_DURATION,
+    ROWS,
+    BYTES,
+    SOURCE_READ,
+    DESTINATION_WRITE,
+    IN_FLIGHT,
+    RETRIES,
+    DEAD_LETTERS,
+    POOL,
+    BROKER_RECONNECTS,
+    RUN_BATCHES,
+    WATERMARK_AGE,
+    EVENTS,
+    LEADER,
+    QUEUE_MESSAGES,
+    QUEUE_CONSUMERS,
+    THROTTLE_LEVEL,
+];
