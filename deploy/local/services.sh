@@ -278,5 +278,19 @@ ensure_rabbitmq() {
   say "rabbitmq: up on $AMQP_HOST:$AMQP_PORT"
 }
 
+# Test tools: pgbench (the bench), Prometheus and promtool (the operations
+# tests run a real Prometheus and check the alert rules).
+ensure_tools() {
+  local missing=()
+  have pgbench || missing+=(postgresql-contrib)
+  have prometheus && have promtool || missing+=(prometheus)
+  if [[ ${#missing[@]} -gt 0 ]]; then
+    can_be_root || die "missing tools; install: ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+  say "tools: pgbench, prometheus, promtool"
+}
+
 ensure_postgres
 ensure_rabbitmq
+ensure_tools

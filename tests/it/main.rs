@@ -12,6 +12,7 @@ mod chaos;
 mod demo;
 mod helpers;
 mod incremental;
+mod operations;
 mod pipeline;
 mod planning;
 mod protection;

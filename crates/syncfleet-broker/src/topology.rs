@@ -189,6 +189,25 @@ impl Topology {
         Ok((q.message_count(), q.consumer_count()))
     }
 
+    /// Sets the queue gauges (ready messages, consumers) of the work, events
+    /// and dead-letter queues.
+    pub async fn report_depths(&self, connection: &lapin::Connection) {
+        use syncfleet_core::metrics as m;
+        for queue in self.queues() {
+            // A passive declare of a missing queue closes its channel.
+            let Ok(channel) = connection.create_channel().await else {
+                return;
+            };
+            if let Ok((ready, consumers)) = self.depth(&channel, &queue).await {
+                metrics::gauge!(m::QUEUE_MESSAGES, "queue" => queue.clone(), "state" => "ready")
+                    .set(f64::from(ready));
+                metrics::gauge!(m::QUEUE_CONSUMERS, "queue" => queue.clone())
+                    .set(f64::from(consumers));
+                let _ = channel.close(200, "".into()).await;
+            }
+        }
+    }
+
     /// Deletes every queue (retry queues up to `max_attempts`) and exchange
     /// under the prefix: tests and the demo's reset.
     pub async fn delete(&self, channel: &Channel, max_attempts: u32) -> Result<(), BrokerError> {

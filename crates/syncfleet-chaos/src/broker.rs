@@ -132,6 +132,16 @@ impl PrivateBroker {
         let _ = std::fs::remove_file(self.dir.join("pid"));
     }
 
+    /// Stops the node (it can be started again with [`PrivateBroker::start_again`]).
+    pub fn stop(&self) {
+        self.halt();
+    }
+
+    /// Starts a stopped node again on the same data.
+    pub fn start_again(&self) -> Result<(), ChaosError> {
+        self.boot()
+    }
+
     /// Stops the node and starts it again on the same data.
     pub fn restart(&self) -> Result<(), ChaosError> {
         self.halt();

@@ -15,6 +15,7 @@
 pub mod backoff;
 pub mod config;
 pub mod duration;
+pub mod health;
 pub mod ident;
 pub mod job;
 pub mod metrics;

@@ -31,6 +31,7 @@ use serde_json::Value;
 use syncfleet_broker::{BrokerError, Meta, Publisher};
 use syncfleet_core::Config;
 use syncfleet_core::job::{Job, Key, NO_RUN, Selection};
+use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::ShutdownSignal;
 use syncfleet_db::{Pool, StreamShape};
 use tokio::time::Instant;
@@ -229,6 +230,7 @@ async fn take(
     counters: &Counters,
 ) {
     counters.events_received.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(m::EVENTS, "outcome" => "received").increment(1);
     let event = match parse(&delivery.data) {
         Ok(e) => e,
         Err(reason) => return dead(delivery, publisher, counters, &reason).await,
@@ -236,6 +238,7 @@ async fn take(
     let unqualified = event.table.rsplit('.').next().unwrap_or(&event.table);
     let Some(targets) = routes.get(&event.table).or_else(|| routes.get(unqualified)) else {
         counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::EVENTS, "outcome" => "dropped").increment(1);
         let _ = delivery.ack(BasicAckOptions::default()).await;
         return;
     };
@@ -261,6 +264,8 @@ async fn take(
         for k in keys {
             if set.insert(k) {
                 buffer.keys += 1;
+            } else {
+                metrics::counter!(m::EVENTS, "outcome" => "coalesced").increment(1);
             }
         }
     }
@@ -270,6 +275,8 @@ async fn take(
 
 async fn dead(delivery: Delivery, publisher: &Publisher, counters: &Counters, reason: &str) {
     counters.events_dead.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(m::EVENTS, "outcome" => "dead_lettered").increment(1);
+    metrics::counter!(m::DEAD_LETTERS, "reason" => "malformed event").increment(1);
     tracing::warn!(%reason, "dead-lettering a malformed event");
     let headers = Meta::first().dead(
         "malformed event",

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use syncfleet_broker::Publisher;
 use syncfleet_core::Config;
+use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::ShutdownSignal;
 use syncfleet_db::{Pool, Role, control};
 use tokio::time::Instant;
@@ -49,6 +50,8 @@ pub async fn run(
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
     crate::check_schema(&destination).await?;
     let publisher = Arc::new(Publisher::connect(&config.broker, "producer").await?);
+    metrics::gauge!(m::LEADER).set(0.0);
+    syncfleet_core::health::set_ready(true);
     let key = format!("syncfleet.leader/{}", config.broker.prefix);
     loop {
         // A dedicated connection: the lock lives exactly as long as it.
@@ -63,6 +66,7 @@ pub async fn run(
             }
         };
         tracing::info!("this producer is the leader");
+        metrics::gauge!(m::LEADER).set(1.0);
         let outcome = lead(
             &config,
             &source,
@@ -74,6 +78,7 @@ pub async fn run(
         )
         .await;
         drop(lock);
+        metrics::gauge!(m::LEADER).set(0.0);
         match outcome {
             Ok(()) => break,
             Err(e) => {
@@ -132,10 +137,27 @@ async fn lead(
             (s.name.clone(), (first, first + schedule.full_interval))
         })
         .collect();
+    let mut gauges_due = Instant::now();
+    let mut gauges_connection: Option<lapin::Connection> = None;
     let result = loop {
         tokio::select! {
             _ = shutdown.wait() => break Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if Instant::now() >= gauges_due {
+            gauges_due = Instant::now() + Duration::from_secs(5);
+            report_progress(destination).await;
+            if gauges_connection
+                .as_ref()
+                .is_none_or(|c| !c.status().connected())
+            {
+                gauges_connection = syncfleet_broker::connect(&config.broker, "gauges")
+                    .await
+                    .ok();
+            }
+            if let Some(c) = &gauges_connection {
+                publisher.topology().report_depths(c).await;
+            }
         }
         if lock.simple_query("SELECT 1").await.is_err() {
             break Err(PlanError::Db(syncfleet_db::DbError::Connect {
@@ -187,5 +209,45 @@ async fn lead(
     };
     events.abort();
     let _ = events.await;
+    if let Some(c) = gauges_connection {
+        let _ = c.close(200, "".into()).await;
+    }
     result
+}
+
+/// Run progress of each stream's latest run, and watermark ages.
+async fn report_progress(destination: &Pool) {
+    let Ok(client) = destination.get().await else {
+        return;
+    };
+    if let Ok(rows) = client
+        .query(
+            "SELECT l.stream, count(*) FILTER (WHERE b.status = 'done'), count(b.batch_no) \
+             FROM (SELECT DISTINCT ON (stream) stream, run_id FROM syncfleet.run_streams \
+                   ORDER BY stream, run_id DESC) l \
+             LEFT JOIN syncfleet.batches b ON b.run_id = l.run_id AND b.stream = l.stream \
+             GROUP BY l.stream",
+            &[],
+        )
+        .await
+    {
+        for r in rows {
+            let stream: String = r.get(0);
+            for (state, i) in [("done", 1), ("total", 2)] {
+                metrics::gauge!(m::RUN_BATCHES, "stream" => stream.clone(), "state" => state)
+                    .set(r.get::<_, i64>(i) as f64);
+            }
+        }
+    }
+    if let Ok(rows) = client
+        .query(
+            "SELECT stream, extract(epoch FROM now() - updated_at)::float8 FROM syncfleet.watermarks",
+            &[],
+        )
+        .await
+    {
+        for r in rows {
+            metrics::gauge!(m::WATERMARK_AGE, "stream" => r.get::<_, String>(0)).set(r.get::<_, f64>(1));
+        }
+    }
 }

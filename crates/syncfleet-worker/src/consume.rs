@@ -32,8 +32,9 @@ use syncfleet_broker::headers::now_ms;
 use syncfleet_broker::{BrokerError, Meta, Publisher};
 use syncfleet_core::backoff::RetryPolicy;
 use syncfleet_core::job::Job;
+use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::ShutdownSignal;
-use syncfleet_core::{Config, ConfigError};
+use syncfleet_core::{Config, ConfigError, health};
 use syncfleet_db::{DbError, control};
 use tokio::task::JoinSet;
 
@@ -129,12 +130,15 @@ pub async fn run(config: Arc<Config>, mut shutdown: ShutdownSignal) -> Result<()
         publisher,
         outage: AtomicU32::new(0),
     });
+    tokio::spawn(report_gauges(context.clone(), shutdown.clone()));
     let mut in_flight = JoinSet::new();
     let mut failures = 0u32;
     loop {
         match session(&context, concurrency, &mut shutdown, &mut in_flight).await {
             SessionEnd::Stopped => break,
             SessionEnd::Lost { error: e, consumed } => {
+                health::set_ready(false);
+                metrics::counter!(m::BROKER_RECONNECTS).increment(1);
                 if consumed {
                     failures = 0;
                 }
@@ -211,6 +215,7 @@ async fn session(
         concurrency,
         "worker consuming"
     );
+    health::set_ready(true);
 
     let lost = loop {
         tokio::select! {
@@ -240,6 +245,7 @@ async fn session(
         };
     }
 
+    health::set_ready(false);
     // Graceful drain: take no more jobs, let those in flight finish and be
     // acked within the grace, then leave. Jobs still running after it are
     // abandoned; closing the channel hands them back to the broker.
@@ -260,6 +266,44 @@ async fn session(
     SessionEnd::Stopped
 }
 
+/// Every few seconds: pool use and queue depths, for dashboards.
+async fn report_gauges(context: Arc<Context>, mut shutdown: ShutdownSignal) {
+    let config = context.executor.config();
+    let topology = context.publisher.topology().clone();
+    let mut connection: Option<lapin::Connection> = None;
+    loop {
+        for (database, pool) in [
+            ("source", context.executor.source()),
+            ("destination", context.executor.destination()),
+        ] {
+            let s = pool.status();
+            for (state, value) in [
+                ("size", s.size),
+                ("available", s.available),
+                ("waiting", s.waiting),
+            ] {
+                metrics::gauge!(m::POOL, "database" => database, "state" => state)
+                    .set(value as f64);
+            }
+        }
+        if connection.as_ref().is_none_or(|c| !c.status().connected()) {
+            connection = syncfleet_broker::connect(&config.broker, "gauges")
+                .await
+                .ok();
+        }
+        if let Some(c) = &connection {
+            topology.report_depths(c).await;
+        }
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+    if let Some(c) = connection {
+        let _ = c.close(200, "stopping".into()).await;
+    }
+}
+
 async fn drain(in_flight: &mut JoinSet<()>) {
     while in_flight.join_next().await.is_some() {}
 }
@@ -277,9 +321,17 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
     };
     let id = job.id();
     let started = Instant::now();
+    let in_flight = metrics::gauge!(m::IN_FLIGHT);
+    in_flight.increment(1.0);
     let result = AssertUnwindSafe(context.executor.execute(&job))
         .catch_unwind()
         .await;
+    in_flight.decrement(1.0);
+    metrics::histogram!(m::JOB_DURATION, "stream" => job.stream.clone())
+        .record(started.elapsed().as_secs_f64());
+    let finished = |o: &'static str| {
+        metrics::counter!(m::JOBS, "stream" => job.stream.clone(), "outcome" => o).increment(1);
+    };
     let retry = context.executor.config().jobs.retry;
     match result {
         Ok(Ok(outcome)) => {
@@ -294,12 +346,14 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
             if outcome.finished_run {
                 tracing::info!(run_id = job.run_id, "run finished");
             }
+            finished("succeeded");
             if context.outage.swap(0, Ordering::Relaxed) > 0 {
                 tracing::info!("databases reachable again");
             }
             settle(delivery.ack(BasicAckOptions::default()).await);
         }
         Ok(Err(JobError::Unavailable(reason))) => {
+            finished("waiting");
             let streak = context.outage.fetch_add(1, Ordering::Relaxed) + 1;
             if streak == 1 {
                 tracing::warn!(job = %id, %reason, "a database is unreachable; jobs wait for it without using up attempts");
@@ -310,6 +364,8 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
         Ok(Err(JobError::Retry(reason))) if meta.attempt < retry.max_attempts => {
             let delay = retry.delay(meta.attempt);
             tracing::warn!(job = %id, attempt = meta.attempt, %reason, ?delay, "batch failed; retrying later");
+            finished("retried");
+            metrics::counter!(m::RETRIES, "stream" => job.stream.clone()).increment(1);
             if let Err(e) = context.executor.record_retry(&job, &reason).await {
                 tracing::debug!(job = %id, error = %e, "could not record the failed attempt");
             }
@@ -321,6 +377,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
                 JobError::Retry(r) | JobError::Unavailable(r) => ("attempts exhausted", r),
             };
             tracing::error!(job = %id, attempt = meta.attempt, %reason, kind, "batch failed for good; dead-lettering it");
+            finished("dead_lettered");
             let recorded = format!("{reason} ({kind} after {} attempt(s))", meta.attempt);
             if let Err(e) = context.executor.fail(&job, &recorded).await {
                 tracing::error!(job = %id, error = %e, "could not record the failed batch");
@@ -368,6 +425,7 @@ async fn dead_letter(
     kind: &str,
     reason: &str,
 ) {
+    metrics::counter!(m::DEAD_LETTERS, "reason" => kind.to_string()).increment(1);
     let headers = meta.dead(kind, reason, now_ms());
     match context
         .publisher

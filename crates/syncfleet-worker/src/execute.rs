@@ -27,11 +27,12 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use deadpool_postgres::Object;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use syncfleet_core::Config;
 use syncfleet_core::backoff::full_jitter;
 use syncfleet_core::config::StreamConfig;
 use syncfleet_core::job::{Job, NO_RUN};
+use syncfleet_core::metrics as m;
 use syncfleet_db::pool::Client;
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape, control};
@@ -156,6 +157,10 @@ impl Executor {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    pub fn source(&self) -> &Pool {
+        &self.source
     }
 
     pub fn destination(&self) -> &Pool {
@@ -341,10 +346,17 @@ impl Executor {
             Ok::<_, JobError>(())
         };
         let (empty, ()) = tokio::try_join!(destination_ready, source_ready)?;
+        let read_started = Instant::now();
         let rows = read.copy_out(&sql::copy_out(shape, &source_range)).await?;
-        let rows = crate::throttle::paced(self.gate.clone(), rows);
+        let bytes = metrics::counter!(m::BYTES, "stream" => stream.name.clone());
+        let rows = crate::throttle::paced(self.gate.clone(), rows).inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                bytes.increment(chunk.len() as u64);
+            }
+        });
         futures_util::pin_mut!(rows);
-        let (rows_copied, rows_deleted) = if empty {
+        let source_read = metrics::histogram!(m::SOURCE_READ, "stream" => stream.name.clone());
+        let (rows_copied, rows_deleted, copy_done) = if empty {
             // Fast path (an initial load): nothing to update or delete, so
             // the rows go straight into the table.
             let sink = write
@@ -356,6 +368,7 @@ impl Executor {
                 sink.finish().await
             }
             .await
+            .inspect(|_| source_read.record(read_started.elapsed().as_secs_f64()))
             .map_err(|e| match e.code() {
                 // Another job wrote into the range since we looked (a
                 // replay racing its original): the next attempt merges.
@@ -365,7 +378,7 @@ impl Executor {
                 )),
                 _ => JobError::from(e),
             })?;
-            (copied, 0)
+            (copied, 0, Instant::now())
         } else {
             write
                 .batch_execute(&sql::create_stage(shape, table))
@@ -374,6 +387,8 @@ impl Executor {
             futures_util::pin_mut!(stage);
             stage.as_mut().send_all(&mut rows).await?;
             let copied = stage.finish().await?;
+            let copy_done = Instant::now();
+            source_read.record(read_started.elapsed().as_secs_f64());
             write.execute(&sql::upsert(shape, table), &[]).await?;
             let deleted = write
                 .execute(
@@ -383,7 +398,7 @@ impl Executor {
                     &params,
                 )
                 .await?;
-            (copied, deleted)
+            (copied, deleted, copy_done)
         };
         // Event jobs belong to no run: nothing to record.
         let known = job.run_id == NO_RUN
@@ -405,6 +420,10 @@ impl Executor {
         }
         write.commit().await?;
         read.commit().await?;
+        // The merge and the commit: what the destination spends after the COPY.
+        metrics::histogram!(m::DESTINATION_WRITE, "stream" => stream.name.clone())
+            .record(copy_done.elapsed().as_secs_f64());
+        metrics::counter!(m::ROWS, "stream" => stream.name.clone()).increment(rows_copied);
         Ok(BatchOutcome {
             rows_copied,
             rows_deleted,

@@ -255,6 +255,7 @@ pub async fn run_probe(
         }
         let latency = started.elapsed();
         let level = gate.observe(latency);
+        metrics::gauge!(syncfleet_core::metrics::THROTTLE_LEVEL).set(level);
         tracing::trace!(?latency, level, "probe");
         if (level < 1.0) != (last_level < 1.0) {
             tracing::info!(

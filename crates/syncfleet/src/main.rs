@@ -12,6 +12,7 @@ mod demo;
 mod error;
 mod migrate;
 mod producer;
+mod serve;
 mod signals;
 mod status;
 mod sync;
@@ -51,7 +52,7 @@ enum Command {
     Worker(worker::Args),
     /// Run syncs on a schedule and turn upstream change events into jobs, until stopped
     /// (replicas elect one leader)
-    Producer,
+    Producer(producer::Args),
     /// Show runs, per-stream progress and queue depth
     Status(status::Args),
     /// Compare source and destination per key range (row count and checksum); exit 1 on any difference
@@ -94,7 +95,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Migrate => migrate::run(&config).await,
         Command::Sync(args) => sync::run(&config, args).await,
         Command::Worker(args) => worker::run(config, args).await,
-        Command::Producer => producer::run(config).await,
+        Command::Producer(args) => producer::run(config, args).await,
         Command::Status(args) => status::run(&config, args).await,
         Command::Verify(args) => verify::run(&config, args).await,
         Command::DeadLetters(args) => dead_letters::run(&config, args).await,
@@ -108,7 +109,7 @@ fn init_logging() {
         tracing_subscriber::EnvFilter::new(
             // deadpool logs every broken connection; syncfleet logs an
             // outage once, so keep deadpool's to errors.
-            "warn,deadpool=error,syncfleet=info,syncfleet_producer=info,syncfleet_worker=info,syncfleet_db=info",
+            "warn,deadpool=error,lapin=off,syncfleet=info,syncfleet_producer=info,syncfleet_worker=info,syncfleet_db=info",
         )
     });
     tracing_subscriber::fmt()

@@ -1,0 +1,314 @@
+//! Operations: /metrics, /healthz, /readyz, the dashboard and alert rules,
+//! the Kubernetes manifests, and a real Prometheus scraping a worker.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::TestEnv;
+
+/// A plain HTTP GET on loopback: (status code, body).
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+fn free_port() -> u16 {
+    syncfleet_chaos::broker::free_port().unwrap()
+}
+
+/// The value of the first sample of `family` whose labels contain all of
+/// `labels` (`name="value"` pairs).
+fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn spawn(env: &TestEnv, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+        .arg("--config")
+        .arg(env.dir.join("syncfleet.toml"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_cover_a_real_sync() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO items SELECT i, 'v' || i, now() FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    env.config(
+        "[producer]\ninterval = \"1s\"\nstagger = \"0s\"\n\
+         [[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 50\ncursor = \"updated_at\"\n",
+    );
+    let (worker_port, producer_port) = (free_port(), free_port());
+    let worker_addr = format!("127.0.0.1:{worker_port}");
+    let producer_addr = format!("127.0.0.1:{producer_port}");
+    let _worker = spawn(&env, &["worker", "--metrics-addr", &worker_addr]);
+    let _producer = spawn(&env, &["producer", "--metrics-addr", &producer_addr]);
+    // The producer's scheduled runs (every second) do the syncing.
+    env.eventually("worker metrics with synced rows", 60, || async {
+        get(worker_port, "/metrics")
+            .await
+            .and_then(|(_, m)| sample(&m, "syncfleet_rows_synced_total", &["stream=\"items\""]))
+            .is_some_and(|v| v >= 300.0)
+    })
+    .await;
+    env.eventually(
+        "producer metrics with run progress and a watermark",
+        60,
+        || async {
+            get(producer_port, "/metrics").await.is_some_and(|(_, m)| {
+                sample(
+                    &m,
+                    "syncfleet_run_batches",
+                    &["stream=\"items\"", "state=\"total\""],
+                )
+                .is_some()
+                    && sample(&m, "syncfleet_watermark_age_seconds", &["stream=\"items\""])
+                        .is_some()
+                    && sample(&m, "syncfleet_queue_messages", &["queue=\""]).is_some()
+            })
+        },
+    )
+    .await;
+    let (status, worker) = get(worker_port, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let items = ["stream=\"items\""];
+    for family in [
+        "syncfleet_bytes_synced_total",
+        "syncfleet_job_duration_seconds_count",
+        "syncfleet_source_read_seconds_count",
+        "syncfleet_destination_write_seconds_count",
+    ] {
+        assert!(
+            sample(&worker, family, &items).unwrap_or(0.0) > 0.0,
+            "{family}:\n{worker}"
+        );
+    }
+    assert!(
+        sample(
+            &worker,
+            "syncfleet_jobs_total",
+            &["stream=\"items\"", "outcome=\"succeeded\""]
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{worker}"
+    );
+    assert!(
+        sample(
+            &worker,
+            "syncfleet_pool_connections",
+            &["database=\"source\"", "state=\"size\""]
+        )
+        .is_some(),
+        "{worker}"
+    );
+    assert!(
+        sample(&worker, "syncfleet_jobs_in_flight", &[]).is_some(),
+        "{worker}"
+    );
+    assert!(
+        sample(&worker, "syncfleet_throttle_level", &[]).is_some(),
+        "{worker}"
+    );
+    assert!(
+        sample(&worker, "syncfleet_queue_consumers", &["queue=\""]).is_some(),
+        "{worker}"
+    );
+    let (_, producer) = get(producer_port, "/metrics").await.unwrap();
+    assert_eq!(
+        sample(&producer, "syncfleet_leader", &[]),
+        Some(1.0),
+        "{producer}"
+    );
+    assert_eq!(get(worker_port, "/healthz").await.map(|r| r.0), Some(200));
+    assert_eq!(get(worker_port, "/readyz").await.map(|r| r.0), Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_broker() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let broker = tokio::task::block_in_place(|| {
+        syncfleet_chaos::broker::PrivateBroker::start(&env.dir, &format!("{}_mq", env.name))
+    })
+    .unwrap();
+    let text = env
+        .config_text("")
+        .replace(&crate::helpers::amqp_url(), &broker.url());
+    env.write("syncfleet.toml", &text);
+    let port = free_port();
+    let _worker = spawn(
+        &env,
+        &["worker", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    let ready = || async { get(port, "/readyz").await.map(|r| r.0) };
+    env.eventually("ready", 30, || async { ready().await == Some(200) })
+        .await;
+    tokio::task::block_in_place(|| broker.stop());
+    env.eventually("not ready while the broker is down", 30, || async {
+        ready().await == Some(503)
+    })
+    .await;
+    assert_eq!(
+        get(port, "/healthz").await.map(|r| r.0),
+        Some(200),
+        "alive all the same"
+    );
+    tokio::task::block_in_place(|| broker.start_again()).unwrap();
+    env.eventually("ready again", 60, || async { ready().await == Some(200) })
+        .await;
+}
+
+/// Every `syncfleet_*` name in a file, with histogram suffixes removed.
+fn names_in(path: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("{}/../../{path}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("syncfleet_"))
+        .map(|w| {
+            ["_bucket", "_count", "_sum"]
+                .iter()
+                .fold(w.to_string(), |n, s| {
+                    n.strip_suffix(s).map(str::to_string).unwrap_or(n)
+                })
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn the_dashboard_and_alerts_use_only_exported_metrics() {
+    for file in [
+        "deploy/grafana/syncfleet.json",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        let names = names_in(file);
+        assert!(!names.is_empty(), "{file} uses no syncfleet metric");
+        for n in names {
+            assert!(
+                syncfleet_core::metrics::ALL.contains(&n.as_str()),
+                "{file} uses {n}, which syncfleet does not export"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_and_alert_rules_validate() {
+    let out = std::process::Command::new("bash")
+        .arg(format!(
+            "{}/../../deploy/check.sh",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .current_dir(format!("{}/../..", env!("CARGO_MANIFEST_DIR")))
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "deploy/check.sh failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_queue_depth_from_a_worker() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 200) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 20\n");
+    let worker_port = free_port();
+    let _worker = spawn(
+        &env,
+        &[
+            "worker",
+            "--metrics-addr",
+            &format!("127.0.0.1:{worker_port}"),
+        ],
+    );
+    let prom_port = free_port();
+    let prom_dir = env.dir.join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    std::fs::write(
+        prom_dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: syncfleet\n    static_configs:\n      - targets: ['127.0.0.1:{worker_port}']\n"
+        ),
+    )
+    .unwrap();
+    let binary = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("prometheus is installed (deploy/local/services.sh installs Debian's package)");
+    let _prometheus = tokio::process::Command::new(binary)
+        .arg(format!(
+            "--config.file={}",
+            prom_dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            prom_dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let plan = env.plan(&config).await;
+    env.wait(plan.run_id).await;
+    let work_queue = format!("{}.work", env.name);
+    env.eventually("Prometheus to hold the work queue's depth", 90, || async {
+        get(prom_port, "/api/v1/query?query=syncfleet_queue_messages")
+            .await
+            .is_some_and(|(status, body)| status == 200 && body.contains(&work_queue))
+    })
+    .await;
+}
