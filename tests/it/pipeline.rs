@@ -297,6 +297,17 @@ async fn sync_wait_and_status_through_the_binary() {
         stdout.contains(&format!("queue {}.work: 0 ready", env.name)),
         "{stdout}"
     );
+
+    // Machine-readable, and a watch of a finished run returns at once.
+    let out = env.cli(&path, &["status", "--json", &run_id]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    assert_eq!(v["run"]["status"], "succeeded");
+    assert_eq!(v["run"]["streams"][0]["batches_done"], 13);
+    assert_eq!(v["run"]["streams"][0]["rows"], 500);
+    assert!(v["queues"].as_array().is_some_and(|q| !q.is_empty()), "{v}");
+    let out = env.cli(&path, &["status", "--watch", &run_id]).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("succeeded"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ mod demo;
 mod error;
 mod migrate;
 mod producer;
+mod progress;
 mod serve;
 mod signals;
 mod status;

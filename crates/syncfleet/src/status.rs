@@ -9,15 +9,40 @@ use syncfleet_db::control::{self, RunSummary, StreamProgress};
 use syncfleet_db::{Pool, Role};
 
 use crate::error::CliError;
+use crate::progress::Progress;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The run to show [default: the latest, plus a list of recent runs]
     run_id: Option<i64>,
+    /// Follow the run live (a bar per stream) until it finishes
+    #[arg(long, conflicts_with = "json")]
+    watch: bool,
+    /// Print the run, its streams and the queues as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
+    if args.json {
+        return json(config, &destination, args.run_id).await;
+    }
+    if args.watch {
+        let client = destination.get().await?;
+        let id = match args.run_id {
+            Some(id) => id,
+            None => control::recent_runs(&**client, 1)
+                .await?
+                .pop()
+                .map(|r| r.id)
+                .ok_or_else(|| CliError::Usage("no runs yet".into()))?,
+        };
+        drop(client);
+        let run = wait_for_run(&destination, id, Duration::from_secs(86_400), true).await?;
+        print_run(&run);
+        return Ok(ExitCode::SUCCESS);
+    }
     let client = destination.get().await?;
     let run = match args.run_id {
         Some(id) => Some(
@@ -134,7 +159,7 @@ pub async fn wait_for_run(
     show: bool,
 ) -> Result<RunSummary, CliError> {
     let started = Instant::now();
-    let mut last_line = String::new();
+    let mut display = Progress::new(run_id);
     loop {
         let client = destination.get().await?;
         let run = control::run(&**client, run_id)
@@ -142,19 +167,15 @@ pub async fn wait_for_run(
             .ok_or_else(|| CliError::Failed(format!("run {run_id} disappeared")))?;
         if show {
             let progress = control::run_progress(&**client, run_id).await?;
-            let line = progress
-                .iter()
-                .map(|s| format!("{} {}/{}", s.stream, s.batches_done, s.batches_total))
-                .collect::<Vec<_>>()
-                .join("  ");
-            if line != last_line {
-                eprintln!("run {run_id} {}: {line}", run.status);
-                last_line = line;
-            }
+            display.update(&run, &progress);
         }
         match run.status.as_str() {
-            "succeeded" => return Ok(run),
+            "succeeded" => {
+                display.finish();
+                return Ok(run);
+            }
             "failed" => {
+                display.finish();
                 if show {
                     eprintln!(
                         "run {run_id} failed: {}",
@@ -173,4 +194,59 @@ pub async fn wait_for_run(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// `status --json`: the run (latest by default), its streams and the queues.
+async fn json(
+    config: &Config,
+    destination: &Pool,
+    run_id: Option<i64>,
+) -> Result<ExitCode, CliError> {
+    use serde_json::json;
+    let client = destination.get().await?;
+    let run = match run_id {
+        Some(id) => control::run(&**client, id).await?,
+        None => control::recent_runs(&**client, 1).await?.pop(),
+    };
+    let run_json = match &run {
+        Some(r) => {
+            let streams: Vec<serde_json::Value> = control::run_progress(&**client, r.id)
+                .await?
+                .iter()
+                .map(|s| {
+                    json!({"stream": s.stream, "batches_done": s.batches_done,
+                           "batches_failed": s.batches_failed, "batches_total": s.batches_total,
+                           "planned": s.planned, "rows": s.rows})
+                })
+                .collect();
+            let failed: Vec<serde_json::Value> = control::failed_batches(&**client, r.id)
+                .await?
+                .iter()
+                .map(|b| json!({"stream": b.stream, "batch": b.batch_no, "attempts": b.attempts, "error": b.error}))
+                .collect();
+            json!({"id": r.id, "status": r.status, "created_at": r.created_at,
+                   "finished_at": r.finished_at, "seconds": r.seconds, "error": r.error,
+                   "streams": streams, "failed_batches": failed})
+        }
+        None => serde_json::Value::Null,
+    };
+    let topology = Topology::new(&config.broker.prefix);
+    let mut queues = Vec::new();
+    if let Ok(connection) = syncfleet_broker::connect(&config.broker, "status").await {
+        for q in topology.queues() {
+            let Ok(channel) = connection.create_channel().await else {
+                break;
+            };
+            if let Ok((ready, consumers)) = topology.depth(&channel, &q).await {
+                queues.push(json!({"queue": q, "ready": ready, "consumers": consumers}));
+            }
+        }
+        let _ = connection.close(200, "status".into()).await;
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"run": run_json, "queues": queues}))
+            .expect("JSON serializes")
+    );
+    Ok(ExitCode::SUCCESS)
 }
