@@ -312,3 +312,54 @@ async fn prometheus_scrapes_queue_depth_from_a_worker() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_depth_counts_unacked_jobs_through_the_management_api() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 100) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let (broker, management) = tokio::task::block_in_place(|| {
+        syncfleet_chaos::broker::PrivateBroker::start_with_management(
+            &env.dir,
+            &format!("{}_mgmt", env.name),
+        )
+    })
+    .unwrap();
+    // Each batch takes 2 s to read, so jobs sit unacked in the workers.
+    let text = env
+        .config_text(
+            "[[stream]]\nname = \"items\"\nquery = \"SELECT id, v FROM items WHERE id > (SELECT -1 FROM pg_sleep(2))\"\n\
+             key = [\"id\"]\nbatch_size = 10\n",
+        )
+        .replace(&crate::helpers::amqp_url(), &broker.url())
+        .replace("connect_timeout = \"5s\"\n[jobs]", &format!("connect_timeout = \"5s\"\nmanagement_url = \"{management}\"\n[jobs]"));
+    let path = env.write("syncfleet.toml", &text);
+    let config = std::sync::Arc::new(syncfleet_core::Config::load(&path).unwrap());
+    assert!(config.broker.management_url.is_some(), "{text}");
+    let port = free_port();
+    let _worker = spawn(
+        &env,
+        &["worker", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    env.plan(&config).await;
+    let work = format!("queue=\"{}.work\"", env.name);
+    env.eventually("unacked jobs in the queue gauge", 60, || async {
+        get(port, "/metrics").await.is_some_and(|(_, m)| {
+            sample(
+                &m,
+                "syncfleet_queue_messages",
+                &[&work, "state=\"unacked\""],
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        })
+    })
+    .await;
+    drop(broker);
+}

@@ -23,6 +23,7 @@
 //! confirmed; the broker's own dead-lettering is at-least-once.
 
 pub mod headers;
+pub mod management;
 pub mod publish;
 pub mod topology;
 

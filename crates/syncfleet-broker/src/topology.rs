@@ -189,10 +189,34 @@ impl Topology {
         Ok((q.message_count(), q.consumer_count()))
     }
 
-    /// Sets the queue gauges (ready messages, consumers) of the work, events
-    /// and dead-letter queues.
-    pub async fn report_depths(&self, connection: &lapin::Connection) {
+    /// Sets the queue gauges of the work, events and dead-letter queues:
+    /// ready, unacked and consumers from the management API when its URL is
+    /// configured, else ready and consumers by a passive declare.
+    pub async fn report_depths(
+        &self,
+        connection: &lapin::Connection,
+        config: &syncfleet_core::config::BrokerConfig,
+    ) {
         use syncfleet_core::metrics as m;
+        if let Some(url) = &config.management_url {
+            let vhost = crate::management::vhost(config.url.expose());
+            for queue in self.queues() {
+                match crate::management::queue_counts(url, &vhost, &queue).await {
+                    Ok(c) => {
+                        for (state, value) in [("ready", c.ready), ("unacked", c.unacked)] {
+                            metrics::gauge!(m::QUEUE_MESSAGES, "queue" => queue.clone(), "state" => state)
+                                .set(value as f64);
+                        }
+                        metrics::gauge!(m::QUEUE_CONSUMERS, "queue" => queue.clone())
+                            .set(c.consumers as f64);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%queue, error = %e, "no queue counts from the management API")
+                    }
+                }
+            }
+            return;
+        }
         for queue in self.queues() {
             // A passive declare of a missing queue closes its channel.
             let Ok(channel) = connection.create_channel().await else {

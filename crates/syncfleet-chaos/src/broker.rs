@@ -31,6 +31,18 @@ impl PrivateBroker {
     /// Starts a node named after `name` under `dir` and waits until it
     /// accepts connections.
     pub fn start(dir: &Path, name: &str) -> Result<Self, ChaosError> {
+        Self::start_node(dir, name, None)
+    }
+
+    /// Starts a node with the management plugin on its own port; returns
+    /// the node and the management API's URL.
+    pub fn start_with_management(dir: &Path, name: &str) -> Result<(Self, String), ChaosError> {
+        let port = free_port()?;
+        let broker = Self::start_node(dir, name, Some(port))?;
+        Ok((broker, format!("http://guest:guest@127.0.0.1:{port}")))
+    }
+
+    fn start_node(dir: &Path, name: &str, management: Option<u16>) -> Result<Self, ChaosError> {
         let dir = dir.join("rabbitmq");
         std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::create_dir_all(dir.join("log"))?;
@@ -41,11 +53,16 @@ impl PrivateBroker {
             .ok_or_else(|| ChaosError("RabbitMQ's scripts are not under /usr/lib/rabbitmq/bin (is rabbitmq-server installed?)".into()))?;
         let port = free_port()?;
         let dist_port = free_port()?;
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
-        )?;
-        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
+        let mut plugins = "[].\n".to_string();
+        if let Some(m) = management {
+            conf.push_str(&format!(
+                "management.tcp.port = {m}\nmanagement.tcp.ip = 127.0.0.1\n"
+            ));
+            plugins = "[rabbitmq_management].\n".into();
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), conf)?;
+        std::fs::write(dir.join("enabled_plugins"), plugins)?;
         std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
         let broker = Self {
             node: format!("{name}@localhost"),

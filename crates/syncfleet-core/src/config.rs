@@ -20,6 +20,7 @@ use crate::secret::SecretUrl;
 pub const ENV_SOURCE_URL: &str = "SYNCFLEET_SOURCE_URL";
 pub const ENV_DESTINATION_URL: &str = "SYNCFLEET_DESTINATION_URL";
 pub const ENV_AMQP_URL: &str = "SYNCFLEET_AMQP_URL";
+pub const ENV_MANAGEMENT_URL: &str = "SYNCFLEET_RABBITMQ_MANAGEMENT_URL";
 /// The seed's knobs: retry attempts, and the delay between attempts.
 pub const ENV_MAX_RETRIES: &str = "SYNC_MAX_RETRIES";
 pub const ENV_DELAY_SECONDS: &str = "SYNC_DELAY_SECONDS";
@@ -94,6 +95,9 @@ pub struct BrokerConfig {
     /// The broker's `consumer_timeout`: a delivery unacked for this long
     /// closes its channel. Every job deadline must stay well below it.
     pub consumer_timeout: Duration,
+    /// RabbitMQ's management API (`http://user:pass@host:15672`), for queue
+    /// depths that include unacked messages. Optional.
+    pub management_url: Option<SecretUrl>,
 }
 
 #[derive(Debug, Clone)]
@@ -298,6 +302,7 @@ struct RawBroker {
     prefix: Option<String>,
     connect_timeout: Option<String>,
     consumer_timeout: Option<String>,
+    management_url: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -408,7 +413,11 @@ impl Config {
             raw.destination.unwrap_or_default(),
             env(ENV_DESTINATION_URL),
         )?;
-        let broker = v.broker(raw.broker.unwrap_or_default(), env(ENV_AMQP_URL))?;
+        let broker = v.broker(
+            raw.broker.unwrap_or_default(),
+            env(ENV_AMQP_URL),
+            env(ENV_MANAGEMENT_URL),
+        )?;
         let jobs = v.jobs(raw.jobs, &env)?;
         let concurrency = raw.worker.concurrency.unwrap_or(4);
         if concurrency == 0 {
@@ -666,7 +675,12 @@ impl Validator<'_> {
         })
     }
 
-    fn broker(&self, raw: RawBroker, env_url: Option<String>) -> Result<BrokerConfig, ConfigError> {
+    fn broker(
+        &self,
+        raw: RawBroker,
+        env_url: Option<String>,
+        management_env: Option<String>,
+    ) -> Result<BrokerConfig, ConfigError> {
         let url = self.url(
             "broker.url",
             raw.url,
@@ -695,6 +709,19 @@ impl Validator<'_> {
                 raw.consumer_timeout,
                 DEFAULT_CONSUMER_TIMEOUT,
             )?,
+            management_url: match (
+                raw.management_url,
+                management_env.filter(|u| !u.trim().is_empty()),
+            ) {
+                (None, None) => None,
+                (from_file, from_env) => Some(self.url(
+                    "broker.management_url",
+                    from_file,
+                    from_env,
+                    ENV_MANAGEMENT_URL,
+                    &["http"],
+                )?),
+            },
         })
     }
 

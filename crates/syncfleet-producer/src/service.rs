@@ -156,7 +156,7 @@ async fn lead(
                     .ok();
             }
             if let Some(c) = &gauges_connection {
-                publisher.topology().report_depths(c).await;
+                publisher.topology().report_depths(c, &config.broker).await;
             }
         }
         if lock.simple_query("SELECT 1").await.is_err() {

@@ -292,7 +292,7 @@ async fn report_gauges(context: Arc<Context>, mut shutdown: ShutdownSignal) {
                 .ok();
         }
         if let Some(c) = &connection {
-            topology.report_depths(c).await;
+            topology.report_depths(c, &config.broker).await;
         }
         tokio::select! {
             _ = shutdown.wait() => break,
