@@ -413,3 +413,51 @@ async fn a_standby_producer_takes_over_within_fifteen_seconds() {
         let _ = p.start_kill();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_moves_between_joined_ids_is_neither_duplicated_nor_lost() {
+    use syncfleet_core::job::{Job, NO_RUN, Selection};
+    let env = TestEnv::new().await;
+    env.source.batch_execute(APP).await.unwrap();
+    env.migrate().await;
+    let config = env.config(APP_STREAMS);
+    env.sync(&config, 1).await;
+    // Profile 1 moves from user 1 to user 2; the users event for 2 comes
+    // first, then the one for 1.
+    env.source
+        .batch_execute("UPDATE user_profiles SET user_id = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    let executor = syncfleet_worker::Executor::connect(config.clone())
+        .await
+        .unwrap();
+    let by_user = |id: &str| {
+        Job::selection(
+            NO_RUN,
+            "user_profiles",
+            0,
+            Selection {
+                columns: vec!["user_id".into()],
+                values: vec![vec![id.into()]],
+            },
+        )
+    };
+    executor.execute(&by_user("2")).await.unwrap();
+    executor.execute(&by_user("1")).await.unwrap();
+    let profile: (i32, String) = env
+        .dest
+        .query_one(
+            "SELECT user_id, first_name FROM user_profiles WHERE id = 1",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(profile, (2, "name2".to_string()), "moved, not lost");
+    let rows = "SELECT id, user_id, bio, first_name, email FROM user_profiles";
+    assert_eq!(
+        TestEnv::rows(&env.dest, rows).await.len(),
+        10,
+        "nothing duplicated or deleted"
+    );
+}

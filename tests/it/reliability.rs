@@ -193,6 +193,32 @@ async fn attempts_exhausted_end_in_the_dead_letter_queue() {
         "{stdout}"
     );
     assert_eq!(run_status(&env, plan.run_id).await.status, "failed");
+
+    // Once the cause is gone, resuming the run re-publishes its failed
+    // batch and the run completes.
+    env.dest
+        .batch_execute("DROP TRIGGER always ON items")
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    let out = env
+        .cli(
+            &env.dir.join("syncfleet.toml"),
+            &["sync", "--resume", &plan.run_id.to_string(), "--wait"],
+        )
+        .await;
+    fleet.stop().await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("published 1 job(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(run_status(&env, plan.run_id).await.status, "succeeded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

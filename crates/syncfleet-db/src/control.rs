@@ -292,7 +292,8 @@ pub async fn reopen(
     };
     let n = client
         .execute(
-            "UPDATE syncfleet.batches SET status = 'pending', attempts = 0, error = NULL, finished_at = NULL \
+            "UPDATE syncfleet.batches SET status = 'pending', attempts = 0, error = NULL, finished_at = NULL, \
+             published_at = NULL \
              WHERE run_id = $1 AND status = 'failed' \
              AND ($2::text IS NULL OR stream = $2) AND ($3::int8 IS NULL OR batch_no = $3)",
             &[&run_id, &stream, &batch],
@@ -503,8 +504,28 @@ pub async fn set_scan_end(
     Ok(())
 }
 
-/// Whether a stream has a run that is still planning or running.
-pub async fn stream_busy(client: &impl GenericClient, stream: &str) -> Result<bool, DbError> {
+/// Whether a stream has a run that is still planning or running and has
+/// made progress within `stale_after`. Runs that have not are failed here
+/// ("abandoned"): a producer that died mid-plan, or a batch the broker
+/// dead-lettered by its delivery limit, must not block the stream for ever.
+pub async fn stream_busy(
+    client: &impl GenericClient,
+    stream: &str,
+    stale_after: std::time::Duration,
+) -> Result<bool, DbError> {
+    let seconds = stale_after.as_secs_f64();
+    client
+        .execute(
+            "UPDATE syncfleet.runs r SET status = 'failed', finished_at = now(), \
+               error = format('abandoned: no progress for %s seconds; resume it with syncfleet sync --resume %s', $2::float8, r.id) \
+             FROM syncfleet.run_streams rs \
+             WHERE rs.run_id = r.id AND rs.stream = $1 AND r.status IN ('planning', 'running') \
+             AND greatest(r.created_at, r.planned_at, \
+                   (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
+                 < now() - make_interval(secs => $2::float8)",
+            &[&stream, &seconds],
+        )
+        .await?;
     Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM syncfleet.runs r JOIN syncfleet.run_streams rs ON rs.run_id = r.id \

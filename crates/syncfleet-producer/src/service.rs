@@ -159,7 +159,9 @@ async fn lead(
                 publisher.topology().report_depths(c, &config.broker).await;
             }
         }
-        if lock.simple_query("SELECT 1").await.is_err() {
+        let alive =
+            tokio::time::timeout(Duration::from_secs(5), lock.simple_query("SELECT 1")).await;
+        if !matches!(alive, Ok(Ok(_))) {
             break Err(PlanError::Db(syncfleet_db::DbError::Connect {
                 role: "destination",
                 url: config.destination.url.redacted(),
@@ -174,7 +176,8 @@ async fn lead(
             }
             let full = now >= full_due || !schedule.incremental;
             let busy = match destination.get().await {
-                Ok(c) => control::stream_busy(&**c, &stream.name)
+                // A run without progress for a whole consumer timeout is stuck.
+                Ok(c) => control::stream_busy(&**c, &stream.name, config.broker.consumer_timeout)
                     .await
                     .unwrap_or(true),
                 Err(_) => true,

@@ -49,6 +49,23 @@ const IN_WORKER_RETRIES: usize = 3;
 /// Bound on asking the server to cancel a statement.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A read-gate permit that goes back to the gate however the job ends,
+/// a panic included (the worker catches job panics and carries on, and a
+/// lost permit would shrink the gate for good).
+struct GatePermit<'a> {
+    gate: &'a ReadGate,
+    permit: Option<crate::throttle::Permit>,
+    rows: u64,
+}
+
+impl Drop for GatePermit<'_> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.gate.finish(permit, self.rows);
+        }
+    }
+}
+
 /// Waits for one of the fleet's `slots` source-read slots: transaction-level
 /// advisory locks in the destination, which every worker of the fleet
 /// shares, so the ceiling holds however many processes run, and a slot is
@@ -200,13 +217,16 @@ impl Executor {
         let outer = deadline + CANCEL_TIMEOUT + Duration::from_secs(1);
         // Waiting for the gate is not part of the job's deadline: the job
         // has not touched the source yet.
-        let permit = self.gate.acquire().await;
-        let result = tokio::time::timeout_at(outer.into(), attempts).await;
-        let rows = match &result {
-            Ok(Ok(outcome)) => outcome.rows_copied,
-            _ => 0,
+        let mut permit = GatePermit {
+            gate: &self.gate,
+            permit: Some(self.gate.acquire().await),
+            rows: 0,
         };
-        self.gate.finish(permit, rows);
+        let result = tokio::time::timeout_at(outer.into(), attempts).await;
+        if let Ok(Ok(outcome)) = &result {
+            permit.rows = outcome.rows_copied;
+        }
+        drop(permit);
         let result = match result {
             Ok(result) => result,
             Err(_) => Err(JobError::Retry(format!(
@@ -224,9 +244,12 @@ impl Executor {
         if job.run_id == NO_RUN {
             return Ok(outcome);
         }
-        let finished_run = match control::try_finish_run(&self.destination.get().await?, job.run_id)
-            .await
-        {
+        // The batch is committed: from here on an error must not fail the job.
+        let finish = async {
+            let client = self.destination.get().await?;
+            control::try_finish_run(&client, job.run_id).await
+        };
+        let finished_run = match finish.await {
             Ok(finished) => finished,
             Err(e) => {
                 // The batch is committed; the next batch or `status` finishes the run.
@@ -346,6 +369,14 @@ impl Executor {
             Ok::<_, JobError>(())
         };
         let (empty, ()) = tokio::try_join!(destination_ready, source_ready)?;
+        // A selection on another column (an event's `users = "user_id"`)
+        // says nothing about keys: "no row with that user_id" does not mean
+        // "no row with those keys", so it always merges.
+        let by_key = job
+            .select
+            .as_ref()
+            .is_none_or(|s| s.columns.iter().map(String::as_str).eq(shape.key_names()));
+        let empty = empty && by_key;
         let read_started = Instant::now();
         let rows = read.copy_out(&sql::copy_out(shape, &source_range)).await?;
         let bytes = metrics::counter!(m::BYTES, "stream" => stream.name.clone());
@@ -390,14 +421,22 @@ impl Executor {
             let copy_done = Instant::now();
             source_read.record(read_started.elapsed().as_secs_f64());
             write.execute(&sql::upsert(shape, table), &[]).await?;
-            let deleted = write
-                .execute(
-                    &write
-                        .prepare_cached(&sql::delete_missing(shape, table, &dest_range))
-                        .await?,
-                    &params,
-                )
-                .await?;
+            // Only a range or a key selection owns the rows it names: a row
+            // missing from a selection on another column may merely have
+            // moved (a profile now under another user), so deletes are left
+            // to key-based jobs and full runs.
+            let deleted = if by_key {
+                write
+                    .execute(
+                        &write
+                            .prepare_cached(&sql::delete_missing(shape, table, &dest_range))
+                            .await?,
+                        &params,
+                    )
+                    .await?
+            } else {
+                0
+            };
             (copied, deleted, copy_done)
         };
         // Event jobs belong to no run: nothing to record.
