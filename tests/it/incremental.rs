@@ -247,37 +247,28 @@ async fn events_from_any_publisher_reach_the_destination() {
         )
         .await
         .unwrap();
-    publish_event(
-        &env,
-        "users",
-        r#"{"table": "users", "op": "upsert", "ids": [11, 3]}"#,
-    )
-    .await;
-    publish_event(
-        &env,
-        "user_profiles",
-        r#"{"table": "user_profiles", "op": "upsert", "ids": [11]}"#,
-    )
-    .await;
-    publish_event(
-        &env,
-        "users",
-        r#"{"table": "users", "op": "delete", "ids": [7]}"#,
-    )
-    .await;
-    publish_event(
-        &env,
-        "user_profiles",
-        r#"{"table": "user_profiles", "op": "delete", "ids": [7]}"#,
-    )
-    .await;
-    publish_event(
-        &env,
-        "orders",
-        r#"{"table": "orders", "op": "upsert", "ids": [1]}"#,
-    )
-    .await;
-    publish_event(&env, "x", "{not json").await;
+    for (key, body) in [
+        (
+            "users",
+            r#"{"table": "users", "op": "upsert", "ids": [11, 3]}"#,
+        ),
+        (
+            "user_profiles",
+            r#"{"table": "user_profiles", "op": "upsert", "ids": [11]}"#,
+        ),
+        ("users", r#"{"table": "users", "op": "delete", "ids": [7]}"#),
+        (
+            "user_profiles",
+            r#"{"table": "user_profiles", "op": "delete", "ids": [7]}"#,
+        ),
+        (
+            "orders",
+            r#"{"table": "orders", "op": "upsert", "ids": [1]}"#,
+        ),
+        ("x", "{not json"),
+    ] {
+        publish_event(&env, key, body).await;
+    }
 
     let profiles = "SELECT p.id, p.user_id, p.bio, u.first_name, u.email FROM user_profiles p JOIN users u ON u.id = p.user_id";
     env.eventually("the events to reach both tabs", 60, || async {

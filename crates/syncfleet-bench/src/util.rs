@@ -177,6 +177,15 @@ impl Bench {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Plans a run (no waiting) and returns its id.
+    pub async fn plan(&self, config: &Path) -> Result<i64, String> {
+        self.syncfleet_ok(config, &["sync"])
+            .await?
+            .trim()
+            .parse()
+            .map_err(|_| "sync printed no run id".to_string())
+    }
+
     /// A full sync with `--wait`, timed.
     pub async fn sync_wait(&self, config: &Path) -> Result<Duration, String> {
         let t = Instant::now();
@@ -303,12 +312,7 @@ impl Bench {
             .await
             .map_err(db_err)?;
         let config = self.config("qpb", &format!("batch_size = {batch}"), "");
-        let run_id: i64 = self
-            .syncfleet_ok(&config, &["sync"])
-            .await?
-            .trim()
-            .parse()
-            .map_err(|_| "sync printed no run id".to_string())?;
+        let run_id = self.plan(&config).await?;
         let batches: i64 = self
             .dst
             .query_one(
@@ -368,12 +372,7 @@ impl Bench {
         // batch (the last, open one too: n jobs in all with it).
         let config = self.config("empty_jobs", "batch_size = 1", "");
         let t = Instant::now();
-        let run_id: i64 = self
-            .syncfleet_ok(&config, &["sync"])
-            .await?
-            .trim()
-            .parse()
-            .map_err(|_| "sync printed no run id".to_string())?;
+        let run_id = self.plan(&config).await?;
         let publish = t.elapsed();
         self.src
             .batch_execute("DELETE FROM empty_jobs")
@@ -609,20 +608,6 @@ impl Workers {
     }
 
     pub async fn stop(mut self) {
-        for c in &self.children {
-            if let Some(pid) = c.id() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
-            }
-        }
-        for c in &mut self.children {
-            if tokio::time::timeout(Duration::from_secs(30), c.wait())
-                .await
-                .is_err()
-            {
-                let _ = c.start_kill();
-            }
-        }
+        syncfleet_chaos::stop_processes(&mut self.children).await;
     }
 }

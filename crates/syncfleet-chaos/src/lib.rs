@@ -198,23 +198,28 @@ impl Fleet {
         Ok(())
     }
 
-    /// SIGTERM (a graceful drain), then SIGKILL for anything left.
     async fn stop(&mut self) {
-        for w in &self.workers {
-            if let Some(pid) = w.id() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
-            }
+        stop_processes(&mut self.workers).await;
+    }
+}
+
+/// SIGTERM (a graceful drain) to every process, then SIGKILL for any still
+/// running after 20 s.
+pub async fn stop_processes(children: &mut [Child]) {
+    for c in children.iter() {
+        if let Some(pid) = c.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
-        for w in &mut self.workers {
-            if tokio::time::timeout(Duration::from_secs(20), w.wait())
-                .await
-                .is_err()
-            {
-                let _ = w.start_kill();
-                let _ = w.wait().await;
-            }
+    }
+    for c in children.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(20), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
         }
     }
 }
