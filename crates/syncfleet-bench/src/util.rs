@@ -186,6 +186,19 @@ impl Bench {
             .map_err(|_| "sync printed no run id".to_string())
     }
 
+    /// How many batches a run has.
+    async fn batches(&self, run_id: i64) -> Result<i64, String> {
+        Ok(self
+            .dst
+            .query_one(
+                "SELECT count(*) FROM syncfleet.batches WHERE run_id = $1",
+                &[&run_id],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0))
+    }
+
     /// A full sync with `--wait`, timed.
     pub async fn sync_wait(&self, config: &Path) -> Result<Duration, String> {
         let t = Instant::now();
@@ -313,15 +326,7 @@ impl Bench {
             .map_err(db_err)?;
         let config = self.config("qpb", &format!("batch_size = {batch}"), "");
         let run_id = self.plan(&config).await?;
-        let batches: i64 = self
-            .dst
-            .query_one(
-                "SELECT count(*) FROM syncfleet.batches WHERE run_id = $1",
-                &[&run_id],
-            )
-            .await
-            .map_err(db_err)?
-            .get(0);
+        let batches = self.batches(run_id).await?;
         self.src
             .batch_execute("SELECT pg_stat_statements_reset()")
             .await
@@ -378,15 +383,7 @@ impl Bench {
             .batch_execute("DELETE FROM empty_jobs")
             .await
             .map_err(db_err)?;
-        let jobs: i64 = self
-            .dst
-            .query_one(
-                "SELECT count(*) FROM syncfleet.batches WHERE run_id = $1",
-                &[&run_id],
-            )
-            .await
-            .map_err(db_err)?
-            .get(0);
+        let jobs = self.batches(run_id).await?;
         let workers = Workers::start(self, &config, 2).await?;
         let t = Instant::now();
         self.wait_run(run_id).await?;
