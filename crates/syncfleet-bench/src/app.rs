@@ -60,35 +60,66 @@ pub async fn run(bench: &Bench, seconds: u64, rate: u32) -> Result<Vec<Vec<Strin
         },
         Mode {
             name: "adaptive throttle probing the app's lookup",
-            source: format!("[source.throttle]\nprobe = \"{APP_PROBE}\"\n"),
+            source: format!(
+                "[source.throttle]\nprobe = \"{APP_PROBE}\"\ninterval = \"50ms\"\nmin_latency = \"500us\"\n"
+            ),
         },
     ];
-    let (alone_p50, alone_p99) = pgbench(bench, &script, seconds, rate, "alone").await?;
-    let mut rows = vec![vec![
-        "app alone".into(),
-        format!("{alone_p50:.2}"),
-        format!("{alone_p99:.2}"),
-        "1.00".into(),
-        "".into(),
-        "".into(),
-    ]];
-    let mut unthrottled = None;
+    // The app alone, before and after the syncs; the quieter of the two is
+    // the reference (the harder one to stay close to).
+    let before = alone(bench, &script, seconds, rate, "alone").await?;
+    let mut measured = Vec::new();
     for (i, mode) in modes.iter().enumerate() {
         eprintln!("bench: app latency with {}", mode.name);
         let config = bench.config("wide", "batch_size = 10000", &mode.source);
-        let (p50, p99, rows_per_s) =
-            during_syncs(bench, &config, &script, seconds, rate, &format!("mode{i}")).await?;
-        let base = *unthrottled.get_or_insert(rows_per_s);
+        let tag = format!("mode{i}");
+        measured.push(during_syncs(bench, &config, &script, seconds, rate, &tag).await?);
+    }
+    let after = alone(bench, &script, seconds, rate, "after").await?;
+    let reference = before.1.min(after.1);
+    let unthrottled = measured[0].2.max(1.0);
+    let alone_row = |name: &str, (p50, p99): (f64, f64)| {
+        vec![
+            name.to_string(),
+            format!("{p50:.2}"),
+            format!("{p99:.2}"),
+            if p99 == reference { "1.00" } else { "" }.into(),
+            String::new(),
+            String::new(),
+        ]
+    };
+    let mut rows = vec![alone_row("app alone, before the syncs", before)];
+    for (mode, (p50, p99, rows_per_s)) in modes.iter().zip(measured) {
         rows.push(vec![
             mode.name.to_string(),
             format!("{p50:.2}"),
             format!("{p99:.2}"),
-            format!("{:.2}", p99 / alone_p99),
+            format!("{:.2}", p99 / reference),
             format!("{rows_per_s:.0}"),
-            format!("{:.2}", rows_per_s / base.max(1.0)),
+            format!("{:.2}", rows_per_s / unthrottled),
         ]);
     }
+    rows.push(alone_row("app alone, after the syncs", after));
     Ok(rows)
+}
+
+/// pgbench with no sync running, once the databases are quiet: vacuumed,
+/// checkpointed, autovacuum idle.
+async fn alone(
+    bench: &Bench,
+    script: &Path,
+    seconds: u64,
+    rate: u32,
+    tag: &str,
+) -> Result<(f64, f64), String> {
+    for client in [&bench.src, &bench.dst] {
+        // Two statements: VACUUM cannot run inside a multi-statement query.
+        for statement in ["VACUUM ANALYZE", "CHECKPOINT"] {
+            client.batch_execute(statement).await.map_err(db_err)?;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pgbench(bench, script, seconds, rate, tag).await
 }
 
 /// pgbench while 2 workers run back-to-back full syncs.
@@ -168,7 +199,7 @@ async fn pgbench(
         .arg(script)
         .arg("-l")
         .arg(format!("--log-prefix={}", prefix.display()))
-        .arg(bench.pg.url("bench_src"))
+        .arg(bench.src_url())
         .current_dir(&bench.dir)
         .output()
         .await

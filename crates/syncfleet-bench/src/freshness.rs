@@ -5,7 +5,8 @@
 //! rate, while a producer and 2 workers run. The destination table carries
 //! one extra column, stamped by a trigger whenever syncfleet writes a row;
 //! the source's commit time travels with the row, so the lag of every
-//! change is measured on one server clock.
+//! change is measured on this machine's one clock (both clusters run
+//! here).
 
 use std::time::Duration;
 

@@ -1,10 +1,11 @@
 //! `syncfleet-bench` (`just bench`): every performance figure of syncfleet,
 //! each beside a reference measured in the same run on the same machine.
 //!
-//! It runs on a private PostgreSQL cluster (with `pg_stat_statements`
-//! preloaded) and the local RabbitMQ under a private prefix, drives the
-//! release `syncfleet` binary as real worker processes, prints a Markdown
-//! report and writes it to `docs/benchmarks.md`.
+//! It runs on two private PostgreSQL clusters, source (with
+//! `pg_stat_statements` preloaded) and destination, and on the local
+//! RabbitMQ under a private prefix; it drives the release `syncfleet` binary
+//! as real worker processes, prints a Markdown report and writes it to
+//! `docs/benchmarks.md`.
 //!
 //! 1. throughput against the `COPY … TO STDOUT | COPY … FROM STDIN` ceiling;
 //! 2. source statements per batch at three batch sizes;
@@ -298,7 +299,7 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
                  source and publishes an event for it, {} a second for {} s, while a producer and \
                  2 worker processes run with default settings (events coalesced for up to 250 ms). \
                  Lag is the destination's write time minus the source's commit time, both taken \
-                 from the one server's clock.",
+                 from this machine's clock (both clusters run here).",
                 args.event_rate, args.event_seconds
             ),
             &[

@@ -1,5 +1,7 @@
-//! The bench's world: a private PostgreSQL cluster, the local broker under
-//! a private prefix, config files and worker processes.
+//! The bench's world: two private PostgreSQL clusters (the app's source and
+//! the destination, as in any real deployment: they share this machine's
+//! cores but not a WAL, a buffer pool or a checkpointer), the local broker
+//! under a private prefix, config files and worker processes.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -44,13 +46,15 @@ pub fn db_err(e: tokio_postgres::Error) -> String {
 }
 
 pub struct Bench {
-    pub pg: PrivatePostgres,
+    pub source_pg: PrivatePostgres,
+    pub dest_pg: PrivatePostgres,
     pub dir: PathBuf,
     pub syncfleet: PathBuf,
     pub amqp_url: String,
     pub prefix: String,
     pub src: Client,
     pub dst: Client,
+    _remove: RemoveOnDrop,
 }
 
 impl Bench {
@@ -63,38 +67,42 @@ impl Bench {
         }
         let dir = std::env::temp_dir().join(format!("sfbench_{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let pg = tokio::task::block_in_place(|| {
-            PrivatePostgres::start_with(
-                &dir,
-                &[
-                    "shared_preload_libraries = 'pg_stat_statements'",
-                    "pg_stat_statements.track = top",
-                    "max_connections = 200",
-                    "shared_buffers = '512MB'",
-                ],
-            )
-        })
-        .map_err(|e| e.to_string())?;
-        let admin = connect(&pg.url("postgres")).await?;
-        for db in ["bench_src", "bench_dst"] {
-            admin
+        let start = |name: &str, extra: &[&str]| {
+            let mut settings = vec!["max_connections = 200", "shared_buffers = '512MB'"];
+            settings.extend_from_slice(extra);
+            tokio::task::block_in_place(|| PrivatePostgres::start_with(&dir.join(name), &settings))
+                .map_err(|e| e.to_string())
+        };
+        let source_pg = start(
+            "source",
+            &[
+                "shared_preload_libraries = 'pg_stat_statements'",
+                "pg_stat_statements.track = top",
+            ],
+        )?;
+        let dest_pg = start("destination", &[])?;
+        for (pg, db) in [(&source_pg, "bench_src"), (&dest_pg, "bench_dst")] {
+            connect(&pg.url("postgres"))
+                .await?
                 .batch_execute(&format!("CREATE DATABASE {db}"))
                 .await
                 .map_err(db_err)?;
         }
-        let src = connect(&pg.url("bench_src")).await?;
+        let src = connect(&source_pg.url("bench_src")).await?;
         src.batch_execute("CREATE EXTENSION pg_stat_statements")
             .await
             .map_err(db_err)?;
-        let dst = connect(&pg.url("bench_dst")).await?;
+        let dst = connect(&dest_pg.url("bench_dst")).await?;
         let bench = Self {
-            pg,
-            dir,
+            source_pg,
+            dest_pg,
+            dir: dir.clone(),
             syncfleet,
             amqp_url,
             prefix: format!("sfbench-{}", std::process::id()),
             src,
             dst,
+            _remove: RemoveOnDrop(dir),
         };
         let config = bench.config("none", "", "");
         bench.syncfleet_ok(&config, &["migrate"]).await?;
@@ -129,8 +137,16 @@ impl Bench {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_else(|| "unknown".into());
         Ok(format!(
-            "{cores} cores, {memory} memory; PostgreSQL {pg} (a private cluster: shared_buffers 512MB, fsync off); RabbitMQ {rabbit}"
+            "{cores} cores, {memory} memory; PostgreSQL {pg} (two private clusters, source and destination: shared_buffers 512MB, fsync off); RabbitMQ {rabbit}"
         ))
+    }
+
+    pub fn src_url(&self) -> String {
+        self.source_pg.url("bench_src")
+    }
+
+    pub fn dst_url(&self) -> String {
+        self.dest_pg.url("bench_dst")
     }
 
     /// Writes a config for one stream over `table` and returns its path.
@@ -144,8 +160,8 @@ impl Bench {
             "[source]\nurl = \"{}\"\n{source_extra}\n[destination]\nurl = \"{}\"\n\
              [broker]\nurl = \"{}\"\nprefix = \"{}\"\n\
              [[stream]]\nname = \"{table}\"\ntable = \"{table}\"\n{stream_extra}\n",
-            self.pg.url("bench_src"),
-            self.pg.url("bench_dst"),
+            self.src_url(),
+            self.dst_url(),
             self.amqp_url,
             self.prefix
         );
@@ -245,8 +261,8 @@ impl Bench {
                 .map_err(db_err)?;
             let script = format!(
                 "psql -X -q '{}' -c 'COPY (SELECT * FROM wide) TO STDOUT' | psql -X -q '{}' -c 'COPY ceiling FROM STDIN'",
-                self.pg.url("bench_src"),
-                self.pg.url("bench_dst")
+                self.src_url(),
+                self.dst_url()
             );
             let t = Instant::now();
             let status = Command::new("bash")
@@ -388,6 +404,10 @@ impl Bench {
         let t = Instant::now();
         self.wait_run(run_id).await?;
         let ours = publish + t.elapsed();
+        eprintln!(
+            "bench: empty jobs: planning and publishing {publish:?}, executing {:?}",
+            t.elapsed()
+        );
         workers.stop().await;
         let bare = self.bare_loop(jobs as usize).await?;
         Ok((jobs as usize, ours, bare))
@@ -544,9 +564,13 @@ impl Bench {
     }
 }
 
-impl Drop for Bench {
+/// Removes the bench's folder. The last field of [`Bench`], so that it
+/// runs after the clusters inside the folder have stopped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -1,4 +1,4 @@
-//! Human-friendly durations in config: `"250ms"`, `"60s"`, `"5m"`, `"1h"`,
+//! Human-friendly durations in config: `"500us"`, `"250ms"`, `"60s"`, `"5m"`, `"1h"`,
 //! `"1d"`. A bare number is seconds, matching the seed's `*_SECONDS` variables.
 
 use std::time::Duration;
@@ -10,16 +10,17 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     let (num, unit) = t.split_at(split);
     let expected = || format!("expected a duration like \"250ms\", \"60s\", \"5m\", got {text:?}");
     let n: u64 = num.parse().map_err(|_| expected())?;
-    let per_unit_ms = match unit.trim() {
-        "ms" => 1,
-        "" | "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
+    let per_unit_us = match unit.trim() {
+        "us" => 1,
+        "ms" => 1_000,
+        "" | "s" => 1_000_000,
+        "m" => 60_000_000,
+        "h" => 3_600_000_000,
+        "d" => 86_400_000_000,
         _ => return Err(expected()),
     };
-    n.checked_mul(per_unit_ms)
-        .map(Duration::from_millis)
+    n.checked_mul(per_unit_us)
+        .map(Duration::from_micros)
         .ok_or_else(expected)
 }
 
@@ -30,6 +31,7 @@ mod tests {
     #[test]
     fn parses_units_and_rejects_garbage() {
         assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse("500us"), Ok(Duration::from_micros(500)));
         assert_eq!(parse("60s"), Ok(Duration::from_secs(60)));
         assert_eq!(parse("300"), Ok(Duration::from_secs(300)));
         assert_eq!(parse("5m"), Ok(Duration::from_secs(300)));

@@ -11,7 +11,7 @@ use syncfleet_core::config::TableName;
 use syncfleet_core::ident;
 use syncfleet_core::job::{KeyRange, Selection};
 
-use crate::shape::StreamShape;
+use crate::shape::{Column, StreamShape};
 
 /// The temporary table a batch is copied into before it is merged. It is
 /// created per transaction and dropped at commit, in `pg_temp` so that it can
@@ -148,13 +148,63 @@ impl RangePredicate {
 }
 
 /// Reads one key range of the stream from the source in text COPY format.
-pub fn copy_out(shape: &StreamShape, predicate: &RangePredicate) -> String {
-    format!(
-        "COPY (SELECT {} FROM {} AS q WHERE {}) TO STDOUT",
+pub fn copy_out(shape: &StreamShape, predicate: &RangePredicate, paced: bool) -> String {
+    let select = format!(
+        "SELECT {} FROM {} AS q WHERE {}",
         shape.select_list("q"),
         shape.relation,
         predicate.sql
+    );
+    if paced {
+        // `OFFSET 0` keeps the pacing filter above the range filter, so
+        // only rows of the batch ever pause.
+        format!(
+            "COPY (SELECT * FROM ({select} OFFSET 0) AS r WHERE {}) TO STDOUT",
+            pace_filter()
+        )
+    } else {
+        format!("COPY ({select}) TO STDOUT")
+    }
+}
+
+/// A filter that is always true and paces the rows passing it (see
+/// [`Pace`]): at about one row in fifty, it takes the time since the
+/// statement began, modulo the period, and past the work share sleeps to
+/// the period's end. Checking only some rows keeps its cost out of the work.
+fn pace_filter() -> String {
+    let elapsed = "date_part('epoch', clock_timestamp() - statement_timestamp())";
+    let period = format!("current_setting('{PACE_PERIOD}')::float8");
+    let work = format!("current_setting('{PACE_WORK}')::float8");
+    let phase = format!("({elapsed} - {period} * floor({elapsed} / {period}))");
+    format!(
+        "(random() >= 0.02 OR pg_sleep(CASE WHEN {phase} < {work} THEN 0 ELSE {period} - {phase} END)::text = '')"
     )
+}
+
+/// Server-side pacing of a batch's statements: in every `period` the
+/// backend works for `work` and then sleeps, on its own clock, so a batch
+/// is read (and merged) in short bursts with the CPU left free in between.
+///
+/// The worker cannot pace the source by reading slowly: the server's
+/// socket send buffer (autotuned up to 4 MiB on Linux) holds a whole
+/// batch, which the backend produces at full speed regardless.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    pub period: std::time::Duration,
+    pub work: std::time::Duration,
+}
+
+const PACE_PERIOD: &str = "syncfleet.pace_period";
+const PACE_WORK: &str = "syncfleet.pace_work";
+
+impl Pace {
+    /// The settings [`copy_out`] reads, to set with the read's others.
+    pub fn settings(&self) -> [(String, String); 2] {
+        [
+            (PACE_PERIOD.into(), self.period.as_secs_f64().to_string()),
+            (PACE_WORK.into(), self.work.as_secs_f64().to_string()),
+        ]
+    }
 }
 
 /// Creates the stage with exactly the stream's columns, typed as in the
@@ -192,36 +242,63 @@ pub fn range_is_empty(table: &TableName, predicate: &RangePredicate) -> String {
 /// match is left alone: no new row version, no WAL, no index churn, which
 /// is what makes a re-sync of unchanged data cheap. Values are compared in
 /// their text form, since some types (json, geometric) have no equality.
-pub fn upsert(shape: &StreamShape, table: &TableName) -> String {
+pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool) -> String {
     let columns = ident::list(&shape.column_names(), None);
     let keys = ident::list(&shape.key_names(), None);
-    let values: Vec<String> = shape
+    let values: Vec<&Column> = shape
         .columns
         .iter()
         .enumerate()
         .filter(|(i, _)| !shape.key.contains(i))
-        .map(|(_, c)| ident::quote(&c.name))
+        .map(|(_, c)| c)
         .collect();
     let action = if values.is_empty() {
         "NOTHING".to_string()
     } else {
         let set: Vec<String> = values
             .iter()
-            .map(|c| format!("{c} = EXCLUDED.{c}"))
+            .map(|c| {
+                let c = ident::quote(&c.name);
+                format!("{c} = EXCLUDED.{c}")
+            })
             .collect();
-        let old: Vec<String> = values.iter().map(|c| format!("d.{c}")).collect();
-        let new: Vec<String> = values.iter().map(|c| format!("EXCLUDED.{c}")).collect();
+        let changed: Vec<String> = values.iter().map(|c| changed(c)).collect();
         format!(
-            "UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
+            "UPDATE SET {} WHERE {}",
             set.join(", "),
-            old.join(", "),
-            new.join(", ")
+            changed.join(" OR ")
         )
     };
+    let filter = if paced {
+        format!(" WHERE {}", pace_filter())
+    } else {
+        String::new()
+    };
     format!(
-        "INSERT INTO {table} AS d ({columns}) SELECT {columns} FROM {STAGE} \
+        "INSERT INTO {table} AS d ({columns}) SELECT {columns} FROM {STAGE}{filter} \
          ON CONFLICT ({keys}) DO {action}"
     )
+}
+
+/// Built-in types whose equality means the same text form, so a changed
+/// value can be told by `=`: bool, int2/4/8, text, varchar, uuid, date,
+/// time, timestamp, timestamptz, bytea, oid. Others compare as text,
+/// because their `=` forgives differences a copy must keep: numeric scale
+/// (`1.0 = 1.00`), float zero signs, jsonb numbers, interval units
+/// (`'1 day' = '24 hours'`), bpchar's trailing blanks. Text equality is
+/// bytewise under deterministic collations, which syncfleet's tables use.
+const EXACT_EQUALITY: [u32; 13] = [
+    16, 20, 21, 23, 25, 1043, 2950, 1082, 1083, 1114, 1184, 17, 26,
+];
+
+/// `d.col` differs from `EXCLUDED.col`, as cheaply as its type allows.
+fn changed(column: &Column) -> String {
+    let c = ident::quote(&column.name);
+    if EXACT_EQUALITY.contains(&column.type_oid) {
+        format!("d.{c} IS DISTINCT FROM EXCLUDED.{c}")
+    } else {
+        format!("d.{c}::text IS DISTINCT FROM EXCLUDED.{c}::text")
+    }
 }
 
 /// Deletes destination rows in the range that the source no longer has.
@@ -230,15 +307,27 @@ pub fn delete_missing(
     shape: &StreamShape,
     table: &TableName,
     predicate: &RangePredicate,
+    paced: bool,
 ) -> String {
     let keys = shape.key_names();
+    let filter = if paced {
+        format!(" AND {}", pace_filter())
+    } else {
+        String::new()
+    };
     format!(
-        "DELETE FROM {table} AS d WHERE {} AND NOT EXISTS \
+        "DELETE FROM {table} AS d WHERE {}{filter} AND NOT EXISTS \
          (SELECT 1 FROM {STAGE} AS s WHERE ({}) = ({}))",
         predicate.sql,
         ident::list(&keys, Some("s")),
         ident::list(&keys, Some("d")),
     )
+}
+
+/// Deletes every destination row in the range: the source has none there.
+/// Parameters as in `predicate` (built over alias `d`).
+pub fn delete_range(table: &TableName, predicate: &RangePredicate) -> String {
+    format!("DELETE FROM {table} AS d WHERE {}", predicate.sql)
 }
 
 /// Row count and an order-independent checksum of one key range: the sum of
@@ -263,7 +352,11 @@ mod tests {
         let col = |name: &str, ty: &str| Column {
             name: name.into(),
             type_sql: ty.into(),
-            type_oid: 0,
+            type_oid: match ty {
+                "text" => 25,
+                "bigint" => 20,
+                _ => 3802,
+            },
         };
         StreamShape {
             stream: "s".into(),
@@ -301,8 +394,13 @@ mod tests {
     #[test]
     fn upsert_quotes_every_identifier() {
         let t = TableName::parse("rep.tab").unwrap();
-        let sql = upsert(&shape(), &t);
+        let sql = upsert(&shape(), &t, false);
         assert!(sql.contains("\"v\"\"x\" = EXCLUDED.\"v\"\"x\""), "{sql}");
+        // jsonb's `=` forgives `1.0` against `1`: it compares as text.
+        assert!(
+            sql.contains("WHERE d.\"v\"\"x\"::text IS DISTINCT FROM EXCLUDED.\"v\"\"x\"::text"),
+            "{sql}"
+        );
         assert!(sql.contains("ON CONFLICT (\"org\", \"id\")"), "{sql}");
     }
 }

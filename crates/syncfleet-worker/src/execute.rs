@@ -332,7 +332,13 @@ impl Executor {
                 .map_err(|e| JobError::Reject(format!("job {}: {e}", job.id()))),
             None => Ok(RangePredicate::new(shape, alias, &job.range, binding)),
         };
-        let source_range = predicate("q", Binding::Settings)?;
+        let mut source_range = predicate("q", Binding::Settings)?;
+        // Read once per job: a batch keeps the pace it started with.
+        let pace = self.gate.pace();
+        for (name, value) in pace.iter().flat_map(|p| p.settings()) {
+            source_range.settings.0.push(name);
+            source_range.settings.1.push(value);
+        }
         let dest_range = predicate("d", Binding::Params { first: 1 })?;
         let params: Vec<&(dyn ToSql + Sync)> = dest_range
             .params
@@ -351,6 +357,14 @@ impl Executor {
             if let Some(slots) = self.config.reads.max_concurrent {
                 take_read_slot(&write, slots, &self.config.broker.prefix).await?;
             }
+            // A paced batch is merged at the same pace: on a machine the
+            // two databases share, the merge's burst would undo the read's.
+            if let Some(pace) = pace {
+                let (names, values): (Vec<String>, Vec<String>) =
+                    pace.settings().into_iter().unzip();
+                let statement = write.prepare_cached(sql::SET_SETTINGS).await?;
+                write.execute(&statement, &[&names, &values]).await?;
+            }
             let statement = write
                 .prepare_cached(&sql::range_is_empty(table, &dest_range))
                 .await?;
@@ -366,9 +380,15 @@ impl Executor {
                 )
                 .await?;
             }
-            Ok::<_, JobError>(())
+            // COPY text depends only on the shape, the range's form and the
+            // pace (values travel as settings), so it is prepared once per
+            // connection, like every statement a job repeats.
+            let copy = read
+                .prepare_cached(&sql::copy_out(shape, &source_range, pace.is_some()))
+                .await?;
+            Ok::<_, JobError>(copy)
         };
-        let (empty, ()) = tokio::try_join!(destination_ready, source_ready)?;
+        let (empty, copy_out) = tokio::try_join!(destination_ready, source_ready)?;
         // A selection on another column (an event's `users = "user_id"`)
         // says nothing about keys: "no row with that user_id" does not mean
         // "no row with those keys", so it always merges.
@@ -378,21 +398,37 @@ impl Executor {
             .is_none_or(|s| s.columns.iter().map(String::as_str).eq(shape.key_names()));
         let empty = empty && by_key;
         let read_started = Instant::now();
-        let rows = read.copy_out(&sql::copy_out(shape, &source_range)).await?;
+        let rows = read.copy_out(&copy_out).await?;
         let bytes = metrics::counter!(m::BYTES, "stream" => stream.name.clone());
-        let rows = crate::throttle::paced(self.gate.clone(), rows).inspect(move |chunk| {
+        let rows = rows.inspect(move |chunk| {
             if let Ok(chunk) = chunk {
                 bytes.increment(chunk.len() as u64);
             }
         });
+        let rows = rows.peekable();
         futures_util::pin_mut!(rows);
+        // A range the source has no rows in needs no COPY on the
+        // destination: nothing to write, or only a range to clear.
+        let source_empty = rows.as_mut().peek().await.is_none();
         let source_read = metrics::histogram!(m::SOURCE_READ, "stream" => stream.name.clone());
-        let (rows_copied, rows_deleted, copy_done) = if empty {
+        let (rows_copied, rows_deleted, copy_done) = if source_empty {
+            source_read.record(read_started.elapsed().as_secs_f64());
+            let deleted = if empty || !by_key {
+                0
+            } else {
+                let statement = write
+                    .prepare_cached(&sql::delete_range(table, &dest_range))
+                    .await?;
+                write.execute(&statement, &params).await?
+            };
+            (0, deleted, Instant::now())
+        } else if empty {
             // Fast path (an initial load): nothing to update or delete, so
             // the rows go straight into the table.
-            let sink = write
-                .copy_in(&sql::copy_in(shape, &table.to_string()))
+            let statement = write
+                .prepare_cached(&sql::copy_in(shape, &table.to_string()))
                 .await?;
+            let sink = write.copy_in(&statement).await?;
             futures_util::pin_mut!(sink);
             let copied = async {
                 sink.as_mut().send_all(&mut rows).await?;
@@ -414,13 +450,17 @@ impl Executor {
             write
                 .batch_execute(&sql::create_stage(shape, table))
                 .await?;
-            let stage = write.copy_in(&sql::copy_in_stage(shape)).await?;
+            let statement = write.prepare_cached(&sql::copy_in_stage(shape)).await?;
+            let stage = write.copy_in(&statement).await?;
             futures_util::pin_mut!(stage);
             stage.as_mut().send_all(&mut rows).await?;
             let copied = stage.finish().await?;
             let copy_done = Instant::now();
             source_read.record(read_started.elapsed().as_secs_f64());
-            write.execute(&sql::upsert(shape, table), &[]).await?;
+            let statement = write
+                .prepare_cached(&sql::upsert(shape, table, pace.is_some()))
+                .await?;
+            write.execute(&statement, &[]).await?;
             // Only a range or a key selection owns the rows it names: a row
             // missing from a selection on another column may merely have
             // moved (a profile now under another user), so deletes are left
@@ -429,7 +469,12 @@ impl Executor {
                 write
                     .execute(
                         &write
-                            .prepare_cached(&sql::delete_missing(shape, table, &dest_range))
+                            .prepare_cached(&sql::delete_missing(
+                                shape,
+                                table,
+                                &dest_range,
+                                pace.is_some(),
+                            ))
                             .await?,
                         &params,
                     )
@@ -457,8 +502,9 @@ impl Executor {
                 job.id()
             )));
         }
-        write.commit().await?;
-        read.commit().await?;
+        // The source's read-only transaction has nothing to keep: it ends
+        // beside the destination's commit, not after it.
+        tokio::try_join!(write.commit(), read.commit())?;
         // The merge and the commit: what the destination spends after the COPY.
         metrics::histogram!(m::DESTINATION_WRITE, "stream" => stream.name.clone())
             .record(copy_done.elapsed().as_secs_f64());
