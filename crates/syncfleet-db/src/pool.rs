@@ -38,6 +38,10 @@ pub type Client = deadpool_postgres::Object;
 /// Starts the transaction every source read runs in: one consistent
 /// snapshot (REPEATABLE READ), and READ ONLY, so syncfleet can never write
 /// to the app's database.
+pub const READ_SNAPSHOT: &str = "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+
+/// [`READ_SNAPSHOT`] as a transaction guard, for code that does not
+/// pipeline it.
 pub async fn read_snapshot(
     client: &mut Client,
 ) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {

@@ -70,27 +70,23 @@ impl Drop for GatePermit<'_> {
 /// advisory locks in the destination, which every worker of the fleet
 /// shares, so the ceiling holds however many processes run, and a slot is
 /// released with its transaction even if the worker dies. The deadline
-/// around the job bounds the wait.
+/// around the job bounds the wait. `statement` is [`sql::TAKE_READ_SLOT`].
 async fn take_read_slot(
-    write: &deadpool_postgres::Transaction<'_>,
-    slots: u32,
-    prefix: &str,
+    client: &Client,
+    statement: &tokio_postgres::Statement,
+    slots: i32,
+    namespace: &str,
 ) -> Result<(), JobError> {
-    let slots = slots as i32;
-    let namespace = format!("syncfleet.reads/{prefix}");
     loop {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=25))).await;
         let start = fastrand::i32(0..slots);
-        if write
-            .query_opt(
-                &write.prepare_cached(sql::TAKE_READ_SLOT).await?,
-                &[&slots, &namespace, &start],
-            )
+        if client
+            .query_opt(statement, &[&slots, &namespace, &start])
             .await?
             .is_some()
         {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=25))).await;
     }
 }
 
@@ -240,27 +236,7 @@ impl Executor {
                 .expect("shape cache")
                 .remove(&stream.name);
         }
-        let outcome = result?;
-        if job.run_id == NO_RUN {
-            return Ok(outcome);
-        }
-        // The batch is committed: from here on an error must not fail the job.
-        let finish = async {
-            let client = self.destination.get().await?;
-            control::try_finish_run(&client, job.run_id).await
-        };
-        let finished_run = match finish.await {
-            Ok(finished) => finished,
-            Err(e) => {
-                // The batch is committed; the next batch or `status` finishes the run.
-                tracing::warn!(run_id = job.run_id, error = %e, "could not check whether the run finished");
-                false
-            }
-        };
-        Ok(BatchOutcome {
-            finished_run,
-            ..outcome
-        })
+        result
     }
 
     async fn shape(&self, stream: &StreamConfig) -> Result<Arc<StreamShape>, JobError> {
@@ -346,49 +322,90 @@ impl Executor {
             .map(|p| p as &(dyn ToSql + Sync))
             .collect();
 
-        // The two databases are independent, so their set-up round trips
-        // overlap; only the COPY waits for both. The destination
-        // transaction holds this read's slot of the fleet-wide ceiling
-        // until it ends, however it ends, and the slot is taken before the
-        // source query starts.
-        let (write, read) =
-            tokio::try_join!(dst.transaction(), syncfleet_db::pool::read_snapshot(src),)?;
+        // Statements are prepared first (once per connection: the text of
+        // each depends only on the stream, the range's form and the pace,
+        // values travelling as parameters or settings), so that what
+        // follows can be pipelined: requests joined with `biased;` are sent
+        // in the order written, on their first poll, and share one round
+        // trip. That order matters: `BEGIN` must reach the server before
+        // the settings and the advisory lock that live in its transaction.
+        //
+        // The transactions are begun by hand, not through a guard: any
+        // error closes both connections (see `attempt`), which rolls back.
+        let (source_statements, destination_statements) = tokio::try_join!(
+            async {
+                let settings = match source_range.settings.0.is_empty() {
+                    true => None,
+                    false => Some(src.prepare_cached(sql::SET_SETTINGS).await?),
+                };
+                let copy = src
+                    .prepare_cached(&sql::copy_out(shape, &source_range, pace.is_some()))
+                    .await?;
+                Ok::<_, tokio_postgres::Error>((settings, copy))
+            },
+            async {
+                let slot = dst.prepare_cached(sql::TAKE_READ_SLOT).await?;
+                let settings = dst.prepare_cached(sql::SET_SETTINGS).await?;
+                let empty = dst
+                    .prepare_cached(&sql::range_is_empty(table, &dest_range))
+                    .await?;
+                Ok::<_, tokio_postgres::Error>((slot, settings, empty))
+            },
+        )?;
+        let (set_source, copy_out) = source_statements;
+        let (slot, set_destination, is_empty) = destination_statements;
+        let pace_settings: Option<(Vec<String>, Vec<String>)> =
+            pace.map(|p| p.settings().into_iter().unzip());
+
+        // The two databases are independent, so their set-up overlaps; the
+        // COPY waits for both. The destination transaction holds this
+        // read's slot of the fleet-wide ceiling until it ends, however it
+        // ends, and the slot is taken before the source query starts.
+        let source_ready = async {
+            let begin = src.batch_execute(syncfleet_db::pool::READ_SNAPSHOT);
+            let settings = async {
+                if let Some(statement) = &set_source {
+                    src.execute(
+                        statement,
+                        &[&source_range.settings.0, &source_range.settings.1],
+                    )
+                    .await?;
+                }
+                Ok(())
+            };
+            tokio::try_join!(biased; begin, settings)?;
+            Ok::<_, JobError>(())
+        };
         let destination_ready = async {
-            if let Some(slots) = self.config.reads.max_concurrent {
-                take_read_slot(&write, slots, &self.config.broker.prefix).await?;
-            }
+            let begin = dst.batch_execute("BEGIN");
+            let slots = self.config.reads.max_concurrent.map(|n| n as i32);
+            let namespace = format!("syncfleet.reads/{}", self.config.broker.prefix);
+            let first_try = async {
+                match slots {
+                    Some(n) => Ok(dst
+                        .query_opt(&slot, &[&n, &namespace, &fastrand::i32(0..n)])
+                        .await?
+                        .is_some()),
+                    None => Ok(true),
+                }
+            };
             // A paced batch is merged at the same pace: on a machine the
             // two databases share, the merge's burst would undo the read's.
-            if let Some(pace) = pace {
-                let (names, values): (Vec<String>, Vec<String>) =
-                    pace.settings().into_iter().unzip();
-                let statement = write.prepare_cached(sql::SET_SETTINGS).await?;
-                write.execute(&statement, &[&names, &values]).await?;
+            let settings = async {
+                if let Some((names, values)) = &pace_settings {
+                    dst.execute(&set_destination, &[names, values]).await?;
+                }
+                Ok(())
+            };
+            let empty = async { Ok(dst.query_one(&is_empty, &params).await?.get::<_, bool>(0)) };
+            let ((), got_slot, (), empty) =
+                tokio::try_join!(biased; begin, first_try, settings, empty)?;
+            if let (false, Some(n)) = (got_slot, slots) {
+                take_read_slot(dst, &slot, n, &namespace).await?;
             }
-            let statement = write
-                .prepare_cached(&sql::range_is_empty(table, &dest_range))
-                .await?;
-            let empty: bool = write.query_one(&statement, &params).await?.get(0);
             Ok::<_, JobError>(empty)
         };
-        let source_ready = async {
-            if !source_range.settings.0.is_empty() {
-                let statement = read.prepare_cached(sql::SET_SETTINGS).await?;
-                read.execute(
-                    &statement,
-                    &[&source_range.settings.0, &source_range.settings.1],
-                )
-                .await?;
-            }
-            // COPY text depends only on the shape, the range's form and the
-            // pace (values travel as settings), so it is prepared once per
-            // connection, like every statement a job repeats.
-            let copy = read
-                .prepare_cached(&sql::copy_out(shape, &source_range, pace.is_some()))
-                .await?;
-            Ok::<_, JobError>(copy)
-        };
-        let (empty, copy_out) = tokio::try_join!(destination_ready, source_ready)?;
+        let ((), empty) = tokio::try_join!(source_ready, destination_ready)?;
         // A selection on another column (an event's `users = "user_id"`)
         // says nothing about keys: "no row with that user_id" does not mean
         // "no row with those keys", so it always merges.
@@ -398,7 +415,7 @@ impl Executor {
             .is_none_or(|s| s.columns.iter().map(String::as_str).eq(shape.key_names()));
         let empty = empty && by_key;
         let read_started = Instant::now();
-        let rows = read.copy_out(&copy_out).await?;
+        let rows = src.copy_out(&copy_out).await?;
         let bytes = metrics::counter!(m::BYTES, "stream" => stream.name.clone());
         let rows = rows.inspect(move |chunk| {
             if let Ok(chunk) = chunk {
@@ -416,19 +433,19 @@ impl Executor {
             let deleted = if empty || !by_key {
                 0
             } else {
-                let statement = write
+                let statement = dst
                     .prepare_cached(&sql::delete_range(table, &dest_range))
                     .await?;
-                write.execute(&statement, &params).await?
+                dst.execute(&statement, &params).await?
             };
             (0, deleted, Instant::now())
         } else if empty {
             // Fast path (an initial load): nothing to update or delete, so
             // the rows go straight into the table.
-            let statement = write
+            let statement = dst
                 .prepare_cached(&sql::copy_in(shape, &table.to_string()))
                 .await?;
-            let sink = write.copy_in(&statement).await?;
+            let sink = dst.copy_in(&statement).await?;
             futures_util::pin_mut!(sink);
             let copied = async {
                 sink.as_mut().send_all(&mut rows).await?;
@@ -447,38 +464,34 @@ impl Executor {
             })?;
             (copied, 0, Instant::now())
         } else {
-            write
-                .batch_execute(&sql::create_stage(shape, table))
-                .await?;
-            let statement = write.prepare_cached(&sql::copy_in_stage(shape)).await?;
-            let stage = write.copy_in(&statement).await?;
+            dst.batch_execute(&sql::create_stage(shape, table)).await?;
+            let statement = dst.prepare_cached(&sql::copy_in_stage(shape)).await?;
+            let stage = dst.copy_in(&statement).await?;
             futures_util::pin_mut!(stage);
             stage.as_mut().send_all(&mut rows).await?;
             let copied = stage.finish().await?;
             let copy_done = Instant::now();
             source_read.record(read_started.elapsed().as_secs_f64());
-            let statement = write
+            let statement = dst
                 .prepare_cached(&sql::upsert(shape, table, pace.is_some()))
                 .await?;
-            write.execute(&statement, &[]).await?;
+            dst.execute(&statement, &[]).await?;
             // Only a range or a key selection owns the rows it names: a row
             // missing from a selection on another column may merely have
             // moved (a profile now under another user), so deletes are left
             // to key-based jobs and full runs.
             let deleted = if by_key {
-                write
-                    .execute(
-                        &write
-                            .prepare_cached(&sql::delete_missing(
-                                shape,
-                                table,
-                                &dest_range,
-                                pace.is_some(),
-                            ))
-                            .await?,
-                        &params,
-                    )
-                    .await?
+                dst.execute(
+                    &dst.prepare_cached(&sql::delete_missing(
+                        shape,
+                        table,
+                        &dest_range,
+                        pace.is_some(),
+                    ))
+                    .await?,
+                    &params,
+                )
+                .await?
             } else {
                 0
             };
@@ -487,7 +500,7 @@ impl Executor {
         // Event jobs belong to no run: nothing to record.
         let known = job.run_id == NO_RUN
             || control::complete_batch(
-                &write,
+                &*dst,
                 job.run_id,
                 &job.stream,
                 job.batch,
@@ -502,9 +515,31 @@ impl Executor {
                 job.id()
             )));
         }
-        // The source's read-only transaction has nothing to keep: it ends
-        // beside the destination's commit, not after it.
-        tokio::try_join!(write.commit(), read.commit())?;
+        // The run-finished check is pipelined behind the destination's
+        // COMMIT on the same connection, so it runs after it and sees this
+        // batch done, with every batch committed before. Of the workers
+        // committing a run's last batches at once, the last to commit sees
+        // none left. The source's read-only transaction has nothing to
+        // keep: it ends beside the destination's.
+        let destination_commit = async {
+            let commit = dst.batch_execute("COMMIT");
+            let finish = async {
+                match job.run_id {
+                    NO_RUN => Ok(false),
+                    run_id => control::try_finish_run(&*dst, run_id).await,
+                }
+            };
+            let (committed, finished) = tokio::join!(biased; commit, finish);
+            committed?;
+            // The batch is committed: from here on an error must not fail
+            // the job; the next batch or `status` finishes the run.
+            Ok::<_, JobError>(finished.unwrap_or_else(|e| {
+                tracing::warn!(run_id = job.run_id, error = %e, "could not check whether the run finished");
+                false
+            }))
+        };
+        let source_commit = async { Ok::<_, JobError>(src.batch_execute("COMMIT").await?) };
+        let (finished_run, ()) = tokio::try_join!(destination_commit, source_commit)?;
         // The merge and the commit: what the destination spends after the COPY.
         metrics::histogram!(m::DESTINATION_WRITE, "stream" => stream.name.clone())
             .record(copy_done.elapsed().as_secs_f64());
@@ -512,7 +547,7 @@ impl Executor {
         Ok(BatchOutcome {
             rows_copied,
             rows_deleted,
-            finished_run: false,
+            finished_run,
         })
     }
 
