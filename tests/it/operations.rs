@@ -72,9 +72,15 @@ async fn metrics_cover_a_real_sync() {
         .await
         .unwrap();
     env.migrate().await;
-    env.config(
-        "[producer]\ninterval = \"1s\"\nstagger = \"0s\"\n\
-         [[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 50\ncursor = \"updated_at\"\n",
+    // The throttle is on (it is off by default) so that its level is
+    // exported too.
+    env.write(
+        "syncfleet.toml",
+        &env.config_text_with(
+            "[source.throttle]\nprobe = \"SELECT 1\"\n",
+            "[producer]\ninterval = \"1s\"\nstagger = \"0s\"\n\
+             [[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 50\ncursor = \"updated_at\"\n",
+        ),
     );
     let (worker_port, producer_port) = (free_port(), free_port());
     let worker_addr = format!("127.0.0.1:{worker_port}");

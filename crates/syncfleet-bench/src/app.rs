@@ -51,7 +51,7 @@ pub async fn run(bench: &Bench, seconds: u64, rate: u32) -> Result<Vec<Vec<Strin
             source: "max_concurrent_reads = 1000\n[source.throttle]\nenabled = false\n".into(),
         },
         Mode {
-            name: "default settings",
+            name: "default settings: ceiling 4, no throttle",
             source: String::new(),
         },
         Mode {
@@ -59,7 +59,7 @@ pub async fn run(bench: &Bench, seconds: u64, rate: u32) -> Result<Vec<Vec<Strin
             source: "max_concurrent_reads = 1\n[source.throttle]\nenabled = false\n".into(),
         },
         Mode {
-            name: "adaptive throttle probing the app's lookup",
+            name: "adaptive throttle probing the app's lookup (50 ms, floor 500 µs)",
             source: format!(
                 "[source.throttle]\nprobe = \"{APP_PROBE}\"\ninterval = \"50ms\"\nmin_latency = \"500us\"\n"
             ),

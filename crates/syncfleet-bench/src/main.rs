@@ -129,8 +129,8 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
             "1. Full sync throughput against the COPY ceiling",
             &format!(
                 "{} rows of about 200 bytes (bigint, int, text, timestamptz, numeric, jsonb), \
-             2 worker processes, batches of 10,000 rows, default settings (adaptive throttle \
-             on, probing `SELECT 1`; fleet ceiling 4). The ceiling is `psql -c \"COPY (SELECT …) \
+             2 worker processes, batches of 10,000 rows, default settings (fleet ceiling 4; \
+             the adaptive throttle is off unless configured, see section 3). The ceiling is `psql -c \"COPY (SELECT …) \
              TO STDOUT\" | psql -c \"COPY … FROM STDIN\"` into an empty table with the same \
              primary key, best of two.",
                 args.rows

@@ -364,7 +364,6 @@ const DEFAULT_FULL_INTERVAL: Duration = Duration::from_secs(86_400);
 const DEFAULT_EVENT_WINDOW: Duration = Duration::from_millis(250);
 const DEFAULT_SOURCE_STATEMENT_TIMEOUT: &str = "5m";
 const DEFAULT_MAX_CONCURRENT_READS: u32 = 4;
-const DEFAULT_THROTTLE_ENABLED: bool = true;
 const DEFAULT_THROTTLE_PROBE: &str = "SELECT 1";
 const DEFAULT_THROTTLE_INTERVAL: Duration = Duration::from_millis(100);
 const DEFAULT_THROTTLE_FACTOR: f64 = 2.0;
@@ -630,10 +629,9 @@ impl Validator<'_> {
             None => None,
         };
         let t = raw.throttle.as_ref();
-        let throttle = if t
-            .and_then(|t| t.enabled)
-            .unwrap_or(DEFAULT_THROTTLE_ENABLED)
-        {
+        // Off unless `[source.throttle]` is there: it knows only what its
+        // probe tells it, so it should be given the app's own lookup.
+        let throttle = if t.is_some_and(|t| t.enabled.unwrap_or(true)) {
             let factor = t.and_then(|t| t.factor).unwrap_or(DEFAULT_THROTTLE_FACTOR);
             if !(factor > 1.0 && factor.is_finite()) {
                 return Err(self.invalid(
@@ -1037,6 +1035,23 @@ mod tests {
         assert_eq!(c.streams[0].batch_size, 10);
         assert_eq!(c.streams[1].batch_size, 50);
         assert_eq!(c.jobs.batch_size, 500);
+    }
+
+    #[test]
+    fn the_throttle_is_off_unless_its_table_is_there() {
+        assert!(parse(GOOD).unwrap().reads.throttle.is_none());
+        let on = parse(&format!(
+            "{GOOD}\n[source.throttle]\nmin_latency = \"500us\"\n"
+        ))
+        .unwrap();
+        let throttle = on
+            .reads
+            .throttle
+            .expect("a [source.throttle] table turns it on");
+        assert_eq!(throttle.probe, "SELECT 1");
+        assert_eq!(throttle.min_latency, Duration::from_micros(500));
+        let off = parse(&format!("{GOOD}\n[source.throttle]\nenabled = false\n")).unwrap();
+        assert!(off.reads.throttle.is_none());
     }
 
     #[test]

@@ -416,13 +416,7 @@ pub async fn complete_batch(
     worker: &str,
 ) -> Result<bool, DbError> {
     // Prepared once per connection: it runs once per job.
-    let statement = client
-        .prepare_cached(
-            "UPDATE syncfleet.batches SET status = 'done', rows_copied = $4, rows_deleted = $5, \
-             attempts = attempts + 1, error = NULL, worker = $6, started_at = now(), \
-             finished_at = clock_timestamp() WHERE run_id = $1 AND stream = $2 AND batch_no = $3",
-        )
-        .await?;
+    let statement = client.prepare_cached(COMPLETE_BATCH).await?;
     let n = client
         .execute(
             &statement,
@@ -438,6 +432,11 @@ pub async fn complete_batch(
         .await?;
     Ok(n == 1)
 }
+
+/// See [`complete_batch`].
+pub const COMPLETE_BATCH: &str = "UPDATE syncfleet.batches SET status = 'done', rows_copied = $4, \
+     rows_deleted = $5, attempts = attempts + 1, error = NULL, worker = $6, started_at = now(), \
+     finished_at = clock_timestamp() WHERE run_id = $1 AND stream = $2 AND batch_no = $3";
 
 /// Marks the run succeeded if it is fully planned and no batch is left.
 ///
@@ -455,7 +454,7 @@ pub async fn try_finish_run(
 
 /// Finishes the run if nothing is left, and in the same statement moves
 /// its streams' watermarks to where its scans ended.
-const TRY_FINISH_RUN: &str = "WITH fin AS ( \
+pub const TRY_FINISH_RUN: &str = "WITH fin AS ( \
        UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() \
        WHERE id = $1 AND status = 'running' \
        AND NOT EXISTS (SELECT 1 FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done') \

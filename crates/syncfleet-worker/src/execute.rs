@@ -334,17 +334,16 @@ impl Executor {
         // error closes both connections (see `attempt`), which rolls back.
         let (source_statements, destination_statements) = tokio::try_join!(
             async {
-                let settings = match source_range.settings.0.is_empty() {
-                    true => None,
-                    false => Some(src.prepare_cached(sql::SET_SETTINGS).await?),
-                };
-                let copy = src
-                    .prepare_cached(&sql::copy_out(shape, &source_range, pace.is_some()))
-                    .await?;
-                Ok::<_, tokio_postgres::Error>((settings, copy))
+                match source_range.settings.0.is_empty() {
+                    true => Ok::<_, tokio_postgres::Error>(None),
+                    false => Ok(Some(src.prepare_cached(sql::SET_SETTINGS).await?)),
+                }
             },
             async {
                 let slot = dst.prepare_cached(sql::TAKE_READ_SLOT).await?;
+                // Cached for the pipelined commit at the end.
+                dst.prepare_cached(control::COMPLETE_BATCH).await?;
+                dst.prepare_cached(control::TRY_FINISH_RUN).await?;
                 let settings = dst.prepare_cached(sql::SET_SETTINGS).await?;
                 let empty = dst
                     .prepare_cached(&sql::range_is_empty(table, &dest_range))
@@ -352,7 +351,7 @@ impl Executor {
                 Ok::<_, tokio_postgres::Error>((slot, settings, empty))
             },
         )?;
-        let (set_source, copy_out) = source_statements;
+        let set_source = source_statements;
         let (slot, set_destination, is_empty) = destination_statements;
         let pace_settings: Option<(Vec<String>, Vec<String>)> =
             pace.map(|p| p.settings().into_iter().unzip());
@@ -373,8 +372,13 @@ impl Executor {
                 }
                 Ok(())
             };
-            tokio::try_join!(biased; begin, settings)?;
-            Ok::<_, JobError>(())
+            // The COPY is prepared per job, not cached: pg_stat_statements
+            // does not count executions of a cached COPY, and the bench
+            // counts source statements with it. It costs no round trip here.
+            let copy_sql = sql::copy_out(shape, &source_range, pace.is_some());
+            let copy = src.prepare(&copy_sql);
+            let ((), (), copy) = tokio::try_join!(biased; begin, settings, copy)?;
+            Ok::<_, JobError>(copy)
         };
         let destination_ready = async {
             let begin = dst.batch_execute("BEGIN");
@@ -405,7 +409,7 @@ impl Executor {
             }
             Ok::<_, JobError>(empty)
         };
-        let ((), empty) = tokio::try_join!(source_ready, destination_ready)?;
+        let (copy_out, empty) = tokio::try_join!(source_ready, destination_ready)?;
         // A selection on another column (an event's `users = "user_id"`)
         // says nothing about keys: "no row with that user_id" does not mean
         // "no row with those keys", so it always merges.
@@ -497,31 +501,31 @@ impl Executor {
             };
             (copied, deleted, copy_done)
         };
+        // Marking the batch done, the COMMIT and the run-finished check
+        // are pipelined on one connection, so the check runs after the
+        // commit and sees this batch done, with every batch committed
+        // before: of the workers committing a run's last batches at once,
+        // the last to commit sees none left. (Both statements were
+        // prepared with the set-up, so each call below sends at once.)
         // Event jobs belong to no run: nothing to record.
-        let known = job.run_id == NO_RUN
-            || control::complete_batch(
-                &*dst,
-                job.run_id,
-                &job.stream,
-                job.batch,
-                rows_copied as i64,
-                rows_deleted as i64,
-                &self.id,
-            )
-            .await?;
-        if !known {
-            return Err(JobError::Reject(format!(
-                "job {} names a batch the control schema does not have",
-                job.id()
-            )));
-        }
-        // The run-finished check is pipelined behind the destination's
-        // COMMIT on the same connection, so it runs after it and sees this
-        // batch done, with every batch committed before. Of the workers
-        // committing a run's last batches at once, the last to commit sees
-        // none left. The source's read-only transaction has nothing to
-        // keep: it ends beside the destination's.
         let destination_commit = async {
+            let complete = async {
+                match job.run_id {
+                    NO_RUN => Ok(true),
+                    run_id => {
+                        control::complete_batch(
+                            &*dst,
+                            run_id,
+                            &job.stream,
+                            job.batch,
+                            rows_copied as i64,
+                            rows_deleted as i64,
+                            &self.id,
+                        )
+                        .await
+                    }
+                }
+            };
             let commit = dst.batch_execute("COMMIT");
             let finish = async {
                 match job.run_id {
@@ -529,8 +533,20 @@ impl Executor {
                     run_id => control::try_finish_run(&*dst, run_id).await,
                 }
             };
-            let (committed, finished) = tokio::join!(biased; commit, finish);
+            let (known, committed, finished) = tokio::join!(biased; complete, commit, finish);
+            // Checked first: after a failed statement the server answers
+            // COMMIT by rolling back, and reports that as a success.
+            let known = known?;
             committed?;
+            if !known {
+                // Its run is gone from the control schema. Writing the
+                // range was harmless (every write converges it to the
+                // source); the job itself cannot be recorded.
+                return Err(JobError::Reject(format!(
+                    "job {} names a batch the control schema does not have",
+                    job.id()
+                )));
+            }
             // The batch is committed: from here on an error must not fail
             // the job; the next batch or `status` finishes the run.
             Ok::<_, JobError>(finished.unwrap_or_else(|e| {
