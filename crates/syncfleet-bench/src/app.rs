@@ -103,8 +103,8 @@ pub async fn run(bench: &Bench, seconds: u64, rate: u32) -> Result<Vec<Vec<Strin
     Ok(rows)
 }
 
-/// pgbench with no sync running, once the databases are quiet: vacuumed,
-/// checkpointed, autovacuum idle.
+/// pgbench with no sync running, once the databases are quiet: vacuumed
+/// (so autovacuum has nothing left to do) and checkpointed.
 async fn alone(
     bench: &Bench,
     script: &Path,

@@ -52,6 +52,7 @@ impl Report {
                 out.push_str(&format!("| {} |\n", r.join(" | ")));
             }
         }
+        out.push_str(include_str!("decisions.md"));
         out
     }
 }

@@ -262,7 +262,13 @@ pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool) -> String {
                 format!("{c} = EXCLUDED.{c}")
             })
             .collect();
-        let changed: Vec<String> = values.iter().map(|c| changed(c)).collect();
+        // Cheap comparisons first: `OR` stops at the first difference.
+        let mut changed: Vec<(bool, String)> = values
+            .iter()
+            .map(|c| (!EXACT_EQUALITY.contains(&c.type_oid), changed(c)))
+            .collect();
+        changed.sort_by_key(|(as_text, _)| *as_text);
+        let changed: Vec<String> = changed.into_iter().map(|(_, c)| c).collect();
         format!(
             "UPDATE SET {} WHERE {}",
             set.join(", "),
