@@ -162,7 +162,7 @@ async fn paced_batches_copy_and_merge_exactly() {
         .batch_execute(
             "CREATE TABLE items (id int PRIMARY KEY, amount numeric(12,3), attrs jsonb, note text, at timestamptz);
              INSERT INTO items SELECT i, i / 7.0, jsonb_build_object('n', i), repeat('x', i % 50), \
-               timestamptz '2024-01-01' + i * interval '1 minute' FROM generate_series(1, 3000) i;",
+               timestamptz '2024-01-01' + i * interval '1 minute' FROM generate_series(1, 20000) i;",
         )
         .await
         .unwrap();
@@ -171,7 +171,8 @@ async fn paced_batches_copy_and_merge_exactly() {
     // keeps the throttle at its floor, so every read is paced.
     let text = env.config_text_with(
         "[source.throttle]\nprobe = \"SELECT pg_sleep(random() * 0.02)\"\ninterval = \"20ms\"\nmin_latency = \"1ms\"\n",
-        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 500\n",
+        // Batches big enough that a paced read lasts long enough to be seen.
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 5000\n",
     );
     let config = Arc::new(Config::load(&env.write("paced.toml", &text)).unwrap());
     let fleet = Fleet::start(&config, 2);
@@ -216,7 +217,7 @@ async fn paced_batches_copy_and_merge_exactly() {
              UPDATE items SET attrs = '{\"n\": 1.0}' WHERE id = 1;
              UPDATE items SET note = 'changed' WHERE id % 11 = 0;
              DELETE FROM items WHERE id % 13 = 0;
-             INSERT INTO items SELECT i, 1, '{}', 'new', now() FROM generate_series(3001, 3100) i;",
+             INSERT INTO items SELECT i, 1, '{}', 'new', now() FROM generate_series(20001, 20100) i;",
         )
         .await
         .unwrap();
