@@ -139,7 +139,7 @@ async fn the_throttle_backs_off_while_the_app_is_slow_and_recovers_after() {
         .unwrap();
     // Recovery is additive and slow on purpose (0.05 a second): wait until
     // reads no longer take turns, and see the level still climbing.
-    env.eventually("the throttle to recover to whole reads", 60, || async {
+    env.eventually("the throttle to recover to whole reads", 120, || async {
         level(&gate) >= 1.0
     })
     .await;
