@@ -374,7 +374,8 @@ async fn a_standby_producer_takes_over_within_fifteen_seconds() {
         env.dest
             .query_opt(
                 "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                 WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE 'syncfleet-leader-%'",
+                 WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database() \
+                 AND a.application_name LIKE 'syncfleet-leader-%'",
                 &[],
             )
             .await
