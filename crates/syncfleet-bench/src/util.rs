@@ -170,19 +170,10 @@ impl Bench {
     }
 
     pub async fn syncfleet_ok(&self, config: &Path, args: &[&str]) -> Result<String, String> {
-        let out = tokio::time::timeout(
-            Duration::from_secs(600),
-            Command::new(&self.syncfleet)
-                .arg("--config")
-                .arg(config)
-                .args(args)
-                .env("RUST_LOG", "warn")
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .map_err(|_| format!("syncfleet {args:?} took over 600s"))?
-        .map_err(|e| e.to_string())?;
+        let out =
+            syncfleet_chaos::run_syncfleet(&self.syncfleet, config, args, Duration::from_secs(600))
+                .await
+                .map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(format!(
                 "syncfleet {args:?} failed: {}{}",

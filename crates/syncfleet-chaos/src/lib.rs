@@ -229,8 +229,18 @@ async fn syncfleet(
     config: &Path,
     args: &[&str],
 ) -> Result<std::process::Output, ChaosError> {
+    run_syncfleet(binary, config, args, Duration::from_secs(300)).await
+}
+
+/// Runs one `syncfleet` command against `config`, bounded by `limit`.
+pub async fn run_syncfleet(
+    binary: &Path,
+    config: &Path,
+    args: &[&str],
+    limit: Duration,
+) -> Result<std::process::Output, ChaosError> {
     let out = tokio::time::timeout(
-        Duration::from_secs(300),
+        limit,
         Command::new(binary)
             .arg("--config")
             .arg(config)
@@ -240,7 +250,7 @@ async fn syncfleet(
             .output(),
     )
     .await
-    .map_err(|_| ChaosError(format!("syncfleet {args:?} took over 300s")))??;
+    .map_err(|_| ChaosError(format!("syncfleet {args:?} took over {limit:?}")))??;
     Ok(out)
 }
 

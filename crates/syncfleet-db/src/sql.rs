@@ -198,7 +198,8 @@ const PACE_PERIOD: &str = "syncfleet.pace_period";
 const PACE_WORK: &str = "syncfleet.pace_work";
 
 impl Pace {
-    /// The settings [`copy_out`] reads, to set with the read's others.
+    /// The settings the paced statements ([`copy_out`], [`upsert`],
+    /// [`delete_missing`]) read, to set in their transaction.
     pub fn settings(&self) -> [(String, String); 2] {
         [
             (PACE_PERIOD.into(), self.period.as_secs_f64().to_string()),
@@ -240,8 +241,9 @@ pub fn range_is_empty(table: &TableName, predicate: &RangePredicate) -> String {
 
 /// Inserts or updates every staged row by key. A row whose values already
 /// match is left alone: no new row version, no WAL, no index churn, which
-/// is what makes a re-sync of unchanged data cheap. Values are compared in
-/// their text form, since some types (json, geometric) have no equality.
+/// is what makes a re-sync of unchanged data cheap. Each value is compared
+/// as cheaply as its type allows (see [`EXACT_EQUALITY`]). A paced upsert
+/// reads the stage through [`pace_filter`].
 pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool) -> String {
     let columns = ident::list(&shape.column_names(), None);
     let keys = ident::list(&shape.key_names(), None);
@@ -263,12 +265,9 @@ pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool) -> String {
             })
             .collect();
         // Cheap comparisons first: `OR` stops at the first difference.
-        let mut changed: Vec<(bool, String)> = values
-            .iter()
-            .map(|c| (!EXACT_EQUALITY.contains(&c.type_oid), changed(c)))
-            .collect();
-        changed.sort_by_key(|(as_text, _)| *as_text);
-        let changed: Vec<String> = changed.into_iter().map(|(_, c)| c).collect();
+        let mut compared = values.clone();
+        compared.sort_by_key(|c| !EXACT_EQUALITY.contains(&c.type_oid));
+        let changed: Vec<String> = compared.into_iter().map(changed).collect();
         format!(
             "UPDATE SET {} WHERE {}",
             set.join(", "),

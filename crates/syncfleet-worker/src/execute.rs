@@ -332,7 +332,7 @@ impl Executor {
         //
         // The transactions are begun by hand, not through a guard: any
         // error closes both connections (see `attempt`), which rolls back.
-        let (source_statements, destination_statements) = tokio::try_join!(
+        let (set_source, destination_statements) = tokio::try_join!(
             async {
                 match source_range.settings.0.is_empty() {
                     true => Ok::<_, tokio_postgres::Error>(None),
@@ -351,7 +351,6 @@ impl Executor {
                 Ok::<_, tokio_postgres::Error>((slot, settings, empty))
             },
         )?;
-        let set_source = source_statements;
         let (slot, set_destination, is_empty) = destination_statements;
         let pace_settings: Option<(Vec<String>, Vec<String>)> =
             pace.map(|p| p.settings().into_iter().unzip());
