@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use syncfleet_core::job::{Job, KeyRange};
-use syncfleet_db::{Pool, Role};
+use syncfleet_db::sql::{self, Upsert};
+use syncfleet_db::{Pool, Role, StreamShape};
 use syncfleet_worker::Executor;
 
 use crate::helpers::{Fleet, TestEnv};
@@ -351,7 +352,7 @@ async fn the_empty_range_and_merge_paths_give_the_same_rows() {
 
     // An unchanged re-sync rewrites no row: every row keeps its version
     // (the transaction id that wrote it).
-    let versions = "SELECT id, xmin::text FROM t";
+    let versions = "SELECT id, xmin::text, xmax::text FROM t";
     let before = TestEnv::rows(&env.dest, versions).await;
     env.sync(&config, 1).await;
     assert_eq!(
@@ -359,4 +360,63 @@ async fn the_empty_range_and_merge_paths_give_the_same_rows() {
         TestEnv::rows(&env.dest, versions).await,
         "an unchanged re-sync wrote rows"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_upsert_forms_write_the_same_rows() {
+    // Workers use MERGE where the destination has it (PostgreSQL 15 and
+    // later) and INSERT … ON CONFLICT before; this server has both.
+    let env = TestEnv::new().await;
+    let table = "CREATE TABLE t (id int PRIMARY KEY, v text, j jsonb, n numeric)";
+    env.source.batch_execute(table).await.unwrap();
+    let config = env.config("[[stream]]\nname = \"t\"\ntable = \"t\"\n");
+    let stream = config.stream("t").unwrap();
+    let shape = StreamShape::describe(&env.source, stream).await.unwrap();
+    // What the destination held, and a batch of the source's rows: the same
+    // values (1, 2), changed ones (3-7: text, jsonb number, numeric scale,
+    // to and from NULL) and new ones (8, 9). Row 10 is outside the batch.
+    let held = "INSERT INTO t VALUES (1, 'a', '{\"n\": 1}', 1.5), (2, NULL, NULL, NULL),
+        (3, 'old', NULL, NULL), (4, 'x', '{\"n\": 1}', NULL), (5, 'x', NULL, 1.0),
+        (6, NULL, NULL, 2), (7, 'x', '[]', 3), (10, 'kept', NULL, NULL)";
+    let staged = "INSERT INTO pg_temp.syncfleet_stage VALUES (1, 'a', '{\"n\": 1}', 1.5),
+        (2, NULL, NULL, NULL), (3, 'new', NULL, NULL), (4, 'x', '{\"n\": 1.0}', NULL),
+        (5, 'x', NULL, 1.00), (6, 'now set', '{}', 2), (7, NULL, NULL, NULL),
+        (8, 'new', '[1]', 8), (9, NULL, NULL, NULL)";
+    let expected = vec![
+        "(1,a,\"{\"\"n\"\": 1}\",1.5)",
+        "(10,kept,,)",
+        "(2,,,)",
+        "(3,new,,)",
+        "(4,x,\"{\"\"n\"\": 1.0}\",)",
+        "(5,x,,1.00)",
+        "(6,\"now set\",{},2)",
+        "(7,,,)",
+        "(8,new,[1],8)",
+        "(9,,,)",
+    ];
+    for how in [Upsert::Merge, Upsert::OnConflict] {
+        env.dest
+            .batch_execute(&format!("DROP TABLE IF EXISTS t; {table}; {held}"))
+            .await
+            .unwrap();
+        let unchanged = "SELECT id, xmin::text, xmax::text FROM t WHERE id IN (1, 2)";
+        let before = TestEnv::rows(&env.dest, unchanged).await;
+        let upsert = sql::upsert(&shape, &stream.destination_table, false, how);
+        env.dest
+            .batch_execute(&format!(
+                "BEGIN; {}; {staged}; {upsert}; COMMIT",
+                sql::create_stage(&shape, &stream.destination_table)
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{how:?}: {e}"));
+        assert_eq!(
+            TestEnv::rows(&env.dest, "SELECT * FROM t").await,
+            expected,
+            "{how:?}"
+        );
+        if how == Upsert::Merge {
+            // Unchanged rows are not even locked (ON CONFLICT locks them).
+            assert_eq!(TestEnv::rows(&env.dest, unchanged).await, before);
+        }
+    }
 }

@@ -118,10 +118,10 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
         let ceiling = bench.ceiling().await?;
         let workers = Workers::start(bench, &config, 2).await?;
         bench.reset_destination().await?;
-        let initial = bench.sync_wait(&config).await?;
-        let resync = bench.sync_wait(&config).await?;
+        let (initial, initial_wal) = bench.sync_wal(&config).await?;
+        let (resync, resync_wal) = bench.sync_wal(&config).await?;
         bench.touch_every_row().await?;
-        let changed = bench.sync_wait(&config).await?;
+        let (changed, changed_wal) = bench.sync_wal(&config).await?;
         peak_rss = workers.peak_rss_kb();
         workers.stop().await;
         bench.verify(&config).await?;
@@ -132,16 +132,17 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
              2 worker processes, batches of 10,000 rows, default settings (fleet ceiling 4; \
              the adaptive throttle is off unless configured, see section 3). The ceiling is `psql -c \"COPY (SELECT …) \
              TO STDOUT\" | psql -c \"COPY … FROM STDIN\"` into an empty table with the same \
-             primary key, best of two.",
+             primary key, best of two. WAL is what the destination wrote during the sync.",
                 args.rows
             ),
-            &["measurement", "seconds", "rows/s", "vs ceiling", "target"],
+            &["measurement", "seconds", "rows/s", "vs ceiling", "target", "WAL"],
             vec![
                 vec![
                     "ceiling: COPY out piped into COPY in".into(),
                     ms(ceiling),
                     per_s(rows, ceiling),
                     "1.00".into(),
+                    "".into(),
                     "".into(),
                 ],
                 vec![
@@ -150,6 +151,7 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
                     per_s(rows, initial),
                     ratio(ceiling, initial),
                     "≥ 0.60".into(),
+                    mb(initial_wal),
                 ],
                 vec![
                     "re-sync, destination already holds every row".into(),
@@ -157,6 +159,7 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
                     per_s(rows, resync),
                     ratio(ceiling, resync),
                     "≥ 0.30".into(),
+                    mb(resync_wal),
                 ],
                 vec![
                     "re-sync after every source row changed".into(),
@@ -164,6 +167,7 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
                     per_s(rows, changed),
                     ratio(ceiling, changed),
                     "≥ 0.30".into(),
+                    mb(changed_wal),
                 ],
             ],
         );
@@ -326,4 +330,8 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
 
 fn per_s(n: f64, t: Duration) -> String {
     format!("{:.0}", n / t.as_secs_f64().max(1e-9))
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.0} MB", bytes as f64 / 1e6)
 }

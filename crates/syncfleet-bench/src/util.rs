@@ -213,6 +213,24 @@ impl Bench {
         Ok(t.elapsed())
     }
 
+    /// A sync (waited for) and the WAL the destination wrote meanwhile.
+    pub async fn sync_wal(&self, config: &Path) -> Result<(Duration, u64), String> {
+        let lsn = || async {
+            let row = self
+                .dst
+                .query_one(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8",
+                    &[],
+                )
+                .await
+                .map_err(db_err)?;
+            Ok::<_, String>(row.get::<_, i64>(0))
+        };
+        let before = lsn().await?;
+        let took = self.sync_wait(config).await?;
+        Ok((took, (lsn().await? - before) as u64))
+    }
+
     pub async fn verify(&self, config: &Path) -> Result<(), String> {
         self.syncfleet_ok(config, &["verify"]).await.map(|_| ())
     }

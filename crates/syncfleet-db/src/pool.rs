@@ -31,13 +31,16 @@ pub struct Pool {
     inner: deadpool_postgres::Pool,
     role: Role,
     url: String,
+    /// `server_version_num` of the server, read at connect.
+    version: i32,
 }
 
 pub type Client = deadpool_postgres::Object;
 
-/// Starts the transaction every source read runs in: one consistent
-/// snapshot (REPEATABLE READ), and READ ONLY, so syncfleet can never write
-/// to the app's database.
+/// Starts the transaction of a source read that takes more than one
+/// statement (planning, verify): one consistent snapshot (REPEATABLE READ),
+/// and READ ONLY. A worker's read is a single `COPY`, one snapshot by
+/// itself; source sessions default to read-only anyway.
 pub const READ_SNAPSHOT: &str = "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY";
 
 /// [`READ_SNAPSHOT`] as a transaction guard, for code that does not
@@ -103,13 +106,25 @@ impl Pool {
             })
             .build()
             .map_err(|e| connect_error(e.to_string()))?;
-        let pool = Self {
+        let mut pool = Self {
             inner,
             role,
             url: url.clone(),
+            version: 0,
         };
-        drop(pool.get().await?);
+        let version = pool
+            .get()
+            .await?
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| connect_error(describe(&e)))?;
+        pool.version = version.get(0);
         Ok(pool)
+    }
+
+    /// Whether the server has `MERGE` (PostgreSQL 15 and later).
+    pub fn has_merge(&self) -> bool {
+        self.version >= 150_000
     }
 
     /// A pooled connection, waiting at most the connect timeout.

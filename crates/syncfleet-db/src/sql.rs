@@ -2,8 +2,8 @@
 //!
 //! Identifiers are always quoted. Key values are always bound: as statement
 //! parameters where PostgreSQL allows them, and where it does not (inside
-//! `COPY (SELECT …)`) as transaction-local settings set by a parameterised
-//! `set_config` and read back with `current_setting`. Either way a value is
+//! `COPY (SELECT …)`) as settings set by a parameterised `set_config` and
+//! read back with `current_setting`. Either way a value is
 //! never spliced into SQL text, and it is cast to the key column's type on
 //! the server, so ranges compare exactly as the source orders keys.
 
@@ -23,7 +23,8 @@ pub const STAGE: &str = "pg_temp.syncfleet_stage";
 pub enum Binding {
     /// As `$n` statement parameters, numbered from `first`.
     Params { first: usize },
-    /// As settings applied with [`SET_SETTINGS`] in the same transaction.
+    /// As settings applied with [`SET_SETTINGS`] in the same transaction,
+    /// or [`SET_SESSION_SETTINGS`] just before the statement.
     Settings,
 }
 
@@ -47,6 +48,10 @@ pub const TAKE_READ_SLOT: &str = "SELECT s FROM generate_series(0, $1::int - 1) 
 
 /// Applies [`Binding::Settings`] values: bind `settings.0` and `settings.1`.
 pub const SET_SETTINGS: &str = "SELECT set_config(s.name, s.value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)";
+
+/// [`SET_SETTINGS`] for the session, for a statement that runs in a
+/// transaction of its own: its values stay until the next job sets them.
+pub const SET_SESSION_SETTINGS: &str = "SELECT set_config(s.name, s.value, false) FROM unnest($1::text[], $2::text[]) AS s(name, value)";
 
 impl RangePredicate {
     /// `lower < key <= upper` over `alias`'s key columns.
@@ -239,14 +244,32 @@ pub fn range_is_empty(table: &TableName, predicate: &RangePredicate) -> String {
     )
 }
 
+/// How [`upsert`] writes the stage into the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    /// `MERGE` (PostgreSQL 15 and later).
+    Merge,
+    /// `INSERT … ON CONFLICT DO UPDATE … WHERE` changed.
+    OnConflict,
+}
+
 /// Inserts or updates every staged row by key. A row whose values already
-/// match is left alone: no new row version, no WAL, no index churn, which
-/// is what makes a re-sync of unchanged data cheap. Each value is compared
-/// as cheaply as its type allows (see [`EXACT_EQUALITY`]). A paced upsert
+/// match is left alone: no new row version, no index churn, which is what
+/// makes a re-sync of unchanged data cheap. Each value is compared as
+/// cheaply as its type allows (see [`EXACT_EQUALITY`]). A paced upsert
 /// reads the stage through [`pace_filter`].
-pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool) -> String {
+///
+/// Both forms write the same rows, but `ON CONFLICT` locks every existing
+/// row before its `WHERE` is checked, changed or not, while `MERGE` touches
+/// only the rows it updates. Measured on 10,000 unchanged rows of the
+/// bench's table: 28–43 ms and 561 KB of WAL (the row locks) against 18–22
+/// ms and none; on 10,000 changed rows, 52–87 ms against 46–72 ms.
+pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool, how: Upsert) -> String {
     let columns = ident::list(&shape.column_names(), None);
-    let keys = ident::list(&shape.key_names(), None);
+    let new = match how {
+        Upsert::Merge => "s",
+        Upsert::OnConflict => "EXCLUDED",
+    };
     let values: Vec<&Column> = shape
         .columns
         .iter()
@@ -254,35 +277,56 @@ pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool) -> String {
         .filter(|(i, _)| !shape.key.contains(i))
         .map(|(_, c)| c)
         .collect();
-    let action = if values.is_empty() {
-        "NOTHING".to_string()
-    } else {
-        let set: Vec<String> = values
-            .iter()
-            .map(|c| {
-                let c = ident::quote(&c.name);
-                format!("{c} = EXCLUDED.{c}")
-            })
-            .collect();
-        // Cheap comparisons first: `OR` stops at the first difference.
-        let mut compared = values.clone();
-        compared.sort_by_key(|c| !EXACT_EQUALITY.contains(&c.type_oid));
-        let changed: Vec<String> = compared.into_iter().map(changed).collect();
-        format!(
-            "UPDATE SET {} WHERE {}",
-            set.join(", "),
-            changed.join(" OR ")
-        )
-    };
+    let set: Vec<String> = values
+        .iter()
+        .map(|c| {
+            let c = ident::quote(&c.name);
+            format!("{c} = {new}.{c}")
+        })
+        .collect();
+    // Cheap comparisons first: `OR` stops at the first difference.
+    let mut compared = values.clone();
+    compared.sort_by_key(|c| !EXACT_EQUALITY.contains(&c.type_oid));
+    let changed: Vec<String> = compared.into_iter().map(|c| changed(c, new)).collect();
     let filter = if paced {
         format!(" WHERE {}", pace_filter())
     } else {
         String::new()
     };
-    format!(
-        "INSERT INTO {table} AS d ({columns}) SELECT {columns} FROM {STAGE}{filter} \
-         ON CONFLICT ({keys}) DO {action}"
-    )
+    let staged = format!("SELECT {columns} FROM {STAGE}{filter}");
+    match how {
+        Upsert::Merge => {
+            let update = match values.is_empty() {
+                true => String::new(),
+                false => format!(
+                    " WHEN MATCHED AND ({}) THEN UPDATE SET {}",
+                    changed.join(" OR "),
+                    set.join(", ")
+                ),
+            };
+            format!(
+                "MERGE INTO {table} AS d USING ({staged}) AS s ON ({}) = ({}){update} \
+                 WHEN NOT MATCHED THEN INSERT ({columns}) VALUES ({})",
+                ident::list(&shape.key_names(), Some("d")),
+                ident::list(&shape.key_names(), Some("s")),
+                ident::list(&shape.column_names(), Some("s")),
+            )
+        }
+        Upsert::OnConflict => {
+            let action = match values.is_empty() {
+                true => "NOTHING".to_string(),
+                false => format!(
+                    "UPDATE SET {} WHERE {}",
+                    set.join(", "),
+                    changed.join(" OR ")
+                ),
+            };
+            format!(
+                "INSERT INTO {table} AS d ({columns}) {staged} ON CONFLICT ({}) DO {action}",
+                ident::list(&shape.key_names(), None)
+            )
+        }
+    }
 }
 
 /// Built-in types whose equality means the same text form, so a changed
@@ -296,13 +340,13 @@ const EXACT_EQUALITY: [u32; 13] = [
     16, 20, 21, 23, 25, 1043, 2950, 1082, 1083, 1114, 1184, 17, 26,
 ];
 
-/// `d.col` differs from `EXCLUDED.col`, as cheaply as its type allows.
-fn changed(column: &Column) -> String {
+/// `d.col` differs from `{new}.col`, as cheaply as its type allows.
+fn changed(column: &Column, new: &str) -> String {
     let c = ident::quote(&column.name);
     if EXACT_EQUALITY.contains(&column.type_oid) {
-        format!("d.{c} IS DISTINCT FROM EXCLUDED.{c}")
+        format!("d.{c} IS DISTINCT FROM {new}.{c}")
     } else {
-        format!("d.{c}::text IS DISTINCT FROM EXCLUDED.{c}::text")
+        format!("d.{c}::text IS DISTINCT FROM {new}.{c}::text")
     }
 }
 
@@ -399,7 +443,13 @@ mod tests {
     #[test]
     fn upsert_quotes_every_identifier() {
         let t = TableName::parse("rep.tab").unwrap();
-        let sql = upsert(&shape(), &t, false);
+        let merge = upsert(&shape(), &t, false, Upsert::Merge);
+        assert!(merge.contains("\"v\"\"x\" = s.\"v\"\"x\""), "{merge}");
+        assert!(
+            merge.contains("ON (d.\"org\", d.\"id\") = (s.\"org\", s.\"id\")"),
+            "{merge}"
+        );
+        let sql = upsert(&shape(), &t, false, Upsert::OnConflict);
         assert!(sql.contains("\"v\"\"x\" = EXCLUDED.\"v\"\"x\""), "{sql}");
         // jsonb's `=` forgives `1.0` against `1`: it compares as text.
         assert!(

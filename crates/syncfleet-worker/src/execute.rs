@@ -1,12 +1,14 @@
 //! Executing one job: converge one key range of the destination.
 //!
 //! Per job, whatever the batch size:
-//! - source (one REPEATABLE READ, READ ONLY transaction): set the range
-//!   bounds, then one `COPY (SELECT … WHERE range) TO STDOUT`;
+//! - source: set the range bounds, then one `COPY (SELECT … WHERE range)
+//!   TO STDOUT`, a single statement and so a single snapshot (sessions are
+//!   read-only);
 //! - destination (one transaction): create the stage, `COPY` the source's
-//!   bytes straight into it, one `INSERT … ON CONFLICT` upsert, one
-//!   `DELETE` of rows the source no longer has in the range, and marking
-//!   the batch done. Then commit; only then is the job acknowledged.
+//!   bytes straight into it, one upsert (`MERGE`, or `INSERT … ON CONFLICT`
+//!   before PostgreSQL 15), one `DELETE` of rows the source no longer has
+//!   in the range, and marking the batch done. Then commit; only then is
+//!   the job acknowledged.
 //!
 //! Rows travel in PostgreSQL's own text COPY format and are never decoded
 //! here, so every type (enums, domains, arrays, intervals, …) arrives as the
@@ -71,14 +73,21 @@ impl Drop for GatePermit<'_> {
 /// shares, so the ceiling holds however many processes run, and a slot is
 /// released with its transaction even if the worker dies. The deadline
 /// around the job bounds the wait. `statement` is [`sql::TAKE_READ_SLOT`].
+///
+/// Between tries it sleeps a random time up to 1, 2, 4 … 32 ms: a slot held
+/// by a short job is free again within a few milliseconds, one held by a
+/// 10,000-row batch for a second or more, and the waiters of the whole
+/// fleet should neither miss the first nor poll the second hard.
 async fn take_read_slot(
     client: &Client,
     statement: &tokio_postgres::Statement,
     slots: i32,
     namespace: &str,
 ) -> Result<(), JobError> {
+    let mut cap_ms = 1;
     loop {
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=25))).await;
+        tokio::time::sleep(Duration::from_micros(fastrand::u64(500..=cap_ms * 1000))).await;
+        cap_ms = (cap_ms * 2).min(32);
         let start = fastrand::i32(0..slots);
         if client
             .query_opt(statement, &[&slots, &namespace, &start])
@@ -87,6 +96,19 @@ async fn take_read_slot(
         {
             return Ok(());
         }
+    }
+}
+
+/// A unique violation while inserting rows this job saw as new: another
+/// job wrote them since (a replay racing its original). Not permanent: the
+/// next attempt sees them and merges.
+fn raced(e: tokio_postgres::Error) -> JobError {
+    match e.code() {
+        Some(&SqlState::UNIQUE_VIOLATION) => JobError::Retry(format!(
+            "rows of the range were written concurrently: {}",
+            syncfleet_db::error::describe(&e)
+        )),
+        _ => JobError::from(e),
     }
 }
 
@@ -336,7 +358,7 @@ impl Executor {
             async {
                 match source_range.settings.0.is_empty() {
                     true => Ok::<_, tokio_postgres::Error>(None),
-                    false => Ok(Some(src.prepare_cached(sql::SET_SETTINGS).await?)),
+                    false => Ok(Some(src.prepare_cached(sql::SET_SESSION_SETTINGS).await?)),
                 }
             },
             async {
@@ -360,7 +382,6 @@ impl Executor {
         // read's slot of the fleet-wide ceiling until it ends, however it
         // ends, and the slot is taken before the source query starts.
         let source_ready = async {
-            let begin = src.batch_execute(syncfleet_db::pool::READ_SNAPSHOT);
             let settings = async {
                 if let Some(statement) = &set_source {
                     src.execute(
@@ -376,7 +397,7 @@ impl Executor {
             // counts source statements with it. It costs no round trip here.
             let copy_sql = sql::copy_out(shape, &source_range, pace.is_some());
             let copy = src.prepare(&copy_sql);
-            let ((), (), copy) = tokio::try_join!(biased; begin, settings, copy)?;
+            let ((), copy) = tokio::try_join!(biased; settings, copy)?;
             Ok::<_, JobError>(copy)
         };
         let destination_ready = async {
@@ -456,15 +477,7 @@ impl Executor {
             }
             .await
             .inspect(|_| source_read.record(read_started.elapsed().as_secs_f64()))
-            .map_err(|e| match e.code() {
-                // Another job wrote into the range since we looked (a
-                // replay racing its original): the next attempt merges.
-                Some(&SqlState::UNIQUE_VIOLATION) => JobError::Retry(format!(
-                    "the range filled up concurrently: {}",
-                    syncfleet_db::error::describe(&e)
-                )),
-                _ => JobError::from(e),
-            })?;
+            .map_err(raced)?;
             (copied, 0, Instant::now())
         } else {
             dst.batch_execute(&sql::create_stage(shape, table)).await?;
@@ -475,10 +488,14 @@ impl Executor {
             let copied = stage.finish().await?;
             let copy_done = Instant::now();
             source_read.record(read_started.elapsed().as_secs_f64());
+            let how = match self.destination.has_merge() {
+                true => sql::Upsert::Merge,
+                false => sql::Upsert::OnConflict,
+            };
             let statement = dst
-                .prepare_cached(&sql::upsert(shape, table, pace.is_some()))
+                .prepare_cached(&sql::upsert(shape, table, pace.is_some(), how))
                 .await?;
-            dst.execute(&statement, &[]).await?;
+            dst.execute(&statement, &[]).await.map_err(raced)?;
             // Only a range or a key selection owns the rows it names: a row
             // missing from a selection on another column may merely have
             // moved (a profile now under another user), so deletes are left
@@ -553,8 +570,7 @@ impl Executor {
                 false
             }))
         };
-        let source_commit = async { Ok::<_, JobError>(src.batch_execute("COMMIT").await?) };
-        let (finished_run, ()) = tokio::try_join!(destination_commit, source_commit)?;
+        let finished_run = destination_commit.await?;
         // The merge and the commit: what the destination spends after the COPY.
         metrics::histogram!(m::DESTINATION_WRITE, "stream" => stream.name.clone())
             .record(copy_done.elapsed().as_secs_f64());
