@@ -354,12 +354,14 @@ impl Executor {
         //
         // The transactions are begun by hand, not through a guard: any
         // error closes both connections (see `attempt`), which rolls back.
-        let (set_source, destination_statements) = tokio::try_join!(
+        let (source_statements, destination_statements) = tokio::try_join!(
             async {
-                match source_range.settings.0.is_empty() {
-                    true => Ok::<_, tokio_postgres::Error>(None),
-                    false => Ok(Some(src.prepare_cached(sql::SET_SESSION_SETTINGS).await?)),
-                }
+                let set = match source_range.settings.0.is_empty() {
+                    true => None,
+                    false => Some(src.prepare_cached(sql::SET_SESSION_SETTINGS).await?),
+                };
+                let copy = sql::copy_out(shape, &source_range, pace.is_some());
+                Ok::<_, tokio_postgres::Error>((set, src.prepare_cached(&copy).await?))
             },
             async {
                 let slot = dst.prepare_cached(sql::TAKE_READ_SLOT).await?;
@@ -373,33 +375,14 @@ impl Executor {
                 Ok::<_, tokio_postgres::Error>((slot, settings, empty))
             },
         )?;
+        let (set_source, copy_out) = source_statements;
         let (slot, set_destination, is_empty) = destination_statements;
         let pace_settings: Option<(Vec<String>, Vec<String>)> =
             pace.map(|p| p.settings().into_iter().unzip());
 
-        // The two databases are independent, so their set-up overlaps; the
-        // COPY waits for both. The destination transaction holds this
-        // read's slot of the fleet-wide ceiling until it ends, however it
-        // ends, and the slot is taken before the source query starts.
-        let source_ready = async {
-            let settings = async {
-                if let Some(statement) = &set_source {
-                    src.execute(
-                        statement,
-                        &[&source_range.settings.0, &source_range.settings.1],
-                    )
-                    .await?;
-                }
-                Ok(())
-            };
-            // The COPY is prepared per job, not cached: pg_stat_statements
-            // does not count executions of a cached COPY, and the bench
-            // counts source statements with it. It costs no round trip here.
-            let copy_sql = sql::copy_out(shape, &source_range, pace.is_some());
-            let copy = src.prepare(&copy_sql);
-            let ((), copy) = tokio::try_join!(biased; settings, copy)?;
-            Ok::<_, JobError>(copy)
-        };
+        // The destination transaction holds this read's slot of the
+        // fleet-wide ceiling until it ends, however it ends, and the slot is
+        // taken before the source query starts.
         let destination_ready = async {
             let begin = dst.batch_execute("BEGIN");
             let slots = self.config.reads.max_concurrent.map(|n| n as i32);
@@ -429,7 +412,7 @@ impl Executor {
             }
             Ok::<_, JobError>(empty)
         };
-        let (copy_out, empty) = tokio::try_join!(source_ready, destination_ready)?;
+        let empty = destination_ready.await?;
         // A selection on another column (an event's `users = "user_id"`)
         // says nothing about keys: "no row with that user_id" does not mean
         // "no row with those keys", so it always merges.
@@ -439,7 +422,18 @@ impl Executor {
             .is_none_or(|s| s.columns.iter().map(String::as_str).eq(shape.key_names()));
         let empty = empty && by_key;
         let read_started = Instant::now();
-        let rows = src.copy_out(&copy_out).await?;
+        // The range's bounds and the COPY that reads them, in one round trip.
+        let bounds = async {
+            if let Some(statement) = &set_source {
+                src.execute(
+                    statement,
+                    &[&source_range.settings.0, &source_range.settings.1],
+                )
+                .await?;
+            }
+            Ok(())
+        };
+        let ((), rows) = tokio::try_join!(biased; bounds, src.copy_out(&copy_out))?;
         let bytes = metrics::counter!(m::BYTES, "stream" => stream.name.clone());
         let rows = rows.inspect(move |chunk| {
             if let Ok(chunk) = chunk {
