@@ -184,3 +184,42 @@ async fn planning_streams_boundaries_in_chunks() {
     assert_eq!(b[1000].1, serde_json::json!(["2002"]));
     assert_eq!(env.queue_depth().await, 1251);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_finished_check_reads_only_pending_batches() {
+    // Every job asks whether its run is done. Once the table's statistics
+    // say the run's batches are pending, a plain "is any pending?" is
+    // planned as a scan from the finished batches on: a cost per job that
+    // grows with the run. The check must read the pending-batches index.
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 3000);",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"t\"\ntable = \"t\"\nbatch_size = 1\n");
+    let run_id = env.plan(&config).await.run_id;
+    env.dest
+        .batch_execute(
+            "ANALYZE syncfleet.batches;
+             UPDATE syncfleet.batches SET status = 'done' WHERE batch_no < 2900;",
+        )
+        .await
+        .unwrap();
+    let plan: Vec<String> = env
+        .dest
+        .query(
+            &format!("EXPLAIN {}", syncfleet_db::control::TRY_FINISH_RUN),
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("batches_pending"), "{plan}");
+    assert!(!plan.contains("Seq Scan on batches"), "{plan}");
+}

@@ -112,12 +112,7 @@ async fn alone(
     rate: u32,
     tag: &str,
 ) -> Result<(f64, f64), String> {
-    for client in [&bench.src, &bench.dst] {
-        // Two statements: VACUUM cannot run inside a multi-statement query.
-        for statement in ["VACUUM ANALYZE", "CHECKPOINT"] {
-            client.batch_execute(statement).await.map_err(db_err)?;
-        }
-    }
+    bench.settle().await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     pgbench(bench, script, seconds, rate, tag).await
 }

@@ -292,6 +292,18 @@ impl Bench {
         Ok(best)
     }
 
+    /// Quiets both clusters before a measurement: no autovacuum or
+    /// checkpoint left over from the sections before it.
+    pub async fn settle(&self) -> Result<(), String> {
+        for client in [&self.src, &self.dst] {
+            // Two statements: VACUUM cannot run inside a multi-statement query.
+            for statement in ["VACUUM ANALYZE", "CHECKPOINT"] {
+                client.batch_execute(statement).await.map_err(db_err)?;
+            }
+        }
+        Ok(())
+    }
+
     /// An empty destination for the throughput table.
     pub async fn reset_destination(&self) -> Result<(), String> {
         self.dst
@@ -440,6 +452,7 @@ impl Bench {
             .await
             .map_err(db_err)?;
         let jobs = self.batches(run_id).await?;
+        self.settle().await?;
         let workers = Workers::start(self, &config, 2).await?;
         let t = Instant::now();
         self.wait_run(run_id).await?;
