@@ -241,7 +241,8 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
             "{jobs} empty jobs (zero-row batches) end to end: published with confirms, consumed \
              by 2 worker processes, executed (a source read and a destination transaction each) \
              and acked, against a bare lapin loop publishing {jobs} messages with confirms and \
-             consuming them with acks in the same run."
+             consuming them with acks in the same run, once before and once after; the faster \
+             of the two is the reference."
         ),
         &["measurement", "seconds", "jobs/s", "vs bare loop", "target"],
         vec![

@@ -429,6 +429,9 @@ impl Bench {
     }
 
     /// Empty jobs end to end against a bare lapin loop, both `n` messages.
+    /// The loop runs before and after the jobs; the faster of the two is
+    /// returned, the harder reference (the broker's speed drifts by a third
+    /// between runs on this machine).
     pub async fn job_overhead(&self, n: usize) -> Result<(usize, Duration, Duration), String> {
         self.src
             .batch_execute(&format!(
@@ -452,6 +455,7 @@ impl Bench {
             .await
             .map_err(db_err)?;
         let jobs = self.batches(run_id).await?;
+        let before = self.bare_loop(jobs as usize).await?;
         self.settle().await?;
         let workers = Workers::start(self, &config, 2).await?;
         let t = Instant::now();
@@ -462,8 +466,9 @@ impl Bench {
             t.elapsed()
         );
         workers.stop().await;
-        let bare = self.bare_loop(jobs as usize).await?;
-        Ok((jobs as usize, ours, bare))
+        let after = self.bare_loop(jobs as usize).await?;
+        eprintln!("bench: bare loop {before:?} before, {after:?} after");
+        Ok((jobs as usize, ours, before.min(after)))
     }
 
     async fn bare_loop(&self, n: usize) -> Result<Duration, String> {
