@@ -352,8 +352,9 @@ impl Executor {
         // trip. That order matters: `BEGIN` must reach the server before
         // the settings and the advisory lock that live in its transaction.
         //
-        // The transactions are begun by hand, not through a guard: any
-        // error closes both connections (see `attempt`), which rolls back.
+        // The destination transaction is begun by hand, not through a
+        // guard: any error closes both connections (see `attempt`), which
+        // rolls it back, and drops the source session's settings with it.
         let (source_statements, destination_statements) = tokio::try_join!(
             async {
                 let set = match source_range.settings.0.is_empty() {
