@@ -223,3 +223,46 @@ async fn the_run_finished_check_reads_only_pending_batches() {
     assert!(plan.contains("batches_pending"), "{plan}");
     assert!(!plan.contains("Seq Scan on batches"), "{plan}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_control_schema_upgrades_with_its_runs() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50);",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"t\"\ntable = \"t\"\nbatch_size = 10\n");
+    let run_id = env.plan(&config).await.run_id;
+    // Back to version 2 as an older syncfleet left it, with a run planned.
+    env.dest
+        .batch_execute(
+            "DELETE FROM syncfleet.schema_version WHERE version = 3;
+             DROP INDEX syncfleet.batches_pending;
+             CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';",
+        )
+        .await
+        .unwrap();
+    let mut dest = crate::helpers::connect(&env.dest_url).await;
+    assert_eq!(
+        syncfleet_db::control::migrate(&mut dest).await.unwrap(),
+        vec![3]
+    );
+    let index: String = env
+        .dest
+        .query_one(
+            "SELECT pg_get_indexdef('syncfleet.batches_pending'::regclass)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(index.contains("(run_id, stream, batch_no)"), "{index}");
+    assert_eq!(batches(&env, run_id, "t").await.len(), 6);
+    // And the run completes under the new schema.
+    let fleet = crate::helpers::Fleet::start(&config, 1);
+    env.wait(run_id).await;
+    fleet.stop().await;
+}
