@@ -37,10 +37,9 @@ pub struct Pool {
 
 pub type Client = deadpool_postgres::Object;
 
-/// Starts the transaction of a source read that takes more than one
-/// statement (planning, verify): one consistent snapshot (REPEATABLE READ),
-/// and READ ONLY. A worker's read is a single `COPY`, one snapshot by
-/// itself; source sessions default to read-only anyway.
+/// Starts the transaction every source read runs in: one consistent
+/// snapshot (REPEATABLE READ), and READ ONLY, so syncfleet can never write
+/// to the app's database.
 pub const READ_SNAPSHOT: &str = "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY";
 
 /// [`READ_SNAPSHOT`] as a transaction guard, for code that does not

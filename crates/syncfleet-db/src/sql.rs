@@ -2,8 +2,8 @@
 //!
 //! Identifiers are always quoted. Key values are always bound: as statement
 //! parameters where PostgreSQL allows them, and where it does not (inside
-//! `COPY (SELECT …)`) as settings set by a parameterised `set_config` and
-//! read back with `current_setting`. Either way a value is
+//! `COPY (SELECT …)`) as transaction-local settings set by a parameterised
+//! `set_config` and read back with `current_setting`. Either way a value is
 //! never spliced into SQL text, and it is cast to the key column's type on
 //! the server, so ranges compare exactly as the source orders keys.
 
@@ -23,8 +23,7 @@ pub const STAGE: &str = "pg_temp.syncfleet_stage";
 pub enum Binding {
     /// As `$n` statement parameters, numbered from `first`.
     Params { first: usize },
-    /// As settings applied with [`SET_SETTINGS`] in the same transaction,
-    /// or [`SET_SESSION_SETTINGS`] just before the statement.
+    /// As settings applied with [`SET_SETTINGS`] in the same transaction.
     Settings,
 }
 
@@ -48,10 +47,6 @@ pub const TAKE_READ_SLOT: &str = "SELECT s FROM generate_series(0, $1::int - 1) 
 
 /// Applies [`Binding::Settings`] values: bind `settings.0` and `settings.1`.
 pub const SET_SETTINGS: &str = "SELECT set_config(s.name, s.value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)";
-
-/// [`SET_SETTINGS`] for the session, for a statement that runs in a
-/// transaction of its own: its values stay until the next job sets them.
-pub const SET_SESSION_SETTINGS: &str = "SELECT set_config(s.name, s.value, false) FROM unnest($1::text[], $2::text[]) AS s(name, value)";
 
 impl RangePredicate {
     /// `lower < key <= upper` over `alias`'s key columns.

@@ -1,9 +1,8 @@
 //! Executing one job: converge one key range of the destination.
 //!
 //! Per job, whatever the batch size:
-//! - source: set the range bounds, then one `COPY (SELECT … WHERE range)
-//!   TO STDOUT`, a single statement and so a single snapshot (sessions are
-//!   read-only);
+//! - source (one REPEATABLE READ, READ ONLY transaction): set the range
+//!   bounds, then one `COPY (SELECT … WHERE range) TO STDOUT`;
 //! - destination (one transaction): create the stage, `COPY` the source's
 //!   bytes straight into it, one upsert (`MERGE`, or `INSERT … ON CONFLICT`
 //!   before PostgreSQL 15), one `DELETE` of rows the source no longer has
@@ -352,14 +351,13 @@ impl Executor {
         // trip. That order matters: `BEGIN` must reach the server before
         // the settings and the advisory lock that live in its transaction.
         //
-        // The destination transaction is begun by hand, not through a
-        // guard: any error closes both connections (see `attempt`), which
-        // rolls it back, and drops the source session's settings with it.
+        // The transactions are begun by hand, not through a guard: any
+        // error closes both connections (see `attempt`), which rolls back.
         let (source_statements, destination_statements) = tokio::try_join!(
             async {
                 let set = match source_range.settings.0.is_empty() {
                     true => None,
-                    false => Some(src.prepare_cached(sql::SET_SESSION_SETTINGS).await?),
+                    false => Some(src.prepare_cached(sql::SET_SETTINGS).await?),
                 };
                 let copy = sql::copy_out(shape, &source_range, pace.is_some());
                 Ok::<_, tokio_postgres::Error>((set, src.prepare_cached(&copy).await?))
@@ -423,7 +421,11 @@ impl Executor {
             .is_none_or(|s| s.columns.iter().map(String::as_str).eq(shape.key_names()));
         let empty = empty && by_key;
         let read_started = Instant::now();
-        // The range's bounds and the COPY that reads them, in one round trip.
+        // The range's bounds and the COPY that reads them, in one round trip
+        // and in one transaction: separate statements could reach different
+        // server sessions behind a transaction-pooling proxy (PgBouncer),
+        // and the COPY read another job's range.
+        let begin = src.batch_execute(syncfleet_db::pool::READ_SNAPSHOT);
         let bounds = async {
             if let Some(statement) = &set_source {
                 src.execute(
@@ -434,7 +436,7 @@ impl Executor {
             }
             Ok(())
         };
-        let ((), rows) = tokio::try_join!(biased; bounds, src.copy_out(&copy_out))?;
+        let ((), (), rows) = tokio::try_join!(biased; begin, bounds, src.copy_out(&copy_out))?;
         let bytes = metrics::counter!(m::BYTES, "stream" => stream.name.clone());
         let rows = rows.inspect(move |chunk| {
             if let Ok(chunk) = chunk {
@@ -565,7 +567,8 @@ impl Executor {
                 false
             }))
         };
-        let finished_run = destination_commit.await?;
+        let source_commit = async { Ok::<_, JobError>(src.batch_execute("COMMIT").await?) };
+        let (finished_run, ()) = tokio::try_join!(destination_commit, source_commit)?;
         // The merge and the commit: what the destination spends after the COPY.
         metrics::histogram!(m::DESTINATION_WRITE, "stream" => stream.name.clone())
             .record(copy_done.elapsed().as_secs_f64());
