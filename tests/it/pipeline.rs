@@ -420,3 +420,40 @@ async fn both_upsert_forms_write_the_same_rows() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_emptiness_check_probes_the_key_index_even_without_statistics() {
+    // A freshly loaded destination has no statistics yet; a bare NOT
+    // EXISTS over the last, open range was planned as a scan of the whole
+    // table.
+    let env = TestEnv::new().await;
+    let table = "CREATE TABLE t (id bigint PRIMARY KEY, v text) WITH (autovacuum_enabled = false)";
+    env.source.batch_execute(table).await.unwrap();
+    env.dest
+        .batch_execute(&format!(
+            "{table}; INSERT INTO t SELECT i, repeat('x', 100) FROM generate_series(1, 200000) i"
+        ))
+        .await
+        .unwrap();
+    let config = env.config("[[stream]]\nname = \"t\"\ntable = \"t\"\n");
+    let stream = config.stream("t").unwrap();
+    let shape = StreamShape::describe(&env.source, stream).await.unwrap();
+    let range = KeyRange {
+        lower: Some(vec!["199000".into()]),
+        upper: None,
+    };
+    let predicate =
+        sql::RangePredicate::new(&shape, "d", &range, sql::Binding::Params { first: 1 });
+    let check = sql::range_is_empty(&shape, &stream.destination_table, &predicate);
+    let plan: Vec<String> = env
+        .dest
+        .query(&format!("EXPLAIN {check}"), &[&predicate.params[0]])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("t_pkey"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+}

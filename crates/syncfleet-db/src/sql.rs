@@ -230,12 +230,21 @@ pub fn copy_in(shape: &StreamShape, table: &str) -> String {
     )
 }
 
-/// Whether the destination has no row in the range (an index probe).
-/// Parameters as in `predicate` (built over alias `d`).
-pub fn range_is_empty(table: &TableName, predicate: &RangePredicate) -> String {
+/// Whether the destination has no row in the range: is there a first row
+/// in key order? That is one index probe whatever the table's statistics
+/// say, where a plain `NOT EXISTS` over an open range of a table not yet
+/// analysed was planned as a scan from the table's start (0.5 s for the
+/// last batch of a freshly loaded million rows). Parameters as in
+/// `predicate` (built over alias `d`).
+pub fn range_is_empty(
+    shape: &StreamShape,
+    table: &TableName,
+    predicate: &RangePredicate,
+) -> String {
     format!(
-        "SELECT NOT EXISTS (SELECT 1 FROM {table} AS d WHERE {})",
-        predicate.sql
+        "SELECT (SELECT 1 FROM {table} AS d WHERE {} ORDER BY {} LIMIT 1) IS NULL",
+        predicate.sql,
+        ident::list(&shape.key_names(), Some("d"))
     )
 }
 

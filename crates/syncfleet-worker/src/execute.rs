@@ -369,7 +369,7 @@ impl Executor {
                 dst.prepare_cached(control::TRY_FINISH_RUN).await?;
                 let settings = dst.prepare_cached(sql::SET_SETTINGS).await?;
                 let empty = dst
-                    .prepare_cached(&sql::range_is_empty(table, &dest_range))
+                    .prepare_cached(&sql::range_is_empty(shape, table, &dest_range))
                     .await?;
                 Ok::<_, tokio_postgres::Error>((slot, settings, empty))
             },
