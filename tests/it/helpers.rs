@@ -13,6 +13,7 @@ use syncfleet_core::shutdown::Shutdown;
 use syncfleet_db::{Pool, Role, control};
 use syncfleet_producer::RunPlan;
 use tokio::task::JoinSet;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 pub fn pg_url() -> String {
@@ -30,6 +31,18 @@ pub fn url_for(db: &str) -> String {
     let url = pg_url();
     let slash = url.rfind('/').expect("a database URL");
     format!("{}/{db}", &url[..slash])
+}
+
+/// The plan the server would use for `sql` with `params`, as text.
+pub async fn explain(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> String {
+    client
+        .query(&format!("EXPLAIN {sql}"), params)
+        .await
+        .unwrap_or_else(|e| panic!("EXPLAIN {sql}: {e}"))
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 pub async fn connect(url: &str) -> Client {

@@ -445,15 +445,7 @@ async fn the_emptiness_check_probes_the_key_index_even_without_statistics() {
     let predicate =
         sql::RangePredicate::new(&shape, "d", &range, sql::Binding::Params { first: 1 });
     let check = sql::range_is_empty(&shape, &stream.destination_table, &predicate);
-    let plan: Vec<String> = env
-        .dest
-        .query(&format!("EXPLAIN {check}"), &[&predicate.params[0]])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let plan = plan.join("\n");
+    let plan = crate::helpers::explain(&env.dest, &check, &[&predicate.params[0]]).await;
     assert!(plan.contains("t_pkey"), "{plan}");
     assert!(!plan.contains("Seq Scan"), "{plan}");
 }

@@ -208,18 +208,8 @@ async fn the_run_finished_check_reads_only_pending_batches() {
         )
         .await
         .unwrap();
-    let plan: Vec<String> = env
-        .dest
-        .query(
-            &format!("EXPLAIN {}", syncfleet_db::control::TRY_FINISH_RUN),
-            &[&run_id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let plan = plan.join("\n");
+    let plan =
+        crate::helpers::explain(&env.dest, syncfleet_db::control::TRY_FINISH_RUN, &[&run_id]).await;
     assert!(plan.contains("batches_pending"), "{plan}");
     assert!(!plan.contains("Seq Scan on batches"), "{plan}");
 }
