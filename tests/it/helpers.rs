@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncfleet_broker::{Publisher, Topology};
 use syncfleet_core::Config;
+use syncfleet_core::job::{Job, KeyRange};
 use syncfleet_core::shutdown::Shutdown;
 use syncfleet_db::{Pool, Role, control};
 use syncfleet_producer::RunPlan;
@@ -164,6 +165,34 @@ impl TestEnv {
             .unwrap();
         publisher.close().await;
         plan
+    }
+
+    /// A run's jobs of one stream exactly as published, rebuilt from the
+    /// control schema.
+    pub async fn jobs(&self, run_id: i64, stream: &str) -> Vec<Job> {
+        self.dest
+            .query(
+                "SELECT batch_no, lower_key, upper_key FROM syncfleet.batches \
+                 WHERE run_id = $1 AND stream = $2 ORDER BY batch_no",
+                &[&run_id, &stream],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let key =
+                    |v: Option<serde_json::Value>| v.map(|v| serde_json::from_value(v).unwrap());
+                Job::new(
+                    run_id,
+                    stream,
+                    r.get(0),
+                    KeyRange {
+                        lower: key(r.get(1)),
+                        upper: key(r.get(2)),
+                    },
+                )
+            })
+            .collect()
     }
 
     /// A full run through the broker with `workers` in-process workers;

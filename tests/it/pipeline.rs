@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use syncfleet_core::job::{Job, KeyRange};
+use syncfleet_core::job::KeyRange;
 use syncfleet_db::sql::{self, Upsert};
 use syncfleet_db::{Pool, Role, StreamShape};
 use syncfleet_worker::Executor;
@@ -59,29 +59,7 @@ async fn a_job_replayed_three_times_leaves_the_same_state() {
             .await
             .unwrap(),
     );
-    // The jobs exactly as published, rebuilt from the control schema.
-    let jobs: Vec<Job> = env
-        .dest
-        .query(
-            "SELECT batch_no, lower_key, upper_key FROM syncfleet.batches WHERE run_id = $1 ORDER BY batch_no",
-            &[&plan.run_id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let key = |v: Option<serde_json::Value>| v.map(|v| serde_json::from_value(v).unwrap());
-            Job::new(
-                plan.run_id,
-                "users",
-                r.get(0),
-                KeyRange {
-                    lower: key(r.get(1)),
-                    upper: key(r.get(2)),
-                },
-            )
-        })
-        .collect();
+    let jobs = env.jobs(plan.run_id, "users").await;
     assert_eq!(jobs.len(), 13);
 
     // A destination row the source never had, inside the first batch's range: the
@@ -448,4 +426,123 @@ async fn the_emptiness_check_probes_the_key_index_even_without_statistics() {
     let plan = crate::helpers::explain(&env.dest, &check, &[&predicate.params[0]]).await;
     assert!(plan.contains("t_pkey"), "{plan}");
     assert!(!plan.contains("Seq Scan"), "{plan}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_sharing_a_transaction_write_what_each_would_alone() {
+    // Workers run small jobs together: one source snapshot, one destination
+    // transaction. Here one group takes every path at once, across two
+    // streams: direct COPY into empty ranges, stage and merge (the stage
+    // made again for each job), clearing a range the source emptied, and
+    // ranges empty on both sides.
+    let env = TestEnv::new().await;
+    let t = "CREATE TABLE t (id int PRIMARY KEY, v text, n numeric)";
+    env.source
+        .batch_execute(&format!(
+            "{USERS} {t}; INSERT INTO t SELECT i, 'v' || i, i / 7.0 FROM generate_series(1, 300) i;"
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    env.dest
+        .batch_execute(&format!(
+            "{t}; ALTER TABLE t ADD CONSTRAINT not_bad CHECK (v <> 'bad');
+             INSERT INTO t SELECT i, CASE WHEN i % 3 = 0 THEN 'stale' ELSE 'v' || i END, i / 7.0 \
+             FROM generate_series(1, 300) i WHERE i % 5 <> 0;
+             INSERT INTO t VALUES (1000, 'extra', NULL);"
+        ))
+        .await
+        .unwrap();
+    let config = env.config(&format!(
+        "{USERS_STREAM}[[stream]]\nname = \"t\"\ntable = \"t\"\nbatch_size = 50\n"
+    ));
+    let plan = env.plan(&config).await;
+    // After planning: a users range the source no longer has rows in, which
+    // the destination still does, and one empty on both sides.
+    env.source
+        .batch_execute("DELETE FROM users WHERE id BETWEEN 41 AND 120")
+        .await
+        .unwrap();
+    env.dest
+        .batch_execute("INSERT INTO users VALUES (50, 'gone@example.com', 'gone', 0)")
+        .await
+        .unwrap();
+    let executor = Executor::new(
+        config.clone(),
+        Pool::connect(Role::Source, &config.source).await.unwrap(),
+        Pool::connect(Role::Destination, &config.destination)
+            .await
+            .unwrap(),
+    );
+    let (users, items) = (
+        env.jobs(plan.run_id, "users").await,
+        env.jobs(plan.run_id, "t").await,
+    );
+    assert_eq!((users.len(), items.len()), (13, 7));
+    let mut items = items.into_iter();
+    let jobs: Vec<_> = users
+        .into_iter()
+        .flat_map(|u| std::iter::once(u).chain(items.next()))
+        .collect();
+
+    let outcomes = executor.execute_group(&jobs).await.unwrap();
+    for table in ["users", "t"] {
+        let all = format!("SELECT * FROM {table}");
+        assert_eq!(
+            TestEnv::rows(&env.source, &all).await,
+            TestEnv::rows(&env.dest, &all).await,
+            "{table}"
+        );
+    }
+    let deleted: u64 = outcomes.iter().map(|o| o.rows_deleted).sum();
+    assert_eq!(deleted, 1 + 1, "the user the source lost and t's extra row");
+    assert_eq!(
+        outcomes.iter().filter(|o| o.finished_run).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(outcomes.last().unwrap().finished_run);
+    let (done, transactions): (i64, i64) = {
+        let r = env
+            .dest
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'done'), count(DISTINCT started_at) \
+                 FROM syncfleet.batches WHERE run_id = $1",
+                &[&plan.run_id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((done, transactions), (20, 1));
+
+    // A group commits all or nothing: one job that cannot be written leaves
+    // every range of the group as it was, and its batches pending.
+    env.source
+        .batch_execute("UPDATE t SET n = n + 1; UPDATE t SET v = 'bad' WHERE id = 120;")
+        .await
+        .unwrap();
+    let before = TestEnv::rows(&env.dest, "SELECT * FROM t").await;
+    let plan = env.plan(&config).await;
+    let jobs = env.jobs(plan.run_id, "t").await;
+    let error = executor.execute_group(&jobs).await.unwrap_err();
+    assert!(error.to_string().contains("not_bad"), "{error}");
+    assert_eq!(TestEnv::rows(&env.dest, "SELECT * FROM t").await, before);
+    let not_pending: i64 = env
+        .dest
+        .query_one(
+            "SELECT count(*) FROM syncfleet.batches WHERE run_id = $1 AND status <> 'pending'",
+            &[&plan.run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(not_pending, 0);
+    // Alone, every other job commits.
+    let alone: Vec<bool> = futures_util::future::join_all(jobs.iter().map(|j| executor.execute(j)))
+        .await
+        .iter()
+        .map(Result::is_ok)
+        .collect();
+    assert_eq!(alone.iter().filter(|ok| !**ok).count(), 1, "{alone:?}");
 }

@@ -158,6 +158,102 @@ async fn a_permanent_error_is_dead_lettered_at_once_and_can_be_replayed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_job_in_a_shared_transaction_fails_alone() {
+    // Jobs queued before the worker starts arrive together, and small ones
+    // share a destination transaction. One that cannot be written rolls its
+    // group back; the worker then runs the group's jobs one by one, so only
+    // that job is dead-lettered.
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    env.dest
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text, CONSTRAINT no_v17 CHECK (v <> 'v17'))",
+        )
+        .await
+        .unwrap();
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let run_id = env.plan(&config).await.run_id;
+    let fleet = Fleet::start(&config, 1);
+    env.eventually("the run to fail", 60, || async {
+        run_status(&env, run_id).await.status == "failed"
+    })
+    .await;
+    env.eventually("every other batch", 60, || async {
+        batch_attempts(&env, run_id)
+            .await
+            .iter()
+            .all(|(_, status, _)| status != "pending")
+    })
+    .await;
+    fleet.stop().await;
+    let batches = batch_attempts(&env, run_id).await;
+    let failed: Vec<_> = batches.iter().filter(|(_, s, _)| s != "done").collect();
+    assert_eq!(failed, [&(2, "failed".to_string(), 1)], "{batches:?}");
+    assert_eq!(env.dead_letters().await, 1);
+    assert_eq!(
+        TestEnv::rows(
+            &env.source,
+            "SELECT * FROM items WHERE id NOT BETWEEN 11 AND 20"
+        )
+        .await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+    // The jobs did share transactions: batches committed together share
+    // their transaction's start time.
+    let (done, transactions): (i64, i64) = {
+        let r = env
+            .dest
+            .query_one(
+                "SELECT count(*), count(DISTINCT started_at) FROM syncfleet.batches \
+                 WHERE run_id = $1 AND status = 'done'",
+                &[&run_id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        transactions < done / 2,
+        "{transactions} transactions for {done} batches"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_while_describing_a_stream_is_not_the_streams_fault() {
+    // Describing a stream is its first query; a server going down under it
+    // must make the job wait for the server, not dead-letter it as a bad
+    // stream.
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\n");
+    let doomed = crate::helpers::connect(&env.source_url).await;
+    let pid: i32 = doomed
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    env.source
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let error = syncfleet_db::StreamShape::describe(&doomed, config.stream("items").unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.class(),
+        syncfleet_db::ErrorClass::Unavailable,
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_exhausted_end_in_the_dead_letter_queue() {
     let env = TestEnv::new().await;
     env.source.batch_execute(ITEMS).await.unwrap();

@@ -385,10 +385,19 @@ batch_size = {batch}
     let (run_id, mut report) = match outcome {
         Ok(x) => x,
         Err(e) => {
+            // The workers' warnings and errors (a port already taken by
+            // another process aside), then the log's last lines.
             let log = std::fs::read_to_string(&fleet.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let warnings: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .filter(|l| !l.contains("metrics endpoint disabled"))
+                .take(40)
+                .collect();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
             return Err(ChaosError(format!(
-                "{e}\nlast worker log lines:\n{}",
+                "{e}\nworker warnings and errors:\n{}\nlast worker log lines:\n{}",
+                warnings.join("\n"),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             )));
         }
@@ -509,9 +518,25 @@ async fn chaos(
     loop {
         let elapsed = started.elapsed();
         if elapsed > options.timeout {
+            // Which batches never finished, and how often each was tried,
+            // say where to look (a dead letter, a lost job, a stuck worker).
+            let left = match connect(dst_url).await {
+                Ok(c) => c
+                    .query(
+                        "SELECT stream || ' ' || batch_no || ' (' || status || ', ' || attempts \
+                         || ' attempt(s))' FROM syncfleet.batches WHERE run_id = $1 \
+                         AND status <> 'done' ORDER BY stream, batch_no LIMIT 20",
+                        &[&run_id],
+                    )
+                    .await
+                    .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
+                    .unwrap_or_else(|e| vec![e.to_string()]),
+                Err(e) => vec![e.to_string()],
+            };
             return Err(ChaosError(format!(
-                "run {run_id} did not finish within {:?}",
-                options.timeout
+                "run {run_id} did not finish within {:?}; batches not done: {}",
+                options.timeout,
+                left.join(", ")
             )));
         }
         // A fresh connection per look: the harness's own would be

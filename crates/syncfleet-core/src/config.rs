@@ -112,7 +112,8 @@ pub struct JobsConfig {
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Jobs one worker process executes at once; also its broker prefetch.
+    /// Transactions one worker process runs at once, each one job or a group
+    /// of small ones; its broker prefetch is this times the group size.
     pub concurrency: u16,
     /// How long a stopping worker lets jobs in flight finish.
     pub shutdown_grace: Duration,

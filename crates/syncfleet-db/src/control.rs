@@ -413,39 +413,59 @@ pub async fn fail_run(
     Ok(())
 }
 
-/// Marks a batch done inside the transaction that wrote its rows. Returns
-/// false when the control schema does not know the batch.
-pub async fn complete_batch(
+/// One batch a destination transaction wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct DoneBatch<'a> {
+    pub run_id: i64,
+    pub stream: &'a str,
+    pub batch_no: i64,
+    pub rows_copied: i64,
+    pub rows_deleted: i64,
+}
+
+/// Marks batches done inside the transaction that wrote their rows, in one
+/// statement however many there are. Returns false when the control schema
+/// does not know one of them.
+pub async fn complete_batches(
     client: &impl deadpool_postgres::GenericClient,
-    run_id: i64,
-    stream: &str,
-    batch_no: i64,
-    rows_copied: i64,
-    rows_deleted: i64,
+    batches: &[DoneBatch<'_>],
     worker: &str,
 ) -> Result<bool, DbError> {
-    // Prepared once per connection: it runs once per job.
-    let statement = client.prepare_cached(COMPLETE_BATCH).await?;
+    // Prepared once per connection: it runs once per transaction.
+    let statement = client.prepare_cached(COMPLETE_BATCHES).await?;
+    let column = |f: fn(&DoneBatch) -> i64| batches.iter().map(f).collect::<Vec<i64>>();
+    let streams: Vec<&str> = batches.iter().map(|b| b.stream).collect();
     let n = client
         .execute(
             &statement,
             &[
-                &run_id,
-                &stream,
-                &batch_no,
-                &rows_copied,
-                &rows_deleted,
+                &column(|b| b.run_id),
+                &streams,
+                &column(|b| b.batch_no),
+                &column(|b| b.rows_copied),
+                &column(|b| b.rows_deleted),
                 &worker,
             ],
         )
         .await?;
-    Ok(n == 1)
+    // A batch named twice (a redelivery grouped with its original) is
+    // updated once.
+    let mut distinct: Vec<(i64, &str, i64)> = batches
+        .iter()
+        .map(|b| (b.run_id, b.stream, b.batch_no))
+        .collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    Ok(n == distinct.len() as u64)
 }
 
-/// See [`complete_batch`].
-pub const COMPLETE_BATCH: &str = "UPDATE syncfleet.batches SET status = 'done', rows_copied = $4, \
-     rows_deleted = $5, attempts = attempts + 1, error = NULL, worker = $6, started_at = now(), \
-     finished_at = clock_timestamp() WHERE run_id = $1 AND stream = $2 AND batch_no = $3";
+/// See [`complete_batches`].
+pub const COMPLETE_BATCHES: &str = "UPDATE syncfleet.batches b SET status = 'done', \
+     rows_copied = u.rows_copied, rows_deleted = u.rows_deleted, attempts = b.attempts + 1, \
+     error = NULL, worker = $6, started_at = now(), finished_at = clock_timestamp() \
+     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+       AS u(run_id, stream, batch_no, rows_copied, rows_deleted) \
+     WHERE b.run_id = u.run_id AND b.stream = u.stream AND b.batch_no = u.batch_no";
 
 /// Marks the run succeeded if it is fully planned and no batch is left.
 ///

@@ -99,7 +99,8 @@ impl StreamShape {
             .await
         {
             Ok(s) => s,
-            Err(e) if classify(&e) == ErrorClass::Transient => return Err(db(e)),
+            // A lost connection or a conflict says nothing about the stream.
+            Err(e) if classify(&e) != ErrorClass::Permanent => return Err(db(e)),
             Err(e) => {
                 let message = match (&stream.source, e.code()) {
                     (StreamSource::Table(t), Some(&SqlState::UNDEFINED_TABLE)) => {

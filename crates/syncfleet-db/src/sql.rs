@@ -217,6 +217,12 @@ pub fn create_stage(shape: &StreamShape, table: &TableName) -> String {
     )
 }
 
+/// Drops the stage before the transaction ends, for the next job of the
+/// same transaction.
+pub fn drop_stage() -> String {
+    format!("DROP TABLE {STAGE}")
+}
+
 pub fn copy_in_stage(shape: &StreamShape) -> String {
     copy_in(shape, STAGE)
 }

@@ -1,5 +1,10 @@
 //! The worker loop: deliveries in, settled deliveries out.
 //!
+//! Deliveries wait for one of `concurrency` slots. A slot takes the next
+//! group: the first delivery waiting, and those after it while their jobs
+//! are small (see `GROUP_ROWS`); the group runs in one transaction, and if
+//! it fails its jobs run again one by one, so each is settled on its own.
+//!
 //! A session is one broker connection with one consumer. When the broker
 //! goes away the session ends, the worker reconnects with backoff, declares
 //! the topology again and resumes; jobs that were unacked are redelivered by
@@ -17,6 +22,7 @@
 //! Publishing before acking means a crash in between duplicates a message
 //! rather than losing it, and duplicates are harmless.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -31,7 +37,7 @@ use lapin::types::FieldTable;
 use syncfleet_broker::headers::now_ms;
 use syncfleet_broker::{BrokerError, Meta, Publisher};
 use syncfleet_core::backoff::RetryPolicy;
-use syncfleet_core::job::Job;
+use syncfleet_core::job::{Job, JobDecodeError};
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::ShutdownSignal;
 use syncfleet_core::{Config, ConfigError, health};
@@ -39,7 +45,7 @@ use syncfleet_db::{DbError, control};
 use tokio::task::JoinSet;
 
 use crate::error::JobError;
-use crate::execute::Executor;
+use crate::execute::{BatchOutcome, Executor};
 
 /// Why a worker stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,70 @@ const OUTAGE: RetryPolicy = RetryPolicy {
     max: Duration::from_secs(5),
     max_attempts: u32::MAX,
 };
+
+/// Rows one destination transaction takes on when it groups small jobs.
+/// A transaction and its read slot cost about a millisecond of round trips
+/// and wake-ups on both databases: nothing against a batch of 1,000 rows or
+/// more, most of the work of a batch of a few. (Measured in
+/// `docs/benchmarks.md`, section 4.)
+const GROUP_ROWS: u32 = 1_000;
+/// Most jobs in one group, whatever their size.
+const MAX_GROUP: usize = 16;
+
+/// About how many rows a job may bring, for grouping: a range up to its
+/// stream's batch size, a selection about one per value. A job this worker
+/// cannot read goes alone.
+fn weight(config: &Config, job: &Result<Job, JobDecodeError>) -> u32 {
+    let Ok(job) = job else { return GROUP_ROWS };
+    match (&job.select, config.stream(&job.stream)) {
+        (Some(select), _) => u32::try_from(select.values.len()).unwrap_or(u32::MAX),
+        (None, Some(stream)) => stream.batch_size,
+        (None, None) => GROUP_ROWS,
+    }
+}
+
+/// Jobs per group of the config's smallest batches: the prefetch is
+/// `concurrency` times this, so that groups can form while every slot is
+/// busy, and stays `concurrency` for batches of `GROUP_ROWS` or more, which
+/// never share a transaction (a worker should not hoard large jobs that an
+/// idle one could take).
+fn group_size(config: &Config) -> u16 {
+    let smallest = config
+        .streams
+        .iter()
+        .map(|s| s.batch_size)
+        .min()
+        .unwrap_or(GROUP_ROWS);
+    (GROUP_ROWS / smallest.max(1)).clamp(1, MAX_GROUP as u32) as u16
+}
+
+/// A delivery waiting for a free slot, decoded once.
+struct Pending {
+    delivery: Delivery,
+    job: Result<Job, JobDecodeError>,
+}
+
+/// Takes the next group from the front of `pending`.
+fn next_group(config: &Config, pending: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let len = group_len(pending.iter().map(|p| weight(config, &p.job)));
+    pending.drain(..len).collect()
+}
+
+/// How many of the jobs waiting, in arrival order, make the next group: at
+/// least one, then while their weights fit [`GROUP_ROWS`], up to
+/// [`MAX_GROUP`].
+fn group_len(weights: impl Iterator<Item = u32>) -> usize {
+    let mut rows = 0u32;
+    let mut len = 0;
+    for w in weights.take(MAX_GROUP) {
+        rows = rows.saturating_add(w);
+        if len > 0 && rows > GROUP_ROWS {
+            break;
+        }
+        len += 1;
+    }
+    len
+}
 
 /// Everything a delivery handler needs.
 struct Context {
@@ -184,10 +254,11 @@ async fn session(
         let connection = syncfleet_broker::connect(&config.broker, "worker").await?;
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await?;
-        // The prefetch bounds the jobs in flight: the broker sends no more
+        // The prefetch bounds the jobs held: the broker sends no more
         // until one is settled.
+        let prefetch = concurrency.saturating_mul(group_size(config));
         channel
-            .basic_qos(concurrency, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let consumer = channel
             .basic_consume(
@@ -217,7 +288,14 @@ async fn session(
     );
     health::set_ready(true);
 
+    // Deliveries wait here for one of the `concurrency` slots; a slot that
+    // frees up takes every small job waiting, up to a group.
+    let mut pending = VecDeque::new();
     let lost = loop {
+        while in_flight.len() < usize::from(concurrency) && !pending.is_empty() {
+            let group = next_group(config, &mut pending);
+            in_flight.spawn(handle_group(context.clone(), group));
+        }
         tokio::select! {
             _ = shutdown.wait() => break None,
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
@@ -227,7 +305,8 @@ async fn session(
             }
             delivery = consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
-                    in_flight.spawn(handle(context.clone(), delivery));
+                    let job = Job::decode(&delivery.data);
+                    pending.push_back(Pending { delivery, job });
                 }
                 Some(Err(e)) => break Some(WorkerError::from(e)),
                 None => break Some(WorkerError::Broker(BrokerError::Connect {
@@ -308,25 +387,84 @@ async fn drain(in_flight: &mut JoinSet<()>) {
     while in_flight.join_next().await.is_some() {}
 }
 
-/// Executes one delivery and settles it (see the module docs).
-async fn handle(context: Arc<Context>, delivery: Delivery) {
-    let meta = Meta::from_properties(&delivery.properties);
-    let job = match Job::decode(&delivery.data) {
-        Ok(job) => job,
-        Err(e) => {
-            tracing::error!(error = %e, "dead-lettering a message that is not a valid job");
-            dead_letter(&context, &delivery, "?", meta, "malformed", &e.to_string()).await;
-            return;
+/// Executes a group of deliveries in one transaction and settles each (see
+/// the module docs). If the group fails, its jobs run again one by one, so
+/// that each meets its own fate: one bad job does not fail the others.
+async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
+    let mut deliveries = Vec::with_capacity(group.len());
+    let mut jobs = Vec::with_capacity(group.len());
+    for Pending { delivery, job } in group {
+        match job {
+            Ok(job) => {
+                deliveries.push(delivery);
+                jobs.push(job);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "dead-lettering a message that is not a valid job");
+                let meta = Meta::from_properties(&delivery.properties);
+                dead_letter(&context, &delivery, "?", meta, "malformed", &e.to_string()).await;
+            }
         }
-    };
-    let id = job.id();
-    let started = Instant::now();
+    }
+    if jobs.len() > 1 {
+        let started = Instant::now();
+        let result = executing(jobs.len(), context.executor.execute_group(&jobs)).await;
+        match result {
+            Ok(Ok(outcomes)) => {
+                for ((delivery, job), outcome) in deliveries.iter().zip(&jobs).zip(outcomes) {
+                    conclude(&context, delivery, job, started, Ok(Ok(outcome))).await;
+                }
+                return;
+            }
+            // An outage is every job's: each waits for the database as it
+            // would alone.
+            Ok(Err(JobError::Unavailable(reason))) => {
+                for (delivery, job) in deliveries.iter().zip(&jobs) {
+                    let result = Ok(Err(JobError::Unavailable(reason.clone())));
+                    conclude(&context, delivery, job, started, result).await;
+                }
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(jobs = jobs.len(), error = %e, "a group of jobs failed; running them one by one");
+            }
+            Err(_panic) => {
+                tracing::warn!(
+                    jobs = jobs.len(),
+                    "a group of jobs panicked; running them one by one"
+                );
+            }
+        }
+    }
+    for (delivery, job) in deliveries.iter().zip(&jobs) {
+        let started = Instant::now();
+        let result = executing(1, context.executor.execute(job)).await;
+        conclude(&context, delivery, job, started, result).await;
+    }
+}
+
+/// Runs `jobs` jobs' execution, counted in flight and with panics caught.
+async fn executing<T>(
+    jobs: usize,
+    execution: impl Future<Output = Result<T, JobError>>,
+) -> std::thread::Result<Result<T, JobError>> {
     let in_flight = metrics::gauge!(m::IN_FLIGHT);
-    in_flight.increment(1.0);
-    let result = AssertUnwindSafe(context.executor.execute(&job))
-        .catch_unwind()
-        .await;
-    in_flight.decrement(1.0);
+    in_flight.increment(jobs as f64);
+    let result = AssertUnwindSafe(execution).catch_unwind().await;
+    in_flight.decrement(jobs as f64);
+    result
+}
+
+/// Settles one executed delivery by its result.
+async fn conclude(
+    context: &Context,
+    delivery: &Delivery,
+    job: &Job,
+    started: Instant,
+    result: std::thread::Result<Result<BatchOutcome, JobError>>,
+) {
+    let meta = Meta::from_properties(&delivery.properties);
+    let id = job.id();
     metrics::histogram!(m::JOB_DURATION, "stream" => job.stream.clone())
         .record(started.elapsed().as_secs_f64());
     let finished = |o: &'static str| {
@@ -359,17 +497,17 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
                 tracing::warn!(job = %id, %reason, "a database is unreachable; jobs wait for it without using up attempts");
             }
             let delay = OUTAGE.delay(streak);
-            park(&context, &delivery, &id, meta, delay, false).await;
+            park(context, delivery, &id, meta, delay, false).await;
         }
         Ok(Err(JobError::Retry(reason))) if meta.attempt < retry.max_attempts => {
             let delay = retry.delay(meta.attempt);
             tracing::warn!(job = %id, attempt = meta.attempt, %reason, ?delay, "batch failed; retrying later");
             finished("retried");
             metrics::counter!(m::RETRIES, "stream" => job.stream.clone()).increment(1);
-            if let Err(e) = context.executor.record_retry(&job, &reason).await {
+            if let Err(e) = context.executor.record_retry(job, &reason).await {
                 tracing::debug!(job = %id, error = %e, "could not record the failed attempt");
             }
-            park(&context, &delivery, &id, meta, delay, true).await;
+            park(context, delivery, &id, meta, delay, true).await;
         }
         Ok(Err(e)) => {
             let (kind, reason) = match e {
@@ -379,10 +517,10 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
             tracing::error!(job = %id, attempt = meta.attempt, %reason, kind, "batch failed for good; dead-lettering it");
             finished("dead_lettered");
             let recorded = format!("{reason} ({kind} after {} attempt(s))", meta.attempt);
-            if let Err(e) = context.executor.fail(&job, &recorded).await {
+            if let Err(e) = context.executor.fail(job, &recorded).await {
                 tracing::error!(job = %id, error = %e, "could not record the failed batch");
             }
-            dead_letter(&context, &delivery, &id, meta, kind, &reason).await;
+            dead_letter(context, delivery, &id, meta, kind, &reason).await;
         }
         Err(_panic) => {
             tracing::error!(job = %id, "job panicked; handing it back (the delivery limit stops a job that keeps doing so)");
@@ -463,5 +601,46 @@ fn settle(result: Result<bool, lapin::Error>) {
         Err(e) => {
             tracing::debug!(error = %e, "could not settle a delivery; the broker will redeliver it")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_jobs_share_a_group_and_large_ones_go_alone() {
+        assert_eq!(group_len([1; 40].into_iter()), MAX_GROUP);
+        assert_eq!(group_len([100; 40].into_iter()), 10);
+        assert_eq!(group_len([1_000; 3].into_iter()), 1);
+        assert_eq!(group_len([10_000; 3].into_iter()), 1);
+        // A job too large to join the group ends it; the next group starts
+        // with it.
+        assert_eq!(group_len([10, 10, 10_000, 10].into_iter()), 2);
+        assert_eq!(group_len([u32::MAX, u32::MAX].into_iter()), 1);
+        assert_eq!(group_len([5].into_iter()), 1);
+        assert_eq!(group_len(std::iter::empty()), 0);
+    }
+
+    #[test]
+    fn the_prefetch_leaves_room_for_groups_of_the_smallest_batches() {
+        let config = |sizes: &[u32]| {
+            let streams: String = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    format!("[[stream]]\nname = \"s{i}\"\ntable = \"t{i}\"\nbatch_size = {n}\n")
+                })
+                .collect();
+            let text = format!(
+                "[source]\nurl = \"postgres://a@h/s\"\n[destination]\nurl = \"postgres://a@h/d\"\n\
+                 [broker]\nurl = \"amqp://h\"\nprefix = \"p\"\n{streams}"
+            );
+            Config::parse("test.toml", &text, |_| None).unwrap()
+        };
+        assert_eq!(group_size(&config(&[10_000])), 1);
+        assert_eq!(group_size(&config(&[1_000, 10_000])), 1);
+        assert_eq!(group_size(&config(&[100, 10_000])), 10);
+        assert_eq!(group_size(&config(&[1])), MAX_GROUP as u16);
     }
 }

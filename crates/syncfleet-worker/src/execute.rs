@@ -1,13 +1,18 @@
-//! Executing one job: converge one key range of the destination.
+//! Executing jobs: each converges one key range of the destination.
 //!
 //! Per job, whatever the batch size:
-//! - source (one REPEATABLE READ, READ ONLY transaction): set the range
+//! - source (in a REPEATABLE READ, READ ONLY transaction): set the range
 //!   bounds, then one `COPY (SELECT … WHERE range) TO STDOUT`;
-//! - destination (one transaction): create the stage, `COPY` the source's
-//!   bytes straight into it, one upsert (`MERGE`, or `INSERT … ON CONFLICT`
-//!   before PostgreSQL 15), one `DELETE` of rows the source no longer has
-//!   in the range, and marking the batch done. Then commit; only then is
-//!   the job acknowledged.
+//! - destination (in a transaction): check whether the range is empty
+//!   there; then either `COPY` the source's bytes straight into the table,
+//!   or into a stage followed by one upsert (`MERGE`, or `INSERT … ON
+//!   CONFLICT` before PostgreSQL 15) and one `DELETE` of rows the source no
+//!   longer has in the range; then mark the batch done. Then commit; only
+//!   then is the job acknowledged.
+//!
+//! Small jobs share their transactions ([`Executor::execute_group`]): one
+//! `BEGIN`, read slot, done-mark statement and `COMMIT` on each side serve
+//! the whole group, which commits all or nothing.
 //!
 //! Rows travel in PostgreSQL's own text COPY format and are never decoded
 //! here, so every type (enums, domains, arrays, intervals, …) arrives as the
@@ -111,6 +116,22 @@ fn raced(e: tokio_postgres::Error) -> JobError {
     }
 }
 
+/// One job of a transaction, with what it needs.
+#[derive(Clone, Copy)]
+struct Work<'a> {
+    job: &'a Job,
+    stream: &'a StreamConfig,
+    shape: &'a StreamShape,
+}
+
+/// What one job wrote, before its transaction commits.
+struct RangeDone {
+    rows_copied: u64,
+    rows_deleted: u64,
+    /// When its rows were in; the destination's time after it is the write's.
+    copy_done: Instant,
+}
+
 /// What one job did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOutcome {
@@ -207,26 +228,51 @@ impl Executor {
 
     /// Executes one job; see the module docs for the statements it runs.
     pub async fn execute(&self, job: &Job) -> Result<BatchOutcome, JobError> {
-        let stream = self.config.stream(&job.stream).ok_or_else(|| {
-            JobError::Reject(format!(
-                "job {} names stream '{}', which this worker's config does not have",
-                job.id(),
-                job.stream
-            ))
-        })?;
-        let deadline = Instant::now() + stream.deadline;
+        let mut outcomes = self.execute_group(std::slice::from_ref(job)).await?;
+        Ok(outcomes.pop().expect("one outcome per job"))
+    }
+
+    /// Executes jobs together: one source snapshot, one destination
+    /// transaction and one read slot for all of them, so small jobs share
+    /// the fixed cost of a transaction. They commit together or not at all,
+    /// under the earliest of their deadlines. A single job is retried here
+    /// after a transient error; a group is not: its caller runs the jobs one
+    /// by one instead, which also tells which of them failed.
+    pub async fn execute_group(&self, jobs: &[Job]) -> Result<Vec<BatchOutcome>, JobError> {
+        let streams = jobs
+            .iter()
+            .map(|job| {
+                self.config.stream(&job.stream).ok_or_else(|| {
+                    JobError::Reject(format!(
+                        "job {} names stream '{}', which this worker's config does not have",
+                        job.id(),
+                        job.stream
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let budget = streams
+            .iter()
+            .map(|s| s.deadline)
+            .min()
+            .ok_or_else(|| JobError::Reject("an empty group of jobs".into()))?;
+        let deadline = Instant::now() + budget;
+        let retries = match jobs.len() {
+            1 => IN_WORKER_RETRIES,
+            _ => 0,
+        };
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(2))
-            .with_max_times(IN_WORKER_RETRIES)
+            .with_max_times(retries)
             .build()
             .map(full_jitter as fn(Duration) -> Duration);
-        let attempts = (|| self.attempt(stream, job, deadline))
+        let attempts = (|| self.attempt(&streams, jobs, deadline))
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|e| !matches!(e, JobError::Reject(_)) && Instant::now() < deadline)
             .notify(|e, delay| {
-                tracing::debug!(job = %job.id(), error = %e, ?delay, "retrying in this worker");
+                tracing::debug!(job = %jobs[0].id(), error = %e, ?delay, "retrying in this worker");
             });
         // Each attempt stops itself at the deadline (cancelling its
         // statements); this outer bound only catches what lies between
@@ -240,22 +286,19 @@ impl Executor {
             rows: 0,
         };
         let result = tokio::time::timeout_at(outer.into(), attempts).await;
-        if let Ok(Ok(outcome)) = &result {
-            permit.rows = outcome.rows_copied;
+        if let Ok(Ok(outcomes)) = &result {
+            permit.rows = outcomes.iter().map(|o| o.rows_copied).sum();
         }
         drop(permit);
         let result = match result {
             Ok(result) => result,
-            Err(_) => Err(JobError::Retry(format!(
-                "deadline of {:?} passed",
-                stream.deadline
-            ))),
+            Err(_) => Err(JobError::Retry(format!("deadline of {budget:?} passed"))),
         };
         if result.is_err() {
-            self.shapes
-                .lock()
-                .expect("shape cache")
-                .remove(&stream.name);
+            let mut shapes = self.shapes.lock().expect("shape cache");
+            for stream in &streams {
+                shapes.remove(&stream.name);
+            }
         }
         result
     }
@@ -275,17 +318,26 @@ impl Executor {
     /// One attempt, cut off at `deadline` with a server-side cancel.
     async fn attempt(
         &self,
-        stream: &StreamConfig,
-        job: &Job,
+        streams: &[&StreamConfig],
+        jobs: &[Job],
         deadline: Instant,
-    ) -> Result<BatchOutcome, JobError> {
-        let shape = self.shape(stream).await?;
+    ) -> Result<Vec<BatchOutcome>, JobError> {
+        let mut shapes = Vec::with_capacity(streams.len());
+        for stream in streams {
+            shapes.push(self.shape(stream).await?);
+        }
+        let work: Vec<Work> = jobs
+            .iter()
+            .zip(streams)
+            .zip(&shapes)
+            .map(|((job, stream), shape)| Work { job, stream, shape })
+            .collect();
         let mut src = self.source.get().await?;
         let mut dst = self.destination.get().await?;
         let cancel = [src.cancel_token(), dst.cancel_token()];
-        let converge = self.converge(&shape, stream, job, &mut src, &mut dst);
+        let converge = self.converge(&work, &mut src, &mut dst);
         match tokio::time::timeout_at(deadline.into(), converge).await {
-            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Ok(outcomes)) => Ok(outcomes),
             Ok(Err(e)) => {
                 // A statement failed, possibly in the middle of a COPY: the
                 // protocol state of these connections is not worth trusting
@@ -300,7 +352,7 @@ impl Executor {
                         .await
                         .unwrap_or(Ok(()))
                     {
-                        tracing::warn!(job = %job.id(), error = %e, "could not cancel a statement past its deadline");
+                        tracing::warn!(job = %jobs[0].id(), error = %e, "could not cancel a statement past its deadline");
                     }
                 }
                 // Mid-statement connections never go back to the pool: closing
@@ -309,242 +361,115 @@ impl Executor {
                 drop(Object::take(dst));
                 Err(JobError::Retry(format!(
                     "deadline of {:?} passed; its statements were cancelled",
-                    stream.deadline
+                    deadline.saturating_duration_since(Instant::now())
                 )))
             }
         }
     }
 
+    /// Opens both transactions, converges each job's range in turn, then
+    /// commits.
     async fn converge(
         &self,
-        shape: &StreamShape,
-        stream: &StreamConfig,
-        job: &Job,
+        work: &[Work<'_>],
         src: &mut Client,
         dst: &mut Client,
-    ) -> Result<BatchOutcome, JobError> {
-        let table = &stream.destination_table;
-        let predicate = |alias, binding| match &job.select {
-            Some(select) => RangePredicate::selection(shape, alias, select, binding)
-                .map_err(|e| JobError::Reject(format!("job {}: {e}", job.id()))),
-            None => Ok(RangePredicate::new(shape, alias, &job.range, binding)),
-        };
-        let mut source_range = predicate("q", Binding::Settings)?;
-        // Read once per job: a batch keeps the pace it started with.
+    ) -> Result<Vec<BatchOutcome>, JobError> {
+        // Read once per transaction: its batches keep the pace they started
+        // with.
         let pace = self.gate.pace();
-        for (name, value) in pace.iter().flat_map(|p| p.settings()) {
-            source_range.settings.0.push(name);
-            source_range.settings.1.push(value);
-        }
-        let dest_range = predicate("d", Binding::Params { first: 1 })?;
-        let params: Vec<&(dyn ToSql + Sync)> = dest_range
-            .params
-            .iter()
-            .map(|p| p as &(dyn ToSql + Sync))
-            .collect();
-
-        // Statements are prepared first (once per connection: the text of
-        // each depends only on the stream, the range's form and the pace,
-        // values travelling as parameters or settings), so that what
-        // follows can be pipelined: requests joined with `biased;` are sent
-        // in the order written, on their first poll, and share one round
-        // trip. That order matters: `BEGIN` must reach the server before
-        // the settings and the advisory lock that live in its transaction.
-        //
-        // The transactions are begun by hand, not through a guard: any
-        // error closes both connections (see `attempt`), which rolls back.
-        let (source_statements, destination_statements) = tokio::try_join!(
-            async {
-                let set = match source_range.settings.0.is_empty() {
-                    true => None,
-                    false => Some(src.prepare_cached(sql::SET_SETTINGS).await?),
-                };
-                let copy = sql::copy_out(shape, &source_range, pace.is_some());
-                Ok::<_, tokio_postgres::Error>((set, src.prepare_cached(&copy).await?))
-            },
-            async {
-                let slot = dst.prepare_cached(sql::TAKE_READ_SLOT).await?;
-                // Cached for the pipelined commit at the end.
-                dst.prepare_cached(control::COMPLETE_BATCH).await?;
-                dst.prepare_cached(control::TRY_FINISH_RUN).await?;
-                let settings = dst.prepare_cached(sql::SET_SETTINGS).await?;
-                let empty = dst
-                    .prepare_cached(&sql::range_is_empty(shape, table, &dest_range))
-                    .await?;
-                Ok::<_, tokio_postgres::Error>((slot, settings, empty))
-            },
-        )?;
-        let (set_source, copy_out) = source_statements;
-        let (slot, set_destination, is_empty) = destination_statements;
         let pace_settings: Option<(Vec<String>, Vec<String>)> =
             pace.map(|p| p.settings().into_iter().unzip());
 
-        // The destination transaction holds this read's slot of the
-        // fleet-wide ceiling until it ends, however it ends, and the slot is
-        // taken before the source query starts.
-        let destination_ready = async {
-            let begin = dst.batch_execute("BEGIN");
-            let slots = self.config.reads.max_concurrent.map(|n| n as i32);
-            let namespace = format!("syncfleet.reads/{}", self.config.broker.prefix);
-            let first_try = async {
-                match slots {
-                    Some(n) => Ok(dst
-                        .query_opt(&slot, &[&n, &namespace, &fastrand::i32(0..n)])
-                        .await?
-                        .is_some()),
-                    None => Ok(true),
-                }
-            };
-            // A paced batch is merged at the same pace: on a machine the
-            // two databases share, the merge's burst would undo the read's.
-            let settings = async {
-                if let Some((names, values)) = &pace_settings {
-                    dst.execute(&set_destination, &[names, values]).await?;
-                }
-                Ok(())
-            };
-            let empty = async { Ok(dst.query_one(&is_empty, &params).await?.get::<_, bool>(0)) };
-            let ((), got_slot, (), empty) =
-                tokio::try_join!(biased; begin, first_try, settings, empty)?;
-            if let (false, Some(n)) = (got_slot, slots) {
-                take_read_slot(dst, &slot, n, &namespace).await?;
+        // Statements are prepared once per connection (the text of each
+        // depends only on the stream, the range's form and the pace, values
+        // travelling as parameters or settings), so that what follows can be
+        // pipelined: requests joined with `biased;` are sent in the order
+        // written, on their first poll, and share one round trip. That order
+        // matters: `BEGIN` must reach the server before the settings and the
+        // advisory lock that live in its transaction.
+        //
+        // The transactions are begun by hand, not through a guard: any
+        // error closes both connections (see `attempt`), which rolls back.
+        let slot = dst.prepare_cached(sql::TAKE_READ_SLOT).await?;
+        let set_destination = dst.prepare_cached(sql::SET_SETTINGS).await?;
+        // Cached for the pipelined commit at the end.
+        dst.prepare_cached(control::COMPLETE_BATCHES).await?;
+        dst.prepare_cached(control::TRY_FINISH_RUN).await?;
+
+        // The destination transaction holds the read slot of the fleet-wide
+        // ceiling until it ends, however it ends, and the slot is taken
+        // before the source query starts. The jobs read one after another,
+        // so one slot covers them all.
+        let slots = self.config.reads.max_concurrent.map(|n| n as i32);
+        let namespace = format!("syncfleet.reads/{}", self.config.broker.prefix);
+        let begin = dst.batch_execute("BEGIN");
+        let first_try = async {
+            match slots {
+                Some(n) => Ok(dst
+                    .query_opt(&slot, &[&n, &namespace, &fastrand::i32(0..n)])
+                    .await?
+                    .is_some()),
+                None => Ok(true),
             }
-            Ok::<_, JobError>(empty)
         };
-        let empty = destination_ready.await?;
-        // A selection on another column (an event's `users = "user_id"`)
-        // says nothing about keys: "no row with that user_id" does not mean
-        // "no row with those keys", so it always merges.
-        let by_key = job
-            .select
-            .as_ref()
-            .is_none_or(|s| s.columns.iter().map(String::as_str).eq(shape.key_names()));
-        let empty = empty && by_key;
-        let read_started = Instant::now();
-        // The range's bounds and the COPY that reads them, in one round trip
-        // and in one transaction: separate statements could reach different
-        // server sessions behind a transaction-pooling proxy (PgBouncer),
-        // and the COPY read another job's range.
-        let begin = src.batch_execute(syncfleet_db::pool::READ_SNAPSHOT);
-        let bounds = async {
-            if let Some(statement) = &set_source {
-                src.execute(
-                    statement,
-                    &[&source_range.settings.0, &source_range.settings.1],
-                )
-                .await?;
+        // A paced batch is merged at the same pace: on a machine the two
+        // databases share, the merge's burst would undo the read's.
+        let settings = async {
+            if let Some((names, values)) = &pace_settings {
+                dst.execute(&set_destination, &[names, values]).await?;
             }
             Ok(())
         };
-        let ((), (), rows) = tokio::try_join!(biased; begin, bounds, src.copy_out(&copy_out))?;
-        let bytes = metrics::counter!(m::BYTES, "stream" => stream.name.clone());
-        let rows = rows.inspect(move |chunk| {
-            if let Ok(chunk) = chunk {
-                bytes.increment(chunk.len() as u64);
-            }
-        });
-        let rows = rows.peekable();
-        futures_util::pin_mut!(rows);
-        // A range the source has no rows in needs no COPY on the
-        // destination: nothing to write, or only a range to clear.
-        let source_empty = rows.as_mut().peek().await.is_none();
-        let source_read = metrics::histogram!(m::SOURCE_READ, "stream" => stream.name.clone());
-        let (rows_copied, rows_deleted, copy_done) = if source_empty {
-            source_read.record(read_started.elapsed().as_secs_f64());
-            let deleted = if empty || !by_key {
-                0
-            } else {
-                let statement = dst
-                    .prepare_cached(&sql::delete_range(table, &dest_range))
-                    .await?;
-                dst.execute(&statement, &params).await?
-            };
-            (0, deleted, Instant::now())
-        } else if empty {
-            // Fast path (an initial load): nothing to update or delete, so
-            // the rows go straight into the table.
-            let statement = dst
-                .prepare_cached(&sql::copy_in(shape, &table.to_string()))
-                .await?;
-            let sink = dst.copy_in(&statement).await?;
-            futures_util::pin_mut!(sink);
-            let copied = async {
-                sink.as_mut().send_all(&mut rows).await?;
-                sink.finish().await
-            }
-            .await
-            .inspect(|_| source_read.record(read_started.elapsed().as_secs_f64()))
-            .map_err(raced)?;
-            (copied, 0, Instant::now())
-        } else {
-            dst.batch_execute(&sql::create_stage(shape, table)).await?;
-            let statement = dst.prepare_cached(&sql::copy_in_stage(shape)).await?;
-            let stage = dst.copy_in(&statement).await?;
-            futures_util::pin_mut!(stage);
-            stage.as_mut().send_all(&mut rows).await?;
-            let copied = stage.finish().await?;
-            let copy_done = Instant::now();
-            source_read.record(read_started.elapsed().as_secs_f64());
-            let how = match self.destination.has_merge() {
-                true => sql::Upsert::Merge,
-                false => sql::Upsert::OnConflict,
-            };
-            let statement = dst
-                .prepare_cached(&sql::upsert(shape, table, pace.is_some(), how))
-                .await?;
-            dst.execute(&statement, &[]).await.map_err(raced)?;
-            // Only a range or a key selection owns the rows it names: a row
-            // missing from a selection on another column may merely have
-            // moved (a profile now under another user), so deletes are left
-            // to key-based jobs and full runs.
-            let deleted = if by_key {
-                dst.execute(
-                    &dst.prepare_cached(&sql::delete_missing(
-                        shape,
-                        table,
-                        &dest_range,
-                        pace.is_some(),
-                    ))
-                    .await?,
-                    &params,
-                )
-                .await?
-            } else {
-                0
-            };
-            (copied, deleted, copy_done)
-        };
-        // Marking the batch done, the COMMIT and the run-finished check
-        // are pipelined on one connection, so the check runs after the
-        // commit and sees this batch done, with every batch committed
+        let ((), got_slot, ()) = tokio::try_join!(biased; begin, first_try, settings)?;
+        if let (false, Some(n)) = (got_slot, slots) {
+            take_read_slot(dst, &slot, n, &namespace).await?;
+        }
+
+        let mut done = Vec::with_capacity(work.len());
+        for (i, w) in work.iter().enumerate() {
+            let first = i == 0;
+            let last = i + 1 == work.len();
+            done.push(self.converge_range(w, pace, first, last, src, dst).await?);
+        }
+
+        // Marking the batches done, the COMMIT and the run-finished checks
+        // are pipelined on one connection, so each check runs after the
+        // commit and sees these batches done, with every batch committed
         // before: of the workers committing a run's last batches at once,
-        // the last to commit sees none left. (Both statements were
-        // prepared with the set-up, so each call below sends at once.)
-        // Event jobs belong to no run: nothing to record.
+        // the last to commit sees none left. (Both statements were prepared
+        // with the set-up, so each call below sends at once.) Event jobs
+        // belong to no run: nothing to record.
+        let batches: Vec<control::DoneBatch> = work
+            .iter()
+            .zip(&done)
+            .filter(|(w, _)| w.job.run_id != NO_RUN)
+            .map(|(w, d)| control::DoneBatch {
+                run_id: w.job.run_id,
+                stream: &w.job.stream,
+                batch_no: w.job.batch,
+                rows_copied: d.rows_copied as i64,
+                rows_deleted: d.rows_deleted as i64,
+            })
+            .collect();
+        let mut runs: Vec<i64> = batches.iter().map(|b| b.run_id).collect();
+        runs.dedup();
         let destination_commit = async {
             let complete = async {
-                match job.run_id {
-                    NO_RUN => Ok(true),
-                    run_id => {
-                        control::complete_batch(
-                            &*dst,
-                            run_id,
-                            &job.stream,
-                            job.batch,
-                            rows_copied as i64,
-                            rows_deleted as i64,
-                            &self.id,
-                        )
-                        .await
-                    }
+                match batches.is_empty() {
+                    true => Ok(true),
+                    false => control::complete_batches(&*dst, &batches, &self.id).await,
                 }
             };
             let commit = dst.batch_execute("COMMIT");
             let finish = async {
-                match job.run_id {
-                    NO_RUN => Ok(false),
-                    run_id => control::try_finish_run(&*dst, run_id).await,
+                let mut finished = Vec::new();
+                for &run_id in &runs {
+                    if control::try_finish_run(&*dst, run_id).await? {
+                        finished.push(run_id);
+                    }
                 }
+                Ok::<_, syncfleet_db::DbError>(finished)
             };
             let (known, committed, finished) = tokio::join!(biased; complete, commit, finish);
             // Checked first: after a failed statement the server answers
@@ -557,26 +482,210 @@ impl Executor {
                 // source); the job itself cannot be recorded.
                 return Err(JobError::Reject(format!(
                     "job {} names a batch the control schema does not have",
-                    job.id()
+                    work[0].job.id()
                 )));
             }
-            // The batch is committed: from here on an error must not fail
-            // the job; the next batch or `status` finishes the run.
+            // The batches are committed: from here on an error must not fail
+            // the jobs; the next batch or `status` finishes the run.
             Ok::<_, JobError>(finished.unwrap_or_else(|e| {
-                tracing::warn!(run_id = job.run_id, error = %e, "could not check whether the run finished");
-                false
+                tracing::warn!(runs = ?runs, error = %e, "could not check whether a run finished");
+                Vec::new()
             }))
         };
         let source_commit = async { Ok::<_, JobError>(src.batch_execute("COMMIT").await?) };
-        let (finished_run, ()) = tokio::try_join!(destination_commit, source_commit)?;
-        // The merge and the commit: what the destination spends after the COPY.
-        metrics::histogram!(m::DESTINATION_WRITE, "stream" => stream.name.clone())
-            .record(copy_done.elapsed().as_secs_f64());
-        metrics::counter!(m::ROWS, "stream" => stream.name.clone()).increment(rows_copied);
-        Ok(BatchOutcome {
+        let (finished, ()) = tokio::try_join!(destination_commit, source_commit)?;
+        let mut outcomes = Vec::with_capacity(work.len());
+        for (i, (w, d)) in work.iter().zip(&done).enumerate() {
+            let stream = &w.stream.name;
+            // The merge and the commit: what the destination spends after
+            // the COPY.
+            metrics::histogram!(m::DESTINATION_WRITE, "stream" => stream.clone())
+                .record(d.copy_done.elapsed().as_secs_f64());
+            metrics::counter!(m::ROWS, "stream" => stream.clone()).increment(d.rows_copied);
+            // The run's last job in the group reports its finish.
+            let finished_run = finished.contains(&w.job.run_id)
+                && !work[i + 1..]
+                    .iter()
+                    .any(|later| later.job.run_id == w.job.run_id);
+            outcomes.push(BatchOutcome {
+                rows_copied: d.rows_copied,
+                rows_deleted: d.rows_deleted,
+                finished_run,
+            });
+        }
+        Ok(outcomes)
+    }
+
+    /// Converges one job's range inside the open transactions: the
+    /// destination's emptiness check and the source's read share a round
+    /// trip, then the rows go in. `first` begins the source transaction;
+    /// a stage that a later job would create again is dropped unless `last`.
+    async fn converge_range(
+        &self,
+        work: &Work<'_>,
+        pace: Option<sql::Pace>,
+        first: bool,
+        last: bool,
+        src: &Client,
+        dst: &Client,
+    ) -> Result<RangeDone, JobError> {
+        let Work { job, stream, shape } = *work;
+        let table = &stream.destination_table;
+        let predicate = |alias, binding| match &job.select {
+            Some(select) => RangePredicate::selection(shape, alias, select, binding)
+                .map_err(|e| JobError::Reject(format!("job {}: {e}", job.id()))),
+            None => Ok(RangePredicate::new(shape, alias, &job.range, binding)),
+        };
+        let mut source_range = predicate("q", Binding::Settings)?;
+        for (name, value) in pace.iter().flat_map(|p| p.settings()) {
+            source_range.settings.0.push(name);
+            source_range.settings.1.push(value);
+        }
+        let dest_range = predicate("d", Binding::Params { first: 1 })?;
+        let params: Vec<&(dyn ToSql + Sync)> = dest_range
+            .params
+            .iter()
+            .map(|p| p as &(dyn ToSql + Sync))
+            .collect();
+        let empty_check = sql::range_is_empty(shape, table, &dest_range);
+        let (is_empty, (set_source, copy_out)) =
+            tokio::try_join!(dst.prepare_cached(&empty_check), async {
+                let set = match source_range.settings.0.is_empty() {
+                    true => None,
+                    false => Some(src.prepare_cached(sql::SET_SETTINGS).await?),
+                };
+                let copy = sql::copy_out(shape, &source_range, pace.is_some());
+                Ok((set, src.prepare_cached(&copy).await?))
+            },)?;
+
+        let read_started = Instant::now();
+        let empty = async { Ok(dst.query_one(&is_empty, &params).await?.get::<_, bool>(0)) };
+        // The range's bounds and the COPY that reads them, in one round trip
+        // and in one transaction: separate statements could reach different
+        // server sessions behind a transaction-pooling proxy (PgBouncer),
+        // and the COPY read another job's range.
+        let read = async {
+            let begin = async {
+                match first {
+                    true => src.batch_execute(syncfleet_db::pool::READ_SNAPSHOT).await,
+                    false => Ok(()),
+                }
+            };
+            let bounds = async {
+                if let Some(statement) = &set_source {
+                    src.execute(
+                        statement,
+                        &[&source_range.settings.0, &source_range.settings.1],
+                    )
+                    .await?;
+                }
+                Ok(())
+            };
+            let ((), (), rows) = tokio::try_join!(biased; begin, bounds, src.copy_out(&copy_out))?;
+            Ok::<_, JobError>(rows)
+        };
+        let (empty, rows) = tokio::try_join!(empty, read)?;
+        // A selection on another column (an event's `users = "user_id"`)
+        // says nothing about keys: "no row with that user_id" does not mean
+        // "no row with those keys", so it always merges.
+        let by_key = job
+            .select
+            .as_ref()
+            .is_none_or(|s| s.columns.iter().map(String::as_str).eq(shape.key_names()));
+        let empty = empty && by_key;
+        let bytes = metrics::counter!(m::BYTES, "stream" => stream.name.clone());
+        let rows = rows.inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                bytes.increment(chunk.len() as u64);
+            }
+        });
+        let rows = rows.peekable();
+        futures_util::pin_mut!(rows);
+        // A range the source has no rows in needs no COPY on the
+        // destination: nothing to write, or only a range to clear.
+        let source_empty = rows.as_mut().peek().await.is_none();
+        let source_read = metrics::histogram!(m::SOURCE_READ, "stream" => stream.name.clone());
+        if source_empty {
+            source_read.record(read_started.elapsed().as_secs_f64());
+            let rows_deleted = if empty || !by_key {
+                0
+            } else {
+                let statement = dst
+                    .prepare_cached(&sql::delete_range(table, &dest_range))
+                    .await?;
+                dst.execute(&statement, &params).await?
+            };
+            return Ok(RangeDone {
+                rows_copied: 0,
+                rows_deleted,
+                copy_done: Instant::now(),
+            });
+        }
+        if empty {
+            // Fast path (an initial load): nothing to update or delete, so
+            // the rows go straight into the table.
+            let statement = dst
+                .prepare_cached(&sql::copy_in(shape, &table.to_string()))
+                .await?;
+            let sink = dst.copy_in(&statement).await?;
+            futures_util::pin_mut!(sink);
+            let rows_copied = async {
+                sink.as_mut().send_all(&mut rows).await?;
+                sink.finish().await
+            }
+            .await
+            .inspect(|_| source_read.record(read_started.elapsed().as_secs_f64()))
+            .map_err(raced)?;
+            return Ok(RangeDone {
+                rows_copied,
+                rows_deleted: 0,
+                copy_done: Instant::now(),
+            });
+        }
+        dst.batch_execute(&sql::create_stage(shape, table)).await?;
+        let statement = dst.prepare_cached(&sql::copy_in_stage(shape)).await?;
+        let stage = dst.copy_in(&statement).await?;
+        futures_util::pin_mut!(stage);
+        stage.as_mut().send_all(&mut rows).await?;
+        let rows_copied = stage.finish().await?;
+        let copy_done = Instant::now();
+        source_read.record(read_started.elapsed().as_secs_f64());
+        let how = match self.destination.has_merge() {
+            true => sql::Upsert::Merge,
+            false => sql::Upsert::OnConflict,
+        };
+        let statement = dst
+            .prepare_cached(&sql::upsert(shape, table, pace.is_some(), how))
+            .await?;
+        dst.execute(&statement, &[]).await.map_err(raced)?;
+        // Only a range or a key selection owns the rows it names: a row
+        // missing from a selection on another column may merely have moved
+        // (a profile now under another user), so deletes are left to
+        // key-based jobs and full runs.
+        let rows_deleted = if by_key {
+            dst.execute(
+                &dst.prepare_cached(&sql::delete_missing(
+                    shape,
+                    table,
+                    &dest_range,
+                    pace.is_some(),
+                ))
+                .await?,
+                &params,
+            )
+            .await?
+        } else {
+            0
+        };
+        if !last {
+            // The stage drops at commit; a later job of this transaction
+            // creates its own.
+            dst.batch_execute(&sql::drop_stage()).await?;
+        }
+        Ok(RangeDone {
             rows_copied,
             rows_deleted,
-            finished_run,
+            copy_done,
         })
     }
 

@@ -2,11 +2,13 @@
 //!
 //! - [`execute`]: the step function. [`Executor::execute`] takes one job
 //!   and makes the destination's key range equal to the source's, in a
-//!   constant number of statements whatever the batch size. Tests call it
-//!   directly, without a broker.
+//!   constant number of statements whatever the batch size;
+//!   [`Executor::execute_group`] does so for several in one transaction.
+//!   Tests call them directly, without a broker.
 //! - [`consume`]: the loop around it: takes deliveries with a bounded
-//!   prefetch, runs up to `concurrency` jobs at once, and acks a job only
-//!   after its destination transaction committed.
+//!   prefetch, runs up to `concurrency` groups of jobs at once (small jobs
+//!   waiting together share a transaction), and acks a job only after its
+//!   destination transaction committed.
 //! - [`error`]: a failed job says what happens next: retry or dead-letter.
 //!
 //! Delivery contract: a job is acked after its commit, so a crash between

@@ -10,7 +10,7 @@ use crate::error::CliError;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Jobs executed at once (and the broker prefetch) [default: worker.concurrency, 4]
+    /// Jobs (or groups of small jobs) executed at once [default: worker.concurrency, 4]
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
     concurrency: Option<u16>,
     /// Where to serve /metrics, /healthz and /readyz
