@@ -97,6 +97,19 @@ impl PrivateBroker {
         c
     }
 
+    /// Each queue with its ready and unacked messages, for a report.
+    pub fn queues(&self) -> String {
+        self.ctl(&[
+            "-q",
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', "; "))
+        .unwrap_or_else(|e| e.to_string())
+    }
+
     fn ctl(&self, args: &[&str]) -> std::io::Result<Output> {
         self.command("rabbitmqctl")
             .arg("-n")

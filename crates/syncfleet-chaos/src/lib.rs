@@ -534,9 +534,10 @@ async fn chaos(
                 Err(e) => vec![e.to_string()],
             };
             return Err(ChaosError(format!(
-                "run {run_id} did not finish within {:?}; batches not done: {}",
+                "run {run_id} did not finish within {:?}; batches not done: {}; queues: {}",
                 options.timeout,
-                left.join(", ")
+                left.join(", "),
+                broker.queues()
             )));
         }
         // A fresh connection per look: the harness's own would be

@@ -235,9 +235,10 @@ impl Executor {
     /// Executes jobs together: one source snapshot, one destination
     /// transaction and one read slot for all of them, so small jobs share
     /// the fixed cost of a transaction. They commit together or not at all,
-    /// under the earliest of their deadlines. A single job is retried here
-    /// after a transient error; a group is not: its caller runs the jobs one
-    /// by one instead, which also tells which of them failed.
+    /// under the earliest of their deadlines. A lost connection is retried
+    /// here a few times, and so is any transient error of a single job; a
+    /// group's other errors are not: its caller runs the jobs one by one
+    /// instead, which also tells which of them failed.
     pub async fn execute_group(&self, jobs: &[Job]) -> Result<Vec<BatchOutcome>, JobError> {
         let streams = jobs
             .iter()
@@ -257,20 +258,23 @@ impl Executor {
             .min()
             .ok_or_else(|| JobError::Reject("an empty group of jobs".into()))?;
         let deadline = Instant::now() + budget;
-        let retries = match jobs.len() {
-            1 => IN_WORKER_RETRIES,
-            _ => 0,
-        };
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(2))
-            .with_max_times(retries)
+            .with_max_times(IN_WORKER_RETRIES)
             .build()
             .map(full_jitter as fn(Duration) -> Duration);
+        // A lost connection is the whole group's; any other error may be
+        // one job's, which its caller finds by running the jobs alone.
+        let retried = |e: &JobError| match e {
+            JobError::Unavailable(_) => true,
+            JobError::Retry(_) => jobs.len() == 1,
+            JobError::Reject(_) => false,
+        };
         let attempts = (|| self.attempt(&streams, jobs, deadline))
             .retry(backoff)
             .sleep(tokio::time::sleep)
-            .when(|e| !matches!(e, JobError::Reject(_)) && Instant::now() < deadline)
+            .when(|e| retried(e) && Instant::now() < deadline)
             .notify(|e, delay| {
                 tracing::debug!(job = %jobs[0].id(), error = %e, ?delay, "retrying in this worker");
             });
