@@ -271,7 +271,7 @@ impl Executor {
             JobError::Retry(_) => jobs.len() == 1,
             JobError::Reject(_) => false,
         };
-        let attempts = (|| self.attempt(&streams, jobs, deadline))
+        let attempts = (|| self.attempt(&streams, jobs, deadline, budget))
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|e| retried(e) && Instant::now() < deadline)
@@ -319,12 +319,14 @@ impl Executor {
         Ok(shape)
     }
 
-    /// One attempt, cut off at `deadline` with a server-side cancel.
+    /// One attempt, cut off at `deadline` (`budget` after the first began)
+    /// with a server-side cancel.
     async fn attempt(
         &self,
         streams: &[&StreamConfig],
         jobs: &[Job],
         deadline: Instant,
+        budget: Duration,
     ) -> Result<Vec<BatchOutcome>, JobError> {
         let mut shapes = Vec::with_capacity(streams.len());
         for stream in streams {
@@ -364,8 +366,7 @@ impl Executor {
                 drop(Object::take(src));
                 drop(Object::take(dst));
                 Err(JobError::Retry(format!(
-                    "deadline of {:?} passed; its statements were cancelled",
-                    deadline.saturating_duration_since(Instant::now())
+                    "deadline of {budget:?} passed; its statements were cancelled"
                 )))
             }
         }
