@@ -458,6 +458,7 @@ impl Executor {
             })
             .collect();
         let mut runs: Vec<i64> = batches.iter().map(|b| b.run_id).collect();
+        runs.sort_unstable();
         runs.dedup();
         let destination_commit = async {
             let complete = async {
