@@ -341,6 +341,98 @@ async fn the_empty_range_and_merge_paths_give_the_same_rows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_found_unchanged_is_not_copied_and_any_change_is() {
+    let env = TestEnv::new().await;
+    // Every kind of column: types with exact equality are fingerprinted as
+    // values, the others as text.
+    let mood = "CREATE TYPE mood AS ENUM ('sad', 'ok');";
+    env.dest.batch_execute(mood).await.unwrap();
+    env.source
+        .batch_execute(&format!(
+            "{mood}
+             CREATE TABLE t (id bigint PRIMARY KEY, txt text, b bool, ts timestamptz, d date, u uuid,
+               by bytea, n numeric, f float8, j jsonb, js json, iv interval, a int[], m mood, c char(4));
+             INSERT INTO t SELECT i, 'v' || i, i % 2 = 0, timestamptz '2024-01-01' + i * interval '1 min',
+               date '2024-01-01' + i, md5(i::text)::uuid, decode(md5(i::text), 'hex'), i / 7.0,
+               CASE WHEN i = 4500 THEN 0 WHEN i % 50 = 0 THEN 'NaN' ELSE i / 3.0 END,
+               jsonb_build_object('n', i), '{{\"a\":  1}}', make_interval(hours => i), ARRAY[i, NULL],
+               CASE WHEN i % 2 = 0 THEN 'ok' ELSE 'sad' END::mood, 'ab'
+             FROM generate_series(1, 6000) i;
+             UPDATE t SET txt = NULL, n = NULL, j = NULL, a = NULL WHERE id % 11 = 0;"
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"t\"\ntable = \"t\"\nbatch_size = 1000\n");
+    let batches = |run_id: i64| {
+        let dest = &env.dest;
+        async move {
+            dest.query(
+                "SELECT coalesce(rows_copied, 0), coalesce(rows_unchanged, 0) \
+                 FROM syncfleet.batches WHERE run_id = $1 ORDER BY batch_no",
+                &[&run_id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .collect::<Vec<_>>()
+        }
+    };
+    let all = "SELECT * FROM t";
+    let loaded = env.sync(&config, 1).await;
+    assert_eq!(
+        TestEnv::rows(&env.dest, all).await,
+        TestEnv::rows(&env.source, all).await
+    );
+    assert!(
+        batches(loaded)
+            .await
+            .iter()
+            .all(|&(_, unchanged)| unchanged == 0)
+    );
+
+    // Unchanged: every batch is found equal, nothing is copied or written.
+    let versions = "SELECT id, xmin::text, xmax::text FROM t";
+    let before = TestEnv::rows(&env.dest, versions).await;
+    let resynced = env.sync(&config, 1).await;
+    let found = batches(resynced).await;
+    assert_eq!(found.iter().map(|b| b.1).sum::<i64>(), 6000, "{found:?}");
+    assert!(found.iter().all(|&(copied, _)| copied == 0), "{found:?}");
+    assert_eq!(TestEnv::rows(&env.dest, versions).await, before);
+
+    // One change in each of five ranges, each of a kind that only the text
+    // form or the row count shows: numeric scale, a jsonb number's form, a
+    // float's sign, a row gone from the source, a row changed in the
+    // destination. The last range stays unchanged.
+    env.source
+        .batch_execute(
+            "UPDATE t SET n = 1.00 WHERE id = 7;
+             UPDATE t SET j = '{\"n\": 1500.0}' WHERE id = 1500;
+             DELETE FROM t WHERE id = 2500;
+             UPDATE t SET f = '-0' WHERE id = 4500;",
+        )
+        .await
+        .unwrap();
+    env.dest
+        .batch_execute("UPDATE t SET txt = 'tampered' WHERE id = 3500")
+        .await
+        .unwrap();
+    let changed = env.sync(&config, 1).await;
+    assert_eq!(
+        TestEnv::rows(&env.dest, all).await,
+        TestEnv::rows(&env.source, all).await
+    );
+    let found = batches(changed).await;
+    assert_eq!(
+        found.iter().map(|b| b.0 + b.1).sum::<i64>(),
+        5999,
+        "{found:?}"
+    );
+    assert!(found.iter().filter(|b| b.1 > 0).count() <= 1, "{found:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_upsert_forms_write_the_same_rows() {
     // Workers use MERGE where the destination has it (PostgreSQL 15 and
     // later) and INSERT … ON CONFLICT before; this server has both.

@@ -27,7 +27,12 @@ struct Mode {
     source: String,
 }
 
-pub async fn run(bench: &Bench, seconds: u64, rate: u32) -> Result<Vec<Vec<String>>, String> {
+pub async fn run(
+    bench: &Bench,
+    seconds: u64,
+    rate: u32,
+    only: &[usize],
+) -> Result<Vec<Vec<String>>, String> {
     bench
         .src
         .batch_execute(
@@ -45,7 +50,7 @@ pub async fn run(bench: &Bench, seconds: u64, rate: u32) -> Result<Vec<Vec<Strin
     let script = bench.dir.join("app.sql");
     std::fs::write(&script, SCRIPT).map_err(|e| e.to_string())?;
 
-    let modes = [
+    let modes: Vec<Mode> = [
         Mode {
             name: "unthrottled: no ceiling, no throttle",
             source: "max_concurrent_reads = 1000\n[source.throttle]\nenabled = false\n".into(),
@@ -64,7 +69,12 @@ pub async fn run(bench: &Bench, seconds: u64, rate: u32) -> Result<Vec<Vec<Strin
                 "[source.throttle]\nprobe = \"{APP_PROBE}\"\ninterval = \"50ms\"\nmin_latency = \"500us\"\n"
             ),
         },
-    ];
+    ]
+    .into_iter()
+    .enumerate()
+    .filter(|(i, _)| only.is_empty() || only.contains(i))
+    .map(|(_, mode)| mode)
+    .collect();
     // The app alone, before and after the syncs; the quieter of the two is
     // the reference (the harder one to stay close to).
     let before = alone(bench, &script, seconds, rate, "alone").await?;
@@ -77,7 +87,14 @@ pub async fn run(bench: &Bench, seconds: u64, rate: u32) -> Result<Vec<Vec<Strin
     }
     let after = alone(bench, &script, seconds, rate, "after").await?;
     let reference = before.1.min(after.1);
-    let unthrottled = measured[0].2.max(1.0);
+    // Without the unthrottled mode there is nothing to compare rows/s to.
+    let unthrottled = match modes
+        .first()
+        .is_some_and(|m| m.name.starts_with("unthrottled"))
+    {
+        true => measured[0].2.max(1.0),
+        false => f64::NAN,
+    };
     let alone_row = |name: &str, (p50, p99): (f64, f64)| {
         vec![
             name.to_string(),
@@ -156,7 +173,7 @@ async fn during_syncs(
     let copied: f64 = bench
         .dst
         .query_one(
-            "SELECT coalesce(sum(rows_copied), 0)::float8 FROM syncfleet.batches \
+            "SELECT coalesce(sum(rows_copied + coalesce(rows_unchanged, 0)), 0)::float8 FROM syncfleet.batches \
              WHERE finished_at >= to_timestamp($1) AND finished_at < to_timestamp($1) + make_interval(secs => $2)",
             &[&window_start, &(seconds as f64)],
         )

@@ -54,6 +54,10 @@ struct Args {
     /// Run only these sections (1-5, repeatable) [default: all]
     #[arg(long = "only", value_name = "N")]
     only: Vec<u8>,
+    /// Run only these modes of section 3 (0 unthrottled … 3 adaptive,
+    /// repeatable) [default: all]
+    #[arg(long = "app-mode", value_name = "N")]
+    app_modes: Vec<usize>,
     /// RabbitMQ URL
     #[arg(
         long,
@@ -212,7 +216,7 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
             workers.stop().await;
         }
         eprintln!("bench: app latency ({} s per phase)", args.app_seconds);
-        let phases = app::run(bench, args.app_seconds, args.app_rate).await?;
+        let phases = app::run(bench, args.app_seconds, args.app_rate, &args.app_modes).await?;
         report.section(
             "3. The app's latency while syncs run",
             &format!(

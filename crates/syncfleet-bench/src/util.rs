@@ -665,7 +665,10 @@ impl Workers {
                     .arg("--config")
                     .arg(config)
                     .arg("worker")
-                    .env("RUST_LOG", "warn")
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                    )
                     .stdout(Stdio::null())
                     .kill_on_drop(true)
                     .spawn()

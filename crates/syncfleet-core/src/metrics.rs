@@ -6,7 +6,8 @@
 pub const JOBS: &str = "syncfleet_jobs_total";
 /// Job duration, by `stream` (histogram).
 pub const JOB_DURATION: &str = "syncfleet_job_duration_seconds";
-/// Rows copied from the source, by `stream`.
+/// Rows synced, by `stream` and `how`: `copied`, or `unchanged` when a
+/// batch's range was found equal on both sides and not copied.
 pub const ROWS: &str = "syncfleet_rows_synced_total";
 /// Bytes of COPY data read from the source, by `stream`.
 pub const BYTES: &str = "syncfleet_bytes_synced_total";

@@ -80,6 +80,11 @@ ALTER TABLE syncfleet.batches ADD COLUMN selection jsonb;
 DROP INDEX syncfleet.batches_pending;
 CREATE INDEX batches_pending ON syncfleet.batches (run_id, stream, batch_no) WHERE status <> 'done';
 "#,
+    r#"
+-- Rows of a batch found already equal in the destination, and so not
+-- copied (a re-sync of unchanged rows).
+ALTER TABLE syncfleet.batches ADD COLUMN rows_unchanged bigint;
+"#,
 ];
 
 /// The schema version this build expects.
@@ -421,6 +426,7 @@ pub struct DoneBatch<'a> {
     pub batch_no: i64,
     pub rows_copied: i64,
     pub rows_deleted: i64,
+    pub rows_unchanged: i64,
 }
 
 /// Marks batches done inside the transaction that wrote their rows, in one
@@ -444,6 +450,7 @@ pub async fn complete_batches(
                 &column(|b| b.batch_no),
                 &column(|b| b.rows_copied),
                 &column(|b| b.rows_deleted),
+                &column(|b| b.rows_unchanged),
                 &worker,
             ],
         )
@@ -461,10 +468,11 @@ pub async fn complete_batches(
 
 /// See [`complete_batches`].
 pub const COMPLETE_BATCHES: &str = "UPDATE syncfleet.batches b SET status = 'done', \
-     rows_copied = u.rows_copied, rows_deleted = u.rows_deleted, attempts = b.attempts + 1, \
-     error = NULL, worker = $6, started_at = now(), finished_at = clock_timestamp() \
-     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) \
-       AS u(run_id, stream, batch_no, rows_copied, rows_deleted) \
+     rows_copied = u.rows_copied, rows_deleted = u.rows_deleted, rows_unchanged = u.rows_unchanged, \
+     attempts = b.attempts + 1, error = NULL, worker = $7, started_at = now(), \
+     finished_at = clock_timestamp() \
+     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) \
+       AS u(run_id, stream, batch_no, rows_copied, rows_deleted, rows_unchanged) \
      WHERE b.run_id = u.run_id AND b.stream = u.stream AND b.batch_no = u.batch_no";
 
 /// Marks the run succeeded if it is fully planned and no batch is left.
@@ -607,6 +615,7 @@ pub struct StreamProgress {
     /// Batches recorded so far; final once `planned` is true.
     pub batches_total: i64,
     pub planned: bool,
+    /// Rows of its finished batches: copied, or found unchanged.
     pub rows: i64,
 }
 
@@ -659,7 +668,7 @@ pub async fn run_progress(
                     count(*) FILTER (WHERE b.status = 'failed'), \
                     count(b.batch_no), \
                     rs.batches_planned IS NOT NULL, \
-                    coalesce(sum(b.rows_copied), 0)::int8 \
+                    coalesce(sum(b.rows_copied + coalesce(b.rows_unchanged, 0)), 0)::int8 \
              FROM syncfleet.run_streams rs \
              LEFT JOIN syncfleet.batches b ON b.run_id = rs.run_id AND b.stream = rs.stream \
              WHERE rs.run_id = $1 GROUP BY rs.stream, rs.batches_planned ORDER BY rs.stream",

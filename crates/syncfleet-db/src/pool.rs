@@ -121,6 +121,12 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Whether the server has `hash_record_extended` and `bit_xor`
+    /// (PostgreSQL 14 and later), for [`crate::sql::fingerprint`].
+    pub fn has_row_hash(&self) -> bool {
+        self.version >= 140_000
+    }
+
     /// Whether the server has `MERGE` (PostgreSQL 15 and later).
     pub fn has_merge(&self) -> bool {
         self.version >= 150_000

@@ -478,6 +478,7 @@ async fn conclude(
                 attempt = meta.attempt,
                 rows = outcome.rows_copied,
                 deleted = outcome.rows_deleted,
+                unchanged = outcome.rows_unchanged,
                 ms = started.elapsed().as_millis() as u64,
                 "batch done"
             );

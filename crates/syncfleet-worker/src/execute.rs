@@ -4,7 +4,9 @@
 //! - source (in a REPEATABLE READ, READ ONLY transaction): set the range
 //!   bounds, then one `COPY (SELECT … WHERE range) TO STDOUT`;
 //! - destination (in a transaction): check whether the range is empty
-//!   there; then either `COPY` the source's bytes straight into the table,
+//!   there; if not, a range job of a large batch compares fingerprints of
+//!   the range on both sides first, and is done if they match (a re-sync
+//!   of unchanged rows writes nothing); otherwise either `COPY` the source's bytes straight into the table,
 //!   or into a stage followed by one upsert (`MERGE`, or `INSERT … ON
 //!   CONFLICT` before PostgreSQL 15) and one `DELETE` of rows the source no
 //!   longer has in the range; then mark the batch done. Then commit; only
@@ -124,10 +126,15 @@ struct Work<'a> {
     shape: &'a StreamShape,
 }
 
+/// Batches of fewer rows do not compare fingerprints: for them the extra
+/// round trips cost more than the rows (see [`crate::unchanged`]).
+const COMPARE_MIN_ROWS: u32 = 1000;
+
 /// What one job wrote, before its transaction commits.
 struct RangeDone {
     rows_copied: u64,
     rows_deleted: u64,
+    rows_unchanged: u64,
     /// When its rows were in; the destination's time after it is the write's.
     copy_done: Instant,
 }
@@ -139,6 +146,8 @@ pub struct BatchOutcome {
     pub rows_copied: u64,
     /// Destination rows in the range the source no longer has.
     pub rows_deleted: u64,
+    /// Rows not copied because the range was found equal on both sides.
+    pub rows_unchanged: u64,
     /// This job's commit completed its run.
     pub finished_run: bool,
 }
@@ -158,6 +167,10 @@ pub struct Executor {
     /// Every source read of this process passes this gate (adaptive
     /// throttle, rows per second).
     gate: Arc<ReadGate>,
+    /// Which streams' ranges are worth comparing before copying.
+    odds: crate::unchanged::Odds,
+    /// Both servers can fingerprint a range.
+    fingerprints: bool,
 }
 
 impl Executor {
@@ -194,9 +207,11 @@ impl Executor {
         );
         Self {
             id,
+            fingerprints: source.has_row_hash() && destination.has_row_hash(),
             source,
             destination,
             shapes: Mutex::new(HashMap::new()),
+            odds: Default::default(),
             gate: Arc::new(ReadGate::new(
                 config.worker.concurrency,
                 config.reads.throttle.as_ref(),
@@ -291,7 +306,10 @@ impl Executor {
         };
         let result = tokio::time::timeout_at(outer.into(), attempts).await;
         if let Ok(Ok(outcomes)) = &result {
-            permit.rows = outcomes.iter().map(|o| o.rows_copied).sum();
+            permit.rows = outcomes
+                .iter()
+                .map(|o| o.rows_copied + o.rows_unchanged)
+                .sum();
         }
         drop(permit);
         let result = match result {
@@ -455,6 +473,7 @@ impl Executor {
                 batch_no: w.job.batch,
                 rows_copied: d.rows_copied as i64,
                 rows_deleted: d.rows_deleted as i64,
+                rows_unchanged: d.rows_unchanged as i64,
             })
             .collect();
         let mut runs: Vec<i64> = batches.iter().map(|b| b.run_id).collect();
@@ -507,7 +526,10 @@ impl Executor {
             // the COPY.
             metrics::histogram!(m::DESTINATION_WRITE, "stream" => stream.clone())
                 .record(d.copy_done.elapsed().as_secs_f64());
-            metrics::counter!(m::ROWS, "stream" => stream.clone()).increment(d.rows_copied);
+            for (how, rows) in [("copied", d.rows_copied), ("unchanged", d.rows_unchanged)] {
+                metrics::counter!(m::ROWS, "stream" => stream.clone(), "how" => how)
+                    .increment(rows);
+            }
             // The run's last job in the group reports its finish.
             let finished_run = finished.contains(&w.job.run_id)
                 && !work[i + 1..]
@@ -516,6 +538,7 @@ impl Executor {
             outcomes.push(BatchOutcome {
                 rows_copied: d.rows_copied,
                 rows_deleted: d.rows_deleted,
+                rows_unchanged: d.rows_unchanged,
                 finished_run,
             });
         }
@@ -553,44 +576,106 @@ impl Executor {
             .iter()
             .map(|p| p as &(dyn ToSql + Sync))
             .collect();
-        let empty_check = sql::range_is_empty(shape, table, &dest_range);
-        let (is_empty, (set_source, copy_out)) =
-            tokio::try_join!(dst.prepare_cached(&empty_check), async {
+        let paced = pace.is_some();
+        // Fingerprints first only where a match saves a copy: a key range
+        // (a selection is an event's changed rows), large enough to pay for
+        // the round trips, of a stream whose ranges have been matching.
+        let compare = self.fingerprints
+            && job.select.is_none()
+            && stream.batch_size >= COMPARE_MIN_ROWS
+            && self.odds.compare(&stream.name);
+        let (dest_check, (set_source, copy_out, source_fingerprint)) = tokio::try_join!(
+            async {
+                let check = match compare {
+                    true => sql::fingerprint(shape, &table.to_string(), "d", &dest_range, paced),
+                    false => sql::range_is_empty(shape, table, &dest_range),
+                };
+                dst.prepare_cached(&check).await
+            },
+            async {
                 let set = match source_range.settings.0.is_empty() {
                     true => None,
                     false => Some(src.prepare_cached(sql::SET_SETTINGS).await?),
                 };
-                let copy = sql::copy_out(shape, &source_range, pace.is_some());
-                Ok((set, src.prepare_cached(&copy).await?))
-            },)?;
+                let copy = sql::copy_out(shape, &source_range, paced);
+                let fingerprint = match compare {
+                    true => Some(
+                        src.prepare_cached(&sql::fingerprint(
+                            shape,
+                            &shape.relation,
+                            "q",
+                            &source_range,
+                            paced,
+                        ))
+                        .await?,
+                    ),
+                    false => None,
+                };
+                Ok((set, src.prepare_cached(&copy).await?, fingerprint))
+            },
+        )?;
 
         let read_started = Instant::now();
-        let empty = async { Ok(dst.query_one(&is_empty, &params).await?.get::<_, bool>(0)) };
-        // The range's bounds and the COPY that reads them, in one round trip
-        // and in one transaction: separate statements could reach different
-        // server sessions behind a transaction-pooling proxy (PgBouncer),
-        // and the COPY read another job's range.
-        let read = async {
-            let begin = async {
-                match first {
-                    true => src.batch_execute(syncfleet_db::pool::READ_SNAPSHOT).await,
-                    false => Ok(()),
-                }
-            };
-            let bounds = async {
-                if let Some(statement) = &set_source {
-                    src.execute(
-                        statement,
-                        &[&source_range.settings.0, &source_range.settings.1],
-                    )
-                    .await?;
-                }
-                Ok(())
-            };
-            let ((), (), rows) = tokio::try_join!(biased; begin, bounds, src.copy_out(&copy_out))?;
-            Ok::<_, JobError>(rows)
+        // The source transaction and the range's bounds go with the first
+        // read of the range, in one round trip and in one transaction:
+        // separate statements could reach different server sessions behind
+        // a transaction-pooling proxy (PgBouncer), and read another job's
+        // range.
+        let begin = async {
+            match first {
+                true => src.batch_execute(syncfleet_db::pool::READ_SNAPSHOT).await,
+                false => Ok(()),
+            }
         };
-        let (empty, rows) = tokio::try_join!(empty, read)?;
+        let bounds = async {
+            if let Some(statement) = &set_source {
+                src.execute(
+                    statement,
+                    &[&source_range.settings.0, &source_range.settings.1],
+                )
+                .await?;
+            }
+            Ok(())
+        };
+        let (empty, rows) = match source_fingerprint {
+            // The destination's count and fingerprint, then the source's
+            // only if the destination holds rows there: an initial load
+            // spends nothing on the source.
+            Some(source_fingerprint) => {
+                let setup = async { tokio::try_join!(biased; begin, bounds) };
+                let (dest, _) = tokio::try_join!(
+                    async { Ok(dst.query_one(&dest_check, &params).await?) },
+                    async { Ok::<_, JobError>(setup.await?) },
+                )?;
+                let dest = (dest.get::<_, i64>(0), dest.get::<_, i64>(1));
+                if dest.0 > 0 {
+                    let source = src.query_one(&source_fingerprint, &[]).await?;
+                    let unchanged = (source.get::<_, i64>(0), source.get::<_, i64>(1)) == dest;
+                    self.odds.record(&stream.name, unchanged);
+                    if unchanged {
+                        metrics::histogram!(m::SOURCE_READ, "stream" => stream.name.clone())
+                            .record(read_started.elapsed().as_secs_f64());
+                        return Ok(RangeDone {
+                            rows_copied: 0,
+                            rows_deleted: 0,
+                            rows_unchanged: dest.0 as u64,
+                            copy_done: Instant::now(),
+                        });
+                    }
+                }
+                (dest.0 == 0, src.copy_out(&copy_out).await?)
+            }
+            None => {
+                let empty =
+                    async { Ok(dst.query_one(&dest_check, &params).await?.get::<_, bool>(0)) };
+                let read = async {
+                    let ((), (), rows) =
+                        tokio::try_join!(biased; begin, bounds, src.copy_out(&copy_out))?;
+                    Ok::<_, JobError>(rows)
+                };
+                tokio::try_join!(empty, read)?
+            }
+        };
         // A selection on another column (an event's `users = "user_id"`)
         // says nothing about keys: "no row with that user_id" does not mean
         // "no row with those keys", so it always merges.
@@ -624,6 +709,7 @@ impl Executor {
             return Ok(RangeDone {
                 rows_copied: 0,
                 rows_deleted,
+                rows_unchanged: 0,
                 copy_done: Instant::now(),
             });
         }
@@ -645,6 +731,7 @@ impl Executor {
             return Ok(RangeDone {
                 rows_copied,
                 rows_deleted: 0,
+                rows_unchanged: 0,
                 copy_done: Instant::now(),
             });
         }
@@ -691,6 +778,7 @@ impl Executor {
         Ok(RangeDone {
             rows_copied,
             rows_deleted,
+            rows_unchanged: 0,
             copy_done,
         })
     }

@@ -10,6 +10,10 @@
 //!   waiting together share a transaction), and acks a job only after its
 //!   destination transaction committed.
 //! - [`error`]: a failed job says what happens next: retry or dead-letter.
+//! - [`throttle`]: the gate every source read passes, and the adaptive
+//!   throttle that sets how wide it opens.
+//! - [`unchanged`]: when a re-sync compares a range's fingerprints before
+//!   copying it.
 //!
 //! Delivery contract: a job is acked after its commit, so a crash between
 //! commit and ack redelivers a job that is already applied. That is safe
@@ -20,6 +24,7 @@ pub mod consume;
 pub mod error;
 pub mod execute;
 pub mod throttle;
+pub mod unchanged;
 
 pub use consume::{WorkerError, run};
 pub use error::JobError;
