@@ -229,7 +229,8 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
     // Back to version 2 as an older syncfleet left it, with a run planned.
     env.dest
         .batch_execute(
-            "DELETE FROM syncfleet.schema_version WHERE version = 3;
+            "DELETE FROM syncfleet.schema_version WHERE version >= 3;
+             ALTER TABLE syncfleet.batches DROP COLUMN rows_unchanged;
              DROP INDEX syncfleet.batches_pending;
              CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';",
         )
@@ -238,7 +239,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
     let mut dest = crate::helpers::connect(&env.dest_url).await;
     assert_eq!(
         syncfleet_db::control::migrate(&mut dest).await.unwrap(),
-        vec![3]
+        vec![3, 4]
     );
     let index: String = env
         .dest

@@ -8,8 +8,8 @@
 //! decrease, as TCP's congestion control and vector's adaptive request
 //! concurrency do. A level of 3 lets three reads run at once; a level of
 //! 0.25 lets one run, a quarter of the time: its query is [paced on the
-//! server](syncfleet_db::sql::Pace), the source backend working 1.25 ms of
-//! every 5 ms and sleeping the rest, so the whole pipeline works in short
+//! server](syncfleet_db::sql::Pace), the source backend working 1.33 ms and
+//! then sleeping 4, so the whole pipeline works in short
 //! bursts with idle gaps rather than in one long burst. That is how the
 //! fleet backs off below one connection's worth of load, which is where a
 //! two-core database needs it: an app query that arrives during a burst
@@ -35,7 +35,7 @@ pub const MIN_LEVEL: f64 = 0.2;
 /// loaded two-core server shows its stress as rare latency spikes, not as
 /// a slower median, so one spike must weigh more than many calm probes.
 const INCREASE_PER_SECOND: f64 = 0.05;
-/// The pacing period below level one: short, so that a burst is short
+/// The pacing cycle below level one: short, so that a burst is short
 /// (measured: at level 0.25, a 2 ms period cost half the rows/s of 5 ms,
 /// pg_sleep rounding up to whole milliseconds; 20 ms doubled the app's p99).
 const PACE_PERIOD: Duration = Duration::from_millis(5);
@@ -160,10 +160,7 @@ impl ReadGate {
     /// How a read starting now is paced: not at all from level one up.
     pub fn pace(&self) -> Option<syncfleet_db::sql::Pace> {
         let level = self.level();
-        (level < 1.0).then(|| syncfleet_db::sql::Pace {
-            period: PACE_PERIOD,
-            work: PACE_PERIOD.mul_f64(level),
-        })
+        (level < 1.0).then(|| syncfleet_db::sql::Pace::at(level, PACE_PERIOD))
     }
 
     /// Waits until a read may start.
@@ -317,9 +314,9 @@ mod tests {
                 .is_err()
         );
         gate.finish(first, 10);
-        // At level 0.5 the source works half of each period.
+        // At level 0.5 the source works as long as it sleeps.
         let pace = gate.pace().expect("paced below level one");
-        assert_eq!(pace.work * 2, pace.period);
+        assert_eq!(pace.work, pace.sleep);
         // Recovered to level one and above: no pacing.
         for _ in 0..200 {
             gate.observe(Duration::from_millis(1));
