@@ -223,7 +223,8 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
                 "pgbench at a fixed {} transactions/s (2 clients) running the seed's user \
              operations against the source (insert a user, look one up by email, update a \
              profile), first alone, then during back-to-back full syncs of the {}-row table by \
-             2 worker processes. rows/s is the sync's own rate in the same window.",
+             2 worker processes. rows/s is the sync's own rate in the same window: rows \
+             copied, or found unchanged by comparing a range's fingerprints.",
                 args.app_rate, args.rows
             ),
             &[

@@ -2,12 +2,14 @@
 //!
 //! Per job, whatever the batch size:
 //! - source (in a REPEATABLE READ, READ ONLY transaction): set the range
-//!   bounds, then one `COPY (SELECT … WHERE range) TO STDOUT`;
+//!   bounds, then one `COPY (SELECT … WHERE range) TO STDOUT` (preceded by
+//!   the range's fingerprint when comparing);
 //! - destination (in a transaction): check whether the range is empty
-//!   there; if not, a range job of a large batch compares fingerprints of
-//!   the range on both sides first, and is done if they match (a re-sync
-//!   of unchanged rows writes nothing); otherwise either `COPY` the source's bytes straight into the table,
-//!   or into a stage followed by one upsert (`MERGE`, or `INSERT … ON
+//!   there (for a range job of a large batch, by taking the range's
+//!   fingerprint, and if it holds rows comparing it with the source's:
+//!   equal means done, and a re-sync of unchanged rows writes nothing);
+//!   then either `COPY` the source's bytes straight into the table, or
+//!   into a stage followed by one upsert (`MERGE`, or `INSERT … ON
 //!   CONFLICT` before PostgreSQL 15) and one `DELETE` of rows the source no
 //!   longer has in the range; then mark the batch done. Then commit; only
 //!   then is the job acknowledged.
@@ -642,10 +644,9 @@ impl Executor {
             // only if the destination holds rows there: an initial load
             // spends nothing on the source.
             Some(source_fingerprint) => {
-                let setup = async { tokio::try_join!(biased; begin, bounds) };
                 let (dest, _) = tokio::try_join!(
-                    async { Ok(dst.query_one(&dest_check, &params).await?) },
-                    async { Ok::<_, JobError>(setup.await?) },
+                    async { Ok::<_, JobError>(dst.query_one(&dest_check, &params).await?) },
+                    async { Ok(tokio::try_join!(biased; begin, bounds)?) },
                 )?;
                 let dest = (dest.get::<_, i64>(0), dest.get::<_, i64>(1));
                 if dest.0 > 0 {
