@@ -502,6 +502,20 @@ mod tests {
     }
 
     #[test]
+    fn a_pace_sleeps_whole_milliseconds_and_works_its_level_of_the_time() {
+        let ms = Duration::from_millis;
+        let pace = Pace::at(0.2, ms(5));
+        assert_eq!((pace.work, pace.sleep), (ms(1), ms(4)));
+        // Near one, the sleep is still a whole millisecond.
+        let pace = Pace::at(0.9, ms(5));
+        assert_eq!(pace.sleep, ms(1));
+        assert!((pace.work.as_secs_f64() - 0.009).abs() < 1e-9);
+        // Asked for a little less than it should sleep: pg_sleep rounds up.
+        let [_, (_, sleep)] = Pace::at(0.2, ms(5)).settings();
+        assert_eq!(sleep, "0.0038");
+    }
+
+    #[test]
     fn range_predicates_bind_values_and_cast_to_key_types() {
         let range = KeyRange {
             lower: Some(vec!["a'; DROP TABLE t; --".into(), "1".into()]),

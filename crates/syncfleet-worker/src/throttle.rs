@@ -9,8 +9,8 @@
 //! concurrency do. A level of 3 lets three reads run at once; a level of
 //! 0.25 lets one run, a quarter of the time: its query is [paced on the
 //! server](syncfleet_db::sql::Pace), the source backend working 1.33 ms and
-//! then sleeping 4, so the whole pipeline works in short
-//! bursts with idle gaps rather than in one long burst. That is how the
+//! then sleeping 4, so the whole pipeline works in short bursts with idle
+//! gaps rather than in one long burst. That is how the
 //! fleet backs off below one connection's worth of load, which is where a
 //! two-core database needs it: an app query that arrives during a burst
 //! waits for about a millisecond, not for a whole batch.
