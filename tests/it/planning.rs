@@ -137,6 +137,87 @@ async fn composite_and_uuid_keys_sync_exactly() {
     }
 }
 
+/// Every `every`-th key of a stream after `after`, as the planner finds
+/// them, and whether it walked the key's index to find them.
+async fn boundaries(
+    env: &TestEnv,
+    config: &syncfleet_core::config::Config,
+    stream: &str,
+    every: u32,
+    after: Option<&Vec<String>>,
+) -> (bool, Vec<Vec<String>>) {
+    let mut client = crate::helpers::connect(&env.source_url).await;
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    let shape = syncfleet_db::shape::StreamShape::describe(&tx, config.stream(stream).unwrap())
+        .await
+        .unwrap();
+    let mut scan = syncfleet_db::scan::KeyScan::start(&tx, &shape, every, after)
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    while let Some(chunk) = scan.next_chunk().await.unwrap() {
+        all.extend(chunk);
+    }
+    (scan.walks(), all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walking_the_key_index_finds_the_keys_numbering_finds() {
+    // A table is walked along its key's index; the same rows read through a
+    // query, or a table whose only index on the key runs the other way, are
+    // numbered in key order. All must find the same boundaries, from the
+    // start and after a key, in the source's collation.
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE pairs (org text, n int, v text, PRIMARY KEY (org, n));
+             INSERT INTO pairs SELECT (ARRAY['b', 'A', 'a', 'Ärger', 'z z', ''])[1 + i % 6], i, 'v'
+               FROM generate_series(1, 2500) i;
+             CREATE TABLE downward (org text NOT NULL, n int NOT NULL, v text);
+             CREATE UNIQUE INDEX ON downward (org DESC, n DESC);
+             INSERT INTO downward SELECT * FROM pairs;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let key = "key = [\"org\", \"n\"]\n";
+    let config = env.config(&format!(
+        "[[stream]]\nname = \"walked\"\ntable = \"pairs\"\n\
+         [[stream]]\nname = \"numbered\"\nquery = \"SELECT * FROM pairs\"\n{key}\
+         [[stream]]\nname = \"downward\"\ntable = \"downward\"\n{key}"
+    ));
+    let after = vec!["a".to_string(), "1000".to_string()];
+    for (every, after) in [
+        (64, None),
+        (70, None),
+        (70, Some(&after)),
+        (1000, None),
+        (5000, None),
+    ] {
+        let (walks, walked) = boundaries(&env, &config, "walked", every, after).await;
+        assert!(walks, "the primary key's index is walked");
+        if after.is_none() {
+            assert_eq!(walked.len(), 2500 / every as usize, "every {every}");
+        } else {
+            assert!(!walked.is_empty() && walked.len() < 2500 / every as usize);
+        }
+        if every == 64 {
+            let (walks, _) = boundaries(&env, &config, "walked", 63, after).await;
+            assert!(!walks, "a few rows per boundary are numbered");
+        }
+        for other in ["numbered", "downward"] {
+            let (walks, numbered) = boundaries(&env, &config, other, every, after).await;
+            assert!(!walks, "{other} is numbered");
+            assert_eq!(numbered, walked, "{other}, every {every}, after {after:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_table_is_one_open_batch() {
     let env = TestEnv::new().await;

@@ -3,8 +3,10 @@
 //!
 //! One query per stream, read through a portal a chunk at a time, so the
 //! planner holds at most one chunk of boundaries however large the table.
-//! Keyset boundaries, never OFFSET: a batch is a key range, and executing it
-//! reads the range through the key's index.
+//! A table whose key has a suitable index is walked along it
+//! ([`walk`]); anything else is numbered in key order ([`window`]). Either
+//! way a batch is a key range, and executing it reads the range through
+//! the key's index.
 
 use syncfleet_core::ident;
 use syncfleet_core::job::{Key, KeyRange};
@@ -18,6 +20,12 @@ use tokio_postgres::types::ToSql;
 /// Boundaries read per round trip.
 pub const CHUNK: i32 = 1000;
 
+/// Below this many rows per boundary, numbering rows is cheaper than
+/// walking the index: each step of the walk pays an index descent
+/// (1,000,000 rows: every key 7.4 s against 1.2 s, every 10th 0.73 s
+/// against 0.33 s, every 100th 0.19 s against 0.53 s).
+const WALK_MIN_EVERY: u32 = 64;
+
 /// An open scan over one stream's keys.
 pub struct KeyScan<'t> {
     tx: &'t Transaction<'t>,
@@ -25,6 +33,7 @@ pub struct KeyScan<'t> {
     stream: String,
     key_names: Vec<String>,
     finished: bool,
+    walks: bool,
 }
 
 impl<'t> KeyScan<'t> {
@@ -38,46 +47,44 @@ impl<'t> KeyScan<'t> {
         every: u32,
         after: Option<&Key>,
     ) -> Result<KeyScan<'t>, ShapeError> {
+        let db = |e: tokio_postgres::Error| ShapeError::Db {
+            stream: shape.stream.clone(),
+            source: e.into(),
+        };
         let keys = shape.key_names();
-        let as_text: Vec<String> = keys
-            .iter()
-            .map(|k| format!("s.{}::text", ident::quote(k)))
-            .collect();
-        let any_null: Vec<String> = keys
-            .iter()
-            .map(|k| format!("s.{} IS NULL", ident::quote(k)))
-            .collect();
-        // Rows with a NULL key could never be addressed by a key range, so
-        // they are returned too and rejected below rather than skipped.
         let from = KeyRange {
             lower: after.cloned(),
             upper: None,
         };
         let start = RangePredicate::new(shape, "q", &from, Binding::Params { first: 2 });
-        let sql = format!(
-            "SELECT {} FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS syncfleet_rn \
-             FROM {} AS q WHERE {}) AS s WHERE s.syncfleet_rn % $1 = 0 OR {} ORDER BY s.syncfleet_rn",
-            as_text.join(", "),
-            ident::list(&keys, Some("q")),
-            ident::list(&keys, Some("q")),
-            shape.relation,
-            start.sql,
-            any_null.join(" OR "),
-        );
+        let walkable = shape.is_table
+            && every >= WALK_MIN_EVERY
+            && tx
+                .query_one(WALKABLE, &[&shape.relation, &keys])
+                .await
+                .map_err(db)?
+                .get::<_, bool>(0);
+        let sql = match walkable {
+            true => walk(shape, &start),
+            false => window(shape, &start),
+        };
         let every = i64::from(every);
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&every];
         params.extend(start.params.iter().map(|p| p as &(dyn ToSql + Sync)));
-        let portal = tx.bind(&sql, &params).await.map_err(|e| ShapeError::Db {
-            stream: shape.stream.clone(),
-            source: e.into(),
-        })?;
+        let portal = tx.bind(&sql, &params).await.map_err(db)?;
         Ok(KeyScan {
             tx,
             portal,
             stream: shape.stream.clone(),
             key_names: keys.iter().map(|k| k.to_string()).collect(),
             finished: false,
+            walks: walkable,
         })
+    }
+
+    /// Whether the scan walks the key's index rather than numbering rows.
+    pub fn walks(&self) -> bool {
+        self.walks
     }
 
     /// The next chunk of boundaries, or `None` when the scan is over.
@@ -116,6 +123,75 @@ impl<'t> KeyScan<'t> {
         }
         Ok(Some(keys))
     }
+}
+
+/// Whether table `$1` has a btree index that walks key `$2` (column
+/// names, in order) in `ORDER BY` order, over key columns that are all
+/// NOT NULL: its leading columns are the key's, ascending, in the
+/// columns' own collations and default operator classes.
+const WALKABLE: &str = "SELECT EXISTS (SELECT FROM pg_index i \
+     JOIN pg_class ic ON ic.oid = i.indexrelid \
+     JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree' \
+     WHERE i.indrelid = $1::text::regclass AND i.indisvalid AND i.indpred IS NULL \
+       AND i.indnkeyatts >= cardinality($2::text[]) \
+       AND cardinality($2::text[]) = (SELECT count(*) \
+         FROM unnest($2::text[]) WITH ORDINALITY AS k(name, n) \
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attname = k.name \
+         JOIN pg_opclass oc ON oc.oid = i.indclass[k.n::int - 1] \
+         WHERE a.attnotnull AND oc.opcdefault AND i.indkey[k.n::int - 1] = a.attnum \
+           AND i.indcollation[k.n::int - 1] = a.attcollation AND i.indoption[k.n::int - 1] = 0))";
+
+/// Every `$1`-th key, hopping along the key's index: each step of the
+/// recursion reads the next `$1` index entries from where the last one
+/// stopped. One pass over the index, and 5 times cheaper on the source
+/// than numbering every row (a 1,000,000-row table, every 10,000th key:
+/// 96 ms against 505 ms). The recursion yields its rows in the order it
+/// finds them (breadth first, one row per step), which is key order.
+fn walk(shape: &StreamShape, start: &RangePredicate) -> String {
+    let keys = shape.key_names();
+    let q = ident::list(&keys, Some("q"));
+    let as_text: Vec<String> = keys
+        .iter()
+        .map(|k| format!("b.{}::text", ident::quote(k)))
+        .collect();
+    format!(
+        "WITH RECURSIVE syncfleet_walk AS (\
+           (SELECT {q} FROM {rel} AS q WHERE {start} ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) \
+           UNION ALL \
+           SELECT n.* FROM syncfleet_walk AS b CROSS JOIN LATERAL \
+             (SELECT {q} FROM {rel} AS q WHERE ({q}) > ({b}) ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) AS n) \
+         SELECT {out} FROM syncfleet_walk AS b",
+        rel = shape.relation,
+        start = start.sql,
+        b = ident::list(&keys, Some("b")),
+        out = as_text.join(", "),
+    )
+}
+
+/// Every `$1`-th key by numbering every row in key order: for a query
+/// stream, or a table without an index that walks its key. Rows with a
+/// NULL key could never be addressed by a key range, so they are returned
+/// too and rejected by [`KeyScan::next_chunk`] rather than skipped.
+fn window(shape: &StreamShape, start: &RangePredicate) -> String {
+    let keys = shape.key_names();
+    let as_text: Vec<String> = keys
+        .iter()
+        .map(|k| format!("s.{}::text", ident::quote(k)))
+        .collect();
+    let any_null: Vec<String> = keys
+        .iter()
+        .map(|k| format!("s.{} IS NULL", ident::quote(k)))
+        .collect();
+    format!(
+        "SELECT {} FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS syncfleet_rn \
+         FROM {} AS q WHERE {}) AS s WHERE s.syncfleet_rn % $1 = 0 OR {} ORDER BY s.syncfleet_rn",
+        as_text.join(", "),
+        ident::list(&keys, Some("q")),
+        ident::list(&keys, Some("q")),
+        shape.relation,
+        start.sql,
+        any_null.join(" OR "),
+    )
 }
 
 /// Turns a sequence of boundaries into consecutive ranges covering the whole

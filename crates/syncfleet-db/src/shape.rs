@@ -29,6 +29,8 @@ pub struct StreamShape {
     pub stream: String,
     /// The FROM item: a quoted table name or a parenthesised query.
     pub relation: String,
+    /// Whether `relation` is a table (rather than a query).
+    pub is_table: bool,
     pub columns: Vec<Column>,
     /// Indexes into `columns`, in key order.
     pub key: Vec<usize>,
@@ -215,6 +217,7 @@ impl StreamShape {
         }
         Ok(StreamShape {
             stream: stream.name.clone(),
+            is_table: matches!(stream.source, StreamSource::Table(_)),
             relation,
             columns,
             key,

@@ -492,6 +492,7 @@ mod tests {
         StreamShape {
             stream: "s".into(),
             relation: "\"t\"".into(),
+            is_table: true,
             columns: vec![
                 col("org", "text"),
                 col("id", "bigint"),
