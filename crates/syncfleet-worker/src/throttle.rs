@@ -8,12 +8,12 @@
 //! decrease, as TCP's congestion control and vector's adaptive request
 //! concurrency do. A level of 3 lets three reads run at once; a level of
 //! 0.25 lets one run, a quarter of the time: its query is [paced on the
-//! server](syncfleet_db::sql::Pace), the source backend working 1.33 ms and
-//! then sleeping 4, so the whole pipeline works in short bursts with idle
-//! gaps rather than in one long burst. That is how the
-//! fleet backs off below one connection's worth of load, which is where a
-//! two-core database needs it: an app query that arrives during a burst
-//! waits for about a millisecond, not for a whole batch.
+//! server](syncfleet_db::sql::Pace), the source backend working a third of
+//! a millisecond and then sleeping one, so the whole pipeline works in
+//! short bursts with idle gaps rather than in one long burst. That is how
+//! the fleet backs off below one connection's worth of load, which is where
+//! a two-core database needs it: an app query that arrives during a burst
+//! waits for a fraction of a millisecond, not for a whole batch.
 //!
 //! The same gate applies `max_rows_per_second` (a leaky bucket charged with
 //! each batch's rows).
@@ -35,10 +35,13 @@ pub const MIN_LEVEL: f64 = 0.2;
 /// loaded two-core server shows its stress as rare latency spikes, not as
 /// a slower median, so one spike must weigh more than many calm probes.
 const INCREASE_PER_SECOND: f64 = 0.05;
-/// The pacing cycle below level one: short, so that a burst is short
-/// (measured: at level 0.25, a 2 ms period cost half the rows/s of 5 ms,
-/// pg_sleep rounding up to whole milliseconds; 20 ms doubled the app's p99).
-const PACE_PERIOD: Duration = Duration::from_millis(5);
+/// The pacing cycle below level one: as short as `pg_sleep`'s whole
+/// milliseconds allow, so that a burst is short. An app query that finds
+/// the cores busy waits out a burst: in the bench, at the floor, the app's
+/// p99 was 3.3–3.9 ms with 5 ms cycles and 3.1–3.5 ms with 2.5 ms (four
+/// runs each), 2.8–3.0 ms with 1.25 ms in three runs of four (the fourth
+/// 4.3), and the sync moved as many rows or more.
+const PACE_PERIOD: Duration = Duration::from_micros(1250);
 /// Probes kept for the baseline (the minimum of the window).
 const BASELINE_WINDOW: usize = 240;
 
