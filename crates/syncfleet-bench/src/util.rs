@@ -370,10 +370,33 @@ impl Bench {
         let config = self.config("qpb", &format!("batch_size = {batch}"), "");
         let run_id = self.plan(&config).await?;
         let batches = self.batches(run_id).await?;
+        // A backend reports its counters as it exits: wait for the
+        // planner's to be gone (and a moment more, as it leaves the
+        // activity view just before it reports), so that its index scans,
+        // one per boundary, are not counted as the workers'.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let others: i64 = self
+                .src
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map_err(db_err)?
+                .get(0);
+            if others == 0 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
         self.src
             .batch_execute(
                 "SELECT pg_stat_statements_reset(); \
-                 SELECT pg_stat_reset_single_table_counters('qpb'::regclass)",
+                 SELECT pg_stat_reset_single_table_counters('qpb'::regclass); \
+                 SELECT pg_stat_reset_single_table_counters('qpb_pkey'::regclass)",
             )
             .await
             .map_err(db_err)?;
