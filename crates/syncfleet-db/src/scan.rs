@@ -169,7 +169,8 @@ fn walk(shape: &StreamShape, start: &RangePredicate) -> String {
 }
 
 /// Every `$1`-th key by numbering every row in key order: for a query
-/// stream, or a table without an index that walks its key. Rows with a
+/// stream, a table without an index that walks its key, or boundaries
+/// under [`WALK_MIN_EVERY`] rows apart. Rows with a
 /// NULL key could never be addressed by a key range, so they are returned
 /// too and rejected by [`KeyScan::next_chunk`] rather than skipped.
 fn window(shape: &StreamShape, start: &RangePredicate) -> String {
