@@ -150,10 +150,6 @@ const WALKABLE: &str = "SELECT EXISTS (SELECT FROM pg_index i \
 fn walk(shape: &StreamShape, start: &RangePredicate) -> String {
     let keys = shape.key_names();
     let q = ident::list(&keys, Some("q"));
-    let as_text: Vec<String> = keys
-        .iter()
-        .map(|k| format!("b.{}::text", ident::quote(k)))
-        .collect();
     format!(
         "WITH RECURSIVE syncfleet_walk AS (\
            (SELECT {q} FROM {rel} AS q WHERE {start} ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) \
@@ -164,7 +160,7 @@ fn walk(shape: &StreamShape, start: &RangePredicate) -> String {
         rel = shape.relation,
         start = start.sql,
         b = ident::list(&keys, Some("b")),
-        out = as_text.join(", "),
+        out = as_text(&keys, "b"),
     )
 }
 
@@ -175,10 +171,6 @@ fn walk(shape: &StreamShape, start: &RangePredicate) -> String {
 /// too and rejected by [`KeyScan::next_chunk`] rather than skipped.
 fn window(shape: &StreamShape, start: &RangePredicate) -> String {
     let keys = shape.key_names();
-    let as_text: Vec<String> = keys
-        .iter()
-        .map(|k| format!("s.{}::text", ident::quote(k)))
-        .collect();
     let any_null: Vec<String> = keys
         .iter()
         .map(|k| format!("s.{} IS NULL", ident::quote(k)))
@@ -186,13 +178,21 @@ fn window(shape: &StreamShape, start: &RangePredicate) -> String {
     format!(
         "SELECT {} FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS syncfleet_rn \
          FROM {} AS q WHERE {}) AS s WHERE s.syncfleet_rn % $1 = 0 OR {} ORDER BY s.syncfleet_rn",
-        as_text.join(", "),
+        as_text(&keys, "s"),
         ident::list(&keys, Some("q")),
         ident::list(&keys, Some("q")),
         shape.relation,
         start.sql,
         any_null.join(" OR "),
     )
+}
+
+/// `alias."k"::text, …`: the key as the texts a [`Key`] holds.
+fn as_text(keys: &[&str], alias: &str) -> String {
+    keys.iter()
+        .map(|k| format!("{alias}.{}::text", ident::quote(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Turns a sequence of boundaries into consecutive ranges covering the whole
