@@ -8,7 +8,7 @@
 //! producer ─▶ P.work (direct) ─▶ P.work (quorum queue) ─▶ workers
 //!                 ▲                    │ redelivered past the delivery
 //!                 │ TTL expired        │ limit (a poison message)
-//!   worker ─▶ P.retry (direct) ─▶ P.retry.N (one queue per attempt N)
+//!   worker ─▶ P.delay (direct) ─▶ P.delay.N (quorum, one per attempt N)
 //!                                      ▼
 //!   worker ─▶ P.dead (fanout) ─▶ P.dead (quorum queue)  ◀─ syncfleet dead-letters
 //! ```

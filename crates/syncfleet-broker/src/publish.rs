@@ -43,11 +43,11 @@ struct Session {
     connection: Connection,
     /// A confirm-mode channel.
     channel: Channel,
-    /// Retry queues declared on this connection.
-    retry_queues: HashSet<u32>,
+    /// Delay queues declared on this connection.
+    delay_queues: HashSet<u32>,
 }
 
-/// Publishes to the work, retry and dead-letter exchanges.
+/// Publishes to the work, delay and dead-letter exchanges.
 pub struct Publisher {
     config: BrokerConfig,
     name: String,
@@ -83,7 +83,7 @@ impl Publisher {
         Ok(Session {
             connection,
             channel,
-            retry_queues: HashSet::new(),
+            delay_queues: HashSet::new(),
         })
     }
 
@@ -136,7 +136,7 @@ impl Publisher {
             meta.again(now)
         };
         let message = Outgoing {
-            exchange: self.topology.retry_exchange(),
+            exchange: self.topology.delay_exchange(),
             routing_key: meta.attempt.to_string(),
             body: body.to_vec(),
             // The broker reads the expiration as whole milliseconds; at
@@ -167,7 +167,7 @@ impl Publisher {
     async fn send(
         &self,
         messages: Vec<Outgoing>,
-        retry_queue: Option<u32>,
+        delay_queue: Option<u32>,
     ) -> Result<(), BrokerError> {
         let mut session = self.session.lock().await;
         let started = Instant::now();
@@ -179,10 +179,10 @@ impl Publisher {
                     tracing::info!(publisher = %self.name, "broker connection restored");
                 }
                 let s = session.as_mut().expect("session was just opened");
-                if let Some(attempt) = retry_queue
-                    && s.retry_queues.insert(attempt)
+                if let Some(attempt) = delay_queue
+                    && s.delay_queues.insert(attempt)
                 {
-                    self.topology.declare_retry(&s.channel, attempt).await?;
+                    self.topology.declare_delay(&s.channel, attempt).await?;
                 }
                 publish_all(&s.channel, &messages).await
             }

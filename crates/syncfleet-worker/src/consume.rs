@@ -14,8 +14,8 @@
 //! | outcome | what happens |
 //! | --- | --- |
 //! | committed | ack |
-//! | a database is unreachable | re-published to `P.retry.N` as the same attempt, after a backoff that grows while the outage lasts, then ack |
-//! | transient failure, attempts left | re-published to `P.retry.N` (confirmed), then ack |
+//! | a database is unreachable | re-published to `P.delay.N` as the same attempt, after a backoff that grows while the outage lasts, then ack |
+//! | transient failure, attempts left | re-published to `P.delay.N` (confirmed), then ack |
 //! | permanent failure, attempts used up, or not a job | batch marked failed, message published to `P.dead` with the reason (confirmed), then ack |
 //! | the job panicked | nack with requeue; the queue's delivery limit dead-letters a job that keeps doing so |
 //!
