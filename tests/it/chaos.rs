@@ -178,3 +178,97 @@ async fn jobs_waiting_for_a_retry_survive_a_broker_restart() {
     let _ = connection.close(200, "".into()).await;
     assert_eq!(seen.len(), JOBS as usize, "jobs lost in the restart");
 }
+
+/// A batch that fails for good while the destination is down cannot be
+/// recorded as failed there: it waits for the destination like any job,
+/// and is recorded and dead-lettered once it is back, so its run ends
+/// `failed` instead of staying `running`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_failing_while_the_destination_is_down_is_recorded_once_it_is_back() {
+    use syncfleet_broker::Topology;
+
+    use crate::helpers::{Fleet, TestEnv, amqp_url, connect};
+
+    let env = TestEnv::new().await;
+    let pg =
+        tokio::task::block_in_place(|| syncfleet_chaos::postgres::PrivatePostgres::start(&env.dir))
+            .unwrap();
+    connect(&pg.url("postgres"))
+        .await
+        .batch_execute("CREATE DATABASE reporting")
+        .await
+        .unwrap();
+    syncfleet_db::control::migrate(&mut connect(&pg.url("reporting")).await)
+        .await
+        .unwrap();
+    env.source
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items SELECT generate_series(1, 20);")
+        .await
+        .unwrap();
+    let text = env
+        .config_text("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n")
+        .replace(&env.dest_url, &pg.url("reporting"));
+    let config =
+        std::sync::Arc::new(syncfleet_core::Config::load(&env.write("down.toml", &text)).unwrap());
+    let plan = env.plan(&config).await;
+
+    // Hold the run's jobs back until the destination is down.
+    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let topology = Topology::new(&env.name);
+    let mut held = Vec::new();
+    while let Some(m) = channel
+        .basic_get(
+            topology.work_queue().as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let id = m.properties.message_id().as_ref().unwrap().to_string();
+        held.push((m.delivery.data, id));
+    }
+    let _ = connection.close(200, "".into()).await;
+    assert_eq!(held.len() as i64, plan.batches[0].1);
+    let fleet = Fleet::start(&config, 1);
+    env.eventually("the worker to consume", 30, || async {
+        let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let consumers = topology
+            .depth(&channel, &topology.work_queue())
+            .await
+            .map_or(0, |(_, consumers)| consumers);
+        let _ = connection.close(200, "".into()).await;
+        consumers > 0
+    })
+    .await;
+
+    // Every job now fails for good (its table is gone) while the
+    // destination, which records that, is down.
+    env.source.batch_execute("DROP TABLE items").await.unwrap();
+    tokio::task::block_in_place(|| pg.down()).unwrap();
+    for (body, id) in &held {
+        env.publish_raw(body, id).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.dead_letters().await, 0, "dead-lettered unrecorded");
+
+    tokio::task::block_in_place(|| pg.up()).unwrap();
+    env.eventually("the run to be failed", 60, || async {
+        let reporting = connect(&pg.url("reporting")).await;
+        syncfleet_db::control::run(&reporting, plan.run_id)
+            .await
+            .unwrap()
+            .is_some_and(|r| r.status == "failed")
+    })
+    .await;
+    env.eventually("every job dead-lettered", 30, || async {
+        env.dead_letters().await as usize == held.len()
+    })
+    .await;
+    fleet.stop().await;
+}

@@ -16,7 +16,7 @@
 //! | committed | ack |
 //! | a database is unreachable | re-published to `P.delay.N` as the same attempt, after a backoff that grows while the outage lasts, then ack |
 //! | transient failure, attempts left | re-published to `P.delay.N` (confirmed), then ack |
-//! | permanent failure, attempts used up, or not a job | batch marked failed, message published to `P.dead` with the reason (confirmed), then ack |
+//! | permanent failure, attempts used up, or not a job | batch marked failed, message published to `P.dead` with the reason (confirmed), then ack; if the destination is unreachable to mark it, as for an unreachable database |
 //! | the job panicked | nack with requeue; the queue's delivery limit dead-letters a job that keeps doing so |
 //!
 //! Publishing before acking means a crash in between duplicates a message
@@ -493,12 +493,7 @@ async fn conclude(
         }
         Ok(Err(JobError::Unavailable(reason))) => {
             finished("waiting");
-            let streak = context.outage.fetch_add(1, Ordering::Relaxed) + 1;
-            if streak == 1 {
-                tracing::warn!(job = %id, %reason, "a database is unreachable; jobs wait for it without using up attempts");
-            }
-            let delay = OUTAGE.delay(streak);
-            park(context, delivery, &id, meta, delay, false).await;
+            wait_out_outage(context, delivery, &id, meta, &reason).await;
         }
         Ok(Err(JobError::Retry(reason))) if meta.attempt < retry.max_attempts => {
             let delay = retry.delay(meta.attempt);
@@ -515,12 +510,24 @@ async fn conclude(
                 JobError::Reject(r) => ("permanent", r),
                 JobError::Retry(r) | JobError::Unavailable(r) => ("attempts exhausted", r),
             };
+            let recorded = format!("{reason} ({kind} after {} attempt(s))", meta.attempt);
+            match context.executor.fail(job, &recorded).await {
+                // Dead-lettered now, the batch would stay pending and its
+                // run `running`: the job waits for the destination like any
+                // other, and fails again, recorded, once it is back.
+                Err(e) if e.class() == syncfleet_db::ErrorClass::Unavailable => {
+                    let reason = format!("could not record the failed batch: {e}");
+                    finished("waiting");
+                    wait_out_outage(context, delivery, &id, meta, &reason).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "could not record the failed batch")
+                }
+                Ok(()) => {}
+            }
             tracing::error!(job = %id, attempt = meta.attempt, %reason, kind, "batch failed for good; dead-lettering it");
             finished("dead_lettered");
-            let recorded = format!("{reason} ({kind} after {} attempt(s))", meta.attempt);
-            if let Err(e) = context.executor.fail(job, &recorded).await {
-                tracing::error!(job = %id, error = %e, "could not record the failed batch");
-            }
             dead_letter(context, delivery, &id, meta, kind, &reason).await;
         }
         Err(_panic) => {
@@ -530,7 +537,23 @@ async fn conclude(
     }
 }
 
-/// Parks the job in a retry queue for `delay`, then acks it; if that
+/// Parks a job that met an unreachable database, as the same attempt,
+/// after a delay that grows while the outage lasts.
+async fn wait_out_outage(
+    context: &Context,
+    delivery: &Delivery,
+    id: &str,
+    meta: Meta,
+    reason: &str,
+) {
+    let streak = context.outage.fetch_add(1, Ordering::Relaxed) + 1;
+    if streak == 1 {
+        tracing::warn!(job = %id, %reason, "a database is unreachable; jobs wait for it without using up attempts");
+    }
+    park(context, delivery, id, meta, OUTAGE.delay(streak), false).await;
+}
+
+/// Parks the job in a delay queue for `delay`, then acks it; if that
 /// publish fails, hands it straight back instead.
 async fn park(
     context: &Context,
