@@ -98,7 +98,7 @@ async fn the_throttle_backs_off_while_the_app_is_slow_and_recovers_after() {
     );
     let config = Config::load(&env.write("throttle.toml", &text)).unwrap();
     let throttle = config.reads.throttle.clone().unwrap();
-    let gate = Arc::new(ReadGate::new(4, Some(&throttle), None));
+    let gate = Arc::new(ReadGate::new(4, Some(4), Some(&throttle), None));
     let probe_pool = Pool::connect(Role::Source, &config.source).await.unwrap();
     let shutdown = Shutdown::new();
     tokio::spawn(run_probe(
@@ -151,12 +151,13 @@ async fn the_throttle_backs_off_while_the_app_is_slow_and_recovers_after() {
     shutdown.trigger();
 }
 
-/// With the throttle pinned at its floor, every statement of a batch runs
-/// paced on the server (the source read, the upsert, the delete of missing
-/// rows): the destination must still end up exactly as the source, through
-/// both the empty-range COPY and the merge.
+/// With the throttle pinned at its floor, the whole fleet runs one read at
+/// a time, and every statement of a batch runs paced on the server (the
+/// source read, the upsert, the delete of missing rows): the destination
+/// must still end up exactly as the source, through both the empty-range
+/// COPY and the merge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paced_batches_copy_and_merge_exactly() {
+async fn paced_batches_run_one_at_a_time_in_the_fleet_and_copy_and_merge_exactly() {
     let env = TestEnv::new().await;
     env.source
         .batch_execute(
@@ -184,17 +185,18 @@ async fn paced_batches_copy_and_merge_exactly() {
         let (stop, url) = (stop.clone(), env.source_url.clone());
         tokio::spawn(async move {
             let client = connect(&url).await;
-            let (mut paced, mut plain) = (0, 0);
+            let (mut paced, mut plain, mut most) = (0, 0, 0);
             while !stop.load(Ordering::Relaxed) {
-                for row in client
+                let reads = client
                     .query(
                         "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
                          AND state = 'active' AND query LIKE 'COPY (%'",
                         &[],
                     )
                     .await
-                    .unwrap()
-                {
+                    .unwrap();
+                most = most.max(reads.len());
+                for row in reads {
                     let query: String = row.get(0);
                     if query.contains("pg_sleep") {
                         paced += 1;
@@ -204,7 +206,7 @@ async fn paced_batches_copy_and_merge_exactly() {
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            (paced, plain)
+            (paced, plain, most)
         })
     };
     let initial = env.plan(&config).await;
@@ -225,9 +227,10 @@ async fn paced_batches_copy_and_merge_exactly() {
     env.wait(merge.run_id).await;
     stop.store(true, Ordering::Relaxed);
     fleet.stop().await;
-    let (paced, plain) = sampler.await.unwrap();
+    let (paced, plain, most) = sampler.await.unwrap();
     assert!(paced > 0, "no paced read was seen");
     assert_eq!(plain, 0, "a read ran unpaced at the floor");
+    assert_eq!(most, 1, "reads of two workers ran at once at the floor");
     let all = "SELECT id, amount::text, attrs::text, note, at FROM items ORDER BY id";
     assert_eq!(
         TestEnv::rows(&env.source, all).await,

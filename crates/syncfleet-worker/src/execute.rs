@@ -216,6 +216,7 @@ impl Executor {
             odds: Default::default(),
             gate: Arc::new(ReadGate::new(
                 config.worker.concurrency,
+                config.reads.max_concurrent,
                 config.reads.throttle.as_ref(),
                 config.reads.max_rows_per_second,
             )),
@@ -425,8 +426,8 @@ impl Executor {
         // The destination transaction holds the read slot of the fleet-wide
         // ceiling until it ends, however it ends, and the slot is taken
         // before the source query starts. The jobs read one after another,
-        // so one slot covers them all.
-        let slots = self.config.reads.max_concurrent.map(|n| n as i32);
+        // so one slot covers them all. The throttle narrows the slots.
+        let slots = self.gate.slots().map(|n| n.min(i32::MAX as u32) as i32);
         let namespace = format!("syncfleet.reads/{}", self.config.broker.prefix);
         let begin = dst.batch_execute("BEGIN");
         let first_try = async {

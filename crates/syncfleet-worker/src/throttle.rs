@@ -1,19 +1,26 @@
-//! Source protection inside one worker process: the gate every source read
-//! passes, and the adaptive throttle that sets how wide it opens.
+//! Source protection: the gate every source read of a worker process
+//! passes, and the adaptive throttle that sets how wide the fleet opens.
 //!
 //! The throttle samples a cheap probe query on the source primary (ideally
 //! the app's own hot lookup). While the probe stays near its idle baseline
 //! the read *level* grows additively; when it rises above `factor` times
 //! the baseline the level halves: additive increase, multiplicative
 //! decrease, as TCP's congestion control and vector's adaptive request
-//! concurrency do. A level of 3 lets three reads run at once; a level of
-//! 0.25 lets one run, a quarter of the time: its query is [paced on the
-//! server](syncfleet_db::sql::Pace), the source backend working a third of
-//! a millisecond and then sleeping one, so the whole pipeline works in
-//! short bursts with idle gaps rather than in one long burst. That is how
-//! the fleet backs off below one connection's worth of load, which is where
-//! a two-core database needs it: an app query that arrives during a burst
-//! waits for a fraction of a millisecond, not for a whole batch.
+//! concurrency do.
+//!
+//! The level counts the whole fleet's reads, up to the fleet-wide ceiling
+//! (`max_concurrent_reads`): below it, a read takes one of only
+//! `floor(level)` of the ceiling's slots, so three reads run at once at
+//! level 3 however many worker processes there are. Every process probes
+//! the same source and so comes to about the same level. A level of 0.25
+//! lets one read run in the fleet, a quarter of the time: its query is
+//! [paced on the server](syncfleet_db::sql::Pace), the source backend
+//! working a third of a millisecond and then sleeping one, so the whole
+//! pipeline works in short bursts with idle gaps rather than in one long
+//! burst. That is how the fleet backs off below one connection's worth of
+//! load, which is where a two-core database needs it: an app query that
+//! arrives during a burst waits for a fraction of a millisecond, not for a
+//! whole batch.
 //!
 //! The same gate applies `max_rows_per_second` (a leaky bucket charged with
 //! each batch's rows).
@@ -27,10 +34,13 @@ use syncfleet_core::shutdown::ShutdownSignal;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// The lowest level: one read at a time, working a fifth of the time, so
-/// a sync under a busy app still moves (about a fifth of its unthrottled
-/// rows/s in the bench).
-pub const MIN_LEVEL: f64 = 0.2;
+/// The lowest level: one read in the fleet at a time, working two fifths
+/// of the time, so a sync under a busy app still moves. In the bench's
+/// fleet of two workers that is about a quarter of the unthrottled rows/s
+/// (0.23–0.25 in four runs), with the app's p99 at 1.53–1.95 times its p99
+/// alone; when the level was per worker process its floor was 0.2, the
+/// same load from two workers (1.77–2.04 times, at 0.24–0.26).
+pub const MIN_LEVEL: f64 = 0.4;
 /// Level regained per second of healthy probes. Slow on purpose: a
 /// loaded two-core server shows its stress as rare latency spikes, not as
 /// a slower median, so one spike must weigh more than many calm probes.
@@ -112,6 +122,8 @@ pub struct ReadGate {
     /// `None` without a throttle: the level is always the maximum.
     controller: Option<Mutex<Controller>>,
     max: f64,
+    /// The fleet-wide ceiling on source reads.
+    ceiling: Option<u32>,
     rows_per_second: Option<u32>,
 }
 
@@ -122,9 +134,15 @@ pub struct Permit {
 }
 
 impl ReadGate {
-    /// `max` is the process's concurrency: the level never exceeds it.
-    pub fn new(max: u16, throttle: Option<&ThrottleConfig>, rows_per_second: Option<u32>) -> Self {
-        let max = f64::from(max.max(1));
+    /// The level ranges up to the fleet-wide `ceiling`, or to the process's
+    /// `concurrency` without one.
+    pub fn new(
+        concurrency: u16,
+        ceiling: Option<u32>,
+        throttle: Option<&ThrottleConfig>,
+        rows_per_second: Option<u32>,
+    ) -> Self {
+        let max = f64::from(ceiling.unwrap_or(concurrency.into()).max(1));
         Self {
             state: Mutex::new(GateState {
                 active: 0,
@@ -133,6 +151,7 @@ impl ReadGate {
             changed: Notify::new(),
             controller: throttle.map(|t| Mutex::new(Controller::new(max, t))),
             max,
+            ceiling,
             rows_per_second,
         }
     }
@@ -158,6 +177,19 @@ impl ReadGate {
         };
         self.changed.notify_waiters();
         level
+    }
+
+    /// How many of the fleet-wide read slots a read starting now may take
+    /// one of (`None`: no limit). The level's whole part, at least one,
+    /// while the throttle holds the level below its maximum; the ceiling
+    /// otherwise.
+    pub fn slots(&self) -> Option<u32> {
+        let level = self.level();
+        if level >= self.max {
+            return self.ceiling;
+        }
+        let slots = level.floor().max(1.0) as u32;
+        Some(self.ceiling.map_or(slots, |c| c.min(slots)))
     }
 
     /// How a read starting now is paced: not at all from level one up.
@@ -301,7 +333,7 @@ mod tests {
     // Virtual time: the waits are checked exactly, not against a clock.
     #[tokio::test(start_paused = true)]
     async fn below_level_one_reads_run_one_at_a_time_and_are_paced_on_the_server() {
-        let gate = std::sync::Arc::new(ReadGate::new(4, Some(&config()), None));
+        let gate = std::sync::Arc::new(ReadGate::new(4, None, Some(&config()), None));
         for _ in 0..4 {
             gate.observe(Duration::from_millis(1));
         }
@@ -327,9 +359,37 @@ mod tests {
         assert_eq!(gate.pace(), None);
     }
 
+    #[test]
+    fn the_level_narrows_the_fleets_read_slots() {
+        // Three reads in this process, six in the fleet.
+        let gate = ReadGate::new(3, Some(6), Some(&config()), None);
+        assert_eq!(gate.level(), 6.0);
+        assert_eq!(gate.slots(), Some(6));
+        gate.observe(Duration::from_millis(1));
+        let slow = Duration::from_millis(50);
+        let slots: Vec<_> = (0..4)
+            .map(|_| {
+                gate.observe(slow);
+                gate.slots()
+            })
+            .collect();
+        // 3, 1.5, 0.75, 0.375: below level one, one read in the fleet.
+        assert_eq!(slots, [Some(3), Some(1), Some(1), Some(1)]);
+        // Without a throttle, the ceiling; without a ceiling either, none.
+        assert_eq!(ReadGate::new(3, Some(6), None, None).slots(), Some(6));
+        assert_eq!(ReadGate::new(3, None, None, None).slots(), None);
+        // Without a ceiling the level counts up to this process's
+        // concurrency, and below it still counts the fleet's reads.
+        let gate = ReadGate::new(3, None, Some(&config()), None);
+        gate.observe(Duration::from_millis(1));
+        assert_eq!(gate.slots(), None);
+        gate.observe(slow);
+        assert_eq!(gate.slots(), Some(1));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_rows_per_second_limit_spaces_reads_by_their_rows() {
-        let gate = ReadGate::new(2, None, Some(1000));
+        let gate = ReadGate::new(2, None, None, Some(1000));
         let start = Instant::now();
         let p = gate.acquire().await;
         gate.finish(p, 500);
