@@ -12,15 +12,14 @@
 //! (`max_concurrent_reads`): below it, a read takes one of only
 //! `floor(level)` of the ceiling's slots, so three reads run at once at
 //! level 3 however many worker processes there are. Every process probes
-//! the same source and so comes to about the same level. A level of 0.25
-//! lets one read run in the fleet, a quarter of the time: its query is
-//! [paced on the server](syncfleet_db::sql::Pace), the source backend
-//! working a third of a millisecond and then sleeping one, so the whole
-//! pipeline works in short bursts with idle gaps rather than in one long
-//! burst. That is how the fleet backs off below one connection's worth of
-//! load, which is where a two-core database needs it: an app query that
-//! arrives during a burst waits for a fraction of a millisecond, not for a
-//! whole batch.
+//! the same source and so comes to about the same level. A level of 0.5
+//! lets one read run in the fleet, half the time: its query is [paced on
+//! the server](syncfleet_db::sql::Pace), the source backend working a
+//! millisecond and then sleeping one, so the whole pipeline works in short
+//! bursts with idle gaps rather than in one long burst. That is how the
+//! fleet backs off below one connection's worth of load, which is where a
+//! two-core database needs it: an app query that arrives during a burst
+//! waits for a millisecond at most, not for a whole batch.
 //!
 //! The same gate applies `max_rows_per_second` (a leaky bucket charged with
 //! each batch's rows).
@@ -179,9 +178,9 @@ impl ReadGate {
         level
     }
 
-    /// How many of the fleet-wide read slots a read starting now may take
-    /// one of (`None`: no limit). The level's whole part, at least one,
-    /// while the throttle holds the level below its maximum; the ceiling
+    /// The number of fleet-wide read slots a read starting now chooses
+    /// from (`None`: no limit): the level's whole part, at least one, while
+    /// the throttle holds the level below its maximum; the ceiling
     /// otherwise.
     pub fn slots(&self) -> Option<u32> {
         let level = self.level();
