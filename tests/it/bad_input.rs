@@ -1,11 +1,20 @@
 //! Bad input gets a clear error, exit code 2 (1 for an unreachable
 //! server), no password in the output, and nothing published.
 
+use syncfleet_db::{Pool, Role};
+
 use crate::helpers::{TestEnv, amqp_url};
 
 const APP: &str = "CREATE TABLE users (id bigint PRIMARY KEY, email text);
      CREATE TABLE no_pk (id bigint, v text);
-     INSERT INTO users VALUES (1, 'a@example.com');";
+     INSERT INTO users VALUES (1, 'a@example.com');
+     CREATE TABLE tags (name text COLLATE \"C\" PRIMARY KEY);
+     CREATE TABLE words (w text COLLATE \"und-x-icu\" PRIMARY KEY);";
+
+/// Destination tables made beforehand, outside `public`.
+const DESTINATION: &str = "CREATE SCHEMA pre;
+     CREATE TABLE pre.tags_icu (name text COLLATE \"und-x-icu\" PRIMARY KEY);
+     CREATE TABLE pre.tags_posix (name text COLLATE \"POSIX\" PRIMARY KEY);";
 
 struct Case {
     name: &'static str,
@@ -65,6 +74,25 @@ const CASES: &[Case] = &[
         expect: &["stream 'q'", "query", "single SELECT"],
     },
     Case {
+        name: "a destination key column in another collation",
+        streams: "[[stream]]\nname = \"tags\"\ntable = \"tags\"\ndestination_table = \"pre.tags_icu\"\n",
+        code: 2,
+        expect: &[
+            "stream 'tags'",
+            "key column \"name\" sorts by collation c:C in the source but i:und",
+            "tags_icu",
+        ],
+    },
+    Case {
+        name: "a destination database in another locale",
+        streams: "[[stream]]\nname = \"words\"\ntable = \"words\"\n",
+        code: 2,
+        expect: &[
+            "stream 'words'",
+            "key column \"w\" sorts by collation i:und in the source but c:",
+        ],
+    },
+    Case {
         name: "an unknown stream on the command line",
         streams: "[[stream]]\nname = \"users\"\ntable = \"users\"\n",
         code: 2,
@@ -76,6 +104,7 @@ const CASES: &[Case] = &[
 async fn each_bad_input_is_named_and_publishes_nothing() {
     let env = TestEnv::new().await;
     env.source.batch_execute(APP).await.unwrap();
+    env.dest.batch_execute(DESTINATION).await.unwrap();
     env.migrate().await;
     for case in CASES {
         let path = env.write("bad.toml", &env.config_text(case.streams));
@@ -119,6 +148,20 @@ async fn each_bad_input_is_named_and_publishes_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(tables, 0, "no destination table was created");
+
+    // Collations that order text alike pass: C in the source, POSIX in
+    // the destination.
+    let config = env.config(
+        "[[stream]]\nname = \"tags\"\ntable = \"tags\"\ndestination_table = \"pre.tags_posix\"\n",
+    );
+    let source = Pool::connect(Role::Source, &config.source).await.unwrap();
+    let dest = Pool::connect(Role::Destination, &config.destination)
+        .await
+        .unwrap();
+    let streams = config.select_streams(&[]).unwrap();
+    syncfleet_producer::prepare(&source, &dest, &streams)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,6 +96,7 @@ pub async fn ensure_table(
                  which syncfleet needs to upsert by key; create one: CREATE UNIQUE INDEX ON {table} ({keys})"
             )));
         }
+        check_key_order(source, &tx, shape, table, &invalid).await?;
         tx.commit().await.map_err(err)?;
         return Ok(TableState::Existing);
     }
@@ -136,8 +137,104 @@ pub async fn ensure_table(
     ))
     .await
     .map_err(err)?;
+    // A table created in a database of another locale is refused too, and
+    // rolled back with this transaction.
+    check_key_order(source, &tx, shape, table, &invalid).await?;
     tx.commit().await.map_err(err)?;
     Ok(TableState::Created)
+}
+
+/// Refuses a stream whose text key columns sort differently in the two
+/// databases. A key range is read from the source in the source's order
+/// and its stale rows are deleted from the destination in the
+/// destination's: under two orders a range holds different rows on each
+/// side, and a job would delete rows that belong to its neighbours.
+async fn check_key_order(
+    source: &impl GenericClient,
+    destination: &impl GenericClient,
+    shape: &StreamShape,
+    table: &TableName,
+    invalid: &impl Fn(String) -> ShapeError,
+) -> Result<(), ShapeError> {
+    let err = |e: tokio_postgres::Error| ShapeError::Db {
+        stream: shape.stream.clone(),
+        source: DbError::from(e),
+    };
+    let key = shape.key_names();
+    let theirs = key_order(source, &shape.relation, &key)
+        .await
+        .map_err(err)?;
+    let ours = key_order(destination, &table.to_string(), &key)
+        .await
+        .map_err(err)?;
+    for ((column, s), d) in key.iter().zip(&theirs).zip(&ours) {
+        if s.as_deref().map(same_order) != d.as_deref().map(same_order) {
+            let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "none".into());
+            return Err(invalid(format!(
+                "key column {} sorts by collation {} in the source but {} in destination table {table}; \
+                 a key range would hold different rows on each side, and rows at its edges could be \
+                 deleted. Give the destination column a collation of the same locale \
+                 (ALTER TABLE {table} ALTER COLUMN {} TYPE … COLLATE \"…\"), or create the destination \
+                 database with the source's locale",
+                ident::quote(column),
+                show(s),
+                show(d),
+                ident::quote(column),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The collation of each of `key`'s columns of `relation`, as
+/// `provider:locale` (`c` libc, `i` ICU, `b` built-in), or `None` for a
+/// type without one. `default` is resolved to the database's own locale.
+/// The locale columns differ between PostgreSQL versions, hence `to_jsonb`.
+async fn key_order(
+    client: &impl GenericClient,
+    relation: &str,
+    key: &[&str],
+) -> Result<Vec<Option<String>>, tokio_postgres::Error> {
+    let columns: Vec<String> = key
+        .iter()
+        .map(|k| {
+            // `pg_collation_for` raises an error for a type without
+            // collations, so it is asked only of the others.
+            let value = format!("(SELECT {} FROM {relation} AS s LIMIT 0)", ident::quote(k));
+            format!(
+                "CASE WHEN (SELECT typcollation FROM pg_type WHERE oid = pg_typeof({value})) <> 0 \
+                 THEN pg_collation_for({value}) END"
+            )
+        })
+        .collect();
+    let sql = format!(
+        "SELECT CASE WHEN c.oid IS NULL THEN NULL \
+           WHEN c.collname = 'default' THEN coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') || ':' || \
+             coalesce(to_jsonb(d) ->> 'datlocale', to_jsonb(d) ->> 'daticulocale', d.datcollate) \
+           ELSE c.collprovider::text || ':' || \
+             coalesce(to_jsonb(c) ->> 'colllocale', to_jsonb(c) ->> 'colliculocale', c.collcollate) END \
+         FROM unnest(ARRAY[{}]::text[]) WITH ORDINALITY AS n(name, i) \
+         LEFT JOIN pg_collation c ON c.oid = n.name::regcollation \
+         JOIN pg_database d ON d.datname = current_database() ORDER BY n.i",
+        columns.join(", ")
+    );
+    Ok(client
+        .query(&sql, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A collation as `provider:locale`, spelled so that two that order text
+/// alike compare equal: case and dashes aside, and C, POSIX and C.UTF-8
+/// (code point order, which is UTF-8's byte order) as one.
+fn same_order(collation: &str) -> String {
+    let c = collation.to_lowercase().replace('-', "");
+    match c.split_once(':') {
+        Some(("c" | "b", "c" | "posix" | "c.utf8")) => "c:c".into(),
+        _ => c,
+    }
 }
 
 enum TypeError {
@@ -260,4 +357,20 @@ async fn ensure_type(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_order;
+
+    #[test]
+    fn collations_that_sort_alike_compare_equal() {
+        for c in ["c:POSIX", "c:C.UTF-8", "c:C.utf8", "b:C.UTF-8"] {
+            assert_eq!(same_order(c), same_order("c:C"), "{c}");
+        }
+        assert_eq!(same_order("c:en_US.UTF-8"), same_order("c:en_US.utf8"));
+        assert_ne!(same_order("c:en_US.UTF-8"), same_order("c:en_GB.UTF-8"));
+        assert_ne!(same_order("i:und"), same_order("c:C"));
+        assert_ne!(same_order("i:en-US"), same_order("c:en_US.UTF-8"));
+    }
 }
