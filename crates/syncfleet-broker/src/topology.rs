@@ -134,11 +134,11 @@ impl Topology {
     /// Declares the delay queue for `attempt`: each message carries its own
     /// expiration, and when it expires the broker moves it back to the work
     /// queue. A quorum queue with at-least-once dead-lettering, so that the
-    /// move survives a broker restart: a classic queue dead-letters at most
+    /// move survives a broker restart. A classic queue dead-letters at most
     /// once, and drops a job that expires while the node stops or before
-    /// the work queue is back: 106 of 200 jobs in the test of a restart
-    /// (`jobs_waiting_for_a_retry_survive_a_broker_restart`); none with
-    /// these.
+    /// the work queue is back: 106 of 200 jobs in a test that restarts the
+    /// node while they wait (`jobs_waiting_for_a_retry_survive_a_broker_restart`),
+    /// where these drop none.
     pub async fn declare_delay(&self, channel: &Channel, attempt: u32) -> Result<(), BrokerError> {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), text("quorum"));
@@ -243,8 +243,8 @@ impl Topology {
     /// Deletes every queue (delay queues up to `max_attempts`) and exchange
     /// under the prefix: tests and the demo's reset.
     pub async fn delete(&self, channel: &Channel, max_attempts: u32) -> Result<(), BrokerError> {
-        let retries = (1..=max_attempts).map(|a| self.delay_queue(a));
-        for q in self.queues().into_iter().chain(retries) {
+        let delays = (1..=max_attempts).map(|a| self.delay_queue(a));
+        for q in self.queues().into_iter().chain(delays) {
             channel
                 .queue_delete(q.into(), QueueDeleteOptions::default())
                 .await?;

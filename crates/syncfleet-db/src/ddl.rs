@@ -1,5 +1,6 @@
 //! Prepares the destination table of a stream: checks an existing one, or
-//! creates a missing one from the source's column types and key.
+//! creates a missing one from the source's column types and key. Either
+//! way, its text key columns must sort as the source's do.
 //!
 //! Enum and domain types the columns need are created too (arrays of them
 //! included). Any other type the destination lacks (composite, range, an
