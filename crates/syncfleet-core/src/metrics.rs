@@ -38,7 +38,8 @@ pub const LEADER: &str = "syncfleet_leader";
 pub const QUEUE_MESSAGES: &str = "syncfleet_queue_messages";
 /// Consumers of each `queue`.
 pub const QUEUE_CONSUMERS: &str = "syncfleet_queue_consumers";
-/// The adaptive throttle's read level in this process.
+/// The adaptive throttle's read level as this process sees it: the
+/// source reads the whole fleet may run at once.
 pub const THROTTLE_LEVEL: &str = "syncfleet_throttle_level";
 
 /// All of them.
