@@ -626,19 +626,17 @@ impl Bench {
     pub async fn cleanup(&self) {
         if let Ok(c) = Connection::connect(&self.amqp_url, ConnectionProperties::default()).await {
             if let Ok(channel) = c.create_channel().await {
-                for q in ["work", "dead", "retry.1", "retry.2", "retry.3", "bare"] {
-                    let _ = channel
-                        .queue_delete(
-                            format!("{}.{q}", self.prefix).into(),
-                            QueueDeleteOptions::default(),
-                        )
-                        .await;
-                }
-                for x in ["work", "dead", "retry"] {
-                    let _ = channel
-                        .exchange_delete(format!("{}.{x}", self.prefix).into(), Default::default())
-                        .await;
-                }
+                // Everything syncfleet declares under the prefix (delay
+                // queues of up to 10 attempts), then the bare loop's queue.
+                let _ = syncfleet_broker::Topology::new(&self.prefix)
+                    .delete(&channel, 10)
+                    .await;
+                let _ = channel
+                    .queue_delete(
+                        format!("{}.bare", self.prefix).into(),
+                        QueueDeleteOptions::default(),
+                    )
+                    .await;
             }
             let _ = c.close(200, "".into()).await;
         }
