@@ -312,6 +312,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
         .batch_execute(
             "DELETE FROM syncfleet.schema_version WHERE version >= 3;
              ALTER TABLE syncfleet.batches DROP COLUMN rows_unchanged;
+             DROP TABLE syncfleet.read_budget;
              DROP INDEX syncfleet.batches_pending;
              CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';",
         )
@@ -320,7 +321,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
     let mut dest = crate::helpers::connect(&env.dest_url).await;
     assert_eq!(
         syncfleet_db::control::migrate(&mut dest).await.unwrap(),
-        vec![3, 4]
+        vec![3, 4, 5]
     );
     let index: String = env
         .dest

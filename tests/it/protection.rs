@@ -1,5 +1,6 @@
-//! Source protection: the fleet-wide ceiling on source reads and the
-//! adaptive throttle, against the real databases.
+//! Source protection: the fleet-wide ceiling on source reads, the
+//! fleet-wide rows/s limit and the adaptive throttle, against the real
+//! databases.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,7 +99,7 @@ async fn the_throttle_backs_off_while_the_app_is_slow_and_recovers_after() {
     );
     let config = Config::load(&env.write("throttle.toml", &text)).unwrap();
     let throttle = config.reads.throttle.clone().unwrap();
-    let gate = Arc::new(ReadGate::new(4, Some(4), Some(&throttle), None));
+    let gate = Arc::new(ReadGate::new(4, Some(4), Some(&throttle)));
     let probe_pool = Pool::connect(Role::Source, &config.source).await.unwrap();
     let shutdown = Shutdown::new();
     tokio::spawn(run_probe(
@@ -132,7 +133,7 @@ async fn the_throttle_backs_off_while_the_app_is_slow_and_recovers_after() {
             .await
             .is_err()
     );
-    gate.finish(first, 0);
+    gate.finish(first);
     env.source
         .batch_execute("DELETE FROM slow_app")
         .await
@@ -258,4 +259,72 @@ async fn paced_batches_run_one_at_a_time_in_the_fleet_and_copy_and_merge_exactly
         (row.get(0), row.get(1))
     };
     assert_eq!((copied, found), (0, 20100 - 20000 / 13));
+}
+
+/// `max_rows_per_second` holds for the fleet, not per worker: however the
+/// reads of two workers interleave, the rows read by any moment stay within
+/// the rate since the first read, plus one read per worker started before
+/// its rows are charged. Checked from the batches'
+/// start times, taken on the destination's one clock; a slow machine only
+/// spreads them further apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rows_per_second_limit_holds_for_the_whole_fleet() {
+    const RATE: f64 = 4000.0;
+    const BATCH: i64 = 1000;
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 24000) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    // One job at a time per worker: a batch's transaction then starts when
+    // its read does, not while it waits for a read slot.
+    let text = env
+        .config_text_with(
+            &format!("max_rows_per_second = {RATE}\n[source.throttle]\nenabled = false\n"),
+            &format!("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = {BATCH}\n"),
+        )
+        .replace("concurrency = 3", "concurrency = 1");
+    let config = Arc::new(Config::load(&env.write("rate.toml", &text)).unwrap());
+    let fleet = Fleet::start(&config, 2);
+    let plan = env.plan(&config).await;
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+
+    let batches = env
+        .dest
+        .query(
+            "SELECT extract(epoch FROM started_at)::float8, rows_copied, worker \
+             FROM syncfleet.batches WHERE run_id = $1 ORDER BY started_at",
+            &[&plan.run_id],
+        )
+        .await
+        .unwrap();
+    // 24 ranges of 1,000 and the open range past the last key.
+    assert_eq!(batches.len(), 25);
+    let workers: std::collections::HashSet<String> = batches.iter().map(|b| b.get(2)).collect();
+    assert_eq!(workers.len(), 2, "both workers read");
+    let first: f64 = batches[0].get(0);
+    let mut before = 0;
+    for batch in &batches {
+        let started: f64 = batch.get(0);
+        // Each worker's read may start before it is charged; 20 ms for the gap
+        // between the gate and the destination transaction's start.
+        let allowed = RATE * (started - first + 0.02) + 2.0 * BATCH as f64;
+        assert!(
+            before as f64 <= allowed,
+            "{before} rows were read before {:.3} s, over the fleet's {RATE} rows/s \
+             (at most {allowed:.0})",
+            started - first
+        );
+        before += batch.get::<_, i64>(1);
+    }
+    assert_eq!(before, 24000);
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
 }

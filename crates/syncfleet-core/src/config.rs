@@ -61,8 +61,8 @@ pub struct ReadLimits {
     /// Fleet-wide: source reads running at once across every worker
     /// process, however many pods run. `None` is unlimited.
     pub max_concurrent: Option<u32>,
-    /// Per worker process: rows read per second, on average. `None` is
-    /// unlimited.
+    /// Fleet-wide: rows read per second, on average, across every worker
+    /// process. `None` is unlimited.
     pub max_rows_per_second: Option<u32>,
     /// Read from this standby instead; the primary (`source.url`) is still
     /// the one probed for the app's latency.

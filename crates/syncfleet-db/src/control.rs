@@ -85,6 +85,14 @@ CREATE INDEX batches_pending ON syncfleet.batches (run_id, stream, batch_no) WHE
 -- copied (a re-sync of unchanged rows).
 ALTER TABLE syncfleet.batches ADD COLUMN rows_unchanged bigint;
 "#,
+    r#"
+-- The fleet's max_rows_per_second: when the fleet (a broker prefix) may
+-- start its next source read, every batch's rows charged to one clock.
+CREATE TABLE syncfleet.read_budget (
+    fleet       text PRIMARY KEY,
+    next_read   timestamptz NOT NULL
+);
+"#,
 ];
 
 /// The schema version this build expects.
@@ -711,4 +719,35 @@ pub async fn fail_batch(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Charges a read to the fleet's rows/s budget ([`charge_read`]): `$2` is
+/// how long ago the read started, `$3` its cost (rows / rate), in seconds.
+/// A leaky bucket: the fleet's next read may start `cost` after this one
+/// started or after the fleet's last charged read, whichever is later. The
+/// times are the database's, the one clock every worker shares.
+pub const CHARGE_READ: &str = "INSERT INTO syncfleet.read_budget AS b (fleet, next_read) \
+     VALUES ($1, clock_timestamp() + make_interval(secs => $3::float8 - $2::float8)) \
+     ON CONFLICT (fleet) DO UPDATE \
+     SET next_read = greatest(b.next_read + make_interval(secs => $3::float8), excluded.next_read) \
+     RETURNING extract(epoch FROM b.next_read - clock_timestamp())::float8";
+
+/// Charges a read of `cost` (its rows over the rate) that started `ago` to
+/// the fleet's budget, in its own transaction; returns the wait before the
+/// fleet's next read (zero if it may start now).
+pub async fn charge_read(
+    client: &impl deadpool_postgres::GenericClient,
+    fleet: &str,
+    ago: std::time::Duration,
+    cost: std::time::Duration,
+) -> Result<std::time::Duration, DbError> {
+    let statement = client.prepare_cached(CHARGE_READ).await?;
+    let wait: f64 = client
+        .query_one(
+            &statement,
+            &[&fleet, &ago.as_secs_f64(), &cost.as_secs_f64()],
+        )
+        .await?
+        .get(0);
+    Ok(std::time::Duration::from_secs_f64(wait.max(0.0)))
 }

@@ -65,13 +65,12 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 struct GatePermit<'a> {
     gate: &'a ReadGate,
     permit: Option<crate::throttle::Permit>,
-    rows: u64,
 }
 
 impl Drop for GatePermit<'_> {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
-            self.gate.finish(permit, self.rows);
+            self.gate.finish(permit);
         }
     }
 }
@@ -218,7 +217,6 @@ impl Executor {
                 config.worker.concurrency,
                 config.reads.max_concurrent,
                 config.reads.throttle.as_ref(),
-                config.reads.max_rows_per_second,
             )),
             config,
         }
@@ -302,18 +300,11 @@ impl Executor {
         let outer = deadline + CANCEL_TIMEOUT + Duration::from_secs(1);
         // Waiting for the gate is not part of the job's deadline: the job
         // has not touched the source yet.
-        let mut permit = GatePermit {
+        let permit = GatePermit {
             gate: &self.gate,
             permit: Some(self.gate.acquire().await),
-            rows: 0,
         };
         let result = tokio::time::timeout_at(outer.into(), attempts).await;
-        if let Ok(Ok(outcomes)) = &result {
-            permit.rows = outcomes
-                .iter()
-                .map(|o| o.rows_copied + o.rows_unchanged)
-                .sum();
-        }
         drop(permit);
         let result = match result {
             Ok(result) => result,
@@ -404,6 +395,8 @@ impl Executor {
         // Read once per transaction: its batches keep the pace they started
         // with.
         let pace = self.gate.pace();
+        // When the read began, for the fleet's rows/s budget.
+        let began = Instant::now();
         let pace_settings: Option<(Vec<String>, Vec<String>)> =
             pace.map(|p| p.settings().into_iter().unzip());
 
@@ -422,6 +415,10 @@ impl Executor {
         // Cached for the pipelined commit at the end.
         dst.prepare_cached(control::COMPLETE_BATCHES).await?;
         dst.prepare_cached(control::TRY_FINISH_RUN).await?;
+        let rate = self.config.reads.max_rows_per_second;
+        if rate.is_some() {
+            dst.prepare_cached(control::CHARGE_READ).await?;
+        }
 
         // The destination transaction holds the read slot of the fleet-wide
         // ceiling until it ends, however it ends, and the slot is taken
@@ -499,7 +496,28 @@ impl Executor {
                 }
                 Ok::<_, syncfleet_db::DbError>(finished)
             };
-            let (known, committed, finished) = tokio::join!(biased; complete, commit, finish);
+            // After the commit, in its own transaction: the fleet's rows/s
+            // budget is one row every worker updates.
+            let charge = async {
+                let rate = rate?;
+                let rows: u64 = done.iter().map(|d| d.rows_copied + d.rows_unchanged).sum();
+                let cost = Duration::from_secs_f64(rows as f64 / f64::from(rate));
+                let prefix = &self.config.broker.prefix;
+                Some((
+                    cost,
+                    control::charge_read(&*dst, prefix, began.elapsed(), cost).await,
+                ))
+            };
+            let (known, committed, finished, charged) =
+                tokio::join!(biased; complete, commit, finish, charge);
+            if let Some((cost, charged)) = charged {
+                // Without the fleet's clock, this worker still keeps the rate.
+                let wait = charged.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "could not charge the fleet's rows/s budget");
+                    cost
+                });
+                self.gate.hold_until((Instant::now() + wait).into());
+            }
             // Checked first: after a failed statement the server answers
             // COMMIT by rolling back, and reports that as a success.
             let known = known?;

@@ -21,8 +21,8 @@
 //! two-core database needs it: an app query that arrives during a burst
 //! waits for a millisecond at most, not for a whole batch.
 //!
-//! The same gate applies `max_rows_per_second` (a leaky bucket charged with
-//! each batch's rows).
+//! The same gate holds reads back until the fleet's next read under
+//! `max_rows_per_second` (see [`ReadGate::hold_until`]).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -110,7 +110,7 @@ impl Controller {
 struct GateState {
     /// Reads running now.
     active: u32,
-    /// No read starts before this (the duty cycle and the rows/s bucket).
+    /// No read starts before this: the fleet's `max_rows_per_second`.
     not_before: Instant,
 }
 
@@ -123,24 +123,16 @@ pub struct ReadGate {
     max: f64,
     /// The fleet-wide ceiling on source reads.
     ceiling: Option<u32>,
-    rows_per_second: Option<u32>,
 }
 
 /// A read in progress; give it back with [`ReadGate::finish`].
 #[must_use]
-pub struct Permit {
-    started: Instant,
-}
+pub struct Permit(());
 
 impl ReadGate {
     /// The level ranges up to the fleet-wide `ceiling`, or to the process's
     /// `concurrency` without one.
-    pub fn new(
-        concurrency: u16,
-        ceiling: Option<u32>,
-        throttle: Option<&ThrottleConfig>,
-        rows_per_second: Option<u32>,
-    ) -> Self {
+    pub fn new(concurrency: u16, ceiling: Option<u32>, throttle: Option<&ThrottleConfig>) -> Self {
         let max = f64::from(ceiling.unwrap_or(concurrency.into()).max(1));
         Self {
             state: Mutex::new(GateState {
@@ -151,7 +143,6 @@ impl ReadGate {
             controller: throttle.map(|t| Mutex::new(Controller::new(max, t))),
             max,
             ceiling,
-            rows_per_second,
         }
     }
 
@@ -207,7 +198,7 @@ impl ReadGate {
                 let now = Instant::now();
                 if s.active < allowed && now >= s.not_before {
                     s.active += 1;
-                    return Permit { started: now };
+                    return Permit(());
                 }
                 // Wake at the time limit, on a change, or to re-check the
                 // level, whichever comes first.
@@ -220,17 +211,17 @@ impl ReadGate {
         }
     }
 
-    /// Ends a read that moved `rows` rows, charging the rows/s bucket.
-    pub fn finish(&self, permit: Permit, rows: u64) {
-        {
-            let mut s = self.state.lock().expect("gate");
-            s.active = s.active.saturating_sub(1);
-            if let Some(rate) = self.rows_per_second {
-                let cost = Duration::from_secs_f64(rows as f64 / f64::from(rate));
-                s.not_before = s.not_before.max(permit.started) + cost;
-            }
-        }
+    /// Ends a read.
+    pub fn finish(&self, _permit: Permit) {
+        self.state.lock().expect("gate").active -= 1;
         self.changed.notify_waiters();
+    }
+
+    /// Starts no read before `until`: when the fleet's rows/s budget allows
+    /// its next read, as the worker learns when it charges a batch's rows.
+    pub fn hold_until(&self, until: Instant) {
+        let mut s = self.state.lock().expect("gate");
+        s.not_before = s.not_before.max(until);
     }
 }
 
@@ -332,7 +323,7 @@ mod tests {
     // Virtual time: the waits are checked exactly, not against a clock.
     #[tokio::test(start_paused = true)]
     async fn below_level_one_reads_run_one_at_a_time_and_are_paced_on_the_server() {
-        let gate = std::sync::Arc::new(ReadGate::new(4, None, Some(&config()), None));
+        let gate = std::sync::Arc::new(ReadGate::new(4, None, Some(&config())));
         for _ in 0..4 {
             gate.observe(Duration::from_millis(1));
         }
@@ -347,7 +338,7 @@ mod tests {
                 .await
                 .is_err()
         );
-        gate.finish(first, 10);
+        gate.finish(first);
         // At level 0.5 the source works as long as it sleeps.
         let pace = gate.pace().expect("paced below level one");
         assert_eq!(pace.work, pace.sleep);
@@ -361,7 +352,7 @@ mod tests {
     #[test]
     fn the_level_narrows_the_fleets_read_slots() {
         // Three reads in this process, six in the fleet.
-        let gate = ReadGate::new(3, Some(6), Some(&config()), None);
+        let gate = ReadGate::new(3, Some(6), Some(&config()));
         assert_eq!(gate.level(), 6.0);
         assert_eq!(gate.slots(), Some(6));
         gate.observe(Duration::from_millis(1));
@@ -375,11 +366,11 @@ mod tests {
         // 3, 1.5, 0.75, 0.375: below level one, one read in the fleet.
         assert_eq!(slots, [Some(3), Some(1), Some(1), Some(1)]);
         // Without a throttle, the ceiling; without a ceiling either, none.
-        assert_eq!(ReadGate::new(3, Some(6), None, None).slots(), Some(6));
-        assert_eq!(ReadGate::new(3, None, None, None).slots(), None);
+        assert_eq!(ReadGate::new(3, Some(6), None).slots(), Some(6));
+        assert_eq!(ReadGate::new(3, None, None).slots(), None);
         // Without a ceiling the level counts up to this process's
         // concurrency, and below it still counts the fleet's reads.
-        let gate = ReadGate::new(3, None, Some(&config()), None);
+        let gate = ReadGate::new(3, None, Some(&config()));
         gate.observe(Duration::from_millis(1));
         assert_eq!(gate.slots(), None);
         gate.observe(slow);
@@ -387,15 +378,15 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_rows_per_second_limit_spaces_reads_by_their_rows() {
-        let gate = ReadGate::new(2, None, None, Some(1000));
+    async fn a_hold_delays_the_next_read_and_never_shortens() {
+        let gate = ReadGate::new(2, None, None);
         let start = Instant::now();
-        let p = gate.acquire().await;
-        gate.finish(p, 500);
+        gate.hold_until(start + Duration::from_millis(500));
+        gate.hold_until(start + Duration::from_millis(200));
         let p = gate.acquire().await;
         assert_eq!(start.elapsed(), Duration::from_millis(500));
-        gate.finish(p, 2000);
+        gate.finish(p);
         let _p = gate.acquire().await;
-        assert_eq!(start.elapsed(), Duration::from_millis(2500));
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
     }
 }
