@@ -160,7 +160,8 @@ impl TestEnv {
             .unwrap();
         let publisher = Publisher::connect(&config.broker, "test").await.unwrap();
         let streams = config.select_streams(&[]).unwrap();
-        let plan = syncfleet_producer::start_run(&source, &dest, &publisher, &streams)
+        let ceiling = syncfleet_db::ceiling::Ceiling::new(config);
+        let plan = syncfleet_producer::start_run(&source, &dest, &publisher, &ceiling, &streams)
             .await
             .unwrap();
         publisher.close().await;

@@ -43,10 +43,16 @@ async fn incremental(env: &TestEnv, config: &Arc<Config>) -> i64 {
     let publisher = syncfleet_broker::Publisher::connect(&config.broker, "test")
         .await
         .unwrap();
-    let plan =
-        syncfleet_producer::start_incremental_run(&source, &dest, &publisher, &config.streams[0])
-            .await
-            .unwrap();
+    let ceiling = syncfleet_db::ceiling::Ceiling::new(config);
+    let plan = syncfleet_producer::start_incremental_run(
+        &source,
+        &dest,
+        &publisher,
+        &ceiling,
+        &config.streams[0],
+    )
+    .await
+    .unwrap();
     publisher.close().await;
     env.wait(plan.run_id).await;
     plan.run_id

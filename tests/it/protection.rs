@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use syncfleet_core::Config;
 use syncfleet_core::shutdown::Shutdown;
-use syncfleet_db::{Pool, Role};
+use syncfleet_db::{Pool, Role, ceiling};
 use syncfleet_worker::throttle::{ReadGate, run_probe};
 
 use crate::helpers::{Fleet, TestEnv, connect};
@@ -327,4 +327,53 @@ async fn the_rows_per_second_limit_holds_for_the_whole_fleet() {
         TestEnv::rows(&env.source, "SELECT * FROM items").await,
         TestEnv::rows(&env.dest, "SELECT * FROM items").await
     );
+}
+
+/// The planner's walk of a stream's keys is a source read too: it waits for
+/// a slot of the fleet's ceiling like any batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planning_reads_the_source_within_the_fleets_ceiling() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 500) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let text = env.config_text_with(
+        "max_concurrent_reads = 1\n",
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 50\n",
+    );
+    let config = Arc::new(Config::load(&env.write("ceiling.toml", &text)).unwrap());
+
+    // Hold the fleet's one slot, as a worker reading a batch would.
+    let mut holder = connect(&env.dest_url).await;
+    let held = holder.transaction().await.unwrap();
+    let namespace = ceiling::namespace(&config.broker.prefix);
+    assert!(
+        held.query_opt(ceiling::TAKE_READ_SLOT, &[&1i32, &namespace, &0i32])
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let plan = env.plan(&config);
+    tokio::pin!(plan);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut plan)
+            .await
+            .is_err(),
+        "planning finished while the fleet's only read slot was held"
+    );
+    let recorded: i64 = env
+        .dest
+        .query_one("SELECT count(*) FROM syncfleet.batches", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 0, "batches were planned without a read slot");
+    held.rollback().await.unwrap();
+    let plan = plan.await;
+    assert_eq!(plan.batches, vec![("items".to_string(), 11)]);
 }

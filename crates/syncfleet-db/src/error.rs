@@ -30,12 +30,17 @@ pub enum DbError {
     PoolTimeout { role: &'static str, size: usize },
     #[error("{}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    #[error(
+        "no slot of the fleet's source-read ceiling (source.max_concurrent_reads) came free within {0:?}"
+    )]
+    NoReadSlot(std::time::Duration),
 }
 
 impl DbError {
     pub fn class(&self) -> ErrorClass {
         match self {
             DbError::Connect { .. } | DbError::PoolTimeout { .. } => ErrorClass::Unavailable,
+            DbError::NoReadSlot(_) => ErrorClass::Transient,
             DbError::Postgres(e) => classify(e),
         }
     }

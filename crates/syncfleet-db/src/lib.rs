@@ -1,5 +1,7 @@
 //! The PostgreSQL side of syncfleet.
 //!
+//! - [`ceiling`]: the fleet-wide ceiling on source reads, as advisory-lock
+//!   slots in the destination.
 //! - [`pool`]: connection pools for the source (the app database, read only)
 //!   and the destination, with the session settings that make text values
 //!   round-trip exactly between the two.
@@ -16,6 +18,7 @@
 //!   `syncfleet.batches`), its migrations and queries.
 //! - [`error`]: errors that say whether trying again can help.
 
+pub mod ceiling;
 pub mod control;
 pub mod ddl;
 pub mod error;

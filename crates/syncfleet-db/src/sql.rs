@@ -39,13 +39,6 @@ pub struct RangePredicate {
     pub settings: (Vec<String>, Vec<String>),
 }
 
-/// Takes one free slot of the fleet's source-read ceiling, if any: a
-/// transaction-level advisory lock `(hashtext($2), slot)` for a slot in
-/// `0..$1`, trying from slot `$3` on. Returns a row when it got one. The
-/// `LIMIT 1` stops the scan at the first lock taken.
-pub const TAKE_READ_SLOT: &str = "SELECT s FROM generate_series(0, $1::int - 1) AS s \
-     WHERE pg_try_advisory_xact_lock(hashtext($2::text), (s + $3::int) % $1::int) LIMIT 1";
-
 /// Applies [`Binding::Settings`] values: bind `settings.0` and `settings.1`.
 pub const SET_SETTINGS: &str = "SELECT set_config(s.name, s.value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)";
 

@@ -32,6 +32,7 @@ use syncfleet_broker::{BrokerError, Publisher};
 use syncfleet_core::Config;
 use syncfleet_core::config::StreamConfig;
 use syncfleet_core::job::{Job, Key, KeyRange};
+use syncfleet_db::ceiling::Ceiling;
 use syncfleet_db::control;
 use syncfleet_db::ddl::{self, TableState};
 use syncfleet_db::scan::{CHUNK, KeyScan, Ranges};
@@ -140,6 +141,7 @@ pub async fn start_run(
     source: &Pool,
     destination: &Pool,
     publisher: &Publisher,
+    ceiling: &Ceiling,
     streams: &[&StreamConfig],
 ) -> Result<RunPlan, PlanError> {
     check_schema(destination).await?;
@@ -152,7 +154,7 @@ pub async fn start_run(
         batches: Vec::new(),
     };
     for stream in &prepared {
-        match plan_stream(source, destination, publisher, run_id, stream).await {
+        match plan_stream(source, destination, publisher, ceiling, run_id, stream).await {
             Ok(n) => plan.batches.push((stream.config.name.clone(), n)),
             Err(e) => {
                 // Best effort: the run is failed whether or not this lands.
@@ -179,17 +181,31 @@ async fn plan_stream(
     source: &Pool,
     destination: &Pool,
     publisher: &Publisher,
+    ceiling: &Ceiling,
     run_id: i64,
     stream: &PreparedStream<'_>,
 ) -> Result<i64, PlanError> {
-    plan_stream_from(source, destination, publisher, run_id, stream, 0, None).await
+    plan_stream_from(
+        source,
+        destination,
+        publisher,
+        ceiling,
+        run_id,
+        stream,
+        0,
+        None,
+    )
+    .await
 }
 
 /// Plans one stream after batch `count`, whose upper key was `after`.
+/// Each read of the walk holds a slot of the fleet's `ceiling`.
+#[allow(clippy::too_many_arguments)]
 async fn plan_stream_from(
     source: &Pool,
     destination: &Pool,
     publisher: &Publisher,
+    ceiling: &Ceiling,
     run_id: i64,
     stream: &PreparedStream<'_>,
     mut count: i64,
@@ -205,7 +221,11 @@ async fn plan_stream_from(
         count += 1;
         (count, range)
     };
-    while let Some(chunk) = scan.next_chunk().await? {
+    loop {
+        let read = async { Ok::<_, PlanError>(scan.next_chunk().await?) };
+        let Some(chunk) = ceiling.read(destination, read).await? else {
+            break;
+        };
         let batches: Vec<(i64, KeyRange)> = chunk
             .into_iter()
             .map(|boundary| numbered(ranges.until(boundary)))
@@ -345,6 +365,7 @@ pub async fn resume_run(
                 source,
                 destination,
                 publisher,
+                &Ceiling::new(config),
                 run_id,
                 stream,
                 state.last_batch,
@@ -379,10 +400,11 @@ pub async fn start_incremental_run(
     source: &Pool,
     destination: &Pool,
     publisher: &Publisher,
+    ceiling: &Ceiling,
     stream: &StreamConfig,
 ) -> Result<RunPlan, PlanError> {
     let Some(cursor) = &stream.cursor else {
-        return start_run(source, destination, publisher, &[stream]).await;
+        return start_run(source, destination, publisher, ceiling, &[stream]).await;
     };
     check_schema(destination).await?;
     let prepared = prepare(source, destination, &[stream]).await?;
@@ -408,6 +430,7 @@ pub async fn start_incremental_run(
         source,
         destination,
         publisher,
+        ceiling,
         run_id,
         stream,
         shape,
@@ -441,6 +464,7 @@ async fn plan_incremental(
     source: &Pool,
     destination: &Pool,
     publisher: &Publisher,
+    ceiling: &Ceiling,
     run_id: i64,
     stream: &StreamConfig,
     shape: &StreamShape,
@@ -505,7 +529,9 @@ async fn plan_incremental(
     let mut count = 0i64;
     let mut last: Option<(String, Key)> = None;
     loop {
-        let rows = tx.query_portal(&portal, stream.batch_size as i32).await?;
+        let read =
+            async { Ok::<_, PlanError>(tx.query_portal(&portal, stream.batch_size as i32).await?) };
+        let rows = ceiling.read(destination, read).await?;
         if rows.is_empty() {
             break;
         }

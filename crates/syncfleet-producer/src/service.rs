@@ -21,6 +21,7 @@ use syncfleet_broker::Publisher;
 use syncfleet_core::Config;
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::ShutdownSignal;
+use syncfleet_db::ceiling::Ceiling;
 use syncfleet_db::{Pool, Role, control};
 use tokio::time::Instant;
 
@@ -186,10 +187,11 @@ async fn lead(
                 counters.ticks_skipped.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(stream = %stream.name, "previous run still going; tick skipped");
             } else {
+                let ceiling = Ceiling::new(config);
                 let planned = if full {
-                    start_run(source, destination, publisher, &[stream]).await
+                    start_run(source, destination, publisher, &ceiling, &[stream]).await
                 } else {
-                    start_incremental_run(source, destination, publisher, stream).await
+                    start_incremental_run(source, destination, publisher, &ceiling, stream).await
                 };
                 match planned {
                     Ok(plan) => {

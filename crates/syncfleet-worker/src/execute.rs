@@ -45,7 +45,7 @@ use syncfleet_core::job::{Job, NO_RUN};
 use syncfleet_core::metrics as m;
 use syncfleet_db::pool::Client;
 use syncfleet_db::sql::{self, Binding, RangePredicate};
-use syncfleet_db::{Pool, Role, StreamShape, control};
+use syncfleet_db::{Pool, Role, StreamShape, ceiling, control};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -71,37 +71,6 @@ impl Drop for GatePermit<'_> {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
             self.gate.finish(permit);
-        }
-    }
-}
-
-/// Waits for one of the fleet's `slots` source-read slots: transaction-level
-/// advisory locks in the destination, which every worker of the fleet
-/// shares, so the ceiling holds however many processes run, and a slot is
-/// released with its transaction even if the worker dies. The deadline
-/// around the job bounds the wait. `statement` is [`sql::TAKE_READ_SLOT`].
-///
-/// Between tries it sleeps a random time up to 1, 2, 4 … 32 ms: a slot held
-/// by a short job is free again within a few milliseconds, one held by a
-/// 10,000-row batch for a second or more, and the waiters of the whole
-/// fleet should neither miss the first nor poll the second hard.
-async fn take_read_slot(
-    client: &Client,
-    statement: &tokio_postgres::Statement,
-    slots: i32,
-    namespace: &str,
-) -> Result<(), JobError> {
-    let mut cap_ms = 1;
-    loop {
-        tokio::time::sleep(Duration::from_micros(fastrand::u64(500..=cap_ms * 1000))).await;
-        cap_ms = (cap_ms * 2).min(32);
-        let start = fastrand::i32(0..slots);
-        if client
-            .query_opt(statement, &[&slots, &namespace, &start])
-            .await?
-            .is_some()
-        {
-            return Ok(());
         }
     }
 }
@@ -410,7 +379,7 @@ impl Executor {
         //
         // The transactions are begun by hand, not through a guard: any
         // error closes both connections (see `attempt`), which rolls back.
-        let slot = dst.prepare_cached(sql::TAKE_READ_SLOT).await?;
+        let slot = dst.prepare_cached(ceiling::TAKE_READ_SLOT).await?;
         let set_destination = dst.prepare_cached(sql::SET_SETTINGS).await?;
         // Cached for the pipelined commit at the end.
         dst.prepare_cached(control::COMPLETE_BATCHES).await?;
@@ -425,7 +394,7 @@ impl Executor {
         // before the source query starts. The jobs read one after another,
         // so one slot covers them all. The throttle narrows the slots.
         let slots = self.gate.slots().map(|n| n.min(i32::MAX as u32) as i32);
-        let namespace = format!("syncfleet.reads/{}", self.config.broker.prefix);
+        let namespace = ceiling::namespace(&self.config.broker.prefix);
         let begin = dst.batch_execute("BEGIN");
         let first_try = async {
             match slots {
@@ -446,7 +415,7 @@ impl Executor {
         };
         let ((), got_slot, ()) = tokio::try_join!(biased; begin, first_try, settings)?;
         if let (false, Some(n)) = (got_slot, slots) {
-            take_read_slot(dst, &slot, n, &namespace).await?;
+            ceiling::take_read_slot(&*dst, &slot, n, &namespace).await?;
         }
 
         let mut done = Vec::with_capacity(work.len());

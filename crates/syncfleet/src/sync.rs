@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use syncfleet_broker::Publisher;
 use syncfleet_core::Config;
+use syncfleet_db::ceiling::Ceiling;
 use syncfleet_db::{Pool, Role};
 
 use crate::error::CliError;
@@ -47,6 +48,7 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     let source = Pool::connect(Role::Source, &config.source).await?;
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
     let publisher = Publisher::connect(&config.broker, "producer").await?;
+    let ceiling = Ceiling::new(config);
     let run_id = match args.resume {
         Some(run_id) => {
             let result =
@@ -64,6 +66,7 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
                     &source,
                     &destination,
                     &publisher,
+                    &ceiling,
                     stream,
                 )
                 .await;
@@ -84,8 +87,14 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
             last
         }
         None => {
-            let result =
-                syncfleet_producer::start_run(&source, &destination, &publisher, &streams).await;
+            let result = syncfleet_producer::start_run(
+                &source,
+                &destination,
+                &publisher,
+                &ceiling,
+                &streams,
+            )
+            .await;
             publisher.close().await;
             let plan = result?;
             tracing::info!("{plan}");

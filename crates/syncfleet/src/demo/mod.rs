@@ -14,6 +14,7 @@ use syncfleet_broker::{Publisher, Topology};
 use syncfleet_core::Config;
 use syncfleet_core::ident;
 use syncfleet_core::shutdown::Shutdown;
+use syncfleet_db::ceiling::Ceiling;
 use syncfleet_db::{Pool, Role, control};
 use tokio::task::JoinSet;
 
@@ -188,9 +189,11 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
 
     let started = Instant::now();
     let streams = config.select_streams(&[])?;
+    let ceiling = Ceiling::new(&config);
     let result = async {
         let plan =
-            syncfleet_producer::start_run(&source, &destination, &publisher, &streams).await?;
+            syncfleet_producer::start_run(&source, &destination, &publisher, &ceiling, &streams)
+                .await?;
         println!("  {plan}");
         wait_for_run(&destination, plan.run_id, Duration::from_secs(3600), true).await
     }
