@@ -377,3 +377,40 @@ impl Fleet {
         }
     }
 }
+
+/// The Prometheus binary, installed the way `deploy/local/services.sh`
+/// does (Debian's package, with promtool) if this machine lacks it, once
+/// per test process: `just test` runs the script first, a bare `cargo test`
+/// on a fresh machine does not, and two tests installing at once would
+/// fight over apt's lock.
+pub fn prometheus() -> PathBuf {
+    static INSTALLED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let find = || {
+        ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+    };
+    INSTALLED
+        .get_or_init(|| {
+            if let Some(found) = find() {
+                return Ok(found);
+            }
+            let script = format!(
+                "{}/../../deploy/local/services.sh",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let out = std::process::Command::new("bash")
+                .arg(&script)
+                .output()
+                .map_err(|e| format!("{script}: {e}"))?;
+            find().ok_or_else(|| {
+                format!(
+                    "prometheus is not installed, and {script} did not install it:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        })
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}

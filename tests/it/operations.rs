@@ -242,6 +242,8 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
 
 #[test]
 fn the_kubernetes_manifests_and_alert_rules_validate() {
+    // promtool comes with it; check.sh would install it by itself.
+    crate::helpers::prometheus();
     let out = std::process::Command::new("bash")
         .arg(format!(
             "{}/../../deploy/check.sh",
@@ -289,10 +291,7 @@ async fn prometheus_scrapes_queue_depth_from_a_worker() {
         ),
     )
     .unwrap();
-    let binary = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("prometheus is installed (deploy/local/services.sh installs Debian's package)");
+    let binary = tokio::task::block_in_place(crate::helpers::prometheus);
     let _prometheus = tokio::process::Command::new(binary)
         .arg(format!(
             "--config.file={}",
