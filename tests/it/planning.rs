@@ -312,7 +312,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
         .batch_execute(
             "DELETE FROM syncfleet.schema_version WHERE version >= 3;
              ALTER TABLE syncfleet.batches DROP COLUMN rows_unchanged;
-             DROP TABLE syncfleet.read_budget;
+             DROP TABLE syncfleet.fleet_reads;
              DROP INDEX syncfleet.batches_pending;
              CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';",
         )

@@ -101,10 +101,16 @@ async fn the_throttle_backs_off_while_the_app_is_slow_and_recovers_after() {
     let throttle = config.reads.throttle.clone().unwrap();
     let gate = Arc::new(ReadGate::new(4, Some(4), Some(&throttle)));
     let probe_pool = Pool::connect(Role::Source, &config.source).await.unwrap();
+    let dest_pool = Pool::connect(Role::Destination, &config.destination)
+        .await
+        .unwrap();
+    env.migrate().await;
     let shutdown = Shutdown::new();
     tokio::spawn(run_probe(
         gate.clone(),
         probe_pool,
+        dest_pool,
+        config.broker.prefix.clone(),
         throttle,
         shutdown.signal(),
     ));
@@ -376,4 +382,77 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
     held.rollback().await.unwrap();
     let plan = plan.await;
     assert_eq!(plan.batches, vec![("items".to_string(), 11)]);
+}
+
+/// A worker that starts while its fleet is throttled begins at the level
+/// the fleet last reported, not at the ceiling where it would read unpaced
+/// until its own probes caught up; a level reported long ago is ignored.
+/// And it reports its own level for the workers after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_worker_begins_at_the_fleets_throttle_level() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    // Healthy probes only: the level can only climb, 0.05 a second.
+    let text = env.config_text_with(
+        "[source.throttle]\nprobe = \"SELECT 1\"\ninterval = \"50ms\"\nmin_latency = \"50ms\"\n",
+        "",
+    );
+    let config = Config::load(&env.write("level.toml", &text)).unwrap();
+    let throttle = config.reads.throttle.clone().unwrap();
+    let start = |fleet: &str| {
+        let (config, throttle, fleet) = (config.clone(), throttle.clone(), fleet.to_string());
+        async move {
+            let gate = Arc::new(ReadGate::new(4, Some(4), Some(&throttle)));
+            let shutdown = Shutdown::new();
+            tokio::spawn(run_probe(
+                gate.clone(),
+                Pool::connect(Role::Source, &config.source).await.unwrap(),
+                Pool::connect(Role::Destination, &config.destination)
+                    .await
+                    .unwrap(),
+                fleet,
+                throttle,
+                shutdown.signal(),
+            ));
+            (gate, shutdown)
+        }
+    };
+    let fleet = format!("{}-fresh", config.broker.prefix);
+    let stale = format!("{}-stale", config.broker.prefix);
+    env.dest
+        .execute(
+            "INSERT INTO syncfleet.fleet_reads (fleet, level, level_at) \
+             VALUES ($1, 0.5, now()), ($2, 0.5, now() - interval '1 hour')",
+            &[&fleet, &stale],
+        )
+        .await
+        .unwrap();
+
+    let (gate, shutdown) = start(&fleet).await;
+    env.eventually("a first probe", 30, || async { gate.baseline().is_some() })
+        .await;
+    let level = gate.level();
+    assert!(
+        (0.5..1.0).contains(&level),
+        "started at {level}, not at the fleet's 0.5"
+    );
+    env.eventually("the worker to report its level", 30, || async {
+        let row = env
+            .dest
+            .query_one(
+                "SELECT level FROM syncfleet.fleet_reads WHERE fleet = $1",
+                &[&fleet],
+            )
+            .await
+            .unwrap();
+        row.get::<_, f64>(0) > 0.5
+    })
+    .await;
+    shutdown.trigger();
+
+    let (gate, shutdown) = start(&stale).await;
+    env.eventually("a first probe", 30, || async { gate.baseline().is_some() })
+        .await;
+    assert_eq!(gate.level(), 4.0, "a stale level was taken up");
+    shutdown.trigger();
 }

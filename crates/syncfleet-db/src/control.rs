@@ -86,11 +86,17 @@ CREATE INDEX batches_pending ON syncfleet.batches (run_id, stream, batch_no) WHE
 ALTER TABLE syncfleet.batches ADD COLUMN rows_unchanged bigint;
 "#,
     r#"
--- The fleet's max_rows_per_second: when the fleet (a broker prefix) may
--- start its next source read, every batch's rows charged to one clock.
-CREATE TABLE syncfleet.read_budget (
+-- What the workers of a fleet (a broker prefix) share about reading the
+-- source, besides the ceiling's advisory locks.
+CREATE TABLE syncfleet.fleet_reads (
     fleet       text PRIMARY KEY,
-    next_read   timestamptz NOT NULL
+    -- max_rows_per_second: when the fleet may start its next read, every
+    -- batch's rows charged to one clock.
+    next_read   timestamptz,
+    -- The adaptive throttle's level as a worker last reported it; a worker
+    -- that starts begins there rather than at the ceiling.
+    level       double precision,
+    level_at    timestamptz
 );
 "#,
 ];
@@ -726,7 +732,7 @@ pub async fn fail_batch(
 /// A leaky bucket: the fleet's next read may start `cost` after this one
 /// started or after the fleet's last charged read, whichever is later. The
 /// times are the database's, the one clock every worker shares.
-pub const CHARGE_READ: &str = "INSERT INTO syncfleet.read_budget AS b (fleet, next_read) \
+pub const CHARGE_READ: &str = "INSERT INTO syncfleet.fleet_reads AS b (fleet, next_read) \
      VALUES ($1, clock_timestamp() + make_interval(secs => $3::float8 - $2::float8)) \
      ON CONFLICT (fleet) DO UPDATE \
      SET next_read = greatest(b.next_read + make_interval(secs => $3::float8), excluded.next_read) \
@@ -750,4 +756,37 @@ pub async fn charge_read(
         .await?
         .get(0);
     Ok(std::time::Duration::from_secs_f64(wait.max(0.0)))
+}
+
+/// The throttle level a worker of the fleet reported within `fresh`.
+pub async fn fleet_level(
+    client: &impl GenericClient,
+    fleet: &str,
+    fresh: std::time::Duration,
+) -> Result<Option<f64>, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT level FROM syncfleet.fleet_reads WHERE fleet = $1 \
+             AND level_at > clock_timestamp() - make_interval(secs => $2)",
+            &[&fleet, &fresh.as_secs_f64()],
+        )
+        .await?;
+    Ok(row.and_then(|r| r.get(0)))
+}
+
+/// Records this worker's throttle level as the fleet's.
+pub async fn report_level(
+    client: &impl GenericClient,
+    fleet: &str,
+    level: f64,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "INSERT INTO syncfleet.fleet_reads (fleet, level, level_at) \
+             VALUES ($1, $2, clock_timestamp()) \
+             ON CONFLICT (fleet) DO UPDATE SET level = excluded.level, level_at = excluded.level_at",
+            &[&fleet, &level],
+        )
+        .await?;
+    Ok(())
 }

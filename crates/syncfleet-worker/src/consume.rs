@@ -191,6 +191,8 @@ pub async fn run(config: Arc<Config>, mut shutdown: ShutdownSignal) -> Result<()
         tokio::spawn(crate::throttle::run_probe(
             executor.gate().clone(),
             probe,
+            executor.destination().clone(),
+            config.broker.prefix.clone(),
             throttle.clone(),
             shutdown.clone(),
         ));

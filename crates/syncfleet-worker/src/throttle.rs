@@ -12,7 +12,10 @@
 //! (`max_concurrent_reads`): below it, a read takes one of only
 //! `floor(level)` of the ceiling's slots, so three reads run at once at
 //! level 3 however many worker processes there are. Every process probes
-//! the same source and so comes to about the same level. A level of 0.5
+//! the same source and so comes to about the same level; each reports its
+//! level to the control schema about once a second, and a process that
+//! starts begins at the level last reported rather than at the ceiling,
+//! where it would read unpaced until its own probes caught up. A level of 0.5
 //! lets one read run in the fleet, half the time: its query is [paced on
 //! the server](syncfleet_db::sql::Pace), the source backend working a
 //! millisecond and then sleeping one, so the whole pipeline works in short
@@ -53,6 +56,10 @@ const INCREASE_PER_SECOND: f64 = 0.05;
 const PACE_PERIOD: Duration = Duration::from_micros(1250);
 /// Probes kept for the baseline (the minimum of the window).
 const BASELINE_WINDOW: usize = 240;
+/// How often a worker reports its level to the fleet, and how old a
+/// reported level may be for a starting worker to begin there.
+const FLEET_LEVEL_EVERY: Duration = Duration::from_secs(1);
+const FLEET_LEVEL_FRESH: Duration = Duration::from_secs(10);
 
 /// The AIMD controller, fed probe latencies.
 #[derive(Debug, Clone)]
@@ -88,6 +95,11 @@ impl Controller {
 
     pub fn level(&self) -> f64 {
         self.level
+    }
+
+    /// Continues from the fleet's level (within this controller's range).
+    pub fn resume(&mut self, level: f64) {
+        self.level = level.clamp(MIN_LEVEL, self.max);
     }
 
     /// Takes one probe latency; returns the new level.
@@ -159,6 +171,13 @@ impl ReadGate {
             .and_then(|c| c.lock().expect("controller").baseline())
     }
 
+    /// Starts from the level the fleet last reported.
+    pub fn resume(&self, level: f64) {
+        if let Some(c) = &self.controller {
+            c.lock().expect("controller").resume(level);
+        }
+    }
+
     /// Feeds a probe latency to the throttle.
     pub fn observe(&self, latency: Duration) -> f64 {
         let level = match &self.controller {
@@ -227,16 +246,30 @@ impl ReadGate {
 
 /// Probes the source every `interval` and feeds the gate, until shutdown.
 /// A probe that fails is skipped: a source that is down fails the jobs by
-/// itself.
+/// itself. Starts from the level of the `fleet` (its broker prefix) found
+/// in the `destination`'s control schema, and reports its own there.
 pub async fn run_probe(
     gate: std::sync::Arc<ReadGate>,
     client: syncfleet_db::Pool,
+    destination: syncfleet_db::Pool,
+    fleet: String,
     config: ThrottleConfig,
     mut shutdown: ShutdownSignal,
 ) {
+    let fleet_level = async {
+        let client = destination.get().await.ok()?;
+        syncfleet_db::control::fleet_level(&**client, &fleet, FLEET_LEVEL_FRESH)
+            .await
+            .ok()?
+    };
+    if let Ok(Some(level)) = tokio::time::timeout(Duration::from_secs(5), fleet_level).await {
+        gate.resume(level);
+        tracing::info!(level, "adaptive throttle starts at the fleet's level");
+    }
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_level = gate.level();
+    let mut reported = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.wait() => return,
@@ -269,6 +302,21 @@ pub async fn run_probe(
             );
         }
         last_level = level;
+        if reported.elapsed() >= FLEET_LEVEL_EVERY {
+            reported = Instant::now();
+            // Off the probe's clock, and best effort: a destination that is
+            // down costs a newly started worker only its head start.
+            let (destination, fleet) = (destination.clone(), fleet.clone());
+            tokio::spawn(async move {
+                let report = async {
+                    let client = destination.get().await?;
+                    syncfleet_db::control::report_level(&**client, &fleet, level).await
+                };
+                if let Ok(Err(e)) = tokio::time::timeout(FLEET_LEVEL_EVERY, report).await {
+                    tracing::debug!(error = %e, "could not report the throttle level");
+                }
+            });
+        }
     }
 }
 
