@@ -7,6 +7,8 @@
 # Overrides (skip install/start of the matching service):
 #   SYNCFLEET_TEST_PG_URL    superuser URL of an existing PostgreSQL
 #   SYNCFLEET_TEST_AMQP_URL  URL of an existing RabbitMQ
+#
+# `services.sh tools` only installs the test tools (pgbench, Prometheus).
 set -euo pipefail
 
 readonly PG_HOST=127.0.0.1
@@ -291,6 +293,9 @@ ensure_tools() {
   say "tools: pgbench, prometheus, promtool"
 }
 
-ensure_postgres
-ensure_rabbitmq
+# `services.sh tools` installs only the test tools.
+if [[ ${1:-} != tools ]]; then
+  ensure_postgres
+  ensure_rabbitmq
+fi
 ensure_tools

@@ -378,18 +378,18 @@ impl Fleet {
     }
 }
 
-/// The Prometheus binary, installed the way `deploy/local/services.sh`
-/// does (Debian's package, with promtool) if this machine lacks it, once
+/// The Prometheus binary on `PATH`, installed with `deploy/local/services.sh
+/// tools` (Debian's package, with promtool) if this machine lacks it, once
 /// per test process: `just test` runs the script first, a bare `cargo test`
 /// on a fresh machine does not, and two tests installing at once would
 /// fight over apt's lock.
 pub fn prometheus() -> PathBuf {
     static INSTALLED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     let find = || {
-        ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("prometheus"))
+            .find(|p| p.is_file())
     };
     INSTALLED
         .get_or_init(|| {
@@ -402,6 +402,7 @@ pub fn prometheus() -> PathBuf {
             );
             let out = std::process::Command::new("bash")
                 .arg(&script)
+                .arg("tools")
                 .output()
                 .map_err(|e| format!("{script}: {e}"))?;
             find().ok_or_else(|| {

@@ -366,12 +366,25 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
     );
     let plan = env.plan(&config);
     tokio::pin!(plan);
-    assert!(
-        tokio::time::timeout(Duration::from_secs(1), &mut plan)
-            .await
-            .is_err(),
-        "planning finished while the fleet's only read slot was held"
-    );
+    // The run exists once planning has checked the stream and is about to
+    // walk its keys; a second later it still waits for the slot.
+    let walking = async {
+        env.eventually("the run to be created", 30, || async {
+            let runs: i64 = env
+                .dest
+                .query_one("SELECT count(*) FROM syncfleet.runs", &[])
+                .await
+                .unwrap()
+                .get(0);
+            runs == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    tokio::select! {
+        _ = &mut plan => panic!("planning finished while the fleet's only read slot was held"),
+        () = walking => {}
+    }
     let recorded: i64 = env
         .dest
         .query_one("SELECT count(*) FROM syncfleet.batches", &[])

@@ -64,8 +64,8 @@ where
 pub struct Ceiling {
     slots: Option<i32>,
     namespace: String,
-    /// Bound on waiting for a slot: each holder's read is itself bounded by
-    /// the source's `statement_timeout`.
+    /// Bound on waiting for a slot: the source's `statement_timeout`, far
+    /// above any batch's hold on one (a job's deadline bounds a worker's).
     wait: Duration,
 }
 
@@ -96,12 +96,23 @@ impl Ceiling {
         };
         let mut client = destination.get().await?;
         let tx = client.transaction().await.map_err(DbError::from)?;
-        tokio::time::timeout(
-            self.wait,
-            take_read_slot(&tx, TAKE_READ_SLOT, slots, &self.namespace),
-        )
-        .await
-        .map_err(|_| DbError::NoReadSlot(self.wait))??;
+        // A first try at once: the waits below start at half a millisecond
+        // and grow, and a worker's first try rides with its `BEGIN`.
+        let free = tx
+            .query_opt(
+                TAKE_READ_SLOT,
+                &[&slots, &self.namespace, &fastrand::i32(0..slots)],
+            )
+            .await
+            .map_err(DbError::from)?;
+        if free.is_none() {
+            tokio::time::timeout(
+                self.wait,
+                take_read_slot(&tx, TAKE_READ_SLOT, slots, &self.namespace),
+            )
+            .await
+            .map_err(|_| DbError::NoReadSlot(self.wait))??;
+        }
         let out = read.await;
         // Ending the transaction frees the slot; a connection that fails
         // here has ended its session, and the slot with it.

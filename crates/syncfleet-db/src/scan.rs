@@ -87,6 +87,11 @@ impl<'t> KeyScan<'t> {
         self.walks
     }
 
+    /// True once the scan has read its last chunk.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
     /// The next chunk of boundaries, or `None` when the scan is over.
     pub async fn next_chunk(&mut self) -> Result<Option<Vec<Key>>, ShapeError> {
         if self.finished {

@@ -221,7 +221,8 @@ async fn plan_stream_from(
         count += 1;
         (count, range)
     };
-    loop {
+    // Stops before asking for a slot that no read would use.
+    while !scan.is_finished() {
         let read = async { Ok::<_, PlanError>(scan.next_chunk().await?) };
         let Some(chunk) = ceiling.read(destination, read).await? else {
             break;
@@ -280,6 +281,7 @@ pub async fn resume_run(
     source: &Pool,
     destination: &Pool,
     publisher: &Publisher,
+    ceiling: &Ceiling,
     config: &Config,
     run_id: i64,
 ) -> Result<u64, PlanError> {
@@ -365,7 +367,7 @@ pub async fn resume_run(
                 source,
                 destination,
                 publisher,
-                &Ceiling::new(config),
+                ceiling,
                 run_id,
                 stream,
                 state.last_batch,

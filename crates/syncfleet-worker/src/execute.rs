@@ -364,8 +364,6 @@ impl Executor {
         // Read once per transaction: its batches keep the pace they started
         // with.
         let pace = self.gate.pace();
-        // When the read began, for the fleet's rows/s budget.
-        let began = Instant::now();
         let pace_settings: Option<(Vec<String>, Vec<String>)> =
             pace.map(|p| p.settings().into_iter().unzip());
 
@@ -417,6 +415,8 @@ impl Executor {
         if let (false, Some(n)) = (got_slot, slots) {
             ceiling::take_read_slot(&*dst, &slot, n, &namespace).await?;
         }
+        // When the reads began, for the fleet's rows/s budget.
+        let began = Instant::now();
 
         let mut done = Vec::with_capacity(work.len());
         for (i, w) in work.iter().enumerate() {

@@ -51,9 +51,15 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     let ceiling = Ceiling::new(config);
     let run_id = match args.resume {
         Some(run_id) => {
-            let result =
-                syncfleet_producer::resume_run(&source, &destination, &publisher, config, run_id)
-                    .await;
+            let result = syncfleet_producer::resume_run(
+                &source,
+                &destination,
+                &publisher,
+                &ceiling,
+                config,
+                run_id,
+            )
+            .await;
             publisher.close().await;
             let published = result?;
             eprintln!("resumed run {run_id}: published {published} job(s)");
