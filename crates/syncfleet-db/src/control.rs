@@ -5,6 +5,11 @@
 //! are committed, and the broker message is acked only after that commit.
 //! A run's state is derived from its batches; whichever worker commits the
 //! last batch marks the run finished (see [`try_finish_run`]).
+//!
+//! It also holds what a fleet's workers share about reading the source
+//! beyond the ceiling's advisory locks: the `max_rows_per_second` clock
+//! ([`charge_read`]) and the throttle level a starting worker takes up
+//! ([`fleet_level`]).
 
 use serde_json::Value;
 use syncfleet_core::job::{KeyRange, Selection};
