@@ -4,7 +4,7 @@
 //! One query per stream, read through a portal a chunk at a time, so the
 //! planner holds at most one chunk of boundaries however large the table.
 //! A table whose key has a suitable index is walked along it
-//! ([`walk`]); anything else is numbered in key order ([`window`]). Either
+//! (`walk`); anything else is numbered in key order (`window`). Either
 //! way a batch is a key range, and executing it reads the range through
 //! the key's index.
 

@@ -292,8 +292,8 @@ pub enum Upsert {
 /// Inserts or updates every staged row by key. A row whose values already
 /// match is left alone: no new row version, no index churn, which is what
 /// makes a re-sync of unchanged data cheap. Each value is compared as
-/// cheaply as its type allows (see [`EXACT_EQUALITY`]). A paced upsert
-/// reads the stage through [`pace_filter`].
+/// cheaply as its type allows (see `EXACT_EQUALITY`). A paced upsert
+/// reads the stage through `pace_filter`.
 ///
 /// Both forms write the same rows, but `ON CONFLICT` locks every existing
 /// row before its `WHERE` is checked, changed or not, while `MERGE` touches
@@ -369,11 +369,11 @@ pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool, how: Upsert) 
 /// 64-bit hash of each row, so the same rows give the same pair on both
 /// sides whatever their physical order (rows are distinct: they carry the
 /// key). Values are hashed in their binary form where their type's
-/// equality is exact, as text otherwise (see [`EXACT_EQUALITY`]): the
+/// equality is exact, as text otherwise (see `EXACT_EQUALITY`): the
 /// fingerprints differ wherever [`upsert`] would write. Measured on the
 /// bench's table: 0.5 of the time of the `COPY` that reads the same rows,
 /// against 10–15 times that for the destination to stage and merge them.
-/// `paced` adds [`pace_filter`].
+/// `paced` adds `pace_filter`.
 pub fn fingerprint(
     shape: &StreamShape,
     relation: &str,
