@@ -469,3 +469,60 @@ async fn a_starting_worker_begins_at_the_fleets_throttle_level() {
     assert_eq!(gate.level(), 4.0, "a stale level was taken up");
     shutdown.trigger();
 }
+
+/// The producer service stops when told to, even while its planning waits
+/// for a read slot (as long as `statement_timeout`): the run is left as a
+/// killed pod would leave it, for `sync --resume`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_stops_while_its_planning_waits_for_a_read_slot() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items SELECT generate_series(1, 100);")
+        .await
+        .unwrap();
+    env.migrate().await;
+    let text = env.config_text_with(
+        "max_concurrent_reads = 1\n",
+        "[producer]\ninterval = \"1h\"\n[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n",
+    );
+    let config = Arc::new(Config::load(&env.write("producer.toml", &text)).unwrap());
+    let mut holder = connect(&env.dest_url).await;
+    let held = holder.transaction().await.unwrap();
+    let namespace = ceiling::namespace(&config.broker.prefix);
+    assert!(
+        held.query_opt(ceiling::TAKE_READ_SLOT, &[&1i32, &namespace, &0i32])
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let shutdown = Shutdown::new();
+    let producer = tokio::spawn(syncfleet_producer::service::run(
+        config.clone(),
+        Default::default(),
+        shutdown.signal(),
+    ));
+    env.eventually("the scheduled run to start planning", 30, || async {
+        let runs: i64 = env
+            .dest
+            .query_one("SELECT count(*) FROM syncfleet.runs", &[])
+            .await
+            .unwrap()
+            .get(0);
+        runs == 1
+    })
+    .await;
+    shutdown.trigger();
+    tokio::time::timeout(Duration::from_secs(30), producer)
+        .await
+        .expect("the producer stopped while planning waited for a slot")
+        .unwrap()
+        .unwrap();
+    let status: String = env
+        .dest
+        .query_one("SELECT status FROM syncfleet.runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "planning");
+    held.rollback().await.unwrap();
+}

@@ -140,7 +140,7 @@ async fn lead(
         .collect();
     let mut gauges_due = Instant::now();
     let mut gauges_connection: Option<lapin::Connection> = None;
-    let result = loop {
+    let result = 'lead: loop {
         tokio::select! {
             _ = shutdown.wait() => break Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -188,10 +188,25 @@ async fn lead(
                 tracing::info!(stream = %stream.name, "previous run still going; tick skipped");
             } else {
                 let ceiling = Ceiling::new(config);
-                let planned = if full {
-                    start_run(source, destination, publisher, &ceiling, &[stream]).await
-                } else {
-                    start_incremental_run(source, destination, publisher, &ceiling, stream).await
+                let plan = async {
+                    match full {
+                        true => {
+                            start_run(source, destination, publisher, &ceiling, &[stream]).await
+                        }
+                        false => {
+                            start_incremental_run(source, destination, publisher, &ceiling, stream)
+                                .await
+                        }
+                    }
+                };
+                // Planning a large table, or waiting for a read slot, takes
+                // a while: shutdown stops it where it is, as a killed pod
+                // would. Its run stays planning until it counts as abandoned
+                // (a whole `broker.consumer_timeout` without progress), and
+                // `sync --resume` publishes the rest.
+                let planned = tokio::select! {
+                    _ = shutdown.wait() => break 'lead Ok(()),
+                    planned = plan => planned,
                 };
                 match planned {
                     Ok(plan) => {
