@@ -354,31 +354,13 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
     );
     let config = Arc::new(Config::load(&env.write("ceiling.toml", &text)).unwrap());
 
-    // Hold the fleet's one slot, as a worker reading a batch would.
-    let mut holder = connect(&env.dest_url).await;
-    let held = holder.transaction().await.unwrap();
-    let namespace = ceiling::namespace(&config.broker.prefix);
-    assert!(
-        held.query_opt(ceiling::TAKE_READ_SLOT, &[&1i32, &namespace, &0i32])
-            .await
-            .unwrap()
-            .is_some()
-    );
+    let held = hold_the_only_read_slot(&env, &config).await;
     let plan = env.plan(&config);
     tokio::pin!(plan);
     // The run exists once planning has checked the stream and is about to
     // walk its keys; a second later it still waits for the slot.
     let walking = async {
-        env.eventually("the run to be created", 30, || async {
-            let runs: i64 = env
-                .dest
-                .query_one("SELECT count(*) FROM syncfleet.runs", &[])
-                .await
-                .unwrap()
-                .get(0);
-            runs == 1
-        })
-        .await;
+        wait_for_the_run(&env).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     tokio::select! {
@@ -392,7 +374,7 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
         .unwrap()
         .get(0);
     assert_eq!(recorded, 0, "batches were planned without a read slot");
-    held.rollback().await.unwrap();
+    held.batch_execute("ROLLBACK").await.unwrap();
     let plan = plan.await;
     assert_eq!(plan.batches, vec![("items".to_string(), 11)]);
 }
@@ -486,31 +468,14 @@ async fn the_producer_stops_while_its_planning_waits_for_a_read_slot() {
         "[producer]\ninterval = \"1h\"\n[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n",
     );
     let config = Arc::new(Config::load(&env.write("producer.toml", &text)).unwrap());
-    let mut holder = connect(&env.dest_url).await;
-    let held = holder.transaction().await.unwrap();
-    let namespace = ceiling::namespace(&config.broker.prefix);
-    assert!(
-        held.query_opt(ceiling::TAKE_READ_SLOT, &[&1i32, &namespace, &0i32])
-            .await
-            .unwrap()
-            .is_some()
-    );
+    let held = hold_the_only_read_slot(&env, &config).await;
     let shutdown = Shutdown::new();
     let producer = tokio::spawn(syncfleet_producer::service::run(
         config.clone(),
         Default::default(),
         shutdown.signal(),
     ));
-    env.eventually("the scheduled run to start planning", 30, || async {
-        let runs: i64 = env
-            .dest
-            .query_one("SELECT count(*) FROM syncfleet.runs", &[])
-            .await
-            .unwrap()
-            .get(0);
-        runs == 1
-    })
-    .await;
+    wait_for_the_run(&env).await;
     shutdown.trigger();
     tokio::time::timeout(Duration::from_secs(30), producer)
         .await
@@ -524,5 +489,34 @@ async fn the_producer_stops_while_its_planning_waits_for_a_read_slot() {
         .unwrap()
         .get(0);
     assert_eq!(status, "planning");
-    held.rollback().await.unwrap();
+    held.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// Takes the only read slot of `config`'s fleet (a ceiling of 1), as a
+/// worker reading a batch would, until the connection's `ROLLBACK`.
+async fn hold_the_only_read_slot(env: &TestEnv, config: &Config) -> tokio_postgres::Client {
+    let held = connect(&env.dest_url).await;
+    held.batch_execute("BEGIN").await.unwrap();
+    let namespace = ceiling::namespace(&config.broker.prefix);
+    assert!(
+        held.query_opt(ceiling::TAKE_READ_SLOT, &[&1i32, &namespace, &0i32])
+            .await
+            .unwrap()
+            .is_some()
+    );
+    held
+}
+
+/// Waits until planning has created its run (and so checked its stream).
+async fn wait_for_the_run(env: &TestEnv) {
+    env.eventually("the run to be created", 30, || async {
+        let runs: i64 = env
+            .dest
+            .query_one("SELECT count(*) FROM syncfleet.runs", &[])
+            .await
+            .unwrap()
+            .get(0);
+        runs == 1
+    })
+    .await;
 }
