@@ -219,12 +219,15 @@ impl ReadGate {
                     s.active += 1;
                     return Permit(());
                 }
-                // Wake at the time limit, on a change, or to re-check the
-                // level, whichever comes first.
-                s.not_before
-                    .saturating_duration_since(now)
-                    .max(Duration::from_millis(1))
-                    .min(Duration::from_millis(100))
+                // Wake at the time limit, on a change (a read ending, a new
+                // level), or to re-check the level, whichever comes first.
+                // Not on a short tick: on a shared host every wake-up of
+                // the fleet's threads takes a core from the app.
+                match s.not_before > now {
+                    true => s.not_before - now,
+                    false => Duration::from_millis(100),
+                }
+                .min(Duration::from_millis(100))
             };
             let _ = tokio::time::timeout(wait, notified).await;
         }
