@@ -6,8 +6,9 @@
 //!   the range's fingerprint when comparing);
 //! - destination (in a transaction): check whether the range is empty
 //!   there (for a range job of a large batch, by taking the range's
-//!   fingerprint, and if it holds rows comparing it with the source's:
-//!   equal means done, and a re-sync of unchanged rows writes nothing);
+//!   fingerprint, and if it holds rows comparing it with the source's,
+//!   taken beside it or after it, see [`crate::unchanged`]: equal means
+//!   done, and a re-sync of unchanged rows writes nothing);
 //!   then either `COPY` the source's bytes straight into the table, or
 //!   into a stage followed by one upsert (`MERGE`, or `INSERT … ON
 //!   CONFLICT` before PostgreSQL 15) and one `DELETE` of rows the source no
@@ -52,6 +53,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::error::JobError;
 use crate::throttle::ReadGate;
+use crate::unchanged::{Compare, Found};
 
 /// Quick retries of a transient error inside the worker, before the job
 /// goes back to the broker.
@@ -570,15 +572,18 @@ impl Executor {
         // Fingerprints first only where a match saves a copy: a key range
         // (a selection is an event's changed rows), large enough to pay for
         // the round trips, of a stream whose ranges have been matching.
-        let compare = self.fingerprints
+        let compare = match self.fingerprints
             && job.select.is_none()
             && stream.batch_size >= COMPARE_MIN_ROWS
-            && self.odds.compare(&stream.name);
+        {
+            true => self.odds.compare(&stream.name),
+            false => Compare::No,
+        };
         let (dest_check, (set_source, copy_out, source_fingerprint)) = tokio::try_join!(
             async {
                 let check = match compare {
-                    true => sql::fingerprint(shape, &table.to_string(), "d", &dest_range, paced),
-                    false => sql::range_is_empty(shape, table, &dest_range),
+                    Compare::No => sql::range_is_empty(shape, table, &dest_range),
+                    _ => sql::fingerprint(shape, &table.to_string(), "d", &dest_range, paced),
                 };
                 dst.prepare_cached(&check).await
             },
@@ -589,7 +594,8 @@ impl Executor {
                 };
                 let copy = sql::copy_out(shape, &source_range, paced);
                 let fingerprint = match compare {
-                    true => Some(
+                    Compare::No => None,
+                    _ => Some(
                         src.prepare_cached(&sql::fingerprint(
                             shape,
                             &shape.relation,
@@ -599,7 +605,6 @@ impl Executor {
                         ))
                         .await?,
                     ),
-                    false => None,
                 };
                 Ok((set, src.prepare_cached(&copy).await?, fingerprint))
             },
@@ -628,19 +633,43 @@ impl Executor {
             Ok(())
         };
         let (empty, rows) = match source_fingerprint {
-            // The destination's count and fingerprint, then the source's
-            // only if the destination holds rows there: an initial load
-            // spends nothing on the source.
+            // The destination's count and fingerprint, and the source's:
+            // at once, or only if the destination holds rows there, so
+            // that an initial load spends nothing on the source.
             Some(source_fingerprint) => {
-                let (dest, _) = tokio::try_join!(
-                    async { Ok::<_, JobError>(dst.query_one(&dest_check, &params).await?) },
-                    async { Ok(tokio::try_join!(biased; begin, bounds)?) },
-                )?;
+                let (dest, source) = match compare {
+                    Compare::AtOnce => {
+                        let (dest, ((), (), source)) = tokio::try_join!(
+                            async { Ok::<_, JobError>(dst.query_one(&dest_check, &params).await?) },
+                            async {
+                                let source = src.query_one(&source_fingerprint, &[]);
+                                Ok(tokio::try_join!(biased; begin, bounds, source)?)
+                            },
+                        )?;
+                        (dest, Some(source))
+                    }
+                    _ => {
+                        let (dest, _) = tokio::try_join!(
+                            async { Ok::<_, JobError>(dst.query_one(&dest_check, &params).await?) },
+                            async { Ok(tokio::try_join!(biased; begin, bounds)?) },
+                        )?;
+                        (dest, None)
+                    }
+                };
                 let dest = (dest.get::<_, i64>(0), dest.get::<_, i64>(1));
-                if dest.0 > 0 {
-                    let source = src.query_one(&source_fingerprint, &[]).await?;
+                if dest.0 == 0 {
+                    self.odds.record(&stream.name, Found::Empty);
+                } else {
+                    let source = match source {
+                        Some(source) => source,
+                        None => src.query_one(&source_fingerprint, &[]).await?,
+                    };
                     let unchanged = (source.get::<_, i64>(0), source.get::<_, i64>(1)) == dest;
-                    self.odds.record(&stream.name, unchanged);
+                    let found = match unchanged {
+                        true => Found::Unchanged,
+                        false => Found::Changed,
+                    };
+                    self.odds.record(&stream.name, found);
                     if unchanged {
                         metrics::histogram!(m::SOURCE_READ, "stream" => stream.name.clone())
                             .record(read_started.elapsed().as_secs_f64());

@@ -7,6 +7,11 @@
 //! did change, the comparison is spent for nothing, so a stream whose
 //! recent comparisons all differed compares only now and then, until one
 //! matches again.
+//!
+//! The two fingerprints are taken at once while the stream's ranges are
+//! found holding rows on the destination, so that each side's paced query
+//! runs in the time of one; otherwise the destination's comes first, and
+//! an initial load (nothing there yet) spends nothing on the source.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,33 +32,61 @@ pub struct Odds {
 struct Stream {
     misses: u32,
     skipped: u32,
+    /// The last comparison found rows on the destination.
+    held_rows: bool,
+}
+
+/// Whether and how to compare a range's fingerprints before copying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    /// Copy without comparing.
+    No,
+    /// The destination's fingerprint, then the source's if it holds rows.
+    DestinationFirst,
+    /// Both fingerprints at once.
+    AtOnce,
+}
+
+/// What a comparison found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// No rows on the destination: nothing to compare.
+    Empty,
+    Unchanged,
+    Changed,
 }
 
 impl Odds {
-    /// Whether the next range of `stream` is worth comparing first.
-    pub fn compare(&self, stream: &str) -> bool {
+    /// Whether and how the next range of `stream` is compared first.
+    pub fn compare(&self, stream: &str) -> Compare {
         let mut streams = self.streams.lock().expect("odds");
         let Some(s) = streams.get_mut(stream) else {
-            return true;
+            return Compare::DestinationFirst;
+        };
+        let how = match s.held_rows {
+            true => Compare::AtOnce,
+            false => Compare::DestinationFirst,
         };
         if s.misses < MISSES_TO_BACK_OFF {
-            return true;
+            return how;
         }
         s.skipped += 1;
         if s.skipped < COMPARE_ONE_IN {
-            return false;
+            return Compare::No;
         }
         s.skipped = 0;
-        true
+        how
     }
 
     /// Records what a comparison found.
-    pub fn record(&self, stream: &str, unchanged: bool) {
+    pub fn record(&self, stream: &str, found: Found) {
         let mut streams = self.streams.lock().expect("odds");
         let s = streams.entry(stream.to_string()).or_default();
-        s.misses = match unchanged {
-            true => 0,
-            false => s.misses.saturating_add(1),
+        s.held_rows = found != Found::Empty;
+        s.misses = match found {
+            Found::Empty => s.misses,
+            Found::Unchanged => 0,
+            Found::Changed => s.misses.saturating_add(1),
         };
     }
 }
@@ -68,9 +101,9 @@ mod tests {
         let compared = |n: usize| {
             (0..n)
                 .filter(|_| {
-                    let c = odds.compare("s");
+                    let c = odds.compare("s") != Compare::No;
                     if c {
-                        odds.record("s", false);
+                        odds.record("s", Found::Changed);
                     }
                     c
                 })
@@ -80,18 +113,36 @@ mod tests {
         assert_eq!(compared(3), 3);
         assert_eq!(compared(80), 10);
         // Another stream is not affected.
-        assert!(odds.compare("t"));
+        assert_ne!(odds.compare("t"), Compare::No);
     }
 
     #[test]
     fn one_match_brings_back_comparing_every_range() {
         let odds = Odds::default();
         for _ in 0..5 {
-            odds.record("s", false);
+            odds.record("s", Found::Changed);
         }
-        let until_compared = (1..=COMPARE_ONE_IN).find(|_| odds.compare("s"));
+        let until_compared = (1..=COMPARE_ONE_IN).find(|_| odds.compare("s") != Compare::No);
         assert_eq!(until_compared, Some(COMPARE_ONE_IN));
-        odds.record("s", true);
-        assert!((0..10).all(|_| odds.compare("s")));
+        odds.record("s", Found::Unchanged);
+        assert!((0..10).all(|_| odds.compare("s") == Compare::AtOnce));
+    }
+
+    #[test]
+    fn both_sides_compare_at_once_only_while_the_destination_holds_rows() {
+        let odds = Odds::default();
+        // Not known yet, and an initial load: the destination first.
+        assert_eq!(odds.compare("s"), Compare::DestinationFirst);
+        odds.record("s", Found::Empty);
+        assert_eq!(odds.compare("s"), Compare::DestinationFirst);
+        odds.record("s", Found::Changed);
+        assert_eq!(odds.compare("s"), Compare::AtOnce);
+        odds.record("s", Found::Unchanged);
+        assert_eq!(odds.compare("s"), Compare::AtOnce);
+        // A range the destination has no rows in does not count as a miss.
+        for _ in 0..5 {
+            odds.record("s", Found::Empty);
+        }
+        assert_eq!(odds.compare("s"), Compare::DestinationFirst);
     }
 }
