@@ -637,25 +637,16 @@ impl Executor {
             // at once, or only if the destination holds rows there, so
             // that an initial load spends nothing on the source.
             Some(source_fingerprint) => {
-                let (dest, source) = match compare {
-                    Compare::AtOnce => {
-                        let (dest, ((), (), source)) = tokio::try_join!(
-                            async { Ok::<_, JobError>(dst.query_one(&dest_check, &params).await?) },
-                            async {
-                                let source = src.query_one(&source_fingerprint, &[]);
-                                Ok(tokio::try_join!(biased; begin, bounds, source)?)
-                            },
-                        )?;
-                        (dest, Some(source))
-                    }
-                    _ => {
-                        let (dest, _) = tokio::try_join!(
-                            async { Ok::<_, JobError>(dst.query_one(&dest_check, &params).await?) },
-                            async { Ok(tokio::try_join!(biased; begin, bounds)?) },
-                        )?;
-                        (dest, None)
+                let source = async {
+                    match compare {
+                        Compare::AtOnce => src.query_one(&source_fingerprint, &[]).await.map(Some),
+                        _ => Ok(None),
                     }
                 };
+                let (dest, ((), (), source)) = tokio::try_join!(
+                    async { Ok::<_, JobError>(dst.query_one(&dest_check, &params).await?) },
+                    async { Ok(tokio::try_join!(biased; begin, bounds, source)?) },
+                )?;
                 let dest = (dest.get::<_, i64>(0), dest.get::<_, i64>(1));
                 if dest.0 == 0 {
                     self.odds.record(&stream.name, Found::Empty);
