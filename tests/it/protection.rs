@@ -453,8 +453,9 @@ async fn a_starting_worker_begins_at_the_fleets_throttle_level() {
 }
 
 /// The producer service stops when told to, even while its planning waits
-/// for a read slot (as long as `statement_timeout`): the run is left as a
-/// killed pod would leave it, for `sync --resume`.
+/// for a read slot (as long as `statement_timeout`), and fails the run it
+/// was planning, for `sync --resume`: the next leader need not wait for it
+/// to count as abandoned before its stream runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_stops_while_its_planning_waits_for_a_read_slot() {
     let env = TestEnv::new().await;
@@ -482,13 +483,22 @@ async fn the_producer_stops_while_its_planning_waits_for_a_read_slot() {
         .expect("the producer stopped while planning waited for a slot")
         .unwrap()
         .unwrap();
-    let status: String = env
+    let run = env
         .dest
-        .query_one("SELECT status FROM syncfleet.runs", &[])
+        .query_one("SELECT id, status, error FROM syncfleet.runs", &[])
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(status, "planning");
+        .unwrap();
+    let (id, status, error): (i64, String, Option<String>) = (run.get(0), run.get(1), run.get(2));
+    assert_eq!(status, "failed");
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains(&format!("sync --resume {id}")),
+        "the error says how to resume: {error}"
+    );
+    let busy = syncfleet_db::control::stream_busy(&env.dest, "items", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(!busy, "the stream waits for the stopped run");
     held.batch_execute("ROLLBACK").await.unwrap();
 }
 

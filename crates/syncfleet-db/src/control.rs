@@ -560,6 +560,39 @@ pub async fn set_scan_end(
     Ok(())
 }
 
+/// The newest run's id (0 before any): runs started later have higher ids.
+pub async fn last_run_id(client: &impl GenericClient) -> Result<i64, DbError> {
+    Ok(client
+        .query_one("SELECT coalesce(max(id), 0)::int8 FROM syncfleet.runs", &[])
+        .await?
+        .get(0))
+}
+
+/// Fails the runs of `stream` newer than `after` that are still planning,
+/// saying `why` and how to resume them: a planner stopped on purpose, so
+/// that the next leader's tick need not wait for them to count as
+/// abandoned. Returns their ids.
+pub async fn fail_planning_runs(
+    client: &impl GenericClient,
+    stream: &str,
+    after: i64,
+    why: &str,
+) -> Result<Vec<i64>, DbError> {
+    Ok(client
+        .query(
+            "UPDATE syncfleet.runs r SET status = 'failed', finished_at = now(), \
+               error = format('%s; resume it with syncfleet sync --resume %s', $3::text, r.id) \
+             FROM syncfleet.run_streams rs \
+             WHERE rs.run_id = r.id AND rs.stream = $1 AND r.id > $2 AND r.status = 'planning' \
+             RETURNING r.id",
+            &[&stream, &after, &why],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Whether a stream has a run that is still planning or running and has
 /// made progress within `stale_after`. Runs that have not are failed here
 /// ("abandoned"): a producer that died mid-plan, or a batch the broker

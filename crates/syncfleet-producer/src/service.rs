@@ -187,6 +187,11 @@ async fn lead(
                 counters.ticks_skipped.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(stream = %stream.name, "previous run still going; tick skipped");
             } else {
+                // The runs this tick starts are newer than this one.
+                let before = match destination.get().await {
+                    Ok(c) => control::last_run_id(&**c).await.ok(),
+                    Err(_) => None,
+                };
                 let ceiling = Ceiling::new(config);
                 let plan = async {
                     match full {
@@ -200,13 +205,17 @@ async fn lead(
                     }
                 };
                 // Planning a large table, or waiting for a read slot, takes
-                // a while: shutdown stops it where it is, as a killed pod
-                // would. Its run stays planning until it counts as abandoned
-                // (a whole `broker.consumer_timeout` without progress), and
-                // `sync --resume` publishes the rest.
+                // a while: shutdown stops it where it is, and fails its run
+                // for `sync --resume` to publish the rest.
                 let planned = tokio::select! {
-                    _ = shutdown.wait() => break 'lead Ok(()),
-                    planned = plan => planned,
+                    _ = shutdown.wait() => None,
+                    planned = plan => Some(planned),
+                };
+                let Some(planned) = planned else {
+                    if let Some(before) = before {
+                        fail_interrupted(destination, &stream.name, before).await;
+                    }
+                    break 'lead Ok(());
                 };
                 match planned {
                     Ok(plan) => {
@@ -233,6 +242,37 @@ async fn lead(
         let _ = c.close(200, "".into()).await;
     }
     result
+}
+
+/// Fails the run a stopping leader was planning, so that the next leader's
+/// first tick plans afresh instead of skipping the stream until the run
+/// counts as abandoned (a whole `broker.consumer_timeout`). Best effort and
+/// bounded: a run left planning is still abandoned in time, as a killed
+/// pod's is.
+async fn fail_interrupted(destination: &Pool, stream: &str, before: i64) {
+    let fail = async {
+        let client = destination.get().await?;
+        control::fail_planning_runs(
+            &**client,
+            stream,
+            before,
+            "planning stopped: the producer shut down",
+        )
+        .await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), fail).await {
+        Ok(Ok(runs)) => {
+            for run_id in runs {
+                tracing::warn!(
+                    run_id,
+                    stream,
+                    "planning stopped at shutdown; the run is failed, resume it with sync --resume"
+                );
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(stream, error = %e, "could not fail the run being planned"),
+        Err(_) => tracing::warn!(stream, "timed out failing the run being planned"),
+    }
 }
 
 /// Run progress of each stream's latest run, and watermark ages.
