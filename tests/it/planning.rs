@@ -3,6 +3,8 @@
 
 use serde_json::Value;
 
+use syncfleet_db::sql::Pace;
+
 use crate::helpers::TestEnv;
 
 /// The run's batches as (lower, upper) JSON, in batch order.
@@ -139,12 +141,16 @@ async fn composite_and_uuid_keys_sync_exactly() {
 
 /// Every `every`-th key of a stream after `after`, as the planner finds
 /// them, and whether it walked the key's index to find them.
+/// The boundaries a scan of `stream` finds, and whether it walked the
+/// key's index. Paced (as at the throttle's lowest levels), it must have
+/// paused at least once.
 async fn boundaries(
     env: &TestEnv,
     config: &syncfleet_core::config::Config,
     stream: &str,
     every: u32,
     after: Option<&Vec<String>>,
+    pace: Option<Pace>,
 ) -> (bool, Vec<Vec<String>>) {
     let mut client = crate::helpers::connect(&env.source_url).await;
     let tx = client
@@ -156,13 +162,25 @@ async fn boundaries(
     let shape = syncfleet_db::shape::StreamShape::describe(&tx, config.stream(stream).unwrap())
         .await
         .unwrap();
-    let mut scan = syncfleet_db::scan::KeyScan::start(&tx, &shape, every, after)
+    let mut scan = syncfleet_db::scan::KeyScan::start(&tx, &shape, every, after, pace)
         .await
         .unwrap();
     let mut all = Vec::new();
     while let Some(chunk) = scan.next_chunk().await.unwrap() {
         all.extend(chunk);
     }
+    // The pacing notes when it last woke from a pause.
+    let woke: Option<String> = tx
+        .query_one("SELECT current_setting('syncfleet.pace_wake', true)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let paused = woke.is_some_and(|w| !w.is_empty());
+    assert_eq!(
+        paused,
+        pace.is_some(),
+        "{stream}: paused {paused}, paced {pace:?}"
+    );
     (scan.walks(), all)
 }
 
@@ -171,7 +189,7 @@ async fn walking_the_key_index_finds_the_keys_numbering_finds() {
     // A table is walked along its key's index; the same rows read through a
     // query, or a table whose only index on the key runs the other way, are
     // numbered in key order. All must find the same boundaries, from the
-    // start and after a key, in the source's collation.
+    // start and after a key, in the source's collation, paced or not.
     let env = TestEnv::new().await;
     env.source
         .batch_execute(
@@ -192,6 +210,8 @@ async fn walking_the_key_index_finds_the_keys_numbering_finds() {
          [[stream]]\nname = \"downward\"\ntable = \"downward\"\n{key}"
     ));
     let after = vec!["a".to_string(), "1000".to_string()];
+    // Working a hundredth of the time: a pause every ~10 µs of work.
+    let paced = Some(Pace::at(0.01, Pace::PERIOD));
     for (every, after) in [
         (64, None),
         (70, None),
@@ -199,7 +219,7 @@ async fn walking_the_key_index_finds_the_keys_numbering_finds() {
         (1000, None),
         (5000, None),
     ] {
-        let (walks, walked) = boundaries(&env, &config, "walked", every, after).await;
+        let (walks, walked) = boundaries(&env, &config, "walked", every, after, None).await;
         assert!(walks, "the primary key's index is walked");
         if after.is_none() {
             assert_eq!(walked.len(), 2500 / every as usize, "every {every}");
@@ -207,13 +227,21 @@ async fn walking_the_key_index_finds_the_keys_numbering_finds() {
             assert!(!walked.is_empty() && walked.len() < 2500 / every as usize);
         }
         if every == 64 {
-            let (walks, _) = boundaries(&env, &config, "walked", 63, after).await;
+            let (walks, _) = boundaries(&env, &config, "walked", 63, after, None).await;
             assert!(!walks, "a few rows per boundary are numbered");
         }
         for other in ["numbered", "downward"] {
-            let (walks, numbered) = boundaries(&env, &config, other, every, after).await;
+            let (walks, numbered) = boundaries(&env, &config, other, every, after, None).await;
             assert!(!walks, "{other} is numbered");
             assert_eq!(numbered, walked, "{other}, every {every}, after {after:?}");
+        }
+        // Paced, as the planner walks while the fleet is throttled.
+        for other in ["walked", "numbered"] {
+            let (_, found) = boundaries(&env, &config, other, every, after, paced).await;
+            assert_eq!(
+                found, walked,
+                "{other} paced, every {every}, after {after:?}"
+            );
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use syncfleet_core::Config;
 use syncfleet_core::shutdown::Shutdown;
+use syncfleet_db::sql::Pace;
 use syncfleet_db::{Pool, Role, ceiling};
 use syncfleet_worker::throttle::{ReadGate, run_probe};
 
@@ -379,6 +380,67 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
     assert_eq!(plan.batches, vec![("items".to_string(), 11)]);
 }
 
+/// While the throttle holds the fleet below level one, the planner walks
+/// the keys at the pace the fleet's workers last reported; a level
+/// reported long ago, or a fleet without a throttle, leaves it unpaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planning_walks_at_the_fleets_throttle_level() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 300000) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let streams = "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10000\n";
+    let load = |name: &str, source: &str| {
+        let text = env.config_text_with(source, streams);
+        Config::load(&env.write(name, &text)).unwrap()
+    };
+    let config = load("level.toml", "[source.throttle]\nprobe = \"SELECT 1\"\n");
+    let unthrottled = load("plain.toml", "");
+    let destination = Pool::connect(Role::Destination, &config.destination)
+        .await
+        .unwrap();
+    let pace = |config: &Config| {
+        let ceiling = ceiling::Ceiling::new(config);
+        let destination = destination.clone();
+        async move { ceiling.pace(&destination).await }
+    };
+    let fleet = &config.broker.prefix;
+
+    assert_eq!(pace(&config).await, None, "no level reported");
+    report_level(&env, fleet, 0.05, 3600.0).await;
+    assert_eq!(pace(&config).await, None, "a stale level");
+    report_level(&env, fleet, 1.5, 0.0).await;
+    assert_eq!(pace(&config).await, None, "from level one up");
+    report_level(&env, fleet, 0.05, 0.0).await;
+    assert_eq!(pace(&unthrottled).await, None, "without a throttle");
+    assert_eq!(pace(&config).await, Pace::below_one(0.05));
+
+    // At 0.05 the walk works a twentieth of the time: mostly asleep.
+    let sleeping = async {
+        env.eventually("the planner's walk to pause", 30, || async {
+            let pausing: i64 = env
+                .source
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event = 'PgSleep' AND query LIKE '%syncfleet_walk%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            pausing == 1
+        })
+        .await;
+    };
+    let (plan, ()) = tokio::join!(env.plan(&config), sleeping);
+    assert_eq!(plan.batches, vec![("items".to_string(), 31)]);
+}
+
 /// A worker that starts while its fleet is throttled begins at the level
 /// the fleet last reported, not at the ceiling where it would read unpaced
 /// until its own probes caught up; a level reported long ago is ignored.
@@ -500,6 +562,20 @@ async fn the_producer_stops_while_its_planning_waits_for_a_read_slot() {
         .unwrap();
     assert!(!busy, "the stream waits for the stopped run");
     held.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// Records `level` as the throttle level the `fleet` reported
+/// `age_seconds` ago.
+async fn report_level(env: &TestEnv, fleet: &str, level: f64, age_seconds: f64) {
+    env.dest
+        .execute(
+            "INSERT INTO syncfleet.fleet_reads (fleet, level, level_at) \
+             VALUES ($1, $2, now() - make_interval(secs => $3)) ON CONFLICT (fleet) \
+             DO UPDATE SET level = excluded.level, level_at = excluded.level_at",
+            &[&fleet, &level, &age_seconds],
+        )
+        .await
+        .unwrap();
 }
 
 /// Takes the only read slot of `config`'s fleet (a ceiling of 1), as a

@@ -372,10 +372,6 @@ batch_size = {batch}
         log: dir.join("workers.log"),
         workers: Vec::new(),
     };
-    for _ in 0..options.workers {
-        let w = fleet.spawn_worker()?;
-        fleet.workers.push(w);
-    }
     let outcome = chaos(
         options, &broker, &mut fleet, admin, &config, &dst_url, src_db, dst_db,
     )
@@ -479,7 +475,10 @@ async fn row_hashes(client: &Client, table: &str) -> Result<Vec<String>, ChaosEr
         .collect())
 }
 
-/// Plans the run, then applies the chaos schedule until it finishes.
+/// Plans the run, starts the workers, then applies the chaos schedule
+/// until the run finishes. The workers start after planning: the planner
+/// publishes a chunk of batches at a time, and a fleet already running
+/// could finish a small run before the schedule's first event.
 #[allow(clippy::too_many_arguments)]
 async fn chaos(
     options: &Options,
@@ -502,6 +501,10 @@ async fn chaos(
         .trim()
         .parse()
         .map_err(|_| ChaosError("sync printed no run id".into()))?;
+    for _ in 0..options.workers {
+        let w = fleet.spawn_worker()?;
+        fleet.workers.push(w);
+    }
     let started = Instant::now();
     let mut report = Report {
         rows: options.rows,

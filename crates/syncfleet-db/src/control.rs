@@ -796,6 +796,11 @@ pub async fn charge_read(
     Ok(std::time::Duration::from_secs_f64(wait.max(0.0)))
 }
 
+/// How old a reported throttle level may be for a starting worker to
+/// begin there, or the planner to pace its reads by it. Workers report
+/// theirs about once a second.
+pub const FLEET_LEVEL_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The throttle level a worker of the fleet reported within `fresh`.
 pub async fn fleet_level(
     client: &impl GenericClient,

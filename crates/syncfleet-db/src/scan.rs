@@ -6,7 +6,9 @@
 //! A table whose key has a suitable index is walked along it
 //! (`walk`); anything else is numbered in key order (`window`). Either
 //! way a batch is a key range, and executing it reads the range through
-//! the key's index.
+//! the key's index. A scan can be [paced](crate::sql::Pace) as the
+//! workers' reads are, so that planning a large table does not undo the
+//! throttle.
 
 use syncfleet_core::ident;
 use syncfleet_core::job::{Key, KeyRange};
@@ -14,11 +16,17 @@ use tokio_postgres::{Portal, Transaction};
 
 use crate::error::DbError;
 use crate::shape::{ShapeError, StreamShape};
-use crate::sql::{Binding, RangePredicate};
+use crate::sql::{Binding, Pace, RangePredicate, SET_SETTINGS, pace_filter};
 use tokio_postgres::types::ToSql;
 
-/// Boundaries read per round trip.
+/// Boundaries read per round trip, at most.
 pub const CHUNK: i32 = 1000;
+/// Boundaries read by the first round trip; each next one reads twice as
+/// many, up to [`CHUNK`]. The planner publishes each chunk's batches before
+/// it reads the next, so small first chunks put workers to work early: a
+/// chunk of 1,000 boundaries of 10,000 rows is a walk over 10,000,000 rows,
+/// and far longer than that at the throttle's lowest levels.
+const FIRST_CHUNK: i32 = 16;
 
 /// Below this many rows per boundary, numbering rows is cheaper than
 /// walking the index: each step of the walk pays an index descent
@@ -34,18 +42,21 @@ pub struct KeyScan<'t> {
     key_names: Vec<String>,
     finished: bool,
     walks: bool,
+    /// Boundaries the next round trip reads.
+    chunk: i32,
 }
 
 impl<'t> KeyScan<'t> {
     /// Starts a scan yielding the key of every `every`-th row, counting
-    /// from the first key after `after` (from the start when `None`). Run
-    /// it in a REPEATABLE READ transaction so the boundaries come from one
-    /// snapshot.
+    /// from the first key after `after` (from the start when `None`),
+    /// working at `pace` for the whole scan. Run it in a REPEATABLE READ
+    /// transaction so the boundaries come from one snapshot.
     pub async fn start(
         tx: &'t Transaction<'t>,
         shape: &StreamShape,
         every: u32,
         after: Option<&Key>,
+        pace: Option<Pace>,
     ) -> Result<KeyScan<'t>, ShapeError> {
         let db = |e: tokio_postgres::Error| ShapeError::Db {
             stream: shape.stream.clone(),
@@ -64,9 +75,10 @@ impl<'t> KeyScan<'t> {
                 .await
                 .map_err(db)?
                 .get::<_, bool>(0);
+        let filter = apply_pace(tx, pace).await.map_err(db)?;
         let sql = match walkable {
-            true => walk(shape, &start),
-            false => window(shape, &start),
+            true => walk(shape, &start, &filter),
+            false => window(shape, &start, &filter),
         };
         let every = i64::from(every);
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&every];
@@ -79,6 +91,7 @@ impl<'t> KeyScan<'t> {
             key_names: keys.iter().map(|k| k.to_string()).collect(),
             finished: false,
             walks: walkable,
+            chunk: FIRST_CHUNK,
         })
     }
 
@@ -99,15 +112,16 @@ impl<'t> KeyScan<'t> {
         }
         let rows = self
             .tx
-            .query_portal(&self.portal, CHUNK)
+            .query_portal(&self.portal, self.chunk)
             .await
             .map_err(|e| ShapeError::Db {
                 stream: self.stream.clone(),
                 source: DbError::from(e),
             })?;
-        if rows.len() < CHUNK as usize {
+        if rows.len() < self.chunk as usize {
             self.finished = true;
         }
+        self.chunk = (self.chunk * 2).min(CHUNK);
         let mut keys = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut key = Vec::with_capacity(self.key_names.len());
@@ -128,6 +142,20 @@ impl<'t> KeyScan<'t> {
         }
         Ok(Some(keys))
     }
+}
+
+/// Sets `pace` in the transaction and returns the filter (` AND …`) that
+/// paces a statement of it by that, or nothing without a pace.
+pub async fn apply_pace(
+    tx: &Transaction<'_>,
+    pace: Option<Pace>,
+) -> Result<String, tokio_postgres::Error> {
+    let Some(pace) = pace else {
+        return Ok(String::new());
+    };
+    let (names, values): (Vec<String>, Vec<String>) = pace.settings().into_iter().unzip();
+    tx.execute(SET_SETTINGS, &[&names, &values]).await?;
+    Ok(format!(" AND {}", pace_filter()))
 }
 
 /// Whether table `$1` has a btree index that walks key `$2` (column
@@ -152,15 +180,16 @@ const WALKABLE: &str = "SELECT EXISTS (SELECT FROM pg_index i \
 /// than numbering every row (a 1,000,000-row table, every 10,000th key:
 /// 96 ms against 505 ms). The recursion yields its rows in the order it
 /// finds them (breadth first, one row per step), which is key order.
-fn walk(shape: &StreamShape, start: &RangePredicate) -> String {
+/// `filter` (the pacing) is checked on every index entry a step reads.
+fn walk(shape: &StreamShape, start: &RangePredicate, filter: &str) -> String {
     let keys = shape.key_names();
     let q = ident::list(&keys, Some("q"));
     format!(
         "WITH RECURSIVE syncfleet_walk AS (\
-           (SELECT {q} FROM {rel} AS q WHERE {start} ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) \
+           (SELECT {q} FROM {rel} AS q WHERE {start}{filter} ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) \
            UNION ALL \
            SELECT n.* FROM syncfleet_walk AS b CROSS JOIN LATERAL \
-             (SELECT {q} FROM {rel} AS q WHERE ({q}) > ({b}) ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) AS n) \
+             (SELECT {q} FROM {rel} AS q WHERE ({q}) > ({b}){filter} ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) AS n) \
          SELECT {out} FROM syncfleet_walk AS b",
         rel = shape.relation,
         start = start.sql,
@@ -174,7 +203,7 @@ fn walk(shape: &StreamShape, start: &RangePredicate) -> String {
 /// under [`WALK_MIN_EVERY`] rows apart. Rows with a
 /// NULL key could never be addressed by a key range, so they are returned
 /// too and rejected by [`KeyScan::next_chunk`] rather than skipped.
-fn window(shape: &StreamShape, start: &RangePredicate) -> String {
+fn window(shape: &StreamShape, start: &RangePredicate, filter: &str) -> String {
     let keys = shape.key_names();
     let any_null: Vec<String> = keys
         .iter()
@@ -182,7 +211,7 @@ fn window(shape: &StreamShape, start: &RangePredicate) -> String {
         .collect();
     format!(
         "SELECT {} FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS syncfleet_rn \
-         FROM {} AS q WHERE {}) AS s WHERE s.syncfleet_rn % $1 = 0 OR {} ORDER BY s.syncfleet_rn",
+         FROM {} AS q WHERE {}{filter}) AS s WHERE s.syncfleet_rn % $1 = 0 OR {} ORDER BY s.syncfleet_rn",
         as_text(&keys, "s"),
         ident::list(&keys, Some("q")),
         ident::list(&keys, Some("q")),

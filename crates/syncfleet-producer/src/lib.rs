@@ -199,7 +199,8 @@ async fn plan_stream(
 }
 
 /// Plans one stream after batch `count`, whose upper key was `after`.
-/// Each read of the walk holds a slot of the fleet's `ceiling`.
+/// Each read of the walk holds a slot of the fleet's `ceiling`, and the
+/// walk works at the pace of the fleet's reads.
 #[allow(clippy::too_many_arguments)]
 async fn plan_stream_from(
     source: &Pool,
@@ -212,10 +213,11 @@ async fn plan_stream_from(
     after: Option<Key>,
 ) -> Result<i64, PlanError> {
     let name = &stream.config.name;
+    let pace = ceiling.pace(destination).await;
     let mut src = source.get().await?;
     let tx = syncfleet_db::pool::read_snapshot(&mut src).await?;
-    let mut scan =
-        KeyScan::start(&tx, &stream.shape, stream.config.batch_size, after.as_ref()).await?;
+    let every = stream.config.batch_size;
+    let mut scan = KeyScan::start(&tx, &stream.shape, every, after.as_ref(), pace).await?;
     let mut ranges = Ranges::after(after);
     let mut numbered = |range: KeyRange| {
         count += 1;
@@ -515,14 +517,16 @@ async fn plan_incremental(
         .iter()
         .map(|k| format!("q.{}::text", ident::quote(k)))
         .collect();
+    let pace = ceiling.pace(destination).await;
+    let mut src = source.get().await?;
+    let tx = syncfleet_db::pool::read_snapshot(&mut src).await?;
+    let filter = syncfleet_db::scan::apply_pace(&tx, pace).await?;
     let sql = format!(
-        "SELECT {c}::text, {} FROM {} AS q WHERE {lower} AND {c} IS NOT NULL ORDER BY {c}, {}",
+        "SELECT {c}::text, {} FROM {} AS q WHERE {lower} AND {c} IS NOT NULL{filter} ORDER BY {c}, {}",
         key_text.join(", "),
         shape.relation,
         ident::list(&keys, Some("q")),
     );
-    let mut src = source.get().await?;
-    let tx = syncfleet_db::pool::read_snapshot(&mut src).await?;
     let bound: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
         .iter()
         .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))

@@ -49,19 +49,10 @@ pub const MIN_LEVEL: f64 = 0.2;
 /// loaded two-core server shows its stress as rare latency spikes, not as
 /// a slower median, so one spike must weigh more than many calm probes.
 const INCREASE_PER_SECOND: f64 = 0.05;
-/// The pacing cycle below level one: as short as `pg_sleep`'s whole
-/// milliseconds allow, so that a burst is short. An app query that finds
-/// the cores busy waits out a burst: in the bench, at the floor, the app's
-/// p99 was 3.3–3.9 ms with 5 ms cycles and 3.1–3.5 ms with 2.5 ms (four
-/// runs each), 2.8–3.0 ms with 1.25 ms in three runs of four (the fourth
-/// 4.3), and the sync moved as many rows or more.
-const PACE_PERIOD: Duration = Duration::from_micros(1250);
 /// Probes kept for the baseline (the minimum of the window).
 const BASELINE_WINDOW: usize = 240;
-/// How often a worker reports its level to the fleet, and how old a
-/// reported level may be for a starting worker to begin there.
+/// How often a worker reports its level to the fleet.
 const FLEET_LEVEL_EVERY: Duration = Duration::from_secs(1);
-const FLEET_LEVEL_FRESH: Duration = Duration::from_secs(10);
 
 /// The AIMD controller, fed probe latencies.
 #[derive(Debug, Clone)]
@@ -205,8 +196,7 @@ impl ReadGate {
 
     /// How a read starting now is paced: not at all from level one up.
     pub fn pace(&self) -> Option<syncfleet_db::sql::Pace> {
-        let level = self.level();
-        (level < 1.0).then(|| syncfleet_db::sql::Pace::at(level, PACE_PERIOD))
+        syncfleet_db::sql::Pace::below_one(self.level())
     }
 
     /// Waits until a read may start.
@@ -263,9 +253,13 @@ pub async fn run_probe(
 ) {
     let fleet_level = async {
         let client = destination.get().await.ok()?;
-        syncfleet_db::control::fleet_level(&**client, &fleet, FLEET_LEVEL_FRESH)
-            .await
-            .ok()?
+        syncfleet_db::control::fleet_level(
+            &**client,
+            &fleet,
+            syncfleet_db::control::FLEET_LEVEL_FRESH,
+        )
+        .await
+        .ok()?
     };
     if let Ok(Some(level)) = tokio::time::timeout(Duration::from_secs(5), fleet_level).await {
         gate.resume(level);

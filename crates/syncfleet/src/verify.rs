@@ -100,7 +100,7 @@ pub async fn compare(
         differences: Vec::new(),
     };
     let destination_relation = stream.destination_table.to_string();
-    let mut scan = KeyScan::start(&tx, &shape, range_rows, None).await?;
+    let mut scan = KeyScan::start(&tx, &shape, range_rows, None, None).await?;
     let mut ranges = Ranges::default();
     let mut pending = Vec::new();
     loop {
