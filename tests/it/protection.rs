@@ -381,8 +381,9 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
 }
 
 /// While the throttle holds the fleet below level one, the planner walks
-/// the keys at the pace the fleet's workers last reported; a level
-/// reported long ago, or a fleet without a throttle, leaves it unpaced.
+/// the keys (or, for an incremental run, reads them in cursor order) at the
+/// pace the fleet's workers last reported; a level reported long ago, or a
+/// fleet without a throttle, leaves it unpaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planning_walks_at_the_fleets_throttle_level() {
     let env = TestEnv::new().await;
@@ -394,7 +395,8 @@ async fn planning_walks_at_the_fleets_throttle_level() {
         .await
         .unwrap();
     env.migrate().await;
-    let streams = "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10000\n";
+    let streams =
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10000\ncursor = \"id\"\n";
     let load = |name: &str, source: &str| {
         let text = env.config_text_with(source, streams);
         Config::load(&env.write(name, &text)).unwrap()
@@ -420,25 +422,47 @@ async fn planning_walks_at_the_fleets_throttle_level() {
     assert_eq!(pace(&unthrottled).await, None, "without a throttle");
     assert_eq!(pace(&config).await, Pace::below_one(0.05));
 
-    // At 0.05 the walk works a twentieth of the time: mostly asleep.
-    let sleeping = async {
-        env.eventually("the planner's walk to pause", 30, || async {
-            let pausing: i64 = env
-                .source
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE wait_event = 'PgSleep' AND query LIKE '%syncfleet_walk%'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            pausing == 1
-        })
-        .await;
+    // At 0.05 the planner's reads work a twentieth of the time: mostly
+    // asleep.
+    let sleeping = |what: &'static str, query: &'static str| {
+        let env = &env;
+        async move {
+            env.eventually(what, 30, || async {
+                let pausing: i64 = env
+                    .source
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE wait_event = 'PgSleep' AND query LIKE $1",
+                        &[&query],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                pausing == 1
+            })
+            .await;
+        }
     };
-    let (plan, ()) = tokio::join!(env.plan(&config), sleeping);
+    let walk = sleeping("the planner's walk to pause", "%syncfleet_walk%");
+    let (plan, ()) = tokio::join!(env.plan(&config), walk);
     assert_eq!(plan.batches, vec![("items".to_string(), 31)]);
+
+    let publisher = syncfleet_broker::Publisher::connect(&config.broker, "test")
+        .await
+        .unwrap();
+    let source = Pool::connect(Role::Source, &config.source).await.unwrap();
+    let ceiling = ceiling::Ceiling::new(&config);
+    let incremental = syncfleet_producer::start_incremental_run(
+        &source,
+        &destination,
+        &publisher,
+        &ceiling,
+        &config.streams[0],
+    );
+    let scan = sleeping("the incremental scan to pause", "%ORDER BY q.\"id\"%");
+    let (plan, ()) = tokio::join!(incremental, scan);
+    assert_eq!(plan.unwrap().batches, vec![("items".to_string(), 30)]);
+    publisher.close().await;
 }
 
 /// A worker that starts while its fleet is throttled begins at the level
