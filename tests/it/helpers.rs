@@ -168,6 +168,28 @@ impl TestEnv {
         plan
     }
 
+    /// Plans and publishes an incremental run of `config`'s first stream
+    /// (no workers).
+    pub async fn plan_incremental(&self, config: &Config) -> RunPlan {
+        let source = Pool::connect(Role::Source, &config.source).await.unwrap();
+        let dest = Pool::connect(Role::Destination, &config.destination)
+            .await
+            .unwrap();
+        let publisher = Publisher::connect(&config.broker, "test").await.unwrap();
+        let ceiling = syncfleet_db::ceiling::Ceiling::new(config);
+        let plan = syncfleet_producer::start_incremental_run(
+            &source,
+            &dest,
+            &publisher,
+            &ceiling,
+            &config.streams[0],
+        )
+        .await
+        .unwrap();
+        publisher.close().await;
+        plan
+    }
+
     /// A run's jobs of one stream exactly as published, rebuilt from the
     /// control schema.
     pub async fn jobs(&self, run_id: i64, stream: &str) -> Vec<Job> {

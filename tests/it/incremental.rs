@@ -34,26 +34,7 @@ async fn selected(env: &TestEnv, run_id: i64) -> Vec<String> {
 }
 
 async fn incremental(env: &TestEnv, config: &Arc<Config>) -> i64 {
-    let source = syncfleet_db::Pool::connect(syncfleet_db::Role::Source, &config.source)
-        .await
-        .unwrap();
-    let dest = syncfleet_db::Pool::connect(syncfleet_db::Role::Destination, &config.destination)
-        .await
-        .unwrap();
-    let publisher = syncfleet_broker::Publisher::connect(&config.broker, "test")
-        .await
-        .unwrap();
-    let ceiling = syncfleet_db::ceiling::Ceiling::new(config);
-    let plan = syncfleet_producer::start_incremental_run(
-        &source,
-        &dest,
-        &publisher,
-        &ceiling,
-        &config.streams[0],
-    )
-    .await
-    .unwrap();
-    publisher.close().await;
+    let plan = env.plan_incremental(config).await;
     env.wait(plan.run_id).await;
     plan.run_id
 }

@@ -447,22 +447,9 @@ async fn planning_walks_at_the_fleets_throttle_level() {
     let (plan, ()) = tokio::join!(env.plan(&config), walk);
     assert_eq!(plan.batches, vec![("items".to_string(), 31)]);
 
-    let publisher = syncfleet_broker::Publisher::connect(&config.broker, "test")
-        .await
-        .unwrap();
-    let source = Pool::connect(Role::Source, &config.source).await.unwrap();
-    let ceiling = ceiling::Ceiling::new(&config);
-    let incremental = syncfleet_producer::start_incremental_run(
-        &source,
-        &destination,
-        &publisher,
-        &ceiling,
-        &config.streams[0],
-    );
     let scan = sleeping("the incremental scan to pause", "%ORDER BY q.\"id\"%");
-    let (plan, ()) = tokio::join!(incremental, scan);
-    assert_eq!(plan.unwrap().batches, vec![("items".to_string(), 30)]);
-    publisher.close().await;
+    let (plan, ()) = tokio::join!(env.plan_incremental(&config), scan);
+    assert_eq!(plan.batches, vec![("items".to_string(), 30)]);
 }
 
 /// A worker that starts while its fleet is throttled begins at the level
