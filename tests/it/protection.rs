@@ -452,6 +452,67 @@ async fn planning_walks_at_the_fleets_throttle_level() {
     assert_eq!(plan.batches, vec![("items".to_string(), 30)]);
 }
 
+/// `syncfleet verify` reads the source as the fleet does: each read waits
+/// for a slot of the ceiling, and below level one its checksums are paced
+/// at the level the fleet's workers last reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifying_reads_the_source_within_the_fleets_ceiling_and_level() {
+    let env = TestEnv::new().await;
+    let tables = "CREATE TABLE small (id int PRIMARY KEY, v text);
+         INSERT INTO small SELECT i, 'v' || i FROM generate_series(1, 500) i;
+         CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 300000) i;";
+    env.source.batch_execute(tables).await.unwrap();
+    env.dest.batch_execute(tables).await.unwrap();
+    env.migrate().await;
+    let text = env.config_text_with(
+        "max_concurrent_reads = 1\n[source.throttle]\nprobe = \"SELECT 1\"\n",
+        "[[stream]]\nname = \"small\"\ntable = \"small\"\n\
+         [[stream]]\nname = \"items\"\ntable = \"items\"\n",
+    );
+    let path = env.write("verify.toml", &text);
+    let config = Config::load(&path).unwrap();
+    let verify = |stream: &'static str| {
+        let (env, path) = (&env, path.clone());
+        async move {
+            let out = env.cli(&path, &["verify", "--stream", stream]).await;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "{stdout}");
+            assert!(
+                stdout.contains(stream) && stdout.contains(" ok"),
+                "{stdout}"
+            );
+        }
+    };
+
+    let held = hold_the_only_read_slot(&env, &config).await;
+    let waiting = verify("small");
+    tokio::pin!(waiting);
+    tokio::select! {
+        () = &mut waiting => panic!("verify finished while the fleet's only read slot was held"),
+        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+    }
+    held.batch_execute("ROLLBACK").await.unwrap();
+    waiting.await;
+
+    // At 0.05 its checksums work a twentieth of the time: mostly asleep.
+    report_level(&env, &config.broker.prefix, 0.05, 0.0).await;
+    let sleeping = env.eventually("verify's checksum to pause", 30, || async {
+        let pausing: i64 = env
+            .source
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event = 'PgSleep' AND query LIKE '%md5(ROW(%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        pausing == 1
+    });
+    tokio::join!(verify("items"), sleeping);
+}
+
 /// A worker that starts while its fleet is throttled begins at the level
 /// the fleet last reported, not at the ceiling where it would read unpaced
 /// until its own probes caught up; a level reported long ago is ignored.

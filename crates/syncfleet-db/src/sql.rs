@@ -470,12 +470,21 @@ pub fn delete_range(table: &TableName, predicate: &RangePredicate) -> String {
 
 /// Row count and an order-independent checksum of one key range: the sum of
 /// a 64-bit hash of each row's text form. The same rows give the same sum on
-/// both sides whatever their physical order.
-pub fn checksum(shape: &StreamShape, relation: &str, predicate: &RangePredicate) -> String {
+/// both sides whatever their physical order. `paced` adds `pace_filter`.
+pub fn checksum(
+    shape: &StreamShape,
+    relation: &str,
+    predicate: &RangePredicate,
+    paced: bool,
+) -> String {
+    let filter = match paced {
+        true => format!(" AND {}", pace_filter()),
+        false => String::new(),
+    };
     format!(
         "SELECT count(*)::int8, \
          coalesce(sum(('x' || substr(md5(ROW({})::text), 1, 16))::bit(64)::int8::numeric), 0)::text \
-         FROM {relation} AS q WHERE {}",
+         FROM {relation} AS q WHERE {}{filter}",
         shape.select_list("q"),
         predicate.sql
     )

@@ -5,12 +5,17 @@
 //! row count and an order-independent checksum of the rows' text form. The
 //! ranges are unbounded at both ends, so destination rows outside every
 //! source key are caught too.
+//!
+//! Its source reads are the fleet's too: each holds a slot of the ceiling
+//! (`source.max_concurrent_reads`), and while the throttle holds the fleet
+//! below level one they are paced at its level, as the planner's are.
 
 use std::process::ExitCode;
 
 use syncfleet_core::Config;
 use syncfleet_core::config::StreamConfig;
 use syncfleet_core::job::KeyRange;
+use syncfleet_db::ceiling::Ceiling;
 use syncfleet_db::scan::{KeyScan, Ranges};
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape};
@@ -56,9 +61,10 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     let streams = config.select_streams(&args.streams)?;
     let source = Pool::connect(Role::Source, &config.source).await?;
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
+    let ceiling = Ceiling::new(config);
     let mut reports = Vec::new();
     for stream in streams {
-        reports.push(compare(&source, &destination, stream, args.range_rows).await?);
+        reports.push(compare(&source, &destination, &ceiling, stream, args.range_rows).await?);
     }
     print_reports(&reports);
     Ok(if reports.iter().all(StreamReport::matches) {
@@ -68,17 +74,20 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     })
 }
 
-/// Compares one stream, range by range.
+/// Compares one stream, range by range, each source read within the
+/// fleet's `ceiling`.
 pub async fn compare(
     source: &Pool,
     destination: &Pool,
+    ceiling: &Ceiling,
     stream: &StreamConfig,
     range_rows: u32,
 ) -> Result<StreamReport, CliError> {
     let mut src = source.get().await?;
-    let dst = destination.get().await?;
     let shape = StreamShape::describe(&**src, stream).await?;
-    let exists: bool = dst
+    let exists: bool = destination
+        .get()
+        .await?
         .query_one(
             "SELECT to_regclass($1::text) IS NOT NULL",
             &[&stream.destination_table.to_string()],
@@ -100,11 +109,18 @@ pub async fn compare(
         differences: Vec::new(),
     };
     let destination_relation = stream.destination_table.to_string();
-    let mut scan = KeyScan::start(&tx, &shape, range_rows, None, None).await?;
+    let pace = ceiling.pace(destination).await;
+    let mut scan = KeyScan::start(&tx, &shape, range_rows, None, pace).await?;
     let mut ranges = Ranges::default();
     let mut pending = Vec::new();
     loop {
-        let chunk = scan.next_chunk().await?;
+        let chunk = match scan.is_finished() {
+            true => None,
+            false => {
+                let read = async { Ok::<_, CliError>(scan.next_chunk().await?) };
+                ceiling.read(destination, read).await?
+            }
+        };
         let last = chunk.is_none();
         match chunk {
             Some(boundaries) => pending.extend(boundaries.into_iter().map(|b| ranges.until(b))),
@@ -117,12 +133,16 @@ pub async fn compare(
                 .iter()
                 .map(|p| p as &(dyn ToSql + Sync))
                 .collect();
-            let s = tx
-                .query_one(&sql::checksum(&shape, &shape.relation, &predicate), &params)
-                .await?;
-            let d = dst
+            let read = async {
+                let checksum = sql::checksum(&shape, &shape.relation, &predicate, pace.is_some());
+                Ok::<_, CliError>(tx.query_one(&checksum, &params).await?)
+            };
+            let s = ceiling.read(destination, read).await?;
+            let d = destination
+                .get()
+                .await?
                 .query_one(
-                    &sql::checksum(&shape, &destination_relation, &predicate),
+                    &sql::checksum(&shape, &destination_relation, &predicate, false),
                     &params,
                 )
                 .await?;

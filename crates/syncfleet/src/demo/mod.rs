@@ -220,7 +220,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
 
     let mut reports = Vec::new();
     for stream in &streams {
-        reports.push(verify::compare(&source, &destination, stream, 10_000).await?);
+        reports.push(verify::compare(&source, &destination, &ceiling, stream, 10_000).await?);
     }
     let client = destination.get().await?;
     let per_stream = client
