@@ -22,7 +22,7 @@ chaos *args: _services
     cargo build --release -p syncfleet -p syncfleet-chaos
     target/release/syncfleet-chaos {{ args }}
 
-# Benchmarks (release build, about 5 minutes): prints a Markdown report and
+# Benchmarks (release build, about 7 minutes): prints a Markdown report and
 # writes it to docs/benchmarks.md.
 bench *args: _services
     cargo build --release -p syncfleet -p syncfleet-bench

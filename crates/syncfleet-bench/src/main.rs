@@ -58,6 +58,10 @@ struct Args {
     /// repeatable) [default: all]
     #[arg(long = "app-mode", value_name = "N")]
     app_modes: Vec<usize>,
+    /// Rounds of the adaptive mode of section 3, each after its own phase
+    /// of the app alone
+    #[arg(long, default_value_t = 3)]
+    app_rounds: usize,
     /// RabbitMQ URL
     #[arg(
         long,
@@ -216,19 +220,29 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
             workers.stop().await;
         }
         eprintln!("bench: app latency ({} s per phase)", args.app_seconds);
-        let phases = app::run(bench, args.app_seconds, args.app_rate, &args.app_modes).await?;
+        let phases = app::run(
+            bench,
+            args.app_seconds,
+            args.app_rate,
+            &args.app_modes,
+            args.app_rounds.max(1),
+        )
+        .await?;
         report.section(
             "3. The app's latency while syncs run",
             &format!(
                 "pgbench at a fixed {} transactions/s (2 clients) running the seed's user \
              operations against the source (insert a user, look one up by email, update a \
-             profile), first alone, then during back-to-back full syncs of the {}-row table by \
-             2 worker processes. rows/s is the sync's own rate in the same window: rows \
-             copied, or found unchanged by comparing a range's fingerprints.",
+             profile), during back-to-back full syncs of the {}-row table by 2 worker \
+             processes, each such phase right after a phase of the app alone whose p99 is its \
+             reference (the app's p99 alone drifts on this machine; its neighbour drifts least). \
+             rows/s is the sync's own rate in the same window: rows copied, or found unchanged \
+             by comparing a range's fingerprints.",
                 args.app_rate, args.rows
             ),
             &[
                 "mode",
+                "alone p99 ms",
                 "p50 ms",
                 "p99 ms",
                 "p99 vs alone",
