@@ -336,6 +336,51 @@ async fn the_rows_per_second_limit_holds_for_the_whole_fleet() {
     );
 }
 
+/// A job's deadline bounds its reads and writes, not its wait for the
+/// rows/s budget: with every batch's share of the budget (2 s) longer than
+/// the deadline (1 s), each batch still succeeds at its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_the_rows_per_second_budget_is_not_part_of_a_jobs_deadline() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 3000) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let text = env
+        .config_text_with(
+            "max_rows_per_second = 500\n[source.throttle]\nenabled = false\n",
+            "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 1000\ndeadline = \"1s\"\n",
+        )
+        .replace("concurrency = 3", "concurrency = 1");
+    let config = Arc::new(Config::load(&env.write("budget.toml", &text)).unwrap());
+    let fleet = Fleet::start(&config, 1);
+    let plan = env.plan(&config).await;
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+
+    let attempts: Vec<String> = env
+        .dest
+        .query(
+            "SELECT batch_no || ': ' || attempts || ' ' || coalesce(error, 'ok') \
+             FROM syncfleet.batches WHERE run_id = $1 ORDER BY batch_no",
+            &[&plan.run_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(attempts, ["1: 1 ok", "2: 1 ok", "3: 1 ok", "4: 1 ok"]);
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+}
+
 /// The planner's walk of a stream's keys is a source read too: it waits for
 /// a slot of the fleet's ceiling like any batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -244,6 +244,13 @@ impl Executor {
             .map(|s| s.deadline)
             .min()
             .ok_or_else(|| JobError::Reject("an empty group of jobs".into()))?;
+        // Waiting for the gate is not part of the job's deadline: the job
+        // has not touched the source yet. (The broker's consumer timeout
+        // bounds how long a delivery may wait unsettled.)
+        let permit = GatePermit {
+            gate: &self.gate,
+            permit: Some(self.gate.acquire().await),
+        };
         let deadline = Instant::now() + budget;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
@@ -266,15 +273,9 @@ impl Executor {
                 tracing::debug!(job = %jobs[0].id(), error = %e, ?delay, "retrying in this worker");
             });
         // Each attempt stops itself at the deadline (cancelling its
-        // statements); this outer bound only catches what lies between
-        // attempts, so it must not fire first and skip that cancel.
+        // statements, both at once); this outer bound only catches what lies
+        // between attempts, so it must not fire first and skip that cancel.
         let outer = deadline + CANCEL_TIMEOUT + Duration::from_secs(1);
-        // Waiting for the gate is not part of the job's deadline: the job
-        // has not touched the source yet.
-        let permit = GatePermit {
-            gate: &self.gate,
-            permit: Some(self.gate.acquire().await),
-        };
         let result = tokio::time::timeout_at(outer.into(), attempts).await;
         drop(permit);
         let result = match result {
@@ -336,13 +337,17 @@ impl Executor {
                 Err(e)
             }
             Err(_) => {
-                for token in cancel {
-                    if let Err(e) = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls))
+                let [src_cancel, dst_cancel] = cancel.map(|token| async move {
+                    tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls))
                         .await
                         .unwrap_or(Ok(()))
-                    {
-                        tracing::warn!(job = %jobs[0].id(), error = %e, "could not cancel a statement past its deadline");
-                    }
+                });
+                let (src_cancelled, dst_cancelled) = tokio::join!(src_cancel, dst_cancel);
+                for e in [src_cancelled, dst_cancelled]
+                    .into_iter()
+                    .filter_map(Result::err)
+                {
+                    tracing::warn!(job = %jobs[0].id(), error = %e, "could not cancel a statement past its deadline");
                 }
                 // Mid-statement connections never go back to the pool: closing
                 // them also rolls the destination transaction back.
