@@ -17,4 +17,5 @@ mod pipeline;
 mod planning;
 mod protection;
 mod reliability;
+mod replica;
 mod types;

@@ -26,31 +26,7 @@ impl PrivatePostgres {
     /// Starts a cluster with extra `postgresql.conf` lines (for example
     /// `shared_preload_libraries = 'pg_stat_statements'`).
     pub fn start_with(dir: &Path, settings: &[&str]) -> Result<Self, ChaosError> {
-        let dir = dir.join("postgres");
-        std::fs::create_dir_all(&dir)?;
-        let bin = std::fs::read_dir("/usr/lib/postgresql")?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .find(|b| b.join("initdb").exists())
-            .ok_or_else(|| ChaosError("no initdb under /usr/lib/postgresql/*/bin".into()))?;
-        let as_postgres = running_as_root();
-        if as_postgres {
-            let owned = Command::new("chown")
-                .args(["-R", "postgres:"])
-                .arg(&dir)
-                .status()?;
-            if !owned.success() {
-                return Err(ChaosError(
-                    "cannot hand the cluster folder to the postgres user".into(),
-                ));
-            }
-        }
-        let cluster = Self {
-            port: free_port()?,
-            dir,
-            bin,
-            as_postgres,
-        };
+        let cluster = Self::folder(&dir.join("postgres"))?;
         cluster.run(
             "initdb",
             &[
@@ -73,6 +49,61 @@ impl PrivatePostgres {
         }
         cluster.up()?;
         Ok(cluster)
+    }
+
+    /// Starts a hot standby of `primary` in `dir`, streaming its WAL from a
+    /// base backup (`pg_basebackup -R`). `pg_wal_replay_pause()` on it holds
+    /// it behind its primary.
+    pub fn standby_of(primary: &PrivatePostgres, dir: &Path) -> Result<Self, ChaosError> {
+        let cluster = Self::folder(&dir.join("standby"))?;
+        cluster.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                &cluster.data(),
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        )?;
+        cluster.up()?;
+        Ok(cluster)
+    }
+
+    /// A cluster folder the server's user owns, and a free port.
+    fn folder(dir: &Path) -> Result<Self, ChaosError> {
+        let dir = dir.to_path_buf();
+        std::fs::create_dir_all(&dir)?;
+        let bin = std::fs::read_dir("/usr/lib/postgresql")?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .find(|b| b.join("initdb").exists())
+            .ok_or_else(|| ChaosError("no initdb under /usr/lib/postgresql/*/bin".into()))?;
+        let as_postgres = running_as_root();
+        if as_postgres {
+            let owned = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(&dir)
+                .status()?;
+            if !owned.success() {
+                return Err(ChaosError(
+                    "cannot hand the cluster folder to the postgres user".into(),
+                ));
+            }
+        }
+        Ok(Self {
+            port: free_port()?,
+            dir,
+            bin,
+            as_postgres,
+        })
     }
 
     fn data(&self) -> String {

@@ -44,6 +44,52 @@ pub struct Job {
     /// no longer has are deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub select: Option<Selection>,
+    /// The source primary's WAL position when the job was made: every
+    /// change the job is about lies before it. A worker that reads from a
+    /// standby (`source.replica_url`) first waits until the standby has
+    /// replayed that far, or it could converge the range to rows older
+    /// than the change it was sent for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_lsn: Option<Lsn>,
+}
+
+/// A PostgreSQL WAL position (`pg_lsn`), written as PostgreSQL writes it:
+/// two hexadecimal halves, `16/B374D848`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Lsn(pub u64);
+
+impl std::str::FromStr for Lsn {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parsed = s.split_once('/').and_then(|(high, low)| {
+            let high = u32::from_str_radix(high, 16).ok()?;
+            let low = u32::from_str_radix(low, 16).ok()?;
+            Some(Lsn(u64::from(high) << 32 | u64::from(low)))
+        });
+        parsed.ok_or_else(|| format!("expected a WAL position like 16/B374D848, got '{s}'"))
+    }
+}
+
+impl TryFrom<String> for Lsn {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Lsn> for String {
+    fn from(lsn: Lsn) -> String {
+        lsn.to_string()
+    }
+}
+
+impl std::fmt::Display for Lsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
 }
 
 /// A set of rows named by the values of some output columns of a stream:
@@ -81,7 +127,13 @@ impl Job {
             batch,
             range,
             select: None,
+            source_lsn: None,
         }
+    }
+
+    /// The same job, stamped with the source's WAL position.
+    pub fn at(self, source_lsn: Option<Lsn>) -> Self {
+        Self { source_lsn, ..self }
     }
 
     /// A job for the rows that `select` names.
@@ -131,6 +183,20 @@ mod tests {
             },
         );
         assert_eq!(Job::decode(&job.encode()).unwrap(), job);
+        let stamped = job.clone().at(Some(Lsn(0x16_B374_D848)));
+        assert!(
+            String::from_utf8_lossy(&stamped.encode()).contains(r#""source_lsn":"16/B374D848""#)
+        );
+        assert_eq!(Job::decode(&stamped.encode()).unwrap(), stamped);
+        let bad = String::from_utf8(stamped.encode())
+            .unwrap()
+            .replace("16/B374D848", "16-B374D848");
+        assert!(matches!(
+            Job::decode(bad.as_bytes()),
+            Err(JobDecodeError::Malformed(e)) if e.to_string().contains("expected a WAL position")
+        ));
+        assert_eq!("0/0".parse::<Lsn>(), Ok(Lsn(0)));
+        assert!(Lsn(0x1_0000_0000) > "0/FFFFFFFF".parse().unwrap());
         assert!(matches!(
             Job::decode(b"{not json"),
             Err(JobDecodeError::Malformed(_))

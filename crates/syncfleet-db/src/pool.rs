@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime, Timeouts};
 use syncfleet_core::config::DbConfig;
+use syncfleet_core::job::Lsn;
 
 use crate::error::{DbError, describe};
 
@@ -54,6 +55,28 @@ pub async fn read_snapshot(
         .start()
         .await
 }
+
+/// The source's WAL position now: on a primary where it inserts, on a
+/// standby what it has replayed. Every change committed before lies before
+/// it, so a job stamped with it (see `Job::source_lsn`) is read from a
+/// standby only once the standby has replayed that far.
+pub async fn wal_position(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<Lsn>, DbError> {
+    let position: Option<String> = client
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+             ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(position.and_then(|p| p.parse().ok()))
+}
+
+/// Whether this source session has replayed WAL up to `$1` (a `pg_lsn` as
+/// text); true on a primary, which replays nothing.
+pub const REPLAYED: &str = "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, true)";
 
 /// Session settings for both sides. Rows travel in PostgreSQL's text COPY
 /// format, so both sessions must print and parse values the same way: ISO

@@ -38,6 +38,9 @@ use tokio::time::Instant;
 
 use crate::service::Counters;
 
+/// Bound on reading the source's WAL position for a flush.
+const POSITION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One stream an event table refreshes, and the columns its ids name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Route {
@@ -199,12 +202,12 @@ async fn session(
         let flush_at = buffer.since.map(|s| s + window);
         tokio::select! {
             _ = shutdown.wait() => {
-                flush(&mut buffer, publisher, counters, max_keys).await;
+                flush(&mut buffer, source, publisher, counters, max_keys).await;
                 let _ = connection.close(200, "stopping".into()).await;
                 return Ok(());
             }
             _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
-                flush(&mut buffer, publisher, counters, max_keys).await;
+                flush(&mut buffer, source, publisher, counters, max_keys).await;
             }
             delivery = consumer.next() => {
                 let delivery = match delivery {
@@ -214,7 +217,7 @@ async fn session(
                 };
                 take(delivery, &routes, &mut buffer, publisher, counters).await;
                 if buffer.keys >= max_keys {
-                    flush(&mut buffer, publisher, counters, max_keys).await;
+                    flush(&mut buffer, source, publisher, counters, max_keys).await;
                 }
             }
         }
@@ -305,7 +308,16 @@ async fn dead(delivery: Delivery, publisher: &Publisher, counters: &Counters, re
 }
 
 /// Publishes the buffered ids as jobs, then acks the events they came from.
-async fn flush(buffer: &mut Buffer, publisher: &Publisher, counters: &Counters, max_keys: usize) {
+/// The jobs carry the source's WAL position, which lies after every change
+/// the events announce (each was committed before its event was sent), so
+/// a worker reading from a standby waits until it has them.
+async fn flush(
+    buffer: &mut Buffer,
+    source: &Pool,
+    publisher: &Publisher,
+    counters: &Counters,
+    max_keys: usize,
+) {
     let taken = std::mem::take(buffer);
     if taken.deliveries.is_empty() {
         return;
@@ -326,11 +338,24 @@ async fn flush(buffer: &mut Buffer, publisher: &Publisher, counters: &Counters, 
             ));
         }
     }
-    match publisher.publish_jobs(&jobs).await {
-        Ok(()) => {
+    let published = async {
+        let position = async { syncfleet_db::pool::wal_position(&**source.get().await?).await };
+        let lsn = tokio::time::timeout(POSITION_TIMEOUT, position)
+            .await
+            .map_err(|_| format!("the source's WAL position took over {POSITION_TIMEOUT:?}"))?
+            .map_err(|e| format!("reading the source's WAL position: {e}"))?;
+        let jobs: Vec<Job> = jobs.into_iter().map(|job| job.at(lsn)).collect();
+        publisher
+            .publish_jobs(&jobs)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(jobs.len())
+    };
+    match published.await {
+        Ok(published) => {
             counters
                 .event_jobs
-                .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                .fetch_add(published as u64, Ordering::Relaxed);
             for d in taken.deliveries {
                 let _ = d.ack(BasicAckOptions::default()).await;
             }

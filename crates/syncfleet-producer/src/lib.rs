@@ -31,7 +31,7 @@ use std::fmt;
 use syncfleet_broker::{BrokerError, Publisher};
 use syncfleet_core::Config;
 use syncfleet_core::config::StreamConfig;
-use syncfleet_core::job::{Job, Key, KeyRange};
+use syncfleet_core::job::{Job, Key, KeyRange, Lsn};
 use syncfleet_db::ceiling::Ceiling;
 use syncfleet_db::control;
 use syncfleet_db::ddl::{self, TableState};
@@ -216,6 +216,7 @@ async fn plan_stream_from(
     let pace = ceiling.pace(destination).await;
     let mut src = source.get().await?;
     let tx = syncfleet_db::pool::read_snapshot(&mut src).await?;
+    let lsn = syncfleet_db::pool::wal_position(&*tx).await?;
     let every = stream.config.batch_size;
     let mut scan = KeyScan::start(&tx, &stream.shape, every, after.as_ref(), pace).await?;
     let mut ranges = Ranges::after(after);
@@ -233,11 +234,11 @@ async fn plan_stream_from(
             .into_iter()
             .map(|boundary| numbered(ranges.until(boundary)))
             .collect();
-        record_and_publish(destination, publisher, run_id, name, &batches).await?;
+        record_and_publish(destination, publisher, run_id, name, &batches, lsn).await?;
     }
     let last = numbered(ranges.last());
     let total = last.0;
-    record_and_publish(destination, publisher, run_id, name, &[last]).await?;
+    record_and_publish(destination, publisher, run_id, name, &[last], lsn).await?;
     tx.commit().await?;
     control::finish_stream_planning(&**destination.get().await?, run_id, name, total).await?;
     tracing::info!(run_id, stream = %name, batches = total, "stream planned");
@@ -252,22 +253,25 @@ async fn record_and_publish(
     run_id: i64,
     stream: &str,
     batches: &[(i64, KeyRange)],
+    lsn: Option<Lsn>,
 ) -> Result<(), PlanError> {
     control::insert_batches(&**destination.get().await?, run_id, stream, batches).await?;
-    publish(destination, publisher, run_id, stream, batches).await
+    publish(destination, publisher, run_id, stream, batches, lsn).await
 }
 
-/// Publishes recorded batches and marks them published once confirmed.
+/// Publishes recorded batches, stamped with the source's WAL position
+/// `lsn`, and marks them published once confirmed.
 async fn publish(
     destination: &Pool,
     publisher: &Publisher,
     run_id: i64,
     stream: &str,
     batches: &[(i64, KeyRange)],
+    lsn: Option<Lsn>,
 ) -> Result<(), PlanError> {
     let jobs: Vec<Job> = batches
         .iter()
-        .map(|(n, range)| Job::new(run_id, stream, *n, range.clone()))
+        .map(|(n, range)| Job::new(run_id, stream, *n, range.clone()).at(lsn))
         .collect();
     publisher.publish_jobs(&jobs).await?;
     let numbers: Vec<i64> = batches.iter().map(|(n, _)| *n).collect();
@@ -302,6 +306,7 @@ pub async fn resume_run(
     })?;
     let prepared = prepare(source, destination, &streams).await?;
     control::reopen(&**destination.get().await?, run_id, None).await?;
+    let lsn = syncfleet_db::pool::wal_position(&**source.get().await?).await?;
     let mut published = 0u64;
 
     let unfinished = control::unfinished_batches(&**destination.get().await?, run_id).await?;
@@ -315,13 +320,13 @@ pub async fn resume_run(
             .map(|b| (b.batch_no, b.range.clone()))
             .collect();
         for chunk in batches.chunks(CHUNK as usize) {
-            publish(destination, publisher, run_id, stream, chunk).await?;
+            publish(destination, publisher, run_id, stream, chunk, lsn).await?;
             published += chunk.len() as u64;
         }
         for b in selections {
             let select = b.selection.clone().expect("partitioned on it");
             publisher
-                .publish_jobs(&[Job::selection(run_id, stream, b.batch_no, select)])
+                .publish_jobs(&[Job::selection(run_id, stream, b.batch_no, select).at(lsn)])
                 .await?;
             control::mark_published(&**destination.get().await?, run_id, stream, &[b.batch_no])
                 .await?;
@@ -520,6 +525,7 @@ async fn plan_incremental(
     let pace = ceiling.pace(destination).await;
     let mut src = source.get().await?;
     let tx = syncfleet_db::pool::read_snapshot(&mut src).await?;
+    let lsn = syncfleet_db::pool::wal_position(&*tx).await?;
     let filter = syncfleet_db::scan::apply_pace(&tx, pace).await?;
     let sql = format!(
         "SELECT {c}::text, {} FROM {} AS q WHERE {lower} AND {c} IS NOT NULL{filter} ORDER BY {c}, {}",
@@ -560,7 +566,7 @@ async fn plan_incremental(
         )
         .await?;
         publisher
-            .publish_jobs(&[Job::selection(run_id, &stream.name, count, select)])
+            .publish_jobs(&[Job::selection(run_id, &stream.name, count, select).at(lsn)])
             .await?;
         control::mark_published(&**destination.get().await?, run_id, &stream.name, &[count])
             .await?;

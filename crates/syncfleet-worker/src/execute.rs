@@ -360,6 +360,45 @@ impl Executor {
         }
     }
 
+    /// Reading from a standby, waits until it has replayed the source's WAL
+    /// as far as the newest of the jobs was made at (`Job::source_lsn`), so
+    /// that the read sees every change they were sent for. Gives up after
+    /// half the jobs' deadline, for the broker to redeliver them later.
+    async fn wait_for_replay(&self, work: &[Work<'_>], src: &Client) -> Result<(), JobError> {
+        if self.config.reads.replica_url.is_none() {
+            return Ok(());
+        }
+        let Some(lsn) = work.iter().filter_map(|w| w.job.source_lsn).max() else {
+            return Ok(());
+        };
+        let lsn = lsn.to_string();
+        let patience = work
+            .iter()
+            .map(|w| w.stream.deadline)
+            .min()
+            .unwrap_or_default()
+            / 2;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let replayed: bool = src
+                .query_one(syncfleet_db::pool::REPLAYED, &[&lsn])
+                .await?
+                .get(0);
+            if replayed {
+                return Ok(());
+            }
+            if started.elapsed() >= patience {
+                return Err(JobError::Retry(format!(
+                    "the source's standby (replica_url) has not replayed the WAL up to {lsn}, \
+                     where the job was made, within {patience:?}"
+                )));
+            }
+            tokio::time::sleep(full_jitter(pause)).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
     /// Opens both transactions, converges each job's range in turn, then
     /// commits.
     async fn converge(
@@ -368,6 +407,7 @@ impl Executor {
         src: &mut Client,
         dst: &mut Client,
     ) -> Result<Vec<BatchOutcome>, JobError> {
+        self.wait_for_replay(work, src).await?;
         // Read once per transaction: its batches keep the pace they started
         // with.
         let pace = self.gate.pace();

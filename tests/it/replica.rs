@@ -1,0 +1,91 @@
+//! Reads from a standby (`source.replica_url`), against a private primary
+//! and its streaming standby: a job is read only once the standby has
+//! replayed the changes it was made after.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use syncfleet_chaos::postgres::PrivatePostgres;
+use syncfleet_core::Config;
+
+use crate::helpers::{Fleet, TestEnv, connect};
+
+/// Row `id`'s value, if the table and the row are there.
+async fn value(client: &tokio_postgres::Client, id: i32) -> Option<String> {
+    client
+        .query_opt("SELECT v FROM items WHERE id = $1", &[&id])
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reading_a_standby_waits_until_it_has_the_changes_its_job_was_made_after() {
+    let env = TestEnv::new().await;
+    let (primary, standby) = tokio::task::block_in_place(|| {
+        let primary = PrivatePostgres::start(&env.dir).unwrap();
+        let standby = PrivatePostgres::standby_of(&primary, &env.dir).unwrap();
+        (primary, standby)
+    });
+    let on_primary = connect(&primary.url("postgres")).await;
+    let on_standby = connect(&standby.url("postgres")).await;
+    on_primary
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'old' FROM generate_series(1, 100) i;",
+        )
+        .await
+        .unwrap();
+    env.eventually("the standby to have the table", 30, || async {
+        value(&on_standby, 42).await.as_deref() == Some("old")
+    })
+    .await;
+    env.migrate().await;
+    let text = env
+        .config_text_with(
+            &format!("replica_url = \"{}\"\n", standby.url("postgres")),
+            "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 50\n",
+        )
+        .replace(&env.source_url, &primary.url("postgres"));
+    let config = Arc::new(Config::load(&env.write("replica.toml", &text)).unwrap());
+    let fleet = Fleet::start(&config, 1);
+    let first = env.plan(&config).await;
+    env.wait(first.run_id).await;
+    assert_eq!(value(&env.dest, 42).await.as_deref(), Some("old"));
+
+    // The standby stops replaying; the primary changes a row, then a run
+    // is planned on the primary.
+    on_standby
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    on_primary
+        .batch_execute("UPDATE items SET v = 'new' WHERE id = 42")
+        .await
+        .unwrap();
+    let second = env.plan(&config).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(value(&on_standby, 42).await.as_deref(), Some("old"));
+    let status: String = env
+        .dest
+        .query_one(
+            "SELECT status FROM syncfleet.runs WHERE id = $1",
+            &[&second.run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        status, "running",
+        "the run finished from a standby that lacks the change"
+    );
+
+    on_standby
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    env.wait(second.run_id).await;
+    assert_eq!(value(&env.dest, 42).await.as_deref(), Some("new"));
+    fleet.stop().await;
+}
