@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use syncfleet_broker::Publisher;
 use syncfleet_core::Config;
+use syncfleet_core::config::ProducerConfig;
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::ShutdownSignal;
 use syncfleet_db::ceiling::Ceiling;
@@ -183,6 +184,7 @@ async fn lead(
                     .unwrap_or(true),
                 Err(_) => true,
             };
+            let mut started = false;
             if busy {
                 counters.ticks_skipped.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(stream = %stream.name, "previous run still going; tick skipped");
@@ -219,6 +221,7 @@ async fn lead(
                 };
                 match planned {
                     Ok(plan) => {
+                        started = true;
                         counters.runs_started.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(%plan, full, "scheduled run started");
                     }
@@ -230,10 +233,7 @@ async fn lead(
             let entry = next
                 .get_mut(&stream.name)
                 .expect("every stream is scheduled");
-            entry.0 = now + schedule.interval;
-            if full {
-                entry.1 = now + schedule.full_interval;
-            }
+            *entry = reschedule(*entry, now, schedule, full, started);
         }
     };
     events.abort();
@@ -242,6 +242,25 @@ async fn lead(
         let _ = c.close(200, "".into()).await;
     }
     result
+}
+
+/// When a stream's next run and next full run are due after a tick at
+/// `now` that was due a full run (`full`) and did or did not start one: a
+/// full run that did not start (its stream busy, or planning failed) stays
+/// due, so the next tick tries it again rather than a whole
+/// `full_interval` later; deletes reach the destination only through it.
+fn reschedule(
+    (_, full_due): (Instant, Instant),
+    now: Instant,
+    schedule: &ProducerConfig,
+    full: bool,
+    started: bool,
+) -> (Instant, Instant) {
+    let full_due = match full && started {
+        true => now + schedule.full_interval,
+        false => full_due,
+    };
+    (now + schedule.interval, full_due)
 }
 
 /// Fails the run a stopping leader was planning, so that the next leader's
@@ -309,5 +328,41 @@ async fn report_progress(destination: &Pool) {
         for r in rows {
             metrics::gauge!(m::WATERMARK_AGE, "stream" => r.get::<_, String>(0)).set(r.get::<_, f64>(1));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_run_that_did_not_start_stays_due() {
+        let secs = Duration::from_secs;
+        let schedule = ProducerConfig {
+            interval: secs(60),
+            incremental: true,
+            stagger: secs(0),
+            full_interval: secs(86_400),
+            event_window: Duration::from_millis(250),
+            event_max_keys: 1000,
+        };
+        let now = Instant::now();
+        let due = (now, now);
+        // Started: the next full run is a full interval away.
+        assert_eq!(
+            reschedule(due, now, &schedule, true, true),
+            (now + secs(60), now + secs(86_400))
+        );
+        // Skipped or failed: the next tick tries the full run again.
+        assert_eq!(
+            reschedule(due, now, &schedule, true, false),
+            (now + secs(60), now)
+        );
+        // An incremental tick leaves the full run's time alone.
+        let later = now + secs(600);
+        assert_eq!(
+            reschedule((now, later), now, &schedule, false, true),
+            (now + secs(60), later)
+        );
     }
 }
