@@ -638,3 +638,39 @@ async fn jobs_sharing_a_transaction_write_what_each_would_alone() {
         .collect();
     assert_eq!(alone.iter().filter(|ok| !**ok).count(), 1, "{alone:?}");
 }
+
+/// A column added to the source and the destination while the workers run
+/// is copied by the first run planned after: a worker describes a stream
+/// again for each new run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_while_the_workers_run_is_copied_by_the_next_run() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
+    let fleet = Fleet::start(&config, 1);
+    let first = env.plan(&config).await;
+    env.wait(first.run_id).await;
+
+    env.source
+        .batch_execute("ALTER TABLE items ADD COLUMN w text; UPDATE items SET w = 'w' || id;")
+        .await
+        .unwrap();
+    env.dest
+        .batch_execute("ALTER TABLE items ADD COLUMN w text")
+        .await
+        .unwrap();
+    let second = env.plan(&config).await;
+    env.wait(second.run_id).await;
+    fleet.stop().await;
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+}

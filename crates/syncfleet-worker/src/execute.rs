@@ -90,6 +90,16 @@ fn raced(e: tokio_postgres::Error) -> JobError {
     }
 }
 
+/// A stream's shape as described for a job of `run_id`.
+struct CachedShape {
+    shape: Arc<StreamShape>,
+    run_id: i64,
+    described: Instant,
+}
+
+/// How long event jobs (of no run) go by one description of their stream.
+const EVENT_SHAPE_AGE: Duration = Duration::from_secs(60);
+
 /// One job of a transaction, with what it needs.
 #[derive(Clone, Copy)]
 struct Work<'a> {
@@ -133,9 +143,10 @@ pub struct Executor {
     config: Arc<Config>,
     source: Pool,
     destination: Pool,
-    /// Stream shapes described once per process. An entry is dropped when a
-    /// job of its stream fails, so a changed source schema is seen again.
-    shapes: Mutex<HashMap<String, Arc<StreamShape>>>,
+    /// Stream shapes, each described for the run whose job asked first (see
+    /// [`Executor::shape`]). An entry is also dropped when a job of its
+    /// stream fails, so a changed source schema is seen again.
+    shapes: Mutex<HashMap<String, CachedShape>>,
     /// Every source read of this process passes this gate (adaptive
     /// throttle, rows per second).
     gate: Arc<ReadGate>,
@@ -291,15 +302,32 @@ impl Executor {
         result
     }
 
-    async fn shape(&self, stream: &StreamConfig) -> Result<Arc<StreamShape>, JobError> {
-        if let Some(shape) = self.shapes.lock().expect("shape cache").get(&stream.name) {
-            return Ok(shape.clone());
+    /// The stream's shape for a job of `run_id`: described again for each
+    /// new run, after its planner described it, so that a column added to
+    /// the source (and the destination) is copied from the first run
+    /// planned after; for event jobs, which belong to no run, at least
+    /// every `EVENT_SHAPE_AGE`.
+    async fn shape(
+        &self,
+        stream: &StreamConfig,
+        run_id: i64,
+    ) -> Result<Arc<StreamShape>, JobError> {
+        if let Some(cached) = self.shapes.lock().expect("shape cache").get(&stream.name)
+            && cached.run_id == run_id
+            && (run_id != NO_RUN || cached.described.elapsed() < EVENT_SHAPE_AGE)
+        {
+            return Ok(cached.shape.clone());
         }
         let shape = Arc::new(StreamShape::describe(&**self.source.get().await?, stream).await?);
+        let cached = CachedShape {
+            shape: shape.clone(),
+            run_id,
+            described: Instant::now(),
+        };
         self.shapes
             .lock()
             .expect("shape cache")
-            .insert(stream.name.clone(), shape.clone());
+            .insert(stream.name.clone(), cached);
         Ok(shape)
     }
 
@@ -313,8 +341,8 @@ impl Executor {
         budget: Duration,
     ) -> Result<Vec<BatchOutcome>, JobError> {
         let mut shapes = Vec::with_capacity(streams.len());
-        for stream in streams {
-            shapes.push(self.shape(stream).await?);
+        for (stream, job) in streams.iter().zip(jobs) {
+            shapes.push(self.shape(stream, job.run_id).await?);
         }
         let work: Vec<Work> = jobs
             .iter()
