@@ -12,7 +12,7 @@ use syncfleet_core::Config;
 use syncfleet_core::job::{Job, KeyRange};
 use syncfleet_core::shutdown::Shutdown;
 use syncfleet_db::{Pool, Role, control};
-use syncfleet_producer::RunPlan;
+use syncfleet_producer::{PlanError, RunPlan};
 use tokio::task::JoinSet;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
@@ -154,6 +154,11 @@ impl TestEnv {
 
     /// Plans and publishes a full run of every stream (no workers).
     pub async fn plan(&self, config: &Config) -> RunPlan {
+        self.try_plan(config).await.unwrap()
+    }
+
+    /// Same, returning planning's error.
+    pub async fn try_plan(&self, config: &Config) -> Result<RunPlan, PlanError> {
         let source = Pool::connect(Role::Source, &config.source).await.unwrap();
         let dest = Pool::connect(Role::Destination, &config.destination)
             .await
@@ -161,9 +166,8 @@ impl TestEnv {
         let publisher = Publisher::connect(&config.broker, "test").await.unwrap();
         let streams = config.select_streams(&[]).unwrap();
         let ceiling = syncfleet_db::ceiling::Ceiling::new(config);
-        let plan = syncfleet_producer::start_run(&source, &dest, &publisher, &ceiling, &streams)
-            .await
-            .unwrap();
+        let plan =
+            syncfleet_producer::start_run(&source, &dest, &publisher, &ceiling, &streams).await;
         publisher.close().await;
         plan
     }
@@ -171,6 +175,11 @@ impl TestEnv {
     /// Plans and publishes an incremental run of `config`'s first stream
     /// (no workers).
     pub async fn plan_incremental(&self, config: &Config) -> RunPlan {
+        self.try_plan_incremental(config).await.unwrap()
+    }
+
+    /// Same, returning planning's error.
+    pub async fn try_plan_incremental(&self, config: &Config) -> Result<RunPlan, PlanError> {
         let source = Pool::connect(Role::Source, &config.source).await.unwrap();
         let dest = Pool::connect(Role::Destination, &config.destination)
             .await
@@ -184,8 +193,7 @@ impl TestEnv {
             &ceiling,
             &config.streams[0],
         )
-        .await
-        .unwrap();
+        .await;
         publisher.close().await;
         plan
     }

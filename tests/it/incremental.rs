@@ -440,3 +440,33 @@ async fn a_row_that_moves_between_joined_ids_is_neither_duplicated_nor_lost() {
         "nothing duplicated or deleted"
     );
 }
+
+/// A query stream whose key comes out NULL for some row cannot address
+/// that row by key: planning a full or an incremental run of it fails,
+/// naming the stream and the column, rather than panicking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_key_fails_planning_by_name() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO items (id, v) SELECT i, 'v' || i FROM generate_series(1, 20) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"holes\"\nquery = \"SELECT nullif(id, 7) AS id, v, updated_at FROM items\"\n\
+         key = [\"id\"]\nbatch_size = 5\ncursor = \"updated_at\"\ndestination_table = \"holes\"\n",
+    );
+    for plan in [
+        env.try_plan(&config).await,
+        env.try_plan_incremental(&config).await,
+    ] {
+        let error = plan.expect_err("a NULL key planned").to_string();
+        assert!(
+            error.contains("holes") && error.contains("key column 'id' has NULL values"),
+            "{error}"
+        );
+    }
+}
