@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use syncfleet_broker::Publisher;
 use syncfleet_core::Config;
-use syncfleet_core::config::ProducerConfig;
+use syncfleet_core::config::{DbConfig, ProducerConfig};
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::ShutdownSignal;
 use syncfleet_db::ceiling::Ceiling;
@@ -59,7 +59,7 @@ pub async fn run(
         // A dedicated connection: the lock lives exactly as long as it.
         let leader = tokio::select! {
             _ = shutdown.wait() => break,
-            leader = elect(&config, &key) => leader,
+            leader = elect(&config.destination, &key) => leader,
         };
         let Some(lock) = leader else {
             tokio::select! {
@@ -92,13 +92,26 @@ pub async fn run(
     Ok(())
 }
 
-/// One attempt at leadership: the lock's connection when this process won.
-async fn elect(config: &Config, key: &str) -> Option<tokio_postgres::Client> {
+/// One attempt at leadership, on the `destination`: the lock's connection
+/// when this process won.
+async fn elect(destination: &DbConfig, key: &str) -> Option<tokio_postgres::Client> {
     use std::str::FromStr;
-    let mut pg = tokio_postgres::Config::from_str(config.destination.url.expose()).ok()?;
+    let mut pg = tokio_postgres::Config::from_str(destination.url.expose()).ok()?;
     // Operators (and tests) find the leader by this name in pg_stat_activity.
     pg.application_name(format!("syncfleet-leader-{}", std::process::id()));
-    pg.connect_timeout(config.destination.connect_timeout);
+    pg.connect_timeout(destination.connect_timeout);
+    // The lock lasts as long as the server keeps this session. Should the
+    // leader's host vanish without closing it (a partition, a dropped NAT
+    // entry), the server's keepalives end the session, and free the lock
+    // for a standby, within about half a minute rather than the kernel's
+    // default of over two hours.
+    let options = format!(
+        "{} -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
+         -c tcp_user_timeout=30000",
+        pg.get_options().unwrap_or_default()
+    );
+    pg.options(options.trim());
+    pg.keepalives_idle(Duration::from_secs(10));
     let (client, connection) = pg.connect(tokio_postgres::NoTls).await.ok()?;
     tokio::spawn(connection);
     let won: bool = client
@@ -334,6 +347,47 @@ async fn report_progress(destination: &Pool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Against the test server (`SYNCFLEET_TEST_PG_URL`): the leader's
+    /// session carries the keepalives that end it when its host vanishes.
+    #[tokio::test]
+    async fn the_leaders_session_ends_soon_after_its_host_vanishes() {
+        let url = std::env::var("SYNCFLEET_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let destination = DbConfig {
+            url: syncfleet_core::secret::SecretUrl::new(url),
+            max_connections: 1,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: None,
+        };
+        let key = format!("syncfleet.test-leader/{}", std::process::id());
+        let leader = elect(&destination, &key).await.expect("elected");
+        let settings: Vec<String> = leader
+            .query(
+                "SELECT name || '=' || setting FROM pg_settings \
+                 WHERE name IN ('tcp_keepalives_idle', 'tcp_keepalives_interval', \
+                                'tcp_keepalives_count', 'tcp_user_timeout') ORDER BY name",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            settings,
+            [
+                "tcp_keepalives_count=3",
+                "tcp_keepalives_idle=10",
+                "tcp_keepalives_interval=5",
+                "tcp_user_timeout=30000"
+            ]
+        );
+        assert!(
+            elect(&destination, &key).await.is_none(),
+            "one leader at a time"
+        );
+    }
 
     #[test]
     fn a_full_run_that_did_not_start_stays_due() {
