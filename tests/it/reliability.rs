@@ -699,3 +699,35 @@ async fn a_run_stopped_halfway_is_resumed_with_exactly_the_missing_batches() {
         String::from_utf8_lossy(&verify.stdout)
     );
 }
+
+/// A job delivered again after its batch succeeded, and failing for good
+/// this time, leaves its batch done and its run going; a batch not yet
+/// done that fails for good fails its run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_a_done_batch_leaves_it_and_its_run_alone() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let run_id = env.plan(&config).await.run_id;
+    env.dest
+        .execute(
+            "UPDATE syncfleet.batches SET status = 'done' WHERE run_id = $1 AND batch_no = 1",
+            &[&run_id],
+        )
+        .await
+        .unwrap();
+    let mut client = crate::helpers::connect(&env.dest_url).await;
+
+    control::fail_batch(&mut client, run_id, "items", 1, "boom")
+        .await
+        .unwrap();
+    assert_eq!(run_status(&env, run_id).await.status, "running");
+    assert_eq!(batch_attempts(&env, run_id).await[0].1, "done");
+
+    control::fail_batch(&mut client, run_id, "items", 2, "boom")
+        .await
+        .unwrap();
+    assert_eq!(run_status(&env, run_id).await.status, "failed");
+    assert_eq!(batch_attempts(&env, run_id).await[1].1, "failed");
+}

@@ -741,6 +741,8 @@ pub async fn run_progress(
 }
 
 /// Records a batch that cannot succeed, and fails its run with the reason.
+/// A batch already done (a job delivered again after it succeeded) stays
+/// done, and its run is left alone.
 pub async fn fail_batch(
     client: &mut Client,
     run_id: i64,
@@ -749,12 +751,16 @@ pub async fn fail_batch(
     error: &str,
 ) -> Result<(), DbError> {
     let tx = client.transaction().await?;
-    tx.execute(
-        "UPDATE syncfleet.batches SET status = 'failed', attempts = attempts + 1, error = $4, \
-         finished_at = now() WHERE run_id = $1 AND stream = $2 AND batch_no = $3 AND status <> 'done'",
-        &[&run_id, &stream, &batch_no, &error],
-    )
-    .await?;
+    let failed = tx
+        .execute(
+            "UPDATE syncfleet.batches SET status = 'failed', attempts = attempts + 1, error = $4, \
+             finished_at = now() WHERE run_id = $1 AND stream = $2 AND batch_no = $3 AND status <> 'done'",
+            &[&run_id, &stream, &batch_no, &error],
+        )
+        .await?;
+    if failed == 0 {
+        return Ok(());
+    }
     fail_run(
         &tx,
         run_id,
