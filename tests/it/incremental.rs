@@ -253,6 +253,12 @@ async fn events_from_any_publisher_reach_the_destination() {
             r#"{"table": "orders", "op": "upsert", "ids": [1]}"#,
         ),
         ("x", "{not json"),
+        // Coalesced with the ids above, an id the server cannot cast would
+        // fail their job: it is dead-lettered with its event instead.
+        (
+            "users",
+            r#"{"table": "users", "op": "upsert", "ids": ["abc"]}"#,
+        ),
     ] {
         publish_event(&env, key, body).await;
     }
@@ -269,8 +275,8 @@ async fn events_from_any_publisher_reach_the_destination() {
                 == TestEnv::rows(&env.dest, "SELECT * FROM users").await
     })
     .await;
-    env.eventually("the malformed event's dead letter", 30, || async {
-        env.dead_letters().await == 1
+    env.eventually("the malformed events' dead letters", 30, || async {
+        env.dead_letters().await == 2
     })
     .await;
     shutdown.trigger();
@@ -281,13 +287,17 @@ async fn events_from_any_publisher_reach_the_destination() {
         1,
         "orders: no stream reads it"
     );
-    assert_eq!(counters.events_dead.load(Ordering::Relaxed), 1);
+    assert_eq!(counters.events_dead.load(Ordering::Relaxed), 2);
     let list = env
         .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "list"])
         .await;
     let stdout = String::from_utf8_lossy(&list.stdout);
     assert!(
         stdout.contains("malformed event") && stdout.contains("not JSON"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("'abc' is not a valid value of column id of stream 'users'"),
         "{stdout}"
     );
 }

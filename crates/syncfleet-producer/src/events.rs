@@ -46,6 +46,32 @@ const POSITION_TIMEOUT: Duration = Duration::from_secs(5);
 struct Route {
     stream: String,
     columns: Vec<String>,
+    /// The columns' type OIDs, to check ids against (see [`fits`]).
+    types: Vec<u32>,
+}
+
+/// Whether `value` is valid input for the type `oid`, as far as syncfleet
+/// can tell without asking the server: integers and uuids are checked,
+/// other types pass. One id the server cannot cast would fail the whole
+/// coalesced job it shares with other events' ids, so it is dead-lettered
+/// with its event instead.
+fn fits(oid: u32, value: &str) -> bool {
+    let value = value.trim();
+    match oid {
+        20 => value.parse::<i64>().is_ok(),
+        23 => value.parse::<i32>().is_ok(),
+        21 => value.parse::<i16>().is_ok(),
+        2950 => {
+            let digits: Vec<char> = value
+                .trim_start_matches('{')
+                .trim_end_matches('}')
+                .chars()
+                .filter(|c| *c != '-')
+                .collect();
+            digits.len() == 32 && digits.iter().all(char::is_ascii_hexdigit)
+        }
+        _ => true,
+    }
 }
 
 /// A parsed event.
@@ -103,7 +129,7 @@ async fn routes(config: &Config, source: &Pool) -> Result<HashMap<String, Vec<Ro
             .await
             .map_err(|e| e.to_string())?;
         for (table, column) in stream.event_tables() {
-            let columns = match column {
+            let columns: Vec<String> = match column {
                 Some(c) => {
                     if !shape.columns.iter().any(|col| col.name == c) {
                         return Err(format!(
@@ -116,9 +142,20 @@ async fn routes(config: &Config, source: &Pool) -> Result<HashMap<String, Vec<Ro
                 }
                 None => shape.key_names().iter().map(|k| k.to_string()).collect(),
             };
+            let types = columns
+                .iter()
+                .map(|c| {
+                    shape
+                        .columns
+                        .iter()
+                        .find(|col| &col.name == c)
+                        .map_or(0, |col| col.type_oid)
+                })
+                .collect();
             routes.entry(table).or_default().push(Route {
                 stream: stream.name.clone(),
                 columns,
+                types,
             });
         }
     }
@@ -249,19 +286,28 @@ async fn take(
         let mut keys = Vec::with_capacity(event.ids.len());
         for id in &event.ids {
             let key: Option<Key> = id.iter().map(text).collect();
-            match key {
-                Some(k) if k.len() == route.columns.len() => keys.push(k),
-                _ => {
-                    let reason = format!(
-                        "ids for table {} must each be {} scalar value(s) ({}), got {}",
-                        event.table,
-                        route.columns.len(),
-                        route.columns.join(", "),
-                        Value::Array(id.clone())
-                    );
-                    return dead(delivery, publisher, counters, &reason).await;
+            let reason = match key {
+                Some(k) if k.len() == route.columns.len() => {
+                    match k.iter().zip(&route.types).position(|(v, t)| !fits(*t, v)) {
+                        None => {
+                            keys.push(k);
+                            continue;
+                        }
+                        Some(i) => format!(
+                            "ids for table {}: '{}' is not a valid value of column {} of stream '{}'",
+                            event.table, k[i], route.columns[i], route.stream
+                        ),
+                    }
                 }
-            }
+                _ => format!(
+                    "ids for table {} must each be {} scalar value(s) ({}), got {}",
+                    event.table,
+                    route.columns.len(),
+                    route.columns.join(", "),
+                    Value::Array(id.clone())
+                ),
+            };
+            return dead(delivery, publisher, counters, &reason).await;
         }
         let set = buffer.ids.entry(route.clone()).or_default();
         for k in keys {
@@ -377,6 +423,16 @@ async fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_checked_against_integer_and_uuid_columns() {
+        assert!(fits(20, "42") && fits(20, " -9223372036854775808 ") && fits(23, "+7"));
+        assert!(!fits(20, "abc") && !fits(23, "4294967296") && !fits(21, "1.5"));
+        assert!(fits(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"));
+        assert!(fits(2950, "{A0EEBC999C0B4EF8BB6D6BB9BD380A11}"));
+        assert!(!fits(2950, "a0eebc99-9c0b") && !fits(2950, "g0eebc999c0b4ef8bb6d6bb9bd380a11"));
+        assert!(fits(25, "anything") && fits(1700, "not checked"));
+    }
 
     #[test]
     fn parses_events_and_names_what_is_wrong() {
