@@ -731,3 +731,57 @@ async fn failing_a_done_batch_leaves_it_and_its_run_alone() {
     assert_eq!(run_status(&env, run_id).await.status, "failed");
     assert_eq!(batch_attempts(&env, run_id).await[1].1, "failed");
 }
+
+/// A worker whose prefetch (sized for a stream of tiny batches) brought it
+/// more large jobs than it can run hands back those that waited longer
+/// than their deadline, and an idle worker takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_hands_back_the_jobs_it_cannot_get_to_in_time() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE tiny (id int PRIMARY KEY, v text);
+             INSERT INTO tiny SELECT i, 'v' || i FROM generate_series(1, 10) i;
+             CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 6000) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    // Each slow job sleeps a second on the source; they may wait 3 s.
+    let text = env
+        .config_text(
+            "[[stream]]\nname = \"tiny\"\ntable = \"tiny\"\nbatch_size = 10\n\
+             [[stream]]\nname = \"slow\"\n\
+             query = \"SELECT id, v FROM items WHERE id > (SELECT -1 FROM pg_sleep(1))\"\n\
+             key = [\"id\"]\nbatch_size = 1000\ndeadline = \"3s\"\ndestination_table = \"items\"\n",
+        )
+        .replace("concurrency = 3", "concurrency = 1");
+    let config =
+        std::sync::Arc::new(syncfleet_core::Config::load(&env.write("hoard.toml", &text)).unwrap());
+    let first = Fleet::start(&config, 1);
+    let run_id = env.plan(&config).await.run_id;
+    // The first worker has taken every job by now; the second starts idle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = Fleet::start(&config, 1);
+    env.wait(run_id).await;
+    second.stop().await;
+    first.stop().await;
+
+    let workers: i64 = env
+        .dest
+        .query_one(
+            "SELECT count(DISTINCT worker) FROM syncfleet.batches \
+             WHERE run_id = $1 AND stream = 'slow'",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(workers, 2, "the slow jobs stayed with the first worker");
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+    assert_eq!(env.dead_letters().await, 0);
+}

@@ -107,7 +107,8 @@ fn weight(config: &Config, job: &Result<Job, JobDecodeError>) -> u32 {
 /// `concurrency` times this, so that groups can form while every slot is
 /// busy, and stays `concurrency` for batches of `GROUP_ROWS` or more, which
 /// never share a transaction (a worker should not hoard large jobs that an
-/// idle one could take).
+/// idle one could take; with streams of both sizes it can, and hands back
+/// those it cannot get to in time, see [`Pending::hand_back_at`]).
 fn group_size(config: &Config) -> u16 {
     let smallest = config
         .streams
@@ -122,6 +123,13 @@ fn group_size(config: &Config) -> u16 {
 struct Pending {
     delivery: Delivery,
     job: Result<Job, JobDecodeError>,
+    /// When it is handed back to the broker if it still waits: its
+    /// deadline after it came. The prefetch that lets small jobs group also
+    /// lets a worker hold many large ones; one of them waiting here longer
+    /// than it may run goes back for an idle worker to take, and no
+    /// delivery is held past the broker's consumer timeout (every deadline
+    /// is under half of it).
+    hand_back_at: tokio::time::Instant,
 }
 
 /// Takes the next group from the front of `pending`.
@@ -298,8 +306,12 @@ async fn session(
             let group = next_group(config, &mut pending);
             in_flight.spawn(handle_group(context.clone(), group));
         }
+        let hand_back_at = pending.iter().map(|p| p.hand_back_at).min();
         tokio::select! {
             _ = shutdown.wait() => break None,
+            _ = async { tokio::time::sleep_until(hand_back_at.expect("guarded")).await }, if hand_back_at.is_some() => {
+                hand_back_waiting(context, &mut pending).await;
+            }
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(e) = done {
                     tracing::error!(error = %e, "a job task failed to complete");
@@ -308,7 +320,13 @@ async fn session(
             delivery = consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
                     let job = Job::decode(&delivery.data);
-                    pending.push_back(Pending { delivery, job });
+                    let deadline = job
+                        .as_ref()
+                        .ok()
+                        .and_then(|j| config.stream(&j.stream))
+                        .map_or(config.jobs.deadline, |s| s.deadline);
+                    let hand_back_at = tokio::time::Instant::now() + deadline;
+                    pending.push_back(Pending { delivery, job, hand_back_at });
                 }
                 Some(Err(e)) => break Some(WorkerError::from(e)),
                 None => break Some(WorkerError::Broker(BrokerError::Connect {
@@ -345,6 +363,37 @@ async fn session(
     let _ = channel.close(200, "worker stopping".into()).await;
     let _ = connection.close(200, "worker stopping".into()).await;
     SessionEnd::Stopped
+}
+
+/// Hands the deliveries that waited here past their time back to the
+/// broker (see [`Pending::hand_back_at`]), to the back of the work queue
+/// through a delay queue rather than by a requeue, which the work queue's
+/// delivery limit would count against the job.
+async fn hand_back_waiting(context: &Context, pending: &mut VecDeque<Pending>) {
+    let now = tokio::time::Instant::now();
+    let (expired, kept): (VecDeque<Pending>, VecDeque<Pending>) = std::mem::take(pending)
+        .into_iter()
+        .partition(|p| p.hand_back_at <= now);
+    *pending = kept;
+    if !expired.is_empty() {
+        tracing::info!(
+            jobs = expired.len(),
+            "jobs waited here for a free slot longer than their deadline; handing them back for an idle worker"
+        );
+    }
+    for p in expired {
+        let id = p.job.as_ref().map_or_else(|_| "job".into(), Job::id);
+        let meta = Meta::from_properties(&p.delivery.properties);
+        park(
+            context,
+            &p.delivery,
+            &id,
+            meta,
+            Duration::from_millis(1),
+            false,
+        )
+        .await;
+    }
 }
 
 /// Every few seconds: pool use and queue depths, for dashboards.
@@ -395,7 +444,7 @@ async fn drain(in_flight: &mut JoinSet<()>) {
 async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
     let mut deliveries = Vec::with_capacity(group.len());
     let mut jobs = Vec::with_capacity(group.len());
-    for Pending { delivery, job } in group {
+    for Pending { delivery, job, .. } in group {
         match job {
             Ok(job) => {
                 deliveries.push(delivery);
