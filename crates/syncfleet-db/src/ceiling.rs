@@ -3,10 +3,11 @@
 //! which every process of the fleet shares, so the ceiling holds however
 //! many of them run, and a slot is released with its transaction even if
 //! its holder dies. Workers take one per batch transaction (pipelined with
-//! its start); the planner takes one per source read through [`Ceiling`].
+//! its start); the planner and `syncfleet verify` take one per source read
+//! through [`Ceiling`].
 //!
-//! While the adaptive throttle holds the fleet below level one, the
-//! planner's walk is paced as the workers' reads are ([`Ceiling::pace`]).
+//! While the adaptive throttle holds the fleet below level one, their reads
+//! are paced as the workers' are ([`Ceiling::pace`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -64,7 +65,8 @@ where
 }
 
 /// The ceiling for source reads outside the workers' batches: the
-/// planner's walk of a stream's keys, a chunk per read.
+/// planner's walk of a stream's keys, a chunk per read, and verify's
+/// walk and checksums.
 #[derive(Debug, Clone)]
 pub struct Ceiling {
     slots: Option<i32>,
