@@ -37,17 +37,29 @@ impl fmt::Debug for SecretUrl {
 
 /// Masks the password of a `scheme://user:pass@host/...` URL, and of
 /// `password=...` in a libpq key/value string or URL query.
+///
+/// The user information runs to the *last* `@`, as the drivers read it, so
+/// a password holding `/`, `?`, `#` or `@` is masked whole (a URL with an
+/// `@` further on may lose more than its password, never less). A string
+/// that is not quite a URL (`postgres:/app:pw@db`) loses everything between
+/// its scheme and its last `@`.
 pub fn redact(url: &str) -> String {
     let mut out = url.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let rest = scheme_end + 3;
-        let authority_end = out[rest..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| rest + i);
-        if let Some(at) = out[rest..authority_end].rfind('@') {
-            let userinfo = &out[rest..rest + at];
-            if let Some(colon) = userinfo.find(':') {
-                out.replace_range(rest + colon + 1..rest + at, "***");
+    match out.find("://") {
+        Some(scheme_end) => {
+            let rest = scheme_end + 3;
+            if let Some(at) = out[rest..].rfind('@') {
+                let userinfo = &out[rest..rest + at];
+                if let Some(colon) = userinfo.find(':') {
+                    out.replace_range(rest + colon + 1..rest + at, "***");
+                }
+            }
+        }
+        None => {
+            if let (Some(colon), Some(at)) = (out.find(':'), out.rfind('@'))
+                && colon < at
+            {
+                out.replace_range(colon + 1..at, "***");
             }
         }
     }
@@ -85,6 +97,12 @@ mod tests {
             "amqp://guest:***@mq/%2f"
         );
         assert_eq!(redact("postgres://app@db/app"), "postgres://app@db/app");
+        assert_eq!(
+            redact("postgres://app:ab/cd?e#f@db:5432/app"),
+            "postgres://app:***@db:5432/app"
+        );
+        assert_eq!(redact("postgres:/app:pw@db/app"), "postgres:***@db/app");
+        assert_eq!(redact("postgres://db:5432/app"), "postgres://db:5432/app");
         assert_eq!(
             redact("host=db password=hunter2 user=x"),
             "host=db password=*** user=x"
