@@ -480,3 +480,46 @@ async fn a_null_key_fails_planning_by_name() {
         );
     }
 }
+
+/// `sync --incremental --wait` starts one run per stream, prints each id,
+/// and fails if any of them failed, not only the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_sync_fails_if_any_streams_run_failed() {
+    let env = TestEnv::new().await;
+    let tables = "CREATE TABLE bad (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE good (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());";
+    env.source.batch_execute(tables).await.unwrap();
+    env.source
+        .batch_execute(
+            "INSERT INTO bad (id, v) SELECT i, 'v' || i FROM generate_series(1, 10) i;
+             INSERT INTO good (id, v) SELECT i, 'v' || i FROM generate_series(1, 10) i;",
+        )
+        .await
+        .unwrap();
+    // The destination refuses one of bad's rows, for good.
+    env.dest.batch_execute(tables).await.unwrap();
+    env.dest
+        .batch_execute("ALTER TABLE bad ADD CONSTRAINT no_v3 CHECK (v <> 'v3')")
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"bad\"\ntable = \"bad\"\ncursor = \"updated_at\"\n\
+         [[stream]]\nname = \"good\"\ntable = \"good\"\ncursor = \"updated_at\"\n",
+    );
+    let fleet = Fleet::start(&config, 1);
+    let out = env
+        .cli(
+            &env.dir.join("syncfleet.toml"),
+            &["sync", "--incremental", "--wait"],
+        )
+        .await;
+    fleet.stop().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(stdout.lines().count(), 2, "one run id per stream: {stdout}");
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM good").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM good").await
+    );
+}

@@ -49,7 +49,7 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
     let publisher = Publisher::connect(&config.broker, "producer").await?;
     let ceiling = Ceiling::new(config);
-    let run_id = match args.resume {
+    let run_ids: Vec<i64> = match args.resume {
         Some(run_id) => {
             let result = syncfleet_producer::resume_run(
                 &source,
@@ -63,10 +63,10 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
             publisher.close().await;
             let published = result?;
             eprintln!("resumed run {run_id}: published {published} job(s)");
-            run_id
+            vec![run_id]
         }
         None if args.incremental => {
-            let mut last = 0;
+            let mut runs = Vec::with_capacity(streams.len());
             for stream in &streams {
                 let result = syncfleet_producer::start_incremental_run(
                     &source,
@@ -84,13 +84,10 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
                     }
                 };
                 tracing::info!("{plan}");
-                if args.wait {
-                    status::wait_for_run(&destination, plan.run_id, args.timeout, true).await?;
-                }
-                last = plan.run_id;
+                runs.push(plan.run_id);
             }
             publisher.close().await;
-            last
+            runs
         }
         None => {
             let result = syncfleet_producer::start_run(
@@ -104,17 +101,24 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
             publisher.close().await;
             let plan = result?;
             tracing::info!("{plan}");
-            plan.run_id
+            vec![plan.run_id]
         }
     };
-    println!("{run_id}");
+    for run_id in &run_ids {
+        println!("{run_id}");
+    }
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    let run = status::wait_for_run(&destination, run_id, args.timeout, true).await?;
-    Ok(if run.status == "succeeded" {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    // Every run is waited for, and any that did not succeed fails the
+    // command (an incremental sync starts one run per stream).
+    let mut succeeded = true;
+    for run_id in run_ids {
+        let run = status::wait_for_run(&destination, run_id, args.timeout, true).await?;
+        succeeded &= run.status == "succeeded";
+    }
+    Ok(match succeeded {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::from(1),
     })
 }
