@@ -99,6 +99,21 @@ h, = kinds(hpa, "HorizontalPodAutoscaler")
 check(h["spec"]["scaleTargetRef"]["name"] == "syncfleet-worker", "HPA target")
 rc, = kinds(rmq, "RabbitmqCluster")
 check(rc["spec"]["replicas"] == 3, "RabbitmqCluster replicas")
+check(rc["metadata"]["labels"].get("app.kubernetes.io/name") == "rabbitmq", "RabbitmqCluster labels")
+# An overlay must leave syncfleet's objects wired as the base does: the
+# Deployments' selectors (immutable once deployed) and pods, the metrics
+# Service and the ServiceMonitor.
+for name, docs in (("hpa", hpa), ("rabbitmq", rmq)):
+    svc_o, = kinds(docs, "Service")
+    sm_o, = kinds(docs, "ServiceMonitor")
+    check(svc_o["spec"]["selector"] == svc["spec"]["selector"], f"{name} overlay: metrics Service selector")
+    check(all(svc_o["metadata"]["labels"].get(k) == v for k, v in sm_o["spec"]["selector"]["matchLabels"].items()),
+          f"{name} overlay: ServiceMonitor selector does not match the Service")
+    for d in kinds(docs, "Deployment"):
+        n = d["metadata"]["name"]
+        check(d["spec"]["selector"] == deploys[n]["spec"]["selector"], f"{name} overlay: {n} selector differs from the base's")
+        check(all(d["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in svc_o["spec"]["selector"].items()),
+              f"{name} overlay: {n} not behind the metrics Service")
 if errors:
     print("check: CRD/field checks failed:\n  " + "\n  ".join(errors), file=sys.stderr); sys.exit(1)
 print("check: CRD objects and cross-references ok")

@@ -22,27 +22,9 @@ pub async fn queue_counts(
     vhost: &str,
     queue: &str,
 ) -> Result<QueueCounts, String> {
-    let rest = url
-        .expose()
-        .strip_prefix("http://")
-        .ok_or("the management URL must start with http://")?;
-    let (authority, _) = rest.split_once('/').unwrap_or((rest, ""));
-    let (credentials, host) = match authority.rsplit_once('@') {
-        Some((c, h)) => (Some(c), h),
-        None => (None, authority),
-    };
-    let path = format!("/api/queues/{}/{}", encode(vhost), encode(queue));
-    let mut request =
-        format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n");
-    if let Some(c) = credentials {
-        request.push_str(&format!(
-            "Authorization: Basic {}\r\n",
-            base64(c.as_bytes())
-        ));
-    }
-    request.push_str("\r\n");
+    let (host, request) = request(url.expose(), vhost, queue)?;
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(host)
+        let mut stream = tokio::net::TcpStream::connect(&host)
             .await
             .map_err(|e| e.to_string())?;
         stream
@@ -78,6 +60,38 @@ pub async fn queue_counts(
         unacked: n("messages_unacknowledged"),
         consumers: n("consumers"),
     })
+}
+
+/// The address to connect to and the GET request for one queue.
+fn request(url: &str, vhost: &str, queue: &str) -> Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("the management URL must start with http://")?;
+    let (authority, _) = rest.split_once('/').unwrap_or((rest, ""));
+    let (credentials, host) = match authority.rsplit_once('@') {
+        Some((c, h)) => (Some(c), h),
+        None => (None, authority),
+    };
+    // A URL without a port means HTTP's own.
+    let host = match host.rsplit_once(':') {
+        Some((_, port)) if !port.contains(']') => host.to_string(),
+        _ => format!("{host}:80"),
+    };
+    let path = format!("/api/queues/{}/{}", encode(vhost), encode(queue));
+    let mut request =
+        format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n");
+    if let Some(c) = credentials {
+        // The URL's user and password are percent-encoded (`p%40ss` for
+        // `p@ss`); basic auth wants them as they are.
+        let (user, password) = c.split_once(':').unwrap_or((c, ""));
+        let plain = format!("{}:{}", decode(user), decode(password));
+        request.push_str(&format!(
+            "Authorization: Basic {}\r\n",
+            base64(plain.as_bytes())
+        ));
+    }
+    request.push_str("\r\n");
+    Ok((host, request))
 }
 
 /// Percent-encodes a path segment.
@@ -121,20 +135,30 @@ pub fn vhost(amqp_url: &str) -> String {
     if path.is_empty() {
         return "/".into();
     }
-    let bytes = path.as_bytes();
-    let mut out = Vec::new();
+    decode(path)
+}
+
+/// Percent-decodes URL text (`%2f` → `/`); a `%` without two hex digits
+/// after it stays as it is.
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len() + 1
-            && let Ok(b) = u8::from_str_radix(&path[i + 1..(i + 3).min(path.len())], 16)
-        {
-            out.push(b);
-            i += 3;
-            continue;
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
         }
-        out.push(bytes[i]);
-        i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
 }
@@ -152,5 +176,12 @@ mod tests {
         assert_eq!(vhost("amqp://g:g@h:5672/%2f"), "/");
         assert_eq!(vhost("amqp://h/prod"), "prod");
         assert_eq!(vhost("amqp://h"), "/");
+        assert_eq!(decode("p%40ss%2F%zz%4"), "p@ss/%zz%4");
+        let (host, get) = request("http://u:p%40ss@mq/%2f", "/", "sf.work").unwrap();
+        assert_eq!(host, "mq:80");
+        assert!(get.starts_with("GET /api/queues/%2F/sf.work HTTP/1.0\r\nHost: mq:80\r\n"));
+        assert!(get.contains(&format!("Authorization: Basic {}\r\n", base64(b"u:p@ss"))));
+        let (host, _) = request("http://mq:15672", "/", "q").unwrap();
+        assert_eq!(host, "mq:15672");
     }
 }
