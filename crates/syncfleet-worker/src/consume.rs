@@ -366,9 +366,10 @@ async fn session(
 }
 
 /// Hands the deliveries that waited here past their time back to the
-/// broker (see [`Pending::hand_back_at`]), to the back of the work queue
-/// through a delay queue rather than by a requeue, which the work queue's
-/// delivery limit would count against the job.
+/// broker (see [`Pending::hand_back_at`]): a copy to the back of the work
+/// queue, as the same attempt, then an ack. A requeue would count against
+/// the work queue's delivery limit, and a delay queue could hold it behind
+/// a long retry.
 async fn hand_back_waiting(context: &Context, pending: &mut VecDeque<Pending>) {
     let now = tokio::time::Instant::now();
     let (expired, kept): (VecDeque<Pending>, VecDeque<Pending>) = std::mem::take(pending)
@@ -383,16 +384,18 @@ async fn hand_back_waiting(context: &Context, pending: &mut VecDeque<Pending>) {
     }
     for p in expired {
         let id = p.job.as_ref().map_or_else(|_| "job".into(), Job::id);
-        let meta = Meta::from_properties(&p.delivery.properties);
-        park(
-            context,
-            &p.delivery,
-            &id,
-            meta,
-            Duration::from_millis(1),
-            false,
-        )
-        .await;
+        let headers = Meta::from_properties(&p.delivery.properties).again(now_ms());
+        match context
+            .publisher
+            .publish_work(&p.delivery.data, &id, headers)
+            .await
+        {
+            Ok(()) => settle(p.delivery.ack(BasicAckOptions::default()).await),
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "could not hand the job back; requeueing it");
+                settle(p.delivery.nack(requeue()).await);
+            }
+        }
     }
 }
 
