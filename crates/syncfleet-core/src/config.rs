@@ -507,6 +507,23 @@ impl Config {
     }
 }
 
+/// An environment variable's whole number of seconds, at most what a
+/// duration in the file can say (so that adding it to a clock cannot
+/// overflow).
+fn seconds(name: &str, value: &str) -> Result<Duration, ConfigError> {
+    value
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|s| s.checked_mul(1_000_000).is_some())
+        .map(Duration::from_secs)
+        .ok_or_else(|| ConfigError::Invalid {
+            origin: "environment".into(),
+            field: name.into(),
+            message: format!("expected a whole number of seconds, got {value:?}"),
+        })
+}
+
 struct Validator<'a> {
     origin: &'a str,
 }
@@ -729,19 +746,7 @@ impl Validator<'_> {
         raw: RawProducer,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<ProducerConfig, ConfigError> {
-        let env_seconds = |name: &str| -> Result<Option<Duration>, ConfigError> {
-            match env(name) {
-                None => Ok(None),
-                Some(v) => match v.trim().parse::<u64>() {
-                    Ok(s) => Ok(Some(Duration::from_secs(s))),
-                    Err(_) => Err(ConfigError::Invalid {
-                        origin: "environment".into(),
-                        field: name.into(),
-                        message: format!("expected a whole number of seconds, got {v:?}"),
-                    }),
-                },
-            }
-        };
+        let env_seconds = |name: &str| env(name).map(|v| seconds(name, &v)).transpose();
         let interval = match env_seconds(ENV_INTERVAL_SECONDS)? {
             Some(d) if !d.is_zero() => d,
             Some(_) => {
@@ -819,14 +824,15 @@ impl Validator<'_> {
             None => raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
         };
         if !(1..=100).contains(&max_attempts) {
-            return Err(self.invalid(
-                "jobs.max_attempts",
-                format!("expected 1 to 100, got {max_attempts}"),
-            ));
+            let message = format!("expected 1 to 100, got {max_attempts}");
+            return Err(match env(ENV_MAX_RETRIES) {
+                Some(_) => env_error(ENV_MAX_RETRIES, message),
+                None => self.invalid("jobs.max_attempts", message),
+            });
         }
         let retry_initial = match env(ENV_DELAY_SECONDS) {
-            Some(v) => match v.trim().parse::<u64>() {
-                Ok(secs) if secs > 0 => Duration::from_secs(secs),
+            Some(v) => match seconds(ENV_DELAY_SECONDS, &v)? {
+                secs if !secs.is_zero() => secs,
                 _ => {
                     return Err(env_error(
                         ENV_DELAY_SECONDS,
@@ -840,11 +846,20 @@ impl Validator<'_> {
                 DEFAULT_RETRY_INITIAL,
             )?,
         };
-        let retry_max = self.duration("jobs.retry_max", raw.retry_max, DEFAULT_RETRY_MAX)?;
+        // Unset, the ceiling rises to a first delay set above it (as
+        // SYNC_DELAY_SECONDS may be); set, it must hold it.
+        let retry_max = match raw.retry_max {
+            None => DEFAULT_RETRY_MAX.max(retry_initial),
+            set => self.duration("jobs.retry_max", set, DEFAULT_RETRY_MAX)?,
+        };
         if retry_max < retry_initial {
+            let from = match env(ENV_DELAY_SECONDS) {
+                Some(_) => format!(", from {ENV_DELAY_SECONDS}"),
+                None => String::new(),
+            };
             return Err(self.invalid(
                 "jobs.retry_max",
-                format!("must be at least jobs.retry_initial ({retry_initial:?})"),
+                format!("must be at least jobs.retry_initial ({retry_initial:?}{from})"),
             ));
         }
         Ok(JobsConfig {
@@ -1071,6 +1086,43 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("SYNC_MAX_RETRIES") && e.contains("lots"), "{e}");
+
+        // Errors name the variable that caused them, not a field the file
+        // never set.
+        let with = |name: &'static str, value: &'static str| {
+            Config::parse("test.toml", GOOD, move |k| {
+                (k == name).then(|| value.into())
+            })
+        };
+        let e = with(ENV_MAX_RETRIES, "0").unwrap_err().to_string();
+        assert!(
+            e.contains("environment") && e.contains("SYNC_MAX_RETRIES"),
+            "{e}"
+        );
+        // A first delay above the default ceiling raises the ceiling.
+        let c = with(ENV_DELAY_SECONDS, "120").unwrap();
+        assert_eq!(
+            (c.jobs.retry.initial, c.jobs.retry.max),
+            (Duration::from_secs(120), Duration::from_secs(120))
+        );
+        let capped = Config::parse(
+            "test.toml",
+            &GOOD.replace("[broker]", "[jobs]\nretry_max = \"60s\"\n[broker]"),
+            |k| (k == ENV_DELAY_SECONDS).then(|| "120".into()),
+        );
+        let e = capped.unwrap_err().to_string();
+        assert!(
+            e.contains("jobs.retry_max") && e.contains("from SYNC_DELAY_SECONDS"),
+            "{e}"
+        );
+        // Seconds a clock cannot add are refused, not a panic later.
+        for name in [ENV_INTERVAL_SECONDS, ENV_DELAY_SECONDS] {
+            let e = with(name, "18446744073709551615").unwrap_err().to_string();
+            assert!(
+                e.contains(name) && e.contains("whole number of seconds"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
