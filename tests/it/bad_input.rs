@@ -176,7 +176,8 @@ async fn unreachable_servers_are_named_without_passwords() {
             "source",
             good.replacen(
                 &env.source_url,
-                "postgres://app:hunter2secret@127.0.0.1:1/app",
+                // A password holding `/` is masked whole too.
+                "postgres://app:hunter2/secret@127.0.0.1:1/app",
                 1,
             ),
             "cannot connect to the source database postgres://app:***@127.0.0.1:1/app",
@@ -211,6 +212,30 @@ async fn unreachable_servers_are_named_without_passwords() {
                 "{what} {command:?} leaked: {stderr}"
             );
         }
+    }
+    assert_eq!(env.queue_depth().await, 0);
+}
+
+/// A run id that does not exist is bad usage (exit 2), for `sync --resume`
+/// and for `status`, in text or JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_run_id_is_a_usage_error() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(APP).await.unwrap();
+    env.migrate().await;
+    let path = env.write(
+        "runs.toml",
+        &env.config_text("[[stream]]\nname = \"users\"\ntable = \"users\"\n"),
+    );
+    for command in [
+        &["sync", "--resume", "424242"][..],
+        &["status", "424242"][..],
+        &["status", "--json", "424242"][..],
+    ] {
+        let out = env.cli(&path, command).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(stderr.contains("424242"), "{command:?}: {stderr}");
     }
     assert_eq!(env.queue_depth().await, 0);
 }

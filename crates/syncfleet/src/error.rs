@@ -44,7 +44,7 @@ impl From<ShapeError> for CliError {
 impl From<PlanError> for CliError {
     fn from(e: PlanError) -> Self {
         match e {
-            PlanError::Invalid(_) => CliError::Usage(e.to_string()),
+            PlanError::Invalid(_) | PlanError::UnknownRun(_) => CliError::Usage(e.to_string()),
             _ => CliError::Failed(e.to_string()),
         }
     }

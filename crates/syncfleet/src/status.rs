@@ -205,7 +205,11 @@ async fn json(
     use serde_json::json;
     let client = destination.get().await?;
     let run = match run_id {
-        Some(id) => control::run(&**client, id).await?,
+        Some(id) => Some(
+            control::run(&**client, id)
+                .await?
+                .ok_or_else(|| CliError::Usage(format!("no run with id {id}")))?,
+        ),
         None => control::recent_runs(&**client, 1).await?.pop(),
     };
     let run_json = match &run {
