@@ -785,3 +785,63 @@ async fn a_worker_hands_back_the_jobs_it_cannot_get_to_in_time() {
     );
     assert_eq!(env.dead_letters().await, 0);
 }
+
+/// A run whose jobs were lost (here the work queue is purged; in life, the
+/// broker dead-letters a job at its delivery limit) makes no progress, is
+/// abandoned, and `sync --resume` publishes its pending batches again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_publishes_again_the_jobs_of_an_abandoned_run() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let run_id = env.plan(&config).await.run_id;
+    let connection = lapin::Connection::connect(&crate::helpers::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let purged = channel
+        .queue_purge(
+            Topology::new(&env.name).work_queue().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(purged, 4);
+    let _ = connection.close(200, "".into()).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let busy = control::stream_busy(&env.dest, "items", Duration::from_millis(10))
+        .await
+        .unwrap();
+    assert!(!busy);
+    assert!(
+        run_status(&env, run_id)
+            .await
+            .error
+            .unwrap_or_default()
+            .contains("abandoned")
+    );
+
+    let fleet = Fleet::start(&config, 1);
+    let out = env
+        .cli(
+            &env.dir.join("syncfleet.toml"),
+            &[
+                "sync",
+                "--resume",
+                &run_id.to_string(),
+                "--wait",
+                "--timeout",
+                "30s",
+            ],
+        )
+        .await;
+    fleet.stop().await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("published 4 job(s)"), "{stderr}");
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+}

@@ -597,6 +597,8 @@ pub async fn fail_planning_runs(
 /// made progress within `stale_after`. Runs that have not are failed here
 /// ("abandoned"): a producer that died mid-plan, or a batch the broker
 /// dead-lettered by its delivery limit, must not block the stream for ever.
+/// Their pending batches count as unpublished from then on: whatever became
+/// of their jobs, `sync --resume` publishes them again.
 pub async fn stream_busy(
     client: &impl GenericClient,
     stream: &str,
@@ -605,13 +607,17 @@ pub async fn stream_busy(
     let seconds = stale_after.as_secs_f64();
     client
         .execute(
-            "UPDATE syncfleet.runs r SET status = 'failed', finished_at = now(), \
-               error = format('abandoned: no progress for %s seconds; resume it with syncfleet sync --resume %s', $2::float8, r.id) \
-             FROM syncfleet.run_streams rs \
-             WHERE rs.run_id = r.id AND rs.stream = $1 AND r.status IN ('planning', 'running') \
-             AND greatest(r.created_at, r.planned_at, \
-                   (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
-                 < now() - make_interval(secs => $2::float8)",
+            "WITH abandoned AS ( \
+               UPDATE syncfleet.runs r SET status = 'failed', finished_at = now(), \
+                 error = format('abandoned: no progress for %s seconds; resume it with syncfleet sync --resume %s', $2::float8, r.id) \
+               FROM syncfleet.run_streams rs \
+               WHERE rs.run_id = r.id AND rs.stream = $1 AND r.status IN ('planning', 'running') \
+               AND greatest(r.created_at, r.planned_at, \
+                     (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
+                   < now() - make_interval(secs => $2::float8) \
+               RETURNING r.id) \
+             UPDATE syncfleet.batches b SET published_at = NULL FROM abandoned a \
+             WHERE b.run_id = a.id AND b.status = 'pending'",
             &[&stream, &seconds],
         )
         .await?;
