@@ -368,6 +368,12 @@ async fn flush(
     if taken.deliveries.is_empty() {
         return;
     }
+    // Event jobs belong to no run; their number (microseconds since the
+    // epoch, plus one per job) only tells their messages apart, so that a
+    // dead letter can be replayed by its id alone.
+    let first = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as i64);
     let mut jobs = Vec::new();
     for (route, ids) in taken.ids {
         let mut ids: Vec<Key> = ids.into_iter().collect();
@@ -376,7 +382,7 @@ async fn flush(
             jobs.push(Job::selection(
                 NO_RUN,
                 &route.stream,
-                0,
+                first + jobs.len() as i64,
                 Selection {
                     columns: route.columns.clone(),
                     values: chunk.to_vec(),
