@@ -296,17 +296,26 @@ impl TestEnv {
     }
 
     pub async fn depth_of(&self, queue: &str) -> u32 {
+        self.ready_and_consumers(queue).await.0
+    }
+
+    /// Consumers of this test's work queue (0 if it does not exist).
+    pub async fn work_consumers(&self) -> u32 {
+        let queue = Topology::new(&self.name).work_queue();
+        self.ready_and_consumers(&queue).await.1
+    }
+
+    async fn ready_and_consumers(&self, queue: &str) -> (u32, u32) {
         let connection = lapin::Connection::connect(&amqp_url(), Default::default())
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
-        let depth = Topology::new(&self.name)
+        let counts = Topology::new(&self.name)
             .depth(&channel, queue)
             .await
-            .map(|(ready, _)| ready)
-            .unwrap_or(0);
+            .unwrap_or((0, 0));
         let _ = connection.close(200, "".into()).await;
-        depth
+        counts
     }
 
     /// Publishes a raw body to this test's work queue, as a foreign

@@ -118,6 +118,12 @@ async fn two_workers_share_one_queue() {
             .unwrap()
     };
     let mut workers = [spawn(), spawn()];
+    // Both consume before any job is published: a worker that starts late
+    // on a busy machine could find the jobs all done.
+    env.eventually("both workers to consume", 60, || async {
+        env.work_consumers().await == 2
+    })
+    .await;
     let plan = env.plan(&config).await;
     env.wait(plan.run_id).await;
     let by_worker: Vec<i64> = env
