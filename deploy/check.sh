@@ -99,6 +99,7 @@ h, = kinds(hpa, "HorizontalPodAutoscaler")
 check(h["spec"]["scaleTargetRef"]["name"] == "syncfleet-worker", "HPA target")
 rc, = kinds(rmq, "RabbitmqCluster")
 check(rc["spec"]["replicas"] == 3, "RabbitmqCluster replicas")
+check(rc["spec"].get("image", "").startswith("rabbitmq:3."), "RabbitmqCluster image: a 3.x release")
 check(rc["metadata"]["labels"].get("app.kubernetes.io/name") == "rabbitmq", "RabbitmqCluster labels")
 # An overlay must leave syncfleet's objects wired as the base does: the
 # Deployments' selectors (immutable once deployed) and pods, the metrics
