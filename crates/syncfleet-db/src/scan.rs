@@ -122,21 +122,10 @@ impl<'t> KeyScan<'t> {
             self.finished = true;
         }
         self.chunk = (self.chunk * 2).min(CHUNK);
-        let mut keys = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let mut key = Vec::with_capacity(self.key_names.len());
-            for (i, name) in self.key_names.iter().enumerate() {
-                let value: Option<String> = row.get(i);
-                key.push(value.ok_or_else(|| ShapeError::Invalid {
-                    stream: self.stream.clone(),
-                    field: "key",
-                    message: format!(
-                        "key column '{name}' has NULL values; key columns must be NOT NULL"
-                    ),
-                })?);
-            }
-            keys.push(key);
-        }
+        let keys = rows
+            .iter()
+            .map(|row| row_key(row, 0, &self.stream, &self.key_names))
+            .collect::<Result<Vec<Key>, _>>()?;
         if keys.is_empty() && self.finished {
             return Ok(None);
         }
@@ -156,6 +145,32 @@ pub async fn apply_pace(
     let (names, values): (Vec<String>, Vec<String>) = pace.settings().into_iter().unzip();
     tx.execute(SET_SETTINGS, &[&names, &values]).await?;
     Ok(format!(" AND {}", pace_filter()))
+}
+
+/// The key that `row` holds in its columns from `first` on, in the text
+/// form of `key_names`' columns. A NULL key could never be addressed by a
+/// key range: it is an error naming the stream and the column.
+pub fn row_key(
+    row: &tokio_postgres::Row,
+    first: usize,
+    stream: &str,
+    key_names: &[impl AsRef<str>],
+) -> Result<Key, ShapeError> {
+    key_names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            row.get::<_, Option<String>>(first + i)
+                .ok_or_else(|| ShapeError::Invalid {
+                    stream: stream.to_string(),
+                    field: "key",
+                    message: format!(
+                        "key column '{}' has NULL values; key columns must be NOT NULL",
+                        name.as_ref()
+                    ),
+                })
+        })
+        .collect()
 }
 
 /// Whether table `$1` has a btree index that walks key `$2` (column

@@ -549,23 +549,9 @@ async fn plan_incremental(
         }
         let values: Vec<Key> = rows
             .iter()
-            .map(|r| {
-                (1..=keys.len())
-                    .map(|i| {
-                        r.get::<_, Option<String>>(i).ok_or_else(|| {
-                            PlanError::Invalid(ShapeError::Invalid {
-                                stream: stream.name.clone(),
-                                field: "key",
-                                message: format!(
-                                    "key column '{}' has NULL values; key columns must be NOT NULL",
-                                    keys[i - 1]
-                                ),
-                            })
-                        })
-                    })
-                    .collect()
-            })
-            .collect::<Result<_, _>>()?;
+            .map(|r| syncfleet_db::scan::row_key(r, 1, &stream.name, &keys))
+            .collect::<Result<_, _>>()
+            .map_err(PlanError::Invalid)?;
         let end = rows.last().expect("rows is not empty");
         last = Some((end.get(0), values.last().cloned().unwrap_or_default()));
         count += 1;
