@@ -228,8 +228,8 @@ async fn a_bad_job_in_a_shared_transaction_fails_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_lost_while_describing_a_stream_is_not_the_streams_fault() {
     // Describing a stream is its first query; a server going down under it
-    // must make the job wait for the server, not dead-letter it as a bad
-    // stream.
+    // must make the job wait for the server (counting the lost connection),
+    // not dead-letter it at once as a bad stream.
     let env = TestEnv::new().await;
     env.source.batch_execute(ITEMS).await.unwrap();
     let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\n");
@@ -248,9 +248,69 @@ async fn a_connection_lost_while_describing_a_stream_is_not_the_streams_fault() 
         .unwrap_err();
     assert_eq!(
         error.class(),
-        syncfleet_db::ErrorClass::Unavailable,
+        syncfleet_db::ErrorClass::Disconnected,
         "{error}"
     );
+}
+
+/// A job that breaks its own connection each time it runs (here a trigger
+/// that ends its session; in life, say, a row whose statement crashes the
+/// server) is waited for like an outage only a few times, then
+/// dead-lettered: not retried forever. The run's other batches are copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_breaks_its_connection_every_time_is_dead_lettered() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    env.dest
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             CREATE FUNCTION hang_up() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.id = 15 THEN
+                 PERFORM pg_terminate_backend(pg_backend_pid());
+                 PERFORM pg_sleep(5);
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER hang_up BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION hang_up();",
+        )
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    let plan = env.plan(&config).await;
+    env.eventually("the dead letter", 60, || async {
+        env.dead_letters().await == 1
+    })
+    .await;
+    fleet.stop().await;
+    let statuses: Vec<(i64, String)> = batch_attempts(&env, plan.run_id)
+        .await
+        .into_iter()
+        .map(|(batch, status, _)| (batch, status))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (1, "done".to_string()),
+            (2, "failed".to_string()),
+            (3, "done".to_string()),
+            (4, "done".to_string())
+        ]
+    );
+    let copied = TestEnv::rows(&env.dest, "SELECT id FROM items").await;
+    assert_eq!(copied.len(), 20, "{copied:?}");
+    let list = env
+        .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "list"])
+        .await;
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        stdout.contains("connection lost every time")
+            && stdout.contains("broke under this job 3 times"),
+        "{stdout}"
+    );
+    assert_eq!(run_status(&env, plan.run_id).await.status, "failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

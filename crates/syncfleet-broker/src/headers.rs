@@ -16,6 +16,7 @@ const FIRST_ATTEMPT_AT: &str = "x-syncfleet-first-attempt-at";
 const ERROR: &str = "x-syncfleet-error";
 const REASON: &str = "x-syncfleet-reason";
 const DEAD_AT: &str = "x-syncfleet-dead-lettered-at";
+const LOST_CONNECTIONS: &str = "x-syncfleet-lost-connections";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -25,12 +26,14 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// A work message's attempt number (1 for the first delivery) and when its
-/// first attempt happened.
+/// A work message's attempt number (1 for the first delivery), when its
+/// first attempt happened, and how many times a database connection broke
+/// under it (counted apart from attempts: mostly outages, which use none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Meta {
     pub attempt: u32,
     pub first_attempt_at_ms: Option<i64>,
+    pub lost_connections: u32,
 }
 
 impl Meta {
@@ -38,6 +41,15 @@ impl Meta {
         Self {
             attempt: 1,
             first_attempt_at_ms: None,
+            lost_connections: 0,
+        }
+    }
+
+    /// This meta with one more connection lost under the job.
+    pub fn lost_connection(self) -> Self {
+        Self {
+            lost_connections: self.lost_connections.saturating_add(1),
+            ..self
         }
     }
 
@@ -49,6 +61,10 @@ impl Meta {
                 .map(|a| a.clamp(1, u32::MAX as i64) as u32)
                 .unwrap_or(1),
             first_attempt_at_ms: headers.and_then(|h| int(h, FIRST_ATTEMPT_AT)),
+            lost_connections: headers
+                .and_then(|h| int(h, LOST_CONNECTIONS))
+                .map(|n| n.clamp(0, u32::MAX as i64) as u32)
+                .unwrap_or(0),
         }
     }
 
@@ -62,6 +78,10 @@ impl Meta {
         h.insert(
             FIRST_ATTEMPT_AT.into(),
             AMQPValue::LongLongInt(self.first_attempt_at_ms.unwrap_or(now_ms)),
+        );
+        h.insert(
+            LOST_CONNECTIONS.into(),
+            AMQPValue::LongLongInt(self.lost_connections as i64),
         );
         h
     }
@@ -82,6 +102,10 @@ impl Meta {
         h.insert(
             FIRST_ATTEMPT_AT.into(),
             AMQPValue::LongLongInt(self.first_attempt_at_ms.unwrap_or(now_ms)),
+        );
+        h.insert(
+            LOST_CONNECTIONS.into(),
+            AMQPValue::LongLongInt(self.lost_connections as i64),
         );
         h.insert(REASON.into(), text(reason));
         h.insert(ERROR.into(), text(error));
@@ -171,8 +195,15 @@ mod tests {
         let second = Meta::from_properties(&props);
         assert_eq!(second.attempt, 2);
         assert_eq!(second.first_attempt_at_ms, Some(1_000));
+        assert_eq!(second.lost_connections, 0);
+        // A lost connection is counted apart, and kept across attempts.
+        let lost = Meta::from_properties(
+            &BasicProperties::default().with_headers(second.lost_connection().again(1_500)),
+        );
+        assert_eq!((lost.attempt, lost.lost_connections), (2, 1));
         let third =
-            Meta::from_properties(&BasicProperties::default().with_headers(second.next(2_000)));
+            Meta::from_properties(&BasicProperties::default().with_headers(lost.next(2_000)));
+        assert_eq!(third.lost_connections, 1);
         assert_eq!(
             third.first_attempt_at_ms,
             Some(1_000),

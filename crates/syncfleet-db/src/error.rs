@@ -5,10 +5,16 @@ use tokio_postgres::error::SqlState;
 /// What the caller should do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// The database cannot be reached (refused, dropped, shutting down,
-    /// pool exhausted): an outage, not a property of the work. Wait for it
-    /// without counting attempts.
+    /// The database cannot be reached (refused, starting up or shutting
+    /// down, out of connections, pool exhausted): an outage, not a property
+    /// of the work. Wait for it without counting attempts.
     Unavailable,
+    /// A working connection broke while in use (closed, reset, terminated
+    /// by an administrator or by a crash of the server). Mostly an outage;
+    /// but it can be the work itself, a statement that ends its own session
+    /// or crashes the server each time it runs. Wait for it like an outage,
+    /// but count it, apart from attempts.
+    Disconnected,
     /// The same work may succeed soon: a conflict with a concurrent
     /// transaction, a lock or statement timeout, a cancelled query.
     Transient,
@@ -46,18 +52,15 @@ impl DbError {
     }
 }
 
-/// Sorts a driver error into transient or permanent.
+/// Sorts a driver error from a connection that was established (failures
+/// to connect are [`DbError::Connect`]).
 pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
     let Some(code) = error.code() else {
         // No SQLSTATE: the connection broke, timed out or closed.
-        return ErrorClass::Unavailable;
+        return ErrorClass::Disconnected;
     };
-    let unavailable = [
-        SqlState::ADMIN_SHUTDOWN,
-        SqlState::CRASH_SHUTDOWN,
-        SqlState::CANNOT_CONNECT_NOW,
-        SqlState::TOO_MANY_CONNECTIONS,
-    ];
+    let unavailable = [SqlState::CANNOT_CONNECT_NOW, SqlState::TOO_MANY_CONNECTIONS];
+    let disconnected = [SqlState::ADMIN_SHUTDOWN, SqlState::CRASH_SHUTDOWN];
     let transient = [
         SqlState::T_R_SERIALIZATION_FAILURE,
         SqlState::T_R_DEADLOCK_DETECTED,
@@ -65,8 +68,10 @@ pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
         SqlState::QUERY_CANCELED,
         SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
     ];
-    if unavailable.contains(code) || code.code().starts_with("08") {
+    if unavailable.contains(code) {
         ErrorClass::Unavailable
+    } else if disconnected.contains(code) || code.code().starts_with("08") {
+        ErrorClass::Disconnected
     } else if transient.contains(code) || code.code().starts_with("53") {
         ErrorClass::Transient
     } else {

@@ -15,6 +15,7 @@
 //! | --- | --- |
 //! | committed | ack |
 //! | a database is unreachable | re-published to `P.delay.N` as the same attempt, after a backoff that grows while the outage lasts, then ack |
+//! | a connection broke under the job | as for an unreachable database, counted in the message; after `max_attempts` of them, as for a permanent failure (a job that ends its own session or crashes the server each time must not do so forever) |
 //! | transient failure, attempts left | re-published to `P.delay.N` (confirmed), then ack |
 //! | permanent failure, attempts used up, or not a job | batch marked failed, message published to `P.dead` with the reason (confirmed), then ack; if the destination is unreachable to mark it, as for an unreachable database |
 //! | the job panicked | nack with requeue; the queue's delivery limit dead-letters a job that keeps doing so |
@@ -549,6 +550,13 @@ async fn conclude(
             finished("waiting");
             wait_out_outage(context, delivery, &id, meta, &reason).await;
         }
+        Ok(Err(JobError::Disconnected(reason)))
+            if meta.lost_connections + 1 < retry.max_attempts =>
+        {
+            finished("waiting");
+            let meta = meta.lost_connection();
+            wait_out_outage(context, delivery, &id, meta, &reason).await;
+        }
         Ok(Err(JobError::Retry(reason))) if meta.attempt < retry.max_attempts => {
             let delay = retry.delay(meta.attempt);
             tracing::warn!(job = %id, attempt = meta.attempt, %reason, ?delay, "batch failed; retrying later");
@@ -560,16 +568,31 @@ async fn conclude(
             park(context, delivery, &id, meta, delay, true).await;
         }
         Ok(Err(e)) => {
-            let (kind, reason) = match e {
-                JobError::Reject(r) => ("permanent", r),
-                JobError::Retry(r) | JobError::Unavailable(r) => ("attempts exhausted", r),
+            let (kind, reason, meta) = match e {
+                JobError::Reject(r) => ("permanent", r, meta),
+                JobError::Retry(r) | JobError::Unavailable(r) => ("attempts exhausted", r, meta),
+                JobError::Disconnected(r) => {
+                    let meta = meta.lost_connection();
+                    let r = format!(
+                        "{r}; a database connection broke under this job {} times: \
+                         a statement of it may be ending its own session or crashing the server",
+                        meta.lost_connections
+                    );
+                    ("connection lost every time", r, meta)
+                }
             };
             let recorded = format!("{reason} ({kind} after {} attempt(s))", meta.attempt);
             match context.executor.fail(job, &recorded).await {
                 // Dead-lettered now, the batch would stay pending and its
                 // run `running`: the job waits for the destination like any
                 // other, and fails again, recorded, once it is back.
-                Err(e) if e.class() == syncfleet_db::ErrorClass::Unavailable => {
+                Err(e)
+                    if matches!(
+                        e.class(),
+                        syncfleet_db::ErrorClass::Unavailable
+                            | syncfleet_db::ErrorClass::Disconnected
+                    ) =>
+                {
                     let reason = format!("could not record the failed batch: {e}");
                     finished("waiting");
                     wait_out_outage(context, delivery, &id, meta, &reason).await;

@@ -9,6 +9,12 @@ pub enum JobError {
     /// an attempt, however long the outage.
     #[error("{0}")]
     Unavailable(String),
+    /// A connection broke while the job used it: waited for like an
+    /// outage, but counted, since a job can also break it itself (a
+    /// statement that ends its session or crashes the server). Too many,
+    /// and the job is dead-lettered.
+    #[error("{0}")]
+    Disconnected(String),
     /// Worth another attempt later: a conflict, a timeout, a deadline.
     #[error("{0}")]
     Retry(String),
@@ -21,6 +27,7 @@ impl JobError {
     fn classified(class: ErrorClass, message: String) -> Self {
         match class {
             ErrorClass::Unavailable => JobError::Unavailable(message),
+            ErrorClass::Disconnected => JobError::Disconnected(message),
             ErrorClass::Transient => JobError::Retry(message),
             ErrorClass::Permanent => JobError::Reject(message),
         }

@@ -269,12 +269,14 @@ impl Executor {
             .with_max_times(IN_WORKER_RETRIES)
             .build()
             .map(full_jitter as fn(Duration) -> Duration);
-        // A lost connection is the whole group's; any other error may be
-        // one job's, which its caller finds by running the jobs alone.
+        // An unreachable database is the whole group's; any other error may
+        // be one job's, which its caller finds by running the jobs alone. A
+        // connection that broke under the job is not retried here: if the
+        // job broke it, each retry would do so again.
         let retried = |e: &JobError| match e {
             JobError::Unavailable(_) => true,
             JobError::Retry(_) => jobs.len() == 1,
-            JobError::Reject(_) => false,
+            JobError::Reject(_) | JobError::Disconnected(_) => false,
         };
         let attempts = (|| self.attempt(&streams, jobs, deadline, budget))
             .retry(backoff)
