@@ -1,10 +1,13 @@
 //! Reliability: retries, deadlines, dead letters, drain and reconnects,
 //! against the real broker and databases.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use syncfleet_broker::Topology;
+use syncfleet_core::Config;
 use syncfleet_db::control;
+use syncfleet_producer::RunPlan;
 
 use crate::helpers::{Fleet, TestEnv};
 
@@ -13,6 +16,19 @@ const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v text);
 
 async fn run_status(env: &TestEnv, run_id: i64) -> control::RunSummary {
     control::run(&env.dest, run_id).await.unwrap().unwrap()
+}
+
+/// Plans a run of `config` and works it with one worker until a job of it
+/// is dead-lettered.
+async fn run_until_one_dead_letter(env: &TestEnv, config: &Arc<Config>) -> RunPlan {
+    let fleet = Fleet::start(config, 1);
+    let plan = env.plan(config).await;
+    env.eventually("the dead letter", 60, || async {
+        env.dead_letters().await == 1
+    })
+    .await;
+    fleet.stop().await;
+    plan
 }
 
 async fn batch_attempts(env: &TestEnv, run_id: i64) -> Vec<(i64, String, i32)> {
@@ -278,13 +294,7 @@ async fn a_job_that_breaks_its_connection_every_time_is_dead_lettered() {
         )
         .await
         .unwrap();
-    let fleet = Fleet::start(&config, 1);
-    let plan = env.plan(&config).await;
-    env.eventually("the dead letter", 60, || async {
-        env.dead_letters().await == 1
-    })
-    .await;
-    fleet.stop().await;
+    let plan = run_until_one_dead_letter(&env, &config).await;
     let statuses: Vec<(i64, String)> = batch_attempts(&env, plan.run_id)
         .await
         .into_iter()
@@ -328,13 +338,7 @@ async fn attempts_exhausted_end_in_the_dead_letter_queue() {
         )
         .await
         .unwrap();
-    let fleet = Fleet::start(&config, 1);
-    let plan = env.plan(&config).await;
-    env.eventually("the dead letter", 60, || async {
-        env.dead_letters().await == 1
-    })
-    .await;
-    fleet.stop().await;
+    let plan = run_until_one_dead_letter(&env, &config).await;
     assert_eq!(
         batch_attempts(&env, plan.run_id).await,
         vec![(1, "failed".to_string(), 3)],
