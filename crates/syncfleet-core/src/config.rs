@@ -389,9 +389,17 @@ impl Config {
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
+        // The parser quotes the offending line, which may be a URL with its
+        // password (`uri = "postgres://app:pw@db/app"`, a typo of `url`).
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
-            detail: e.to_string().trim_end().to_string(),
+            detail: e
+                .to_string()
+                .trim_end()
+                .lines()
+                .map(crate::secret::redact)
+                .collect::<Vec<_>>()
+                .join("\n"),
         })?;
         let v = Validator { origin };
         let raw_source = raw.source.unwrap_or_default();
@@ -614,13 +622,23 @@ impl Validator<'_> {
                 format!("expected 1 to 1000, got {max_connections}"),
             ));
         }
+        // PostgreSQL takes whole milliseconds in an int: less than one would
+        // be 0, no timeout at all, and more than about 24 days is refused
+        // at connect time.
         let statement_timeout = match raw.statement_timeout {
             None => None,
-            Some(t) => Some(self.duration(
-                &format!("{section}.statement_timeout"),
-                Some(t),
-                Duration::ZERO,
-            )?),
+            Some(t) => {
+                let field = format!("{section}.statement_timeout");
+                let d = self.duration(&field, Some(t), Duration::ZERO)?;
+                let max = Duration::from_millis(i32::MAX as u64);
+                if d < Duration::from_millis(1) || d > max {
+                    return Err(self.invalid(
+                        &field,
+                        format!("expected 1ms to {}s, got {d:?}", max.as_secs()),
+                    ));
+                }
+                Some(d)
+            }
         };
         Ok(DbConfig {
             url,
@@ -1068,6 +1086,34 @@ mod tests {
         assert_eq!(throttle.min_latency, Duration::from_micros(500));
         let off = parse(&format!("{GOOD}\n[source.throttle]\nenabled = false\n")).unwrap();
         assert!(off.reads.throttle.is_none());
+    }
+
+    #[test]
+    fn a_parse_error_does_not_print_the_password_of_the_line_it_quotes() {
+        for line in [
+            "uri = \"postgres://app:s3cret@db/app\"",
+            "url = postgres://app:s3cret@db/app",
+        ] {
+            let text = GOOD.replace("url = \"postgres://app:pw@127.0.0.1/app\"", line);
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("line 3"), "{e}");
+            assert!(e.contains("app:***@db") && !e.contains("s3cret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_statement_timeout_postgresql_cannot_take_is_refused() {
+        for t in ["500us", "30d"] {
+            let text = GOOD.replace(
+                "max_connections = 2",
+                &format!("max_connections = 2\nstatement_timeout = \"{t}\""),
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains("source.statement_timeout") && e.contains("expected 1ms"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
