@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use syncfleet_broker::Topology;
 use syncfleet_core::Config;
+use syncfleet_core::job::{JOB_VERSION, Job, KeyRange, NO_RUN, Selection};
 use syncfleet_db::control;
 use syncfleet_producer::RunPlan;
 
@@ -321,6 +322,79 @@ async fn a_job_that_breaks_its_connection_every_time_is_dead_lettered() {
         "{stdout}"
     );
     assert_eq!(run_status(&env, plan.run_id).await.status, "failed");
+}
+
+/// A run's batch reads row 1, the app changes it again and an event job
+/// carries the change while the batch is still reading: the batch must not
+/// commit its older read over the event's newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_not_undone_by_an_older_read_that_commits_after_it() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(&format!(
+            "{ITEMS}
+             CREATE TABLE slow_flag (on_ boolean);
+             CREATE FUNCTION slow_at(id int) RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+             BEGIN
+               IF id = 30 AND EXISTS (SELECT 1 FROM slow_flag) THEN PERFORM pg_sleep(3); END IF;
+               RETURN true;
+             END $$;"
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"items\"\nquery = \"SELECT id, v FROM items WHERE slow_at(id)\"\n\
+         key = [\"id\"]\nbatch_size = 100\n",
+    );
+    env.sync(&config, 1).await;
+    let plan = env.plan(&config).await;
+    env.source
+        .batch_execute(
+            "UPDATE items SET v = 'read by the run' WHERE id = 1;
+             INSERT INTO slow_flag VALUES (true)",
+        )
+        .await
+        .unwrap();
+    // Up to three jobs at once: the event's runs beside the batch.
+    let fleet = Fleet::start(&config, 1);
+    let sleeping = "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                    AND wait_event = 'PgSleep'";
+    env.eventually("the batch's read to reach its slow row", 30, || async {
+        env.source.query_opt(sleeping, &[]).await.unwrap().is_some()
+    })
+    .await;
+    env.source
+        .batch_execute("UPDATE items SET v = 'changed since' WHERE id = 1")
+        .await
+        .unwrap();
+    let event = Job {
+        v: JOB_VERSION,
+        run_id: NO_RUN,
+        stream: "items".into(),
+        batch: 0,
+        range: KeyRange::default(),
+        select: Some(Selection {
+            columns: vec!["id".into()],
+            values: vec![vec!["1".into()]],
+        }),
+        source_lsn: None,
+    };
+    env.publish_raw(&serde_json::to_vec(&event).unwrap(), "event-1")
+        .await;
+    env.wait(plan.run_id).await;
+    env.eventually("the event's job to be done", 30, || async {
+        env.queue_depth().await == 0
+    })
+    .await;
+    fleet.stop().await;
+    let v: String = env
+        .dest
+        .query_one("SELECT v FROM items WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "changed since");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

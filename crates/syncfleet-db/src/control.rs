@@ -9,10 +9,11 @@
 //! It also holds what a fleet's workers share about reading the source
 //! beyond the ceiling's advisory locks: the `max_rows_per_second` clock
 //! ([`charge_read`]) and the throttle level a starting worker takes up
-//! ([`fleet_level`]).
+//! ([`fleet_level`]), and the order in which jobs that may write the same
+//! rows commit ([`write_locks`]).
 
 use serde_json::Value;
-use syncfleet_core::job::{KeyRange, Selection};
+use syncfleet_core::job::{Job, KeyRange, NO_RUN, Selection};
 use tokio_postgres::{Client, GenericClient};
 
 use crate::error::DbError;
@@ -485,6 +486,56 @@ pub async fn complete_batches(
     Ok(n == distinct.len() as u64)
 }
 
+/// The advisory locks a destination transaction takes, before its source
+/// snapshot begins, for the jobs it runs, as `(names, exclusive)` for
+/// [`LOCK_WRITES`].
+///
+/// Two jobs that write the same rows must commit in the order their
+/// source snapshots were taken, or the older read lands last: a run's
+/// 10,000-row batch that read a row before the app changed it, merged
+/// after the event job that carried the change, would put the old value
+/// back until the next run. Holding the lock from before the snapshot
+/// until the commit orders them. Which jobs can meet:
+/// - a job of no run (an upstream event's rows) and any other job of its
+///   stream: an event job takes its stream exclusively, every other job
+///   shares it;
+/// - two copies of one batch (a redelivery racing its original): each
+///   takes its batch exclusively.
+///
+/// Two batches of one run never hold the same keys, and the producer plans
+/// no run of a stream while one runs; so range jobs still run side by side.
+/// Names are sorted, so that transactions wait for each other in one order.
+pub fn write_locks<'a>(
+    prefix: &str,
+    jobs: impl IntoIterator<Item = &'a Job>,
+) -> (Vec<String>, Vec<bool>) {
+    let mut locks: Vec<(String, bool)> = Vec::new();
+    for job in jobs {
+        let stream = format!("syncfleet.writes/{prefix}/{}", job.stream);
+        match job.run_id {
+            NO_RUN => locks.push((stream, true)),
+            run => {
+                locks.push((format!("{stream}/{run}/{}", job.batch), true));
+                locks.push((stream, false));
+            }
+        }
+    }
+    locks.sort();
+    // A name taken both ways is taken exclusively.
+    locks.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        kept.1 |= same && later.1;
+        same
+    });
+    locks.into_iter().unzip()
+}
+
+/// Takes [`write_locks`] in the open transaction, waiting for each in turn.
+pub const LOCK_WRITES: &str = "SELECT (CASE WHEN u.exclusive \
+     THEN pg_advisory_xact_lock(hashtextextended(u.name, 0)) \
+     ELSE pg_advisory_xact_lock_shared(hashtextextended(u.name, 0)) END)::text \
+     FROM unnest($1::text[], $2::bool[]) AS u(name, exclusive)";
+
 /// See [`complete_batches`].
 pub const COMPLETE_BATCHES: &str = "UPDATE syncfleet.batches b SET status = 'done', \
      rows_copied = u.rows_copied, rows_deleted = u.rows_deleted, rows_unchanged = u.rows_unchanged, \
@@ -844,4 +895,44 @@ pub async fn report_level(
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(run_id: i64, stream: &str, batch: i64) -> Job {
+        Job {
+            v: syncfleet_core::job::JOB_VERSION,
+            run_id,
+            stream: stream.into(),
+            batch,
+            range: KeyRange::default(),
+            select: None,
+            source_lsn: None,
+        }
+    }
+
+    #[test]
+    fn event_jobs_take_their_stream_exclusively_and_batches_share_it() {
+        let jobs = [
+            job(7, "users", 2),
+            job(NO_RUN, "users", 0),
+            job(7, "orders", 1),
+        ];
+        let (names, exclusive) = write_locks("p", &jobs);
+        let locks: Vec<(&str, bool)> = names.iter().map(String::as_str).zip(exclusive).collect();
+        assert_eq!(
+            locks,
+            [
+                ("syncfleet.writes/p/orders", false),
+                ("syncfleet.writes/p/orders/7/1", true),
+                ("syncfleet.writes/p/users", true),
+                ("syncfleet.writes/p/users/7/2", true),
+            ]
+        );
+        // A batch twice in one group (a redelivery beside its original).
+        let (names, _) = write_locks("p", &[job(7, "users", 2), job(7, "users", 2)]);
+        assert_eq!(names.len(), 2);
+    }
 }

@@ -455,6 +455,7 @@ impl Executor {
         // The transactions are begun by hand, not through a guard: any
         // error closes both connections (see `attempt`), which rolls back.
         let slot = dst.prepare_cached(ceiling::TAKE_READ_SLOT).await?;
+        let lock_writes = dst.prepare_cached(control::LOCK_WRITES).await?;
         let set_destination = dst.prepare_cached(sql::SET_SETTINGS).await?;
         // Cached for the pipelined commit at the end.
         dst.prepare_cached(control::COMPLETE_BATCHES).await?;
@@ -471,6 +472,11 @@ impl Executor {
         let slots = self.gate.slots().map(|n| n.min(i32::MAX as u32) as i32);
         let namespace = ceiling::namespace(&self.config.broker.prefix);
         let begin = dst.batch_execute("BEGIN");
+        // Before the slot: a job waiting for another to commit holds none.
+        let (lock_names, exclusive) =
+            control::write_locks(&self.config.broker.prefix, work.iter().map(|w| w.job));
+        let lock_params: [&(dyn ToSql + Sync); 2] = [&lock_names, &exclusive];
+        let locks = dst.execute(&lock_writes, &lock_params);
         let first_try = async {
             match slots {
                 Some(n) => Ok(dst
@@ -488,7 +494,7 @@ impl Executor {
             }
             Ok(())
         };
-        let ((), got_slot, ()) = tokio::try_join!(biased; begin, first_try, settings)?;
+        let ((), _, got_slot, ()) = tokio::try_join!(biased; begin, locks, first_try, settings)?;
         if let (false, Some(n)) = (got_slot, slots) {
             ceiling::take_read_slot(&*dst, &slot, n, &namespace).await?;
         }
