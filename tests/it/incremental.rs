@@ -302,6 +302,60 @@ async fn events_from_any_publisher_reach_the_destination() {
     );
 }
 
+/// The kind of the first run a newly started leader plans.
+async fn first_scheduled_run(env: &TestEnv, config: &Arc<Config>) -> String {
+    let before = syncfleet_db::control::last_run_id(&env.dest).await.unwrap();
+    let fleet = Fleet::start(config, 1);
+    let shutdown = Shutdown::new();
+    let counters = Arc::new(Counters::default());
+    let producer = tokio::spawn(service::run(
+        config.clone(),
+        counters.clone(),
+        shutdown.signal(),
+    ));
+    env.eventually("a scheduled run", 60, || async {
+        counters.runs_started.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    shutdown.trigger();
+    producer.await.unwrap().unwrap();
+    fleet.stop().await;
+    env.dest
+        .query_one(
+            "SELECT kind FROM syncfleet.runs WHERE id > $1 ORDER BY id LIMIT 1",
+            &[&before],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_keeps_the_full_run_schedule() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[producer]\ninterval = \"1h\"\nfull_interval = \"1h\"\nstagger = \"0s\"\n\
+         [[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\ncursor = \"updated_at\"\n",
+    );
+    env.sync(&config, 1).await;
+    // The last full run was ten minutes ago: the full run is not due yet.
+    env.dest
+        .batch_execute("UPDATE syncfleet.runs SET created_at = now() - interval '10 minutes'")
+        .await
+        .unwrap();
+    assert_eq!(first_scheduled_run(&env, &config).await, "incremental");
+    // Two hours ago: it is overdue, however recently the leader started.
+    env.dest
+        .batch_execute(
+            "UPDATE syncfleet.runs SET created_at = now() - interval '2 hours' WHERE kind = 'full'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(first_scheduled_run(&env, &config).await, "full");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_is_skipped_while_the_previous_run_is_going() {
     let env = TestEnv::new().await;

@@ -611,6 +611,24 @@ pub async fn set_scan_end(
     Ok(())
 }
 
+/// How long ago, on the destination's clock, the newest full run of
+/// `stream` that has not failed was created; `None` if there is none.
+pub async fn last_full_run_age(
+    client: &impl GenericClient,
+    stream: &str,
+) -> Result<Option<std::time::Duration>, DbError> {
+    let seconds: Option<f64> = client
+        .query_one(
+            "SELECT extract(epoch FROM now() - max(r.created_at))::float8 \
+             FROM syncfleet.runs r JOIN syncfleet.run_streams rs ON rs.run_id = r.id \
+             WHERE rs.stream = $1 AND r.kind = 'full' AND r.status <> 'failed'",
+            &[&stream],
+        )
+        .await?
+        .get(0);
+    Ok(seconds.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
+}
+
 /// The newest run's id (0 before any): runs started later have higher ids.
 pub async fn last_run_id(client: &impl GenericClient) -> Result<i64, DbError> {
     Ok(client

@@ -8,7 +8,8 @@
 //! The leader:
 //! - runs each stream every `interval` (incremental when the stream has a
 //!   cursor and incremental runs are on), and a full reconcile every
-//!   `full_interval`, streams staggered by `stagger`; a tick whose stream
+//!   `full_interval` after the last one recorded (see [`full_run_wait`]),
+//!   streams staggered by `stagger`; a tick whose stream
 //!   still has a run going is skipped and counted, never overlapped;
 //! - consumes upstream change events (see [`events`](crate::events)).
 
@@ -143,15 +144,12 @@ async fn lead(
     let schedule = &config.producer;
     let start = Instant::now();
     // Each stream's next incremental and full runs; streams staggered.
-    let mut next: HashMap<String, (Instant, Instant)> = config
-        .streams
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let first = start + schedule.stagger * i as u32;
-            (s.name.clone(), (first, first + schedule.full_interval))
-        })
-        .collect();
+    let mut next: HashMap<String, (Instant, Instant)> = HashMap::new();
+    for (i, s) in config.streams.iter().enumerate() {
+        let first = start + schedule.stagger * i as u32;
+        let full_due = first + full_run_wait(destination, &s.name, schedule.full_interval).await;
+        next.insert(s.name.clone(), (first, full_due));
+    }
     let mut gauges_due = Instant::now();
     let mut gauges_connection: Option<lapin::Connection> = None;
     let result = 'lead: loop {
@@ -255,6 +253,34 @@ async fn lead(
         let _ = c.close(200, "".into()).await;
     }
     result
+}
+
+/// How long until the next full run of `stream` is due, counted from the
+/// last one in the control schema, not from this process's start: a
+/// leader that restarts more often than `full_interval` (deploys,
+/// failovers) would otherwise never run one, and deletes reach the
+/// destination only through full runs. Due at once if there has been none,
+/// or if the destination cannot say.
+async fn full_run_wait(destination: &Pool, stream: &str, full_interval: Duration) -> Duration {
+    let age = async {
+        let client = destination.get().await?;
+        control::last_full_run_age(&**client, stream).await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), age).await {
+        Ok(Ok(Some(age))) => full_interval.saturating_sub(age),
+        Ok(Ok(None)) => Duration::ZERO,
+        Ok(Err(e)) => {
+            tracing::warn!(stream, error = %e, "could not read when the last full run was; one is due now");
+            Duration::ZERO
+        }
+        Err(_) => {
+            tracing::warn!(
+                stream,
+                "reading when the last full run was timed out; one is due now"
+            );
+            Duration::ZERO
+        }
+    }
 }
 
 /// When a stream's next run and next full run are due after a tick at
