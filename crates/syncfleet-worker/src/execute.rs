@@ -77,6 +77,32 @@ impl Drop for GatePermit<'_> {
     }
 }
 
+/// A pooled connection that goes back to the pool only when its attempt
+/// ended cleanly ([`Unpooled::keep`]). Any other way out (an error, the
+/// deadline, a panic the worker catches) closes it, which also rolls its
+/// transaction back: the next job must not get a connection in the middle
+/// of a transaction, a `COPY` or a cancelled statement.
+struct Unpooled(Option<Client>);
+
+impl Unpooled {
+    fn get(&mut self) -> &mut Client {
+        self.0.as_mut().expect("held until kept or dropped")
+    }
+
+    /// Back to the pool.
+    fn keep(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for Unpooled {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
 /// A unique violation while inserting rows this job saw as new: another
 /// job wrote them since (a replay racing its original). Not permanent: the
 /// next attempt sees them and merges.
@@ -352,20 +378,19 @@ impl Executor {
             .zip(&shapes)
             .map(|((job, stream), shape)| Work { job, stream, shape })
             .collect();
-        let mut src = self.source.get().await?;
-        let mut dst = self.destination.get().await?;
-        let cancel = [src.cancel_token(), dst.cancel_token()];
-        let converge = self.converge(&work, &mut src, &mut dst);
+        let mut src = Unpooled(Some(self.source.get().await?));
+        let mut dst = Unpooled(Some(self.destination.get().await?));
+        let cancel = [src.get().cancel_token(), dst.get().cancel_token()];
+        let converge = self.converge(&work, src.get(), dst.get());
         match tokio::time::timeout_at(deadline.into(), converge).await {
-            Ok(Ok(outcomes)) => Ok(outcomes),
-            Ok(Err(e)) => {
-                // A statement failed, possibly in the middle of a COPY: the
-                // protocol state of these connections is not worth trusting
-                // to the next job, so they are closed, not pooled.
-                drop(Object::take(src));
-                drop(Object::take(dst));
-                Err(e)
+            Ok(Ok(outcomes)) => {
+                src.keep();
+                dst.keep();
+                Ok(outcomes)
             }
+            // A statement failed, possibly in the middle of a COPY: the
+            // connections are closed, not pooled.
+            Ok(Err(e)) => Err(e),
             Err(_) => {
                 let [src_cancel, dst_cancel] = cancel.map(|token| async move {
                     tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls))
@@ -379,10 +404,6 @@ impl Executor {
                 {
                     tracing::warn!(job = %jobs[0].id(), error = %e, "could not cancel a statement past its deadline");
                 }
-                // Mid-statement connections never go back to the pool: closing
-                // them also rolls the destination transaction back.
-                drop(Object::take(src));
-                drop(Object::take(dst));
                 Err(JobError::Retry(format!(
                     "deadline of {budget:?} passed; its statements were cancelled"
                 )))
@@ -883,5 +904,58 @@ impl Executor {
     pub async fn record_retry(&self, job: &Job, reason: &str) -> Result<(), syncfleet_db::DbError> {
         let client = self.destination.get().await?;
         control::record_retry(&**client, job.run_id, &job.stream, job.batch, reason).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::panic::AssertUnwindSafe;
+
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    /// The backend's pid, and whether the panicked transaction is still open
+    /// on it.
+    async fn backend(client: &Client) -> (i32, bool) {
+        let row = client
+            .query_one(
+                "SELECT pg_backend_pid(), current_setting('application_name') = 'mid-transaction'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
+    /// Against the test server (`SYNCFLEET_TEST_PG_URL`), as the
+    /// integration tests are.
+    #[tokio::test]
+    async fn a_connection_that_a_panic_leaves_in_a_transaction_is_closed_not_pooled() {
+        let url = std::env::var("SYNCFLEET_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let manager = deadpool_postgres::Manager::new(url.parse().unwrap(), NoTls);
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(1)
+            .build()
+            .unwrap();
+        let mut kept = Unpooled(Some(pool.get().await.unwrap()));
+        let (first, _) = backend(kept.get()).await;
+        kept.keep();
+        let mut held = Unpooled(Some(pool.get().await.unwrap()));
+        assert_eq!(backend(held.get()).await.0, first, "kept: pooled");
+
+        let panicked = AssertUnwindSafe(async move {
+            held.get()
+                .batch_execute("BEGIN; SET LOCAL application_name = 'mid-transaction'")
+                .await
+                .unwrap();
+            panic!("a bug in a job, mid-transaction");
+        })
+        .catch_unwind()
+        .await;
+        assert!(panicked.is_err());
+        let (next, open) = backend(&pool.get().await.unwrap()).await;
+        assert!(next != first && !open, "a new connection");
     }
 }
