@@ -51,6 +51,10 @@ pub enum BrokerError {
     Unroutable(String),
     #[error("the broker did not confirm published messages within {0:?}")]
     ConfirmTimeout(Duration),
+    #[error(
+        "the broker did not answer within {0:?} (a memory or disk alarm blocks publishers, or it is unreachable)"
+    )]
+    Stalled(Duration),
 }
 
 /// Connects to the broker within the configured timeout. Errors name the

@@ -25,6 +25,10 @@ use crate::{BrokerError, Topology, connect};
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to keep reconnecting before a publish gives up.
 const RECONNECT_FOR: Duration = Duration::from_secs(90);
+/// Bound on the broker's other answers: opening a channel, declaring,
+/// writing to a socket the broker has stopped reading (a memory or disk
+/// alarm blocks publishers), closing.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_BACKOFF: RetryPolicy = RetryPolicy {
     initial: Duration::from_millis(200),
     max: Duration::from_secs(5),
@@ -172,8 +176,11 @@ impl Publisher {
         let mut session = self.session.lock().await;
         let started = Instant::now();
         let mut failures = 0u32;
+        // Connecting has its own timeout, confirms theirs: this bounds the
+        // whole attempt, so that a stalled step ends in a reconnect too.
+        let attempt_timeout = self.config.connect_timeout + CONFIRM_TIMEOUT + ANSWER_TIMEOUT;
         loop {
-            let result = async {
+            let attempt = async {
                 if session.is_none() {
                     *session = Some(self.open().await?);
                     tracing::info!(publisher = %self.name, "broker connection restored");
@@ -185,8 +192,10 @@ impl Publisher {
                     self.topology.declare_delay(&s.channel, attempt).await?;
                 }
                 publish_all(&s.channel, &messages).await
-            }
-            .await;
+            };
+            let result = tokio::time::timeout(attempt_timeout, attempt)
+                .await
+                .unwrap_or(Err(BrokerError::Stalled(attempt_timeout)));
             match result {
                 Ok(()) => return Ok(()),
                 // A nack is the broker, up and well, refusing the message
@@ -199,7 +208,7 @@ impl Publisher {
                     }
                     failures += 1;
                     if let Some(old) = session.take() {
-                        let _ = old.connection.close(200, "reconnecting".into()).await;
+                        close_within(&old.connection, "reconnecting").await;
                     }
                     tokio::time::sleep(RECONNECT_BACKOFF.delay(failures)).await;
                 }
@@ -210,9 +219,15 @@ impl Publisher {
     /// Closes the connection (best effort).
     pub async fn close(&self) {
         if let Some(s) = self.session.lock().await.take() {
-            let _ = s.connection.close(200, "closing".into()).await;
+            close_within(&s.connection, "closing").await;
         }
     }
+}
+
+/// Closes a connection, waiting for the broker's close-ok at most
+/// [`ANSWER_TIMEOUT`]: a blocked or vanished broker may never send it.
+async fn close_within(connection: &Connection, why: &str) {
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, connection.close(200, why.into())).await;
 }
 
 fn properties(message_id: &str, headers: FieldTable) -> BasicProperties {
