@@ -397,6 +397,44 @@ async fn an_event_is_not_undone_by_an_older_read_that_commits_after_it() {
     assert_eq!(v, "changed since");
 }
 
+/// A source that ends sessions left idle in a transaction for a second, and
+/// a destination whose merge takes two: the batch still commits, since the
+/// source's transaction ends when its rows are read, not after the merge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_merge_does_not_keep_the_source_idle_in_its_transaction() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(&format!(
+            "{ITEMS}
+             ALTER DATABASE \"{}_src\" SET idle_in_transaction_session_timeout = '1s';",
+            env.name
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
+    env.sync(&config, 1).await;
+    env.source
+        .batch_execute("UPDATE items SET v = v || '!' WHERE id <= 3")
+        .await
+        .unwrap();
+    env.dest
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF NEW.id = 1 THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$;
+             CREATE TRIGGER slow BEFORE UPDATE ON items FOR EACH ROW EXECUTE FUNCTION slow();",
+        )
+        .await
+        .unwrap();
+    let run_id = env.sync(&config, 1).await;
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+    let attempts = batch_attempts(&env, run_id).await;
+    assert_eq!(attempts, [(1, "done".to_string(), 1)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_exhausted_end_in_the_dead_letter_queue() {
     let env = TestEnv::new().await;

@@ -145,6 +145,8 @@ struct RangeDone {
     rows_unchanged: u64,
     /// When its rows were in; the destination's time after it is the write's.
     copy_done: Instant,
+    /// The source transaction was committed before the merge.
+    source_ended: bool,
 }
 
 /// What one job did.
@@ -611,7 +613,13 @@ impl Executor {
                 Vec::new()
             }))
         };
-        let source_commit = async { Ok::<_, JobError>(src.batch_execute("COMMIT").await?) };
+        let source_ended = done.last().is_some_and(|d| d.source_ended);
+        let source_commit = async {
+            if !source_ended {
+                src.batch_execute("COMMIT").await?;
+            }
+            Ok::<_, JobError>(())
+        };
         let (finished, ()) = tokio::try_join!(destination_commit, source_commit)?;
         let mut outcomes = Vec::with_capacity(work.len());
         for (i, (w, d)) in work.iter().zip(&done).enumerate() {
@@ -771,6 +779,7 @@ impl Executor {
                             rows_deleted: 0,
                             rows_unchanged: dest.0 as u64,
                             copy_done: Instant::now(),
+                            source_ended: false,
                         });
                     }
                 }
@@ -822,6 +831,7 @@ impl Executor {
                 rows_deleted,
                 rows_unchanged: 0,
                 copy_done: Instant::now(),
+                source_ended: false,
             });
         }
         if empty {
@@ -844,6 +854,7 @@ impl Executor {
                 rows_deleted: 0,
                 rows_unchanged: 0,
                 copy_done: Instant::now(),
+                source_ended: false,
             });
         }
         dst.batch_execute(&sql::create_stage(shape, table)).await?;
@@ -861,7 +872,19 @@ impl Executor {
         let statement = dst
             .prepare_cached(&sql::upsert(shape, table, pace.is_some(), how))
             .await?;
-        dst.execute(&statement, &[]).await.map_err(raced)?;
+        // The source has sent all it will in this transaction: ended now,
+        // it does not sit idle in the transaction while the destination
+        // merges, which a source's `idle_in_transaction_session_timeout`
+        // would end the session for (and its next attempt with it).
+        let end_source = async {
+            match last {
+                true => src.batch_execute("COMMIT").await,
+                false => Ok(()),
+            }
+        };
+        let (merged, source_ended) = tokio::join!(dst.execute(&statement, &[]), end_source);
+        merged.map_err(raced)?;
+        source_ended?;
         // Only a range or a key selection owns the rows it names: a row
         // missing from a selection on another column may merely have moved
         // (a profile now under another user), so deletes are left to
@@ -891,6 +914,7 @@ impl Executor {
             rows_deleted,
             rows_unchanged: 0,
             copy_done,
+            source_ended: last,
         })
     }
 
