@@ -570,7 +570,7 @@ async fn an_incremental_sync_fails_if_any_streams_run_failed() {
         .await;
     fleet.stop().await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert_eq!(stdout.lines().count(), 2, "one run id per stream: {stdout}");
     assert_eq!(
         TestEnv::rows(&env.source, "SELECT * FROM good").await,

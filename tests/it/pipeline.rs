@@ -194,7 +194,7 @@ async fn verify_names_the_streams_and_ranges_that_differ() {
         .unwrap();
     let out = env.cli(&path, &["verify", "--range-rows", "100"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert!(
         stdout.contains("stream 'users': 2 key range(s) differ"),
         "{stdout}"
@@ -226,7 +226,7 @@ async fn verify_names_the_streams_and_ranges_that_differ() {
         )
         .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert!(
         stdout.contains("(500, +inf): source 0 rows, destination 1 rows"),
         "{stdout}"
@@ -293,6 +293,12 @@ async fn sync_wait_and_status_through_the_binary() {
     let out = env.cli(&path, &["status", "--watch", &run_id]).await;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("succeeded"));
+
+    // No worker runs now: the wait runs out, and says the run goes on.
+    let out = env.cli(&path, &["sync", "--wait", "--timeout", "1s"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("it goes on"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,10 @@ pub enum CliError {
     /// Anything else: exit 1.
     #[error("{0}")]
     Failed(String),
+    /// A bounded wait ran out while the work goes on (`sync --wait
+    /// --timeout`): exit 4.
+    #[error("{0}")]
+    TimedOut(String),
 }
 
 impl CliError {
@@ -22,8 +26,16 @@ impl CliError {
         match self {
             CliError::Usage(_) => ExitCode::from(2),
             CliError::Failed(_) => ExitCode::from(1),
+            CliError::TimedOut(_) => ExitCode::from(4),
         }
     }
+}
+
+/// Exit 3: the command did its work and found the data wrong (`verify`
+/// found a difference, a run `sync --wait` waited for failed), as opposed
+/// to 1, not being able to do it (a server unreachable, say).
+pub fn found_wrong() -> ExitCode {
+    ExitCode::from(3)
 }
 
 impl From<ConfigError> for CliError {

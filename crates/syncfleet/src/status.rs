@@ -188,7 +188,7 @@ pub async fn wait_for_run(
         }
         drop(client);
         if started.elapsed() > timeout {
-            return Err(CliError::Failed(format!(
+            return Err(CliError::TimedOut(format!(
                 "run {run_id} did not finish within {timeout:?}; it goes on: see `syncfleet status {run_id}`"
             )));
         }

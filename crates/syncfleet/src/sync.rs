@@ -119,6 +119,6 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     }
     Ok(match succeeded {
         true => ExitCode::SUCCESS,
-        false => ExitCode::from(1),
+        false => crate::error::found_wrong(),
     })
 }

@@ -70,7 +70,7 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     Ok(if reports.iter().all(StreamReport::matches) {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(1)
+        crate::error::found_wrong()
     })
 }
 
