@@ -111,6 +111,16 @@ impl Pool {
             pg.application_name(format!("syncfleet-{}", role.name()));
         }
         pg.connect_timeout(config.connect_timeout);
+        // Pooled connections sit idle between jobs. Probed every half
+        // minute, a NAT or load balancer does not silently forget them, and
+        // one whose peer vanished is found closed, and not handed to a job,
+        // within about a minute rather than the kernel's two hours (unless
+        // the URL sets its own).
+        if pg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+            pg.keepalives_idle(Duration::from_secs(30))
+                .keepalives_interval(Duration::from_secs(10))
+                .keepalives_retries(3);
+        }
         let manager = Manager::from_config(
             pg,
             tokio_postgres::NoTls,
