@@ -51,11 +51,15 @@ struct Route {
 }
 
 /// Whether `value` is valid input for the type `oid`, as far as syncfleet
-/// can tell without asking the server: integers and uuids are checked,
+/// can tell without asking the server: integers and uuids are checked, a
+/// NUL character (which no PostgreSQL type takes) is refused everywhere,
 /// other types pass. One id the server cannot cast would fail the whole
 /// coalesced job it shares with other events' ids, so it is dead-lettered
 /// with its event instead.
 fn fits(oid: u32, value: &str) -> bool {
+    if value.contains('\0') {
+        return false;
+    }
     let value = value.trim();
     match oid {
         20 => value.parse::<i64>().is_ok(),
@@ -438,6 +442,7 @@ mod tests {
         assert!(fits(2950, "{A0EEBC999C0B4EF8BB6D6BB9BD380A11}"));
         assert!(!fits(2950, "a0eebc99-9c0b") && !fits(2950, "g0eebc999c0b4ef8bb6d6bb9bd380a11"));
         assert!(fits(25, "anything") && fits(1700, "not checked"));
+        assert!(!fits(25, "nul\0inside") && !fits(1700, "1\0"));
     }
 
     #[test]
