@@ -393,6 +393,35 @@ impl Drop for TestEnv {
     }
 }
 
+/// The producer service running in this process until [`Producer::stop`].
+pub struct Producer {
+    shutdown: Shutdown,
+    pub counters: Arc<syncfleet_producer::service::Counters>,
+    task: tokio::task::JoinHandle<Result<(), PlanError>>,
+}
+
+impl Producer {
+    pub fn start(config: &Arc<Config>) -> Self {
+        let shutdown = Shutdown::new();
+        let counters = Arc::new(syncfleet_producer::service::Counters::default());
+        let task = tokio::spawn(syncfleet_producer::service::run(
+            config.clone(),
+            counters.clone(),
+            shutdown.signal(),
+        ));
+        Producer {
+            shutdown,
+            counters,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 /// Workers running in this process until [`Fleet::stop`].
 pub struct Fleet {
     shutdown: Shutdown,

@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use syncfleet_broker::Topology;
 use syncfleet_core::Config;
-use syncfleet_core::shutdown::Shutdown;
-use syncfleet_producer::service::{self, Counters};
 
-use crate::helpers::{Fleet, TestEnv, amqp_url};
+use crate::helpers::{Fleet, Producer, TestEnv, amqp_url};
 
 const ITEMS: &str =
     "CREATE TABLE items (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL);
@@ -204,13 +202,8 @@ async fn events_from_any_publisher_reach_the_destination() {
     env.migrate().await;
     let config = env.config(APP_STREAMS);
     let fleet = Fleet::start(&config, 1);
-    let shutdown = Shutdown::new();
-    let counters = Arc::new(Counters::default());
-    let producer = tokio::spawn(service::run(
-        config.clone(),
-        counters.clone(),
-        shutdown.signal(),
-    ));
+    let producer = Producer::start(&config);
+    let counters = producer.counters.clone();
     // The producer's first scheduled runs fill both tabs.
     env.eventually("the first runs", 60, || async {
         env.dest
@@ -279,8 +272,7 @@ async fn events_from_any_publisher_reach_the_destination() {
         env.dead_letters().await == 2
     })
     .await;
-    shutdown.trigger();
-    producer.await.unwrap().unwrap();
+    producer.stop().await;
     fleet.stop().await;
     assert_eq!(
         counters.events_dropped.load(Ordering::Relaxed),
@@ -306,19 +298,13 @@ async fn events_from_any_publisher_reach_the_destination() {
 async fn first_scheduled_run(env: &TestEnv, config: &Arc<Config>) -> String {
     let before = syncfleet_db::control::last_run_id(&env.dest).await.unwrap();
     let fleet = Fleet::start(config, 1);
-    let shutdown = Shutdown::new();
-    let counters = Arc::new(Counters::default());
-    let producer = tokio::spawn(service::run(
-        config.clone(),
-        counters.clone(),
-        shutdown.signal(),
-    ));
+    let producer = Producer::start(&config);
+    let counters = producer.counters.clone();
     env.eventually("a scheduled run", 60, || async {
         counters.runs_started.load(Ordering::Relaxed) >= 1
     })
     .await;
-    shutdown.trigger();
-    producer.await.unwrap().unwrap();
+    producer.stop().await;
     fleet.stop().await;
     env.dest
         .query_one(
@@ -374,20 +360,14 @@ async fn a_tick_is_skipped_while_the_previous_run_is_going() {
          key = [\"id\"]\nbatch_size = 5\n",
     );
     let fleet = Fleet::start(&config, 1);
-    let shutdown = Shutdown::new();
-    let counters = Arc::new(Counters::default());
-    let producer = tokio::spawn(service::run(
-        config.clone(),
-        counters.clone(),
-        shutdown.signal(),
-    ));
+    let producer = Producer::start(&config);
+    let counters = producer.counters.clone();
     env.eventually("two runs and a skipped tick", 90, || async {
         counters.ticks_skipped.load(Ordering::Relaxed) >= 1
             && counters.runs_started.load(Ordering::Relaxed) >= 2
     })
     .await;
-    shutdown.trigger();
-    producer.await.unwrap().unwrap();
+    producer.stop().await;
     fleet.stop().await;
     // No two runs of the stream were ever unfinished at once.
     let overlapping: i64 = env

@@ -882,9 +882,9 @@ impl Executor {
                 false => Ok(()),
             }
         };
-        let (merged, source_ended) = tokio::join!(dst.execute(&statement, &[]), end_source);
+        let (merged, ended) = tokio::join!(dst.execute(&statement, &[]), end_source);
         merged.map_err(raced)?;
-        source_ended?;
+        ended?;
         // Only a range or a key selection owns the rows it names: a row
         // missing from a selection on another column may merely have moved
         // (a profile now under another user), so deletes are left to
