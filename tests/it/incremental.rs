@@ -298,7 +298,7 @@ async fn events_from_any_publisher_reach_the_destination() {
 async fn first_scheduled_run(env: &TestEnv, config: &Arc<Config>) -> String {
     let before = syncfleet_db::control::last_run_id(&env.dest).await.unwrap();
     let fleet = Fleet::start(config, 1);
-    let producer = Producer::start(&config);
+    let producer = Producer::start(config);
     let counters = producer.counters.clone();
     env.eventually("a scheduled run", 60, || async {
         counters.runs_started.load(Ordering::Relaxed) >= 1
