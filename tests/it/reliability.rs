@@ -433,6 +433,22 @@ async fn a_slow_merge_does_not_keep_the_source_idle_in_its_transaction() {
     );
     let attempts = batch_attempts(&env, run_id).await;
     assert_eq!(attempts, [(1, "done".to_string(), 1)]);
+
+    // The same for a range the source no longer has rows in: the
+    // destination's delete takes two seconds.
+    env.source.batch_execute("DELETE FROM items").await.unwrap();
+    env.dest
+        .batch_execute(
+            "CREATE FUNCTION slow_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF OLD.id = 1 THEN PERFORM pg_sleep(2); END IF; RETURN OLD; END $$;
+             CREATE TRIGGER slow_delete BEFORE DELETE ON items FOR EACH ROW EXECUTE FUNCTION slow_delete();",
+        )
+        .await
+        .unwrap();
+    let run_id = env.sync(&config, 1).await;
+    assert!(TestEnv::rows(&env.dest, "SELECT * FROM items").await.is_empty());
+    let attempts = batch_attempts(&env, run_id).await;
+    assert_eq!(attempts, [(1, "done".to_string(), 1)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

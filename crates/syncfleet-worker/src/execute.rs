@@ -816,22 +816,38 @@ impl Executor {
         // destination: nothing to write, or only a range to clear.
         let source_empty = rows.as_mut().peek().await.is_none();
         let source_read = metrics::histogram!(m::SOURCE_READ, "stream" => stream.name.clone());
+        // Once its rows are read, the source has sent all it will in this
+        // transaction: for the transaction's last job it ends beside the
+        // destination's writes, not after them, so that it never sits idle
+        // in its transaction while the destination works (a source's
+        // `idle_in_transaction_session_timeout` would end the session, and
+        // every later attempt's with it).
+        let end_source = || async move {
+            match last {
+                true => src.batch_execute("COMMIT").await,
+                false => Ok(()),
+            }
+        };
         if source_empty {
             source_read.record(read_started.elapsed().as_secs_f64());
-            let rows_deleted = if empty || !by_key {
-                0
-            } else {
+            let delete = async {
+                if empty || !by_key {
+                    return Ok(0);
+                }
                 let statement = dst
                     .prepare_cached(&sql::delete_range(table, &dest_range))
                     .await?;
-                dst.execute(&statement, &params).await?
+                dst.execute(&statement, &params).await
             };
+            let (deleted, ended) = tokio::join!(delete, end_source());
+            let rows_deleted = deleted?;
+            ended?;
             return Ok(RangeDone {
                 rows_copied: 0,
                 rows_deleted,
                 rows_unchanged: 0,
                 copy_done: Instant::now(),
-                source_ended: false,
+                source_ended: last,
             });
         }
         if empty {
@@ -872,17 +888,7 @@ impl Executor {
         let statement = dst
             .prepare_cached(&sql::upsert(shape, table, pace.is_some(), how))
             .await?;
-        // The source has sent all it will in this transaction: ended now,
-        // it does not sit idle in the transaction while the destination
-        // merges, which a source's `idle_in_transaction_session_timeout`
-        // would end the session for (and its next attempt with it).
-        let end_source = async {
-            match last {
-                true => src.batch_execute("COMMIT").await,
-                false => Ok(()),
-            }
-        };
-        let (merged, ended) = tokio::join!(dst.execute(&statement, &[]), end_source);
+        let (merged, ended) = tokio::join!(dst.execute(&statement, &[]), end_source());
         merged.map_err(raced)?;
         ended?;
         // Only a range or a key selection owns the rows it names: a row

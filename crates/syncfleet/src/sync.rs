@@ -1,7 +1,7 @@
 //! `syncfleet sync`
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use syncfleet_broker::Publisher;
 use syncfleet_core::Config;
@@ -110,15 +110,27 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    // Every run is waited for, and any that did not succeed fails the
-    // command (an incremental sync starts one run per stream).
-    let mut succeeded = true;
+    // Every run is waited for, within one timeout for all (an incremental
+    // sync starts one run per stream). A failed run decides the exit code
+    // before one still going: it is the news.
+    let until = Instant::now() + args.timeout;
+    let (mut failed, mut going) = (false, None);
     for run_id in run_ids {
-        let run = status::wait_for_run(&destination, run_id, args.timeout, true).await?;
-        succeeded &= run.status == "succeeded";
+        let left = until.saturating_duration_since(Instant::now());
+        match status::wait_for_run(&destination, run_id, left, true).await {
+            Ok(run) => failed |= run.status != "succeeded",
+            Err(e @ CliError::TimedOut(_)) => going = Some(e),
+            Err(e) => return Err(e),
+        }
     }
-    Ok(match succeeded {
-        true => ExitCode::SUCCESS,
-        false => crate::error::found_wrong(),
-    })
+    match (failed, going) {
+        (true, going) => {
+            if let Some(e) = going {
+                eprintln!("{e}");
+            }
+            Ok(crate::error::found_wrong())
+        }
+        (false, Some(e)) => Err(e),
+        (false, None) => Ok(ExitCode::SUCCESS),
+    }
 }
