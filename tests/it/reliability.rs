@@ -446,7 +446,11 @@ async fn a_slow_merge_does_not_keep_the_source_idle_in_its_transaction() {
         .await
         .unwrap();
     let run_id = env.sync(&config, 1).await;
-    assert!(TestEnv::rows(&env.dest, "SELECT * FROM items").await.is_empty());
+    assert!(
+        TestEnv::rows(&env.dest, "SELECT * FROM items")
+            .await
+            .is_empty()
+    );
     let attempts = batch_attempts(&env, run_id).await;
     assert_eq!(attempts, [(1, "done".to_string(), 1)]);
 }
