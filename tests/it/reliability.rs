@@ -982,6 +982,27 @@ async fn a_worker_hands_back_the_jobs_it_cannot_get_to_in_time() {
     assert_eq!(env.dead_letters().await, 0);
 }
 
+/// A run failed by one dead-lettered batch, while its other jobs are still
+/// in the broker, keeps its stream busy: a new run's jobs would not be
+/// ordered against them. Without progress for a while, it no longer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_with_jobs_still_out_keeps_its_stream_busy() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let run_id = env.plan(&config).await.run_id;
+    let mut client = crate::helpers::connect(&env.dest_url).await;
+    control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered")
+        .await
+        .unwrap();
+    assert_eq!(run_status(&env, run_id).await.status, "failed");
+    let busy = |stale_after| control::stream_busy(&env.dest, "items", stale_after);
+    assert!(busy(Duration::from_secs(3600)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!busy(Duration::from_millis(10)).await.unwrap());
+}
+
 /// A run whose jobs were lost (here the work queue is purged; in life, the
 /// broker dead-letters a job at its delivery limit) makes no progress, is
 /// abandoned, and `sync --resume` publishes its pending batches again.

@@ -663,7 +663,11 @@ pub async fn fail_planning_runs(
 }
 
 /// Whether a stream has a run that is still planning or running and has
-/// made progress within `stale_after`. Runs that have not are failed here
+/// made progress within `stale_after`, or a failed run (one of its batches
+/// dead-lettered, say) whose other published batches are still pending and
+/// that made progress within it: their jobs may still be in the broker, and
+/// a new run's jobs beside them are not ordered against them (see
+/// [`write_locks`]). Runs planning or running without progress are failed here
 /// ("abandoned"): a producer that died mid-plan, or a batch the broker
 /// dead-lettered by its delivery limit, must not block the stream for ever.
 /// Their pending batches count as unpublished from then on: whatever became
@@ -693,8 +697,14 @@ pub async fn stream_busy(
     Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM syncfleet.runs r JOIN syncfleet.run_streams rs ON rs.run_id = r.id \
-             WHERE rs.stream = $1 AND r.status IN ('planning', 'running'))",
-            &[&stream],
+             WHERE rs.stream = $1 AND (r.status IN ('planning', 'running') \
+               OR (r.status = 'failed' \
+                   AND EXISTS (SELECT 1 FROM syncfleet.batches b WHERE b.run_id = r.id AND b.stream = $1 \
+                               AND b.status = 'pending' AND b.published_at IS NOT NULL) \
+                   AND greatest(r.created_at, r.planned_at, r.finished_at, \
+                         (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
+                       >= now() - make_interval(secs => $2::float8))))",
+            &[&stream, &seconds],
         )
         .await?
         .get(0))
