@@ -32,6 +32,34 @@ async fn run_until_one_dead_letter(env: &TestEnv, config: &Arc<Config>) -> RunPl
     plan
 }
 
+/// `items`, and a stream over it whose reads pass `slow_gate(id)`: once
+/// `slow_flag` holds a row, the gate sleeps `seconds` on the rows where
+/// `condition` (on `id`) holds. `stream_extra` goes in the stream's table.
+async fn items_behind_a_slow_gate(
+    env: &TestEnv,
+    condition: &str,
+    seconds: u32,
+    stream_extra: &str,
+) -> Arc<Config> {
+    env.source
+        .batch_execute(&format!(
+            "{ITEMS}
+             CREATE TABLE slow_flag (on_ boolean);
+             CREATE FUNCTION slow_gate(id int) RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+             BEGIN
+               IF ({condition}) AND EXISTS (SELECT 1 FROM slow_flag) THEN PERFORM pg_sleep({seconds}); END IF;
+               RETURN true;
+             END $$;"
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    env.config(&format!(
+        "[[stream]]\nname = \"items\"\nquery = \"SELECT id, v FROM items WHERE slow_gate(id)\"\n\
+         key = [\"id\"]\nbatch_size = 100\n{stream_extra}"
+    ))
+}
+
 async fn batch_attempts(env: &TestEnv, run_id: i64) -> Vec<(i64, String, i32)> {
     env.dest
         .query(
@@ -330,23 +358,7 @@ async fn a_job_that_breaks_its_connection_every_time_is_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_is_not_undone_by_an_older_read_that_commits_after_it() {
     let env = TestEnv::new().await;
-    env.source
-        .batch_execute(&format!(
-            "{ITEMS}
-             CREATE TABLE slow_flag (on_ boolean);
-             CREATE FUNCTION slow_at(id int) RETURNS boolean LANGUAGE plpgsql STABLE AS $$
-             BEGIN
-               IF id = 30 AND EXISTS (SELECT 1 FROM slow_flag) THEN PERFORM pg_sleep(3); END IF;
-               RETURN true;
-             END $$;"
-        ))
-        .await
-        .unwrap();
-    env.migrate().await;
-    let config = env.config(
-        "[[stream]]\nname = \"items\"\nquery = \"SELECT id, v FROM items WHERE slow_at(id)\"\n\
-         key = [\"id\"]\nbatch_size = 100\n",
-    );
+    let config = items_behind_a_slow_gate(&env, "id = 30", 3, "").await;
     env.sync(&config, 1).await;
     let plan = env.plan(&config).await;
     env.source
@@ -516,23 +528,7 @@ async fn attempts_exhausted_end_in_the_dead_letter_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_cancels_the_query_on_the_server_and_retries_the_job() {
     let env = TestEnv::new().await;
-    env.source
-        .batch_execute(&format!(
-            "{ITEMS}
-             CREATE TABLE slow_flag (on_ boolean);
-             CREATE FUNCTION maybe_slow() RETURNS boolean LANGUAGE plpgsql STABLE AS $$
-             BEGIN
-               IF EXISTS (SELECT 1 FROM slow_flag) THEN PERFORM pg_sleep(60); END IF;
-               RETURN true;
-             END $$;"
-        ))
-        .await
-        .unwrap();
-    env.migrate().await;
-    let config = env.config(
-        "[[stream]]\nname = \"items\"\nquery = \"SELECT id, v FROM items WHERE maybe_slow()\"\n\
-         key = [\"id\"]\nbatch_size = 100\ndeadline = \"2s\"\n",
-    );
+    let config = items_behind_a_slow_gate(&env, "true", 60, "deadline = \"2s\"\n").await;
     let plan = env.plan(&config).await;
     env.source
         .batch_execute("INSERT INTO slow_flag VALUES (true)")
@@ -541,7 +537,7 @@ async fn a_deadline_cancels_the_query_on_the_server_and_retries_the_job() {
     let fleet = Fleet::start(&config, 1);
 
     let active = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-                  AND state = 'active' AND query LIKE 'COPY (SELECT%maybe_slow%'";
+                  AND state = 'active' AND query LIKE 'COPY (SELECT%slow_gate%'";
     env.eventually("the slow query to start", 30, || async {
         env.source.query_opt(active, &[]).await.unwrap().is_some()
     })
