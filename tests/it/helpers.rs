@@ -166,8 +166,15 @@ impl TestEnv {
         let publisher = Publisher::connect(&config.broker, "test").await.unwrap();
         let streams = config.select_streams(&[]).unwrap();
         let ceiling = syncfleet_db::ceiling::Ceiling::new(config);
-        let plan =
-            syncfleet_producer::start_run(&source, &dest, &publisher, &ceiling, &streams).await;
+        let plan = syncfleet_producer::start_run(
+            &source,
+            &dest,
+            &publisher,
+            &ceiling,
+            &streams,
+            config.broker.consumer_timeout,
+        )
+        .await;
         publisher.close().await;
         plan
     }
@@ -192,6 +199,7 @@ impl TestEnv {
             &publisher,
             &ceiling,
             &config.streams[0],
+            config.broker.consumer_timeout,
         )
         .await;
         publisher.close().await;

@@ -491,6 +491,14 @@ async fn planning_walks_at_the_fleets_throttle_level() {
     let walk = sleeping("the planner's walk to pause", "%syncfleet_walk%");
     let (plan, ()) = tokio::join!(env.plan(&config), walk);
     assert_eq!(plan.batches, vec![("items".to_string(), 31)]);
+    // No worker runs it: ended by hand, for the stream's next run.
+    env.dest
+        .execute(
+            "UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now()",
+            &[],
+        )
+        .await
+        .unwrap();
 
     let scan = sleeping("the incremental scan to pause", "%ORDER BY q.\"id\"%");
     let (plan, ()) = tokio::join!(env.plan_incremental(&config), scan);

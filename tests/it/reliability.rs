@@ -999,6 +999,129 @@ async fn a_failed_run_with_jobs_still_out_keeps_its_stream_busy() {
     assert!(!busy(Duration::from_millis(10)).await.unwrap());
 }
 
+/// A stream has one run going at a time, however a run would start: a
+/// `sync` by hand, `sync --resume` of an older run and a replay of its dead
+/// job are refused (exit 5) while another run of the stream is going, since
+/// the jobs of two runs are not ordered against each other, and go through
+/// once it has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_has_one_run_going_at_a_time() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    env.dest
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text, CONSTRAINT no_v17 CHECK (v <> 'v17'))",
+        )
+        .await
+        .unwrap();
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let path = env.dir.join("syncfleet.toml");
+    // The first run fails with one batch dead-lettered; the rest are done.
+    let fleet = Fleet::start(&config, 1);
+    let first = env.plan(&config).await.run_id;
+    env.eventually("the first run to fail", 60, || async {
+        run_status(&env, first).await.status == "failed"
+    })
+    .await;
+    env.eventually("its other batches to be done", 60, || async {
+        let pending: i64 = env
+            .dest
+            .query_one(
+                "SELECT count(*) FROM syncfleet.batches WHERE status = 'pending'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        pending == 0 && env.dead_letters().await == 1
+    })
+    .await;
+    fleet.stop().await;
+    assert_eq!(env.dead_letters().await, 1);
+
+    let sync = env.cli(&path, &["sync"]).await;
+    let stdout = String::from_utf8_lossy(&sync.stdout);
+    assert!(
+        sync.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sync.stderr)
+    );
+    let second: i64 = stdout.trim().parse().unwrap();
+
+    // No worker runs the second: everything else waits for it.
+    let going = format!("stream 'items' has run {second} still going");
+    let refused = |out: std::process::Output| {
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(5), "{text}");
+        assert!(text.contains(&going), "{text}");
+    };
+    refused(env.cli(&path, &["sync"]).await);
+    refused(
+        env.cli(&path, &["sync", "--resume", &first.to_string()])
+            .await,
+    );
+    refused(env.cli(&path, &["dead-letters", "replay", "--all"]).await);
+    assert_eq!(env.dead_letters().await, 1, "the job stays dead");
+    assert_eq!(run_status(&env, first).await.status, "failed");
+
+    env.dest
+        .batch_execute("ALTER TABLE items DROP CONSTRAINT no_v17")
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    env.wait(second).await;
+    let replay = env.cli(&path, &["dead-letters", "replay", "--all"]).await;
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stdout)
+    );
+    env.wait(first).await;
+    fleet.stop().await;
+    assert_eq!(env.dead_letters().await, 0);
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+}
+
+/// Two producers creating a run of one stream at the same moment: one
+/// does, the other finds it going. The check and the insert are one
+/// transaction under the stream's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_created_at_once_for_one_stream_make_one_run() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(crate::helpers::connect(&env.dest_url).await);
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(clients.len()));
+    let racers: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                control::create_run_of(&mut client, "full", &["race"], Duration::from_secs(3600))
+                    .await
+                    .unwrap()
+                    .is_ok()
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for racer in racers {
+        created += usize::from(racer.await.unwrap());
+    }
+    assert_eq!(created, 1);
+}
+
 /// A run whose jobs were lost (here the work queue is purged; in life, the
 /// broker dead-letters a job at its delivery limit) makes no progress, is
 /// abandoned, and `sync --resume` publishes its pending batches again.

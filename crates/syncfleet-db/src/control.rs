@@ -162,18 +162,30 @@ pub async fn schema_version(client: &impl GenericClient) -> Result<i32, DbError>
     }
 }
 
-/// Creates a run in state `planning` with its streams.
-pub async fn create_run(client: &mut Client, streams: &[&str]) -> Result<i64, DbError> {
-    create_run_of(client, "full", streams).await
+/// A run that keeps a stream from getting another: see [`runs_going`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stream '{stream}' has run {run_id} still going")]
+pub struct Going {
+    pub stream: String,
+    pub run_id: i64,
 }
 
-/// Creates a run of a kind (`full`, `incremental`) in state `planning`.
+/// Creates a run of a kind (`full`, `incremental`) in state `planning`,
+/// unless one of its streams has a run still going ([`runs_going`]):
+/// jobs of two runs of one stream are not ordered against each other.
+/// The check and the insert are one transaction under a per-stream lock,
+/// so two producers (the service and a `sync` by hand) cannot both pass.
 pub async fn create_run_of(
     client: &mut Client,
     kind: &str,
     streams: &[&str],
-) -> Result<i64, DbError> {
+    stale_after: std::time::Duration,
+) -> Result<Result<i64, Going>, DbError> {
     let tx = client.transaction().await?;
+    lock_runs_of(&tx, streams).await?;
+    if let Some(going) = runs_going(&tx, streams, None, stale_after).await?.pop() {
+        return Ok(Err(going));
+    }
     let id: i64 = tx
         .query_one(
             "INSERT INTO syncfleet.runs (kind) VALUES ($1) RETURNING id",
@@ -187,7 +199,24 @@ pub async fn create_run_of(
     )
     .await?;
     tx.commit().await?;
-    Ok(id)
+    Ok(Ok(id))
+}
+
+/// Serializes, per stream, the transactions that start or re-open runs,
+/// so that each sees the others' runs when it checks [`runs_going`].
+async fn lock_runs_of(client: &impl GenericClient, streams: &[&str]) -> Result<(), DbError> {
+    let mut names: Vec<String> = streams
+        .iter()
+        .map(|s| format!("syncfleet.runs/{s}"))
+        .collect();
+    names.sort();
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))::text FROM unnest($1::text[]) AS n",
+            &[&names],
+        )
+        .await?;
+    Ok(())
 }
 
 fn key_json(key: &Option<Vec<String>>) -> Option<Value> {
@@ -315,16 +344,42 @@ pub async fn plan_states(
 
 /// Makes failed batches of a run pending again and the run running again
 /// (resume and dead-letter replay); returns how many batches were reopened.
+///
+/// Refused while another run of one of its streams is still going
+/// ([`runs_going`]): the re-opened jobs would not be ordered against that
+/// run's.
 pub async fn reopen(
-    client: &impl GenericClient,
+    client: &mut Client,
     run_id: i64,
     only: Option<(&str, i64)>,
-) -> Result<u64, DbError> {
+    stale_after: std::time::Duration,
+) -> Result<Result<u64, Going>, DbError> {
     let (stream, batch) = match only {
         Some((s, b)) => (Some(s), Some(b)),
         None => (None, None),
     };
-    let n = client
+    let tx = client.transaction().await?;
+    let streams: Vec<String> = match stream {
+        Some(s) => vec![s.to_string()],
+        None => tx
+            .query(
+                "SELECT stream FROM syncfleet.run_streams WHERE run_id = $1",
+                &[&run_id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+    };
+    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+    lock_runs_of(&tx, &streams).await?;
+    if let Some(going) = runs_going(&tx, &streams, Some(run_id), stale_after)
+        .await?
+        .pop()
+    {
+        return Ok(Err(going));
+    }
+    let n = tx
         .execute(
             "UPDATE syncfleet.batches SET status = 'pending', attempts = 0, error = NULL, finished_at = NULL, \
              published_at = NULL \
@@ -333,14 +388,14 @@ pub async fn reopen(
             &[&run_id, &stream, &batch],
         )
         .await?;
-    client
-        .execute(
-            "UPDATE syncfleet.runs SET status = CASE WHEN planned_at IS NULL THEN 'planning' ELSE 'running' END, \
-             error = NULL, finished_at = NULL WHERE id = $1 AND status = 'failed'",
-            &[&run_id],
-        )
-        .await?;
-    Ok(n)
+    tx.execute(
+        "UPDATE syncfleet.runs SET status = CASE WHEN planned_at IS NULL THEN 'planning' ELSE 'running' END, \
+         error = NULL, finished_at = NULL WHERE id = $1 AND status = 'failed'",
+        &[&run_id],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Ok(n))
 }
 
 /// Records a failed attempt that will be retried: the batch stays pending.
@@ -502,8 +557,9 @@ pub async fn complete_batches(
 /// - two copies of one batch (a redelivery racing its original): each
 ///   takes its batch exclusively.
 ///
-/// Two batches of one run never hold the same keys, and the producer plans
-/// no run of a stream while one runs; so range jobs still run side by side.
+/// Two batches of one run never hold the same keys, and no run of a stream
+/// starts while another is going ([`runs_going`]); so range jobs still run
+/// side by side.
 /// Names are sorted, so that transactions wait for each other in one order.
 pub fn write_locks<'a>(
     prefix: &str,
@@ -662,21 +718,35 @@ pub async fn fail_planning_runs(
         .collect())
 }
 
-/// Whether a stream has a run that is still planning or running and has
-/// made progress within `stale_after`, or a failed run (one of its batches
-/// dead-lettered, say) whose other published batches are still pending and
-/// that made progress within it: their jobs may still be in the broker, and
-/// a new run's jobs beside them are not ordered against them (see
-/// [`write_locks`]). Runs planning or running without progress are failed here
-/// ("abandoned"): a producer that died mid-plan, or a batch the broker
-/// dead-lettered by its delivery limit, must not block the stream for ever.
-/// Their pending batches count as unpublished from then on: whatever became
-/// of their jobs, `sync --resume` publishes them again.
+/// Whether a stream has a run still going: see [`runs_going`].
 pub async fn stream_busy(
     client: &impl GenericClient,
     stream: &str,
     stale_after: std::time::Duration,
 ) -> Result<bool, DbError> {
+    Ok(!runs_going(client, &[stream], None, stale_after)
+        .await?
+        .is_empty())
+}
+
+/// The runs of `streams` (but `except`) still going, one per stream: a run
+/// still planning or running that has made progress within `stale_after`,
+/// or a failed run (one of its batches dead-lettered, say) whose other
+/// published batches are still pending and that made progress within it.
+/// Their jobs may still be in the broker, and another run's jobs beside
+/// them are not ordered against them (see [`write_locks`]).
+///
+/// Runs planning or running without progress are failed here first
+/// ("abandoned"): a producer that died mid-plan, or a batch the broker
+/// dead-lettered by its delivery limit, must not block the stream for ever.
+/// Their pending batches count as unpublished from then on: whatever became
+/// of their jobs, `sync --resume` publishes them again.
+pub async fn runs_going(
+    client: &impl GenericClient,
+    streams: &[&str],
+    except: Option<i64>,
+    stale_after: std::time::Duration,
+) -> Result<Vec<Going>, DbError> {
     let seconds = stale_after.as_secs_f64();
     client
         .execute(
@@ -684,30 +754,37 @@ pub async fn stream_busy(
                UPDATE syncfleet.runs r SET status = 'failed', finished_at = now(), \
                  error = format('abandoned: no progress for %s seconds; resume it with syncfleet sync --resume %s', $2::float8, r.id) \
                FROM syncfleet.run_streams rs \
-               WHERE rs.run_id = r.id AND rs.stream = $1 AND r.status IN ('planning', 'running') \
+               WHERE rs.run_id = r.id AND rs.stream = ANY($1) AND r.status IN ('planning', 'running') \
                AND greatest(r.created_at, r.planned_at, \
                      (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
                    < now() - make_interval(secs => $2::float8) \
                RETURNING r.id) \
              UPDATE syncfleet.batches b SET published_at = NULL FROM abandoned a \
              WHERE b.run_id = a.id AND b.status = 'pending'",
-            &[&stream, &seconds],
+            &[&streams, &seconds],
         )
         .await?;
     Ok(client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM syncfleet.runs r JOIN syncfleet.run_streams rs ON rs.run_id = r.id \
-             WHERE rs.stream = $1 AND (r.status IN ('planning', 'running') \
+        .query(
+            "SELECT DISTINCT ON (rs.stream) rs.stream, r.id \
+             FROM syncfleet.runs r JOIN syncfleet.run_streams rs ON rs.run_id = r.id \
+             WHERE rs.stream = ANY($1) AND r.id IS DISTINCT FROM $3 AND (r.status IN ('planning', 'running') \
                OR (r.status = 'failed' \
-                   AND EXISTS (SELECT 1 FROM syncfleet.batches b WHERE b.run_id = r.id AND b.stream = $1 \
+                   AND EXISTS (SELECT 1 FROM syncfleet.batches b WHERE b.run_id = r.id AND b.stream = rs.stream \
                                AND b.status = 'pending' AND b.published_at IS NOT NULL) \
                    AND greatest(r.created_at, r.planned_at, r.finished_at, \
                          (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
-                       >= now() - make_interval(secs => $2::float8))))",
-            &[&stream, &seconds],
+                       >= now() - make_interval(secs => $2::float8))) \
+             ORDER BY rs.stream, r.id DESC",
+            &[&streams, &seconds, &except],
         )
         .await?
-        .get(0))
+        .iter()
+        .map(|r| Going {
+            stream: r.get(0),
+            run_id: r.get(1),
+        })
+        .collect())
 }
 
 /// Records planned selection batches (incremental runs).

@@ -19,6 +19,10 @@
 //! neither done nor published, re-opens failed ones, and continues each
 //! unfinished stream's key walk after its last recorded batch.
 //!
+//! A stream has one run going at a time: creating a run, resuming one and
+//! replaying a dead job are refused ([`PlanError::Going`]) while another
+//! run of the stream is still going (see [`control::runs_going`]).
+//!
 //! [`start_incremental_run`] plans only the rows changed since a stream's
 //! watermark; [`service`] is the long-running, leader-elected producer and
 //! [`events`] turns upstream change events into jobs.
@@ -27,6 +31,7 @@ pub mod events;
 pub mod service;
 
 use std::fmt;
+use std::time::Duration;
 
 use syncfleet_broker::{BrokerError, Publisher};
 use syncfleet_core::Config;
@@ -58,6 +63,12 @@ pub enum PlanError {
     Stopped { run_id: i64, reason: String },
     #[error("no run with id {0}")]
     UnknownRun(i64),
+    /// Refused: another run of the stream is still going, and the jobs of
+    /// two runs of one stream are not ordered against each other.
+    #[error(
+        "{0}: its jobs and another run's of the same stream could undo each other's newer rows; wait until it ends (`syncfleet status`), then try again"
+    )]
+    Going(control::Going),
 }
 
 impl From<ShapeError> for PlanError {
@@ -137,17 +148,23 @@ impl fmt::Display for RunPlan {
 }
 
 /// Steps 1 to 3: plans a full run of `streams` and publishes its jobs.
+/// `stale_after` is how long a run may go without progress before it no
+/// longer holds its streams (`broker.consumer_timeout`).
 pub async fn start_run(
     source: &Pool,
     destination: &Pool,
     publisher: &Publisher,
     ceiling: &Ceiling,
     streams: &[&StreamConfig],
+    stale_after: Duration,
 ) -> Result<RunPlan, PlanError> {
     check_schema(destination).await?;
     let prepared = prepare(source, destination, streams).await?;
     let names: Vec<&str> = streams.iter().map(|s| s.name.as_str()).collect();
-    let run_id = control::create_run(&mut **destination.get().await?, &names).await?;
+    let run_id =
+        control::create_run_of(&mut **destination.get().await?, "full", &names, stale_after)
+            .await?
+            .map_err(PlanError::Going)?;
     tracing::info!(run_id, streams = ?names, "planning run");
     let mut plan = RunPlan {
         run_id,
@@ -305,7 +322,14 @@ pub async fn resume_run(
         })
     })?;
     let prepared = prepare(source, destination, &streams).await?;
-    control::reopen(&**destination.get().await?, run_id, None).await?;
+    control::reopen(
+        &mut **destination.get().await?,
+        run_id,
+        None,
+        config.broker.consumer_timeout,
+    )
+    .await?
+    .map_err(PlanError::Going)?;
     let lsn = syncfleet_db::pool::wal_position(&**source.get().await?).await?;
     let mut published = 0u64;
 
@@ -411,9 +435,18 @@ pub async fn start_incremental_run(
     publisher: &Publisher,
     ceiling: &Ceiling,
     stream: &StreamConfig,
+    stale_after: Duration,
 ) -> Result<RunPlan, PlanError> {
     let Some(cursor) = &stream.cursor else {
-        return start_run(source, destination, publisher, ceiling, &[stream]).await;
+        return start_run(
+            source,
+            destination,
+            publisher,
+            ceiling,
+            &[stream],
+            stale_after,
+        )
+        .await;
     };
     check_schema(destination).await?;
     let prepared = prepare(source, destination, &[stream]).await?;
@@ -433,8 +466,10 @@ pub async fn start_incremental_run(
         &mut **destination.get().await?,
         "incremental",
         &[&stream.name],
+        stale_after,
     )
-    .await?;
+    .await?
+    .map_err(PlanError::Going)?;
     let result = plan_incremental(
         source,
         destination,

@@ -188,9 +188,10 @@ async fn lead(
                 continue;
             }
             let full = now >= full_due || !schedule.incremental;
+            // A run without progress for a whole consumer timeout is stuck.
+            let stale = config.broker.consumer_timeout;
             let busy = match destination.get().await {
-                // A run without progress for a whole consumer timeout is stuck.
-                Ok(c) => control::stream_busy(&**c, &stream.name, config.broker.consumer_timeout)
+                Ok(c) => control::stream_busy(&**c, &stream.name, stale)
                     .await
                     .unwrap_or(true),
                 Err(_) => true,
@@ -209,11 +210,19 @@ async fn lead(
                 let plan = async {
                     match full {
                         true => {
-                            start_run(source, destination, publisher, &ceiling, &[stream]).await
+                            start_run(source, destination, publisher, &ceiling, &[stream], stale)
+                                .await
                         }
                         false => {
-                            start_incremental_run(source, destination, publisher, &ceiling, stream)
-                                .await
+                            start_incremental_run(
+                                source,
+                                destination,
+                                publisher,
+                                &ceiling,
+                                stream,
+                                stale,
+                            )
+                            .await
                         }
                     }
                 };
@@ -235,6 +244,11 @@ async fn lead(
                         started = true;
                         counters.runs_started.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(%plan, full, "scheduled run started");
+                    }
+                    // A `sync` by hand started one since the check above.
+                    Err(PlanError::Going(going)) => {
+                        counters.ticks_skipped.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(stream = %stream.name, %going, "tick skipped");
                     }
                     Err(e) => {
                         tracing::error!(stream = %stream.name, error = %e, "scheduled run failed to start")

@@ -7,7 +7,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use syncfleet_broker::{BrokerError, DeadLetter, Publisher, Topology};
 use syncfleet_core::Config;
-use syncfleet_core::job::Job;
+use syncfleet_core::job::{Job, NO_RUN};
 use syncfleet_db::{Pool, Role, control};
 
 use crate::error::CliError;
@@ -121,7 +121,7 @@ async fn replay(
 ) -> Result<ExitCode, CliError> {
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
     let publisher = Publisher::connect(&config.broker, "replay").await?;
-    let mut replayed = 0;
+    let (mut replayed, mut kept) = (0, 0);
     for m in fetch_all(channel, topology).await? {
         let dead = DeadLetter::from_properties(&m.delivery.properties);
         if !all && Some(dead.id.as_str()) != id {
@@ -134,13 +134,27 @@ async fn replay(
                 continue;
             }
         };
-        // Re-open first: a worker may finish the replayed job at once.
-        control::reopen(
-            &**destination.get().await?,
-            job.run_id,
-            Some((&job.stream, job.batch)),
-        )
-        .await?;
+        // Re-open first: a worker may finish the replayed job at once. An
+        // event job (of no run) has nothing to re-open, and its write lock
+        // orders it against any run's jobs.
+        let reopened = match job.run_id {
+            NO_RUN => Ok(0),
+            run_id => {
+                control::reopen(
+                    &mut **destination.get().await?,
+                    run_id,
+                    Some((&job.stream, job.batch)),
+                    config.broker.consumer_timeout,
+                )
+                .await?
+            }
+        };
+        if let Err(going) = reopened {
+            // Left unacked, it goes back to the dead letters.
+            println!("kept {}: {going}; replay it once that run ends", job.id());
+            kept += 1;
+            continue;
+        }
         publisher
             .publish_work(&m.delivery.data, &job.id(), FieldTable::default())
             .await?;
@@ -152,11 +166,16 @@ async fn replay(
         replayed += 1;
     }
     publisher.close().await;
-    if let (0, Some(id)) = (replayed, id) {
+    if let (0, 0, Some(id)) = (replayed, kept, id) {
         return Err(CliError::Usage(format!("no dead letter with id {id}")));
     }
     println!("{replayed} job(s) replayed");
-    Ok(ExitCode::SUCCESS)
+    match kept {
+        0 => Ok(ExitCode::SUCCESS),
+        n => Err(CliError::Busy(format!(
+            "{n} job(s) kept in the dead letters: their streams have another run still going"
+        ))),
+    }
 }
 
 /// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` (UTC).

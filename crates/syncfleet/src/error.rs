@@ -19,6 +19,10 @@ pub enum CliError {
     /// --timeout`): exit 4.
     #[error("{0}")]
     TimedOut(String),
+    /// Refused for now: another run of the stream is still going (`sync`,
+    /// `sync --resume`, `dead-letters replay`): exit 5, try again later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl CliError {
@@ -27,6 +31,7 @@ impl CliError {
             CliError::Usage(_) => ExitCode::from(2),
             CliError::Failed(_) => ExitCode::from(1),
             CliError::TimedOut(_) => ExitCode::from(4),
+            CliError::Busy(_) => ExitCode::from(5),
         }
     }
 }
@@ -57,6 +62,7 @@ impl From<PlanError> for CliError {
     fn from(e: PlanError) -> Self {
         match e {
             PlanError::Invalid(_) | PlanError::UnknownRun(_) => CliError::Usage(e.to_string()),
+            PlanError::Going(_) => CliError::Busy(e.to_string()),
             _ => CliError::Failed(e.to_string()),
         }
     }

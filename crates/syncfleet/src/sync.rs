@@ -74,6 +74,7 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
                     &publisher,
                     &ceiling,
                     stream,
+                    config.broker.consumer_timeout,
                 )
                 .await;
                 let plan = match result {
@@ -96,6 +97,7 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
                 &publisher,
                 &ceiling,
                 &streams,
+                config.broker.consumer_timeout,
             )
             .await;
             publisher.close().await;

@@ -191,9 +191,15 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let streams = config.select_streams(&[])?;
     let ceiling = Ceiling::new(&config);
     let result = async {
-        let plan =
-            syncfleet_producer::start_run(&source, &destination, &publisher, &ceiling, &streams)
-                .await?;
+        let plan = syncfleet_producer::start_run(
+            &source,
+            &destination,
+            &publisher,
+            &ceiling,
+            &streams,
+            config.broker.consumer_timeout,
+        )
+        .await?;
         println!("  {plan}");
         wait_for_run(&destination, plan.run_id, Duration::from_secs(3600), true).await
     }
