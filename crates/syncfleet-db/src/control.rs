@@ -184,6 +184,8 @@ pub async fn create_run_of(
     let tx = client.transaction().await?;
     lock_runs_of(&tx, streams).await?;
     if let Some(going) = runs_going(&tx, streams, None, stale_after).await?.pop() {
+        // Keeps what the check did: the runs it found abandoned.
+        tx.commit().await?;
         return Ok(Err(going));
     }
     let id: i64 = tx
@@ -377,6 +379,7 @@ pub async fn reopen(
         .await?
         .pop()
     {
+        tx.commit().await?;
         return Ok(Err(going));
     }
     let n = tx

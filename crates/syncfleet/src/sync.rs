@@ -81,6 +81,10 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
                     Ok(plan) => plan,
                     Err(e) => {
                         publisher.close().await;
+                        // The runs already started go on: say which.
+                        for run_id in &runs {
+                            println!("{run_id}");
+                        }
                         return Err(e.into());
                     }
                 };
