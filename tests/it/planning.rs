@@ -341,6 +341,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
             "DELETE FROM syncfleet.schema_version WHERE version >= 3;
              ALTER TABLE syncfleet.batches DROP COLUMN rows_unchanged;
              DROP TABLE syncfleet.fleet_reads;
+             ALTER TABLE syncfleet.runs DROP COLUMN reopened_at;
              DROP INDEX syncfleet.batches_pending;
              CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';",
         )
@@ -349,7 +350,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
     let mut dest = crate::helpers::connect(&env.dest_url).await;
     assert_eq!(
         syncfleet_db::control::migrate(&mut dest).await.unwrap(),
-        vec![3, 4, 5]
+        vec![3, 4, 5, 6]
     );
     let index: String = env
         .dest

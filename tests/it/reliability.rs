@@ -1090,6 +1090,137 @@ async fn a_stream_has_one_run_going_at_a_time() {
     );
 }
 
+/// An incremental `sync` over several streams starts the runs it can and
+/// exits 5 for a stream whose run is still going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_sync_starts_the_streams_that_have_no_run_going() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.source
+        .batch_execute("CREATE TABLE other (id int PRIMARY KEY); INSERT INTO other VALUES (1);")
+        .await
+        .unwrap();
+    env.migrate().await;
+    env.config(
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\n\
+         [[stream]]\nname = \"other\"\ntable = \"other\"\n",
+    );
+    let path = env.dir.join("syncfleet.toml");
+    let first = env.cli(&path, &["sync", "--stream", "items"]).await;
+    assert!(first.status.success());
+    let items: i64 = String::from_utf8_lossy(&first.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+
+    let out = env.cli(&path, &["sync", "--incremental"]).await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains(&format!("stream 'items' has run {items} still going")),
+        "{stderr}"
+    );
+    let other: i64 = stdout.trim().parse().unwrap();
+    let streams: Vec<String> = env
+        .dest
+        .query(
+            "SELECT stream FROM syncfleet.run_streams WHERE run_id = $1",
+            &[&other],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(streams, vec!["other".to_string()]);
+}
+
+/// Re-opening a run (a replay, a resume) is not refused by the run itself
+/// while it still goes, and makes it go again however long it had been
+/// quiet: a run re-opened after a quiet day must not count as abandoned at
+/// once, or the next tick would start a run beside its jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_run_holds_its_stream_however_quiet_it_was() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let run_id = env.plan(&config).await.run_id;
+    let mut client = crate::helpers::connect(&env.dest_url).await;
+    control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered")
+        .await
+        .unwrap();
+    let hour = Duration::from_secs(3600);
+    async fn going(client: &tokio_postgres::Client) -> Vec<i64> {
+        let hour = Duration::from_secs(3600);
+        let going = control::runs_going(client, &["items"], None, hour).await;
+        going.unwrap().iter().map(|g| g.run_id).collect()
+    }
+    // Failed with its other jobs still out: it goes, and its own replay
+    // is not refused for it.
+    assert_eq!(going(&client).await, vec![run_id]);
+    let reopened = control::reopen(&mut client, run_id, Some(("items", 1)), hour)
+        .await
+        .unwrap();
+    assert_eq!(reopened, Ok(1));
+
+    // A day later, failed again and quiet since.
+    control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered")
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', \
+               planned_at = planned_at - interval '1 day', finished_at = finished_at - interval '1 day', \
+               reopened_at = reopened_at - interval '1 day'; \
+             UPDATE syncfleet.batches SET finished_at = finished_at - interval '1 day'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(going(&client).await, Vec::<i64>::new());
+    let reopened = control::reopen(&mut client, run_id, Some(("items", 1)), hour)
+        .await
+        .unwrap();
+    assert_eq!(reopened, Ok(1));
+    assert_eq!(going(&client).await, vec![run_id], "re-opened, it goes");
+    assert_eq!(run_status(&env, run_id).await.status, "running");
+}
+
+/// A run whose batch was dead-lettered while it was still being planned
+/// is planned all the same: re-opened, it runs (and can finish) instead of
+/// waiting for a planner that has long finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_failed_while_planning_runs_once_reopened() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let mut client = crate::helpers::connect(&env.dest_url).await;
+    let hour = Duration::from_secs(3600);
+    let run_id = control::create_run_of(&mut client, "full", &["items"], hour)
+        .await
+        .unwrap()
+        .unwrap();
+    let all = KeyRange {
+        lower: None,
+        upper: None,
+    };
+    control::insert_batches(&client, run_id, "items", &[(1, all)])
+        .await
+        .unwrap();
+    control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered")
+        .await
+        .unwrap();
+    control::mark_planned(&client, run_id).await.unwrap();
+    assert_eq!(run_status(&env, run_id).await.status, "failed");
+    let reopened = control::reopen(&mut client, run_id, Some(("items", 1)), hour)
+        .await
+        .unwrap();
+    assert_eq!(reopened, Ok(1));
+    assert_eq!(run_status(&env, run_id).await.status, "running");
+}
+
 /// Two producers creating a run of one stream at the same moment: one
 /// does, the other finds it going. The check and the insert are one
 /// transaction under the stream's lock.

@@ -105,6 +105,12 @@ CREATE TABLE syncfleet.fleet_reads (
     level_at    timestamptz
 );
 "#,
+    r#"
+-- When a failed run was last re-opened (resume, dead-letter replay): it
+-- counts as progress, or a run re-opened after a quiet day would count as
+-- abandoned at once and lose its hold on its streams.
+ALTER TABLE syncfleet.runs ADD COLUMN reopened_at timestamptz;
+"#,
 ];
 
 /// The schema version this build expects.
@@ -363,9 +369,12 @@ pub async fn reopen(
     let tx = client.transaction().await?;
     let streams: Vec<String> = match stream {
         Some(s) => vec![s.to_string()],
+        // The streams it has work left in: a resume publishes to no other.
         None => tx
             .query(
-                "SELECT stream FROM syncfleet.run_streams WHERE run_id = $1",
+                "SELECT rs.stream FROM syncfleet.run_streams rs WHERE rs.run_id = $1 \
+                 AND (rs.batches_planned IS NULL OR EXISTS (SELECT 1 FROM syncfleet.batches b \
+                      WHERE b.run_id = rs.run_id AND b.stream = rs.stream AND b.status <> 'done'))",
                 &[&run_id],
             )
             .await?
@@ -393,7 +402,7 @@ pub async fn reopen(
         .await?;
     tx.execute(
         "UPDATE syncfleet.runs SET status = CASE WHEN planned_at IS NULL THEN 'planning' ELSE 'running' END, \
-         error = NULL, finished_at = NULL WHERE id = $1 AND status = 'failed'",
+         error = NULL, finished_at = NULL, reopened_at = now() WHERE id = $1 AND status = 'failed'",
         &[&run_id],
     )
     .await?;
@@ -471,8 +480,12 @@ pub async fn finish_stream_planning(
 pub async fn mark_planned(client: &impl GenericClient, run_id: i64) -> Result<(), DbError> {
     client
         .execute(
-            "UPDATE syncfleet.runs SET status = 'running', planned_at = now() \
-             WHERE id = $1 AND status = 'planning'",
+            // A run can fail while it plans (a batch dead-lettered before
+            // the last chunk is published): it is planned all the same, so
+            // that re-opened it runs rather than waits for a planner.
+            "UPDATE syncfleet.runs SET planned_at = now(), \
+               status = CASE status WHEN 'planning' THEN 'running' ELSE status END \
+             WHERE id = $1 AND planned_at IS NULL",
             &[&run_id],
         )
         .await?;
@@ -736,6 +749,8 @@ pub async fn stream_busy(
 /// still planning or running that has made progress within `stale_after`,
 /// or a failed run (one of its batches dead-lettered, say) whose other
 /// published batches are still pending and that made progress within it.
+/// Progress is the run's creation, planning or re-opening, or a batch
+/// finished.
 /// Their jobs may still be in the broker, and another run's jobs beside
 /// them are not ordered against them (see [`write_locks`]).
 ///
@@ -758,7 +773,7 @@ pub async fn runs_going(
                  error = format('abandoned: no progress for %s seconds; resume it with syncfleet sync --resume %s', $2::float8, r.id) \
                FROM syncfleet.run_streams rs \
                WHERE rs.run_id = r.id AND rs.stream = ANY($1) AND r.status IN ('planning', 'running') \
-               AND greatest(r.created_at, r.planned_at, \
+               AND greatest(r.created_at, r.planned_at, r.reopened_at, \
                      (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
                    < now() - make_interval(secs => $2::float8) \
                RETURNING r.id) \
@@ -775,7 +790,7 @@ pub async fn runs_going(
                OR (r.status = 'failed' \
                    AND EXISTS (SELECT 1 FROM syncfleet.batches b WHERE b.run_id = r.id AND b.stream = rs.stream \
                                AND b.status = 'pending' AND b.published_at IS NOT NULL) \
-                   AND greatest(r.created_at, r.planned_at, r.finished_at, \
+                   AND greatest(r.created_at, r.planned_at, r.reopened_at, r.finished_at, \
                          (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
                        >= now() - make_interval(secs => $2::float8))) \
              ORDER BY rs.stream, r.id DESC",

@@ -49,6 +49,9 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
     let publisher = Publisher::connect(&config.broker, "producer").await?;
     let ceiling = Ceiling::new(config);
+    // Streams refused for a run still going (incremental syncs go on with
+    // the others and exit 5 at the end).
+    let mut refused = Vec::new();
     let run_ids: Vec<i64> = match args.resume {
         Some(run_id) => {
             let result = syncfleet_producer::resume_run(
@@ -79,6 +82,11 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
                 .await;
                 let plan = match result {
                     Ok(plan) => plan,
+                    Err(syncfleet_producer::PlanError::Going(going)) => {
+                        eprintln!("{going}: no incremental run of it now");
+                        refused.push(going.stream);
+                        continue;
+                    }
                     Err(e) => {
                         publisher.close().await;
                         // The runs already started go on: say which.
@@ -113,8 +121,15 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     for run_id in &run_ids {
         println!("{run_id}");
     }
+    let refused = match refused.is_empty() {
+        true => None,
+        false => Some(CliError::Busy(format!(
+            "refused for now, another run still going: {}",
+            refused.join(", ")
+        ))),
+    };
     if !args.wait {
-        return Ok(ExitCode::SUCCESS);
+        return refused.map_or(Ok(ExitCode::SUCCESS), Err);
     }
     // Every run is waited for, within one timeout for all (an incremental
     // sync starts one run per stream). A failed run decides the exit code
@@ -137,6 +152,6 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
             Ok(crate::error::found_wrong())
         }
         (false, Some(e)) => Err(e),
-        (false, None) => Ok(ExitCode::SUCCESS),
+        (false, None) => refused.map_or(Ok(ExitCode::SUCCESS), Err),
     }
 }
