@@ -188,8 +188,7 @@ pub async fn create_run_of(
     stale_after: std::time::Duration,
 ) -> Result<Result<i64, Going>, DbError> {
     let tx = client.transaction().await?;
-    lock_runs_of(&tx, streams).await?;
-    if let Some(going) = runs_going(&tx, streams, None, stale_after).await?.pop() {
+    if let Some(going) = claim_streams(&tx, streams, None, stale_after).await? {
         // Keeps what the check did: the runs it found abandoned.
         tx.commit().await?;
         return Ok(Err(going));
@@ -210,21 +209,27 @@ pub async fn create_run_of(
     Ok(Ok(id))
 }
 
-/// Serializes, per stream, the transactions that start or re-open runs,
-/// so that each sees the others' runs when it checks [`runs_going`].
-async fn lock_runs_of(client: &impl GenericClient, streams: &[&str]) -> Result<(), DbError> {
+/// In a transaction that starts or re-opens a run of `streams`: a run
+/// other than `except` still going there, if any ([`runs_going`]). The
+/// streams are locked first, to the end of the transaction, so that such
+/// transactions take turns and each sees the runs the others started.
+async fn claim_streams(
+    tx: &impl GenericClient,
+    streams: &[&str],
+    except: Option<i64>,
+    stale_after: std::time::Duration,
+) -> Result<Option<Going>, DbError> {
     let mut names: Vec<String> = streams
         .iter()
         .map(|s| format!("syncfleet.runs/{s}"))
         .collect();
     names.sort();
-    client
-        .execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))::text FROM unnest($1::text[]) AS n",
-            &[&names],
-        )
-        .await?;
-    Ok(())
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))::text FROM unnest($1::text[]) AS n",
+        &[&names],
+    )
+    .await?;
+    Ok(runs_going(tx, streams, except, stale_after).await?.pop())
 }
 
 fn key_json(key: &Option<Vec<String>>) -> Option<Value> {
@@ -383,11 +388,7 @@ pub async fn reopen(
             .collect(),
     };
     let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
-    lock_runs_of(&tx, &streams).await?;
-    if let Some(going) = runs_going(&tx, &streams, Some(run_id), stale_after)
-        .await?
-        .pop()
-    {
+    if let Some(going) = claim_streams(&tx, &streams, Some(run_id), stale_after).await? {
         tx.commit().await?;
         return Ok(Err(going));
     }

@@ -189,6 +189,8 @@ async fn lead(
             }
             let full = now >= full_due || !schedule.incremental;
             // A run without progress for a whole consumer timeout is stuck.
+            // Checked here before planning describes the stream on the
+            // source; creating the run checks again, under the stream's lock.
             let stale = config.broker.consumer_timeout;
             let busy = match destination.get().await {
                 Ok(c) => control::stream_busy(&**c, &stream.name, stale)
