@@ -342,6 +342,8 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
              ALTER TABLE syncfleet.batches DROP COLUMN rows_unchanged;
              DROP TABLE syncfleet.fleet_reads;
              ALTER TABLE syncfleet.runs DROP COLUMN reopened_at;
+             ALTER TABLE syncfleet.run_streams DROP COLUMN claim;
+             DROP SEQUENCE syncfleet.claims;
              DROP INDEX syncfleet.batches_pending;
              CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';",
         )
@@ -350,7 +352,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
     let mut dest = crate::helpers::connect(&env.dest_url).await;
     assert_eq!(
         syncfleet_db::control::migrate(&mut dest).await.unwrap(),
-        vec![3, 4, 5, 6]
+        vec![3, 4, 5, 6, 7]
     );
     let index: String = env
         .dest

@@ -1312,3 +1312,237 @@ async fn resume_publishes_again_the_jobs_of_an_abandoned_run() {
         TestEnv::rows(&env.dest, "SELECT * FROM items").await
     );
 }
+
+/// An abandoned run's jobs still in the broker (here: workers down for a
+/// day) are dropped once a newer run of the stream has started: they
+/// would run beside its jobs, unordered against them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let path = env.dir.join("syncfleet.toml");
+    let first = env.plan(&config).await.run_id;
+    assert_eq!(env.queue_depth().await, 4);
+    env.dest
+        .batch_execute(
+            "UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', \
+             planned_at = planned_at - interval '1 day'",
+        )
+        .await
+        .unwrap();
+    let sync = env.cli(&path, &["sync"]).await;
+    assert!(
+        sync.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sync.stderr)
+    );
+    let second: i64 = String::from_utf8_lossy(&sync.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        run_status(&env, first)
+            .await
+            .error
+            .unwrap_or_default()
+            .contains("abandoned")
+    );
+    assert_eq!(env.queue_depth().await, 8, "both runs' jobs are queued");
+
+    // The first run's jobs come first; each has started by the time the
+    // second run is done and the queue is empty, and the stop drains them.
+    let fleet = Fleet::start(&config, 1);
+    env.wait(second).await;
+    env.eventually("the queue to empty", 30, || async {
+        env.queue_depth().await == 0
+    })
+    .await;
+    fleet.stop().await;
+    assert_eq!(env.queue_depth().await, 0);
+    assert_eq!(
+        batch_attempts(&env, first).await,
+        (1..=4)
+            .map(|b| (b, "pending".to_string(), 0))
+            .collect::<Vec<_>>(),
+        "the abandoned run's jobs wrote nothing"
+    );
+    assert_eq!(run_status(&env, second).await.status, "succeeded");
+    assert_eq!(
+        TestEnv::rows(&env.source, "SELECT * FROM items").await,
+        TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    );
+}
+
+/// The stream's holder is the run that claimed it last, by starting or by
+/// being re-opened; a claim waits for every job of the stream still in a
+/// transaction, and jobs that lock after it see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let hour = Duration::from_secs(3600);
+    let all = KeyRange {
+        lower: None,
+        upper: None,
+    };
+    let mut client = crate::helpers::connect(&env.dest_url).await;
+    let first = control::create_run_of(&mut client, "full", &["items"], hour)
+        .await
+        .unwrap()
+        .unwrap();
+    control::insert_batches(&client, first, "items", &[(1, all.clone())])
+        .await
+        .unwrap();
+    control::mark_planned(&client, first).await.unwrap();
+    client
+        .batch_execute("UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', planned_at = planned_at - interval '1 day'")
+        .await
+        .unwrap();
+
+    // A job of the first run, in its transaction: locked, checked, reading.
+    let in_flight = crate::helpers::connect(&env.dest_url).await;
+    in_flight.batch_execute("BEGIN").await.unwrap();
+    assert!(!lock_and_check(&in_flight, first).await);
+
+    let mut creator = crate::helpers::connect(&env.dest_url).await;
+    let creating = tokio::spawn(async move {
+        control::create_run_of(&mut creator, "full", &["items"], hour).await
+    });
+    env.eventually("the new run to wait for the job's lock", 30, || async {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 1
+    })
+    .await;
+    assert!(!creating.is_finished());
+    in_flight.batch_execute("COMMIT").await.unwrap();
+    let second = creating.await.unwrap().unwrap().unwrap();
+
+    // From now on, the first run's jobs drop out and the second's go on.
+    assert!(superseded(&client, first).await);
+    assert!(!superseded(&client, second).await);
+
+    // Once the second is over, re-opening the first (a replay of its
+    // batch) makes it the holder again.
+    control::insert_batches(&client, second, "items", &[(1, all.clone())])
+        .await
+        .unwrap();
+    control::mark_planned(&client, second).await.unwrap();
+    control::fail_batch(&mut client, first, "items", 1, "dead-lettered")
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "UPDATE syncfleet.batches SET status = 'done' WHERE run_id = {second}; \
+             UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() WHERE id = {second}"
+        ))
+        .await
+        .unwrap();
+    let reopened = control::reopen(&mut client, first, Some(("items", 1)), hour)
+        .await
+        .unwrap();
+    assert_eq!(reopened, Ok(1));
+    assert!(!superseded(&client, first).await);
+    assert!(superseded(&client, second).await);
+}
+
+/// What a job of `run_id` (stream `items`) does first in its transaction:
+/// takes its write locks, then asks whether its run still holds the stream.
+async fn lock_and_check(client: &tokio_postgres::Client, run_id: i64) -> bool {
+    let job = Job {
+        v: JOB_VERSION,
+        run_id,
+        stream: "items".into(),
+        batch: 1,
+        range: KeyRange::default(),
+        select: None,
+        source_lsn: None,
+    };
+    let (names, exclusive) = control::write_locks([&job]);
+    client
+        .execute(control::LOCK_WRITES, &[&names, &exclusive])
+        .await
+        .unwrap();
+    !client
+        .query(control::SUPERSEDED, &[&vec![run_id], &vec!["items"]])
+        .await
+        .unwrap()
+        .is_empty()
+}
+
+/// [`lock_and_check`] in a transaction of its own.
+async fn superseded(client: &tokio_postgres::Client, run_id: i64) -> bool {
+    client.batch_execute("BEGIN").await.unwrap();
+    let superseded = lock_and_check(client, run_id).await;
+    client.batch_execute("COMMIT").await.unwrap();
+    superseded
+}
+
+/// Failing a batch takes its run's row before the batch's, the order the
+/// abandoning check takes them in: the other way round, the two deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_a_batch_locks_its_run_before_the_batch() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let hour = Duration::from_secs(3600);
+    let mut client = crate::helpers::connect(&env.dest_url).await;
+    let run_id = control::create_run_of(&mut client, "full", &["items"], hour)
+        .await
+        .unwrap()
+        .unwrap();
+    let all = KeyRange {
+        lower: None,
+        upper: None,
+    };
+    control::insert_batches(&client, run_id, "items", &[(1, all)])
+        .await
+        .unwrap();
+    // What the abandoning check holds first.
+    let holder = crate::helpers::connect(&env.dest_url).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute(
+            "SELECT 1 FROM syncfleet.runs WHERE id = $1 FOR UPDATE",
+            &[&run_id],
+        )
+        .await
+        .unwrap();
+    let failing = tokio::spawn(async move {
+        control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered").await
+    });
+    env.eventually("fail_batch to wait for the run's row", 30, || async {
+        let waiting: i64 = env
+            .dest
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 1
+    })
+    .await;
+    // Waiting there, it holds no batch yet.
+    let batch = env
+        .dest
+        .query(
+            "SELECT 1 FROM syncfleet.batches WHERE run_id = $1 FOR UPDATE NOWAIT",
+            &[&run_id],
+        )
+        .await;
+    assert!(batch.is_ok(), "{batch:?}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    failing.await.unwrap().unwrap();
+    assert_eq!(run_status(&env, run_id).await.status, "failed");
+}

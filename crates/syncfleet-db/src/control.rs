@@ -111,6 +111,24 @@ CREATE TABLE syncfleet.fleet_reads (
 -- abandoned at once and lose its hold on its streams.
 ALTER TABLE syncfleet.runs ADD COLUMN reopened_at timestamptz;
 "#,
+    r#"
+-- Which run holds a stream: the one that claimed it last, by starting or
+-- by being re-opened (see claim_streams). A job of any other run of the
+-- stream is superseded: dropped, not run beside the holder's jobs.
+-- Existing rows are numbered in the order their runs last claimed.
+CREATE SEQUENCE syncfleet.claims;
+ALTER TABLE syncfleet.run_streams ADD COLUMN claim bigint;
+UPDATE syncfleet.run_streams rs SET claim = o.n
+  FROM (SELECT s.run_id, s.stream,
+               row_number() OVER (ORDER BY greatest(r.created_at, r.reopened_at), r.id) AS n
+          FROM syncfleet.run_streams s JOIN syncfleet.runs r ON r.id = s.run_id) o
+ WHERE rs.run_id = o.run_id AND rs.stream = o.stream;
+SELECT setval('syncfleet.claims', coalesce((SELECT max(claim) FROM syncfleet.run_streams), 0) + 1, false);
+ALTER TABLE syncfleet.run_streams
+  ALTER COLUMN claim SET DEFAULT nextval('syncfleet.claims'),
+  ALTER COLUMN claim SET NOT NULL;
+CREATE INDEX run_streams_claims ON syncfleet.run_streams (stream, claim);
+"#,
 ];
 
 /// The schema version this build expects.
@@ -210,23 +228,38 @@ pub async fn create_run_of(
 }
 
 /// In a transaction that starts or re-opens a run of `streams`: a run
-/// other than `except` still going there, if any ([`runs_going`]). The
-/// streams are locked first, to the end of the transaction, so that such
-/// transactions take turns and each sees the runs the others started.
+/// other than `except` still going there, if any ([`runs_going`]).
+///
+/// Takes two locks per stream, to the end of the transaction:
+/// - the stream's run lock, so that such transactions take turns and each
+///   sees the runs the others started;
+/// - its write lock ([`write_locks`]), exclusively, which waits for every
+///   job of the stream still in a transaction. Such a job has checked that
+///   its run holds the stream ([`SUPERSEDED`]) and may be reading: the
+///   claim must not commit before it does, or a job of the new run could
+///   read after it and commit before it. Jobs that begin after the claim
+///   commits see it, and those of an older run drop out.
+///
+/// Taken before the check, not after: the check fails abandoned runs and
+/// marks their pending batches, whose jobs, were any running, would wait
+/// on those rows while holding the write lock.
 async fn claim_streams(
     tx: &impl GenericClient,
     streams: &[&str],
     except: Option<i64>,
     stale_after: std::time::Duration,
 ) -> Result<Option<Going>, DbError> {
-    let mut names: Vec<String> = streams
+    let mut runs: Vec<String> = streams
         .iter()
         .map(|s| format!("syncfleet.runs/{s}"))
         .collect();
-    names.sort();
+    runs.sort();
+    let mut writes: Vec<String> = streams.iter().map(|s| stream_write_lock(s)).collect();
+    writes.sort();
+    runs.extend(writes);
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))::text FROM unnest($1::text[]) AS n",
-        &[&names],
+        &[&runs],
     )
     .await?;
     Ok(runs_going(tx, streams, except, stale_after).await?.pop())
@@ -392,6 +425,14 @@ pub async fn reopen(
         tx.commit().await?;
         return Ok(Err(going));
     }
+    // The run's row before its batches', the order every transaction that
+    // changes both takes them in (see `runs_going`, `fail_batch`).
+    tx.execute(
+        "UPDATE syncfleet.runs SET status = CASE WHEN planned_at IS NULL THEN 'planning' ELSE 'running' END, \
+         error = NULL, finished_at = NULL, reopened_at = now() WHERE id = $1 AND status = 'failed'",
+        &[&run_id],
+    )
+    .await?;
     let n = tx
         .execute(
             "UPDATE syncfleet.batches SET status = 'pending', attempts = 0, error = NULL, finished_at = NULL, \
@@ -401,10 +442,12 @@ pub async fn reopen(
             &[&run_id, &stream, &batch],
         )
         .await?;
+    // The run holds these streams again: jobs of another run still out
+    // there drop out.
     tx.execute(
-        "UPDATE syncfleet.runs SET status = CASE WHEN planned_at IS NULL THEN 'planning' ELSE 'running' END, \
-         error = NULL, finished_at = NULL, reopened_at = now() WHERE id = $1 AND status = 'failed'",
-        &[&run_id],
+        "UPDATE syncfleet.run_streams SET claim = nextval('syncfleet.claims') \
+         WHERE run_id = $1 AND stream = ANY($2)",
+        &[&run_id, &streams],
     )
     .await?;
     tx.commit().await?;
@@ -572,19 +615,21 @@ pub async fn complete_batches(
 ///   stream: an event job takes its stream exclusively, every other job
 ///   shares it;
 /// - two copies of one batch (a redelivery racing its original): each
-///   takes its batch exclusively.
+///   takes its batch exclusively;
+/// - jobs of two runs of a stream: no run starts while another is going
+///   ([`runs_going`]), but an abandoned run's jobs may still be in the
+///   broker. A run's start takes its streams exclusively
+///   ([`claim_streams`]), and a job that finds its run no longer holds its
+///   stream ([`SUPERSEDED`]) is dropped.
 ///
-/// Two batches of one run never hold the same keys, and no run of a stream
-/// starts while another is going ([`runs_going`]); so range jobs still run
-/// side by side.
-/// Names are sorted, so that transactions wait for each other in one order.
-pub fn write_locks<'a>(
-    prefix: &str,
-    jobs: impl IntoIterator<Item = &'a Job>,
-) -> (Vec<String>, Vec<bool>) {
+/// Two batches of one run never hold the same keys, so range jobs still
+/// run side by side. Names are sorted, so that transactions wait for each
+/// other in one order. Like the control schema, the names are the
+/// database's, whatever fleet (broker prefix) takes them.
+pub fn write_locks<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> (Vec<String>, Vec<bool>) {
     let mut locks: Vec<(String, bool)> = Vec::new();
     for job in jobs {
-        let stream = format!("syncfleet.writes/{prefix}/{}", job.stream);
+        let stream = stream_write_lock(&job.stream);
         match job.run_id {
             NO_RUN => locks.push((stream, true)),
             run => {
@@ -603,11 +648,28 @@ pub fn write_locks<'a>(
     locks.into_iter().unzip()
 }
 
+/// The lock that orders a stream's writes: see [`write_locks`].
+fn stream_write_lock(stream: &str) -> String {
+    format!("syncfleet.writes/{stream}")
+}
+
 /// Takes [`write_locks`] in the open transaction, waiting for each in turn.
 pub const LOCK_WRITES: &str = "SELECT (CASE WHEN u.exclusive \
      THEN pg_advisory_xact_lock(hashtextextended(u.name, 0)) \
      ELSE pg_advisory_xact_lock_shared(hashtextextended(u.name, 0)) END)::text \
      FROM unnest($1::text[], $2::bool[]) AS u(name, exclusive)";
+
+/// Of a transaction's jobs (`$1` their runs, `$2` their streams), those
+/// whose run no longer holds the stream: another run claimed it since
+/// ([`claim_streams`]), so the job's batch is that run's to cover. Run
+/// after [`LOCK_WRITES`] in the same transaction: a claim either committed
+/// before the lock was granted, and is seen here, or waits for this
+/// transaction to end.
+pub const SUPERSEDED: &str = "SELECT u.run_id, u.stream \
+     FROM unnest($1::bigint[], $2::text[]) AS u(run_id, stream) \
+     JOIN syncfleet.run_streams mine ON mine.run_id = u.run_id AND mine.stream = u.stream \
+     WHERE EXISTS (SELECT 1 FROM syncfleet.run_streams later \
+                   WHERE later.stream = u.stream AND later.claim > mine.claim)";
 
 /// See [`complete_batches`].
 pub const COMPLETE_BATCHES: &str = "UPDATE syncfleet.batches b SET status = 'done', \
@@ -932,6 +994,13 @@ pub async fn fail_batch(
     error: &str,
 ) -> Result<(), DbError> {
     let tx = client.transaction().await?;
+    // The run's row first, as an abandoning check (`runs_going`) takes it:
+    // taken the other way round, the two could deadlock.
+    tx.execute(
+        "SELECT 1 FROM syncfleet.runs WHERE id = $1 FOR UPDATE",
+        &[&run_id],
+    )
+    .await?;
     let failed = tx
         .execute(
             "UPDATE syncfleet.batches SET status = 'failed', attempts = attempts + 1, error = $4, \
@@ -1044,19 +1113,19 @@ mod tests {
             job(NO_RUN, "users", 0),
             job(7, "orders", 1),
         ];
-        let (names, exclusive) = write_locks("p", &jobs);
+        let (names, exclusive) = write_locks(&jobs);
         let locks: Vec<(&str, bool)> = names.iter().map(String::as_str).zip(exclusive).collect();
         assert_eq!(
             locks,
             [
-                ("syncfleet.writes/p/orders", false),
-                ("syncfleet.writes/p/orders/7/1", true),
-                ("syncfleet.writes/p/users", true),
-                ("syncfleet.writes/p/users/7/2", true),
+                ("syncfleet.writes/orders", false),
+                ("syncfleet.writes/orders/7/1", true),
+                ("syncfleet.writes/users", true),
+                ("syncfleet.writes/users/7/2", true),
             ]
         );
         // A batch twice in one group (a redelivery beside its original).
-        let (names, _) = write_locks("p", &[job(7, "users", 2), job(7, "users", 2)]);
+        let (names, _) = write_locks(&[job(7, "users", 2), job(7, "users", 2)]);
         assert_eq!(names.len(), 2);
     }
 }

@@ -9,11 +9,12 @@
 //! goes away the session ends, the worker reconnects with backoff, declares
 //! the topology again and resumes; jobs that were unacked are redelivered by
 //! the broker and applied again, idempotently. Every delivery is settled in
-//! exactly one of four ways:
+//! exactly one of these ways:
 //!
 //! | outcome | what happens |
 //! | --- | --- |
 //! | committed | ack |
+//! | superseded: its run was abandoned and a newer run of the stream started | ack, nothing written |
 //! | a database is unreachable | re-published to `P.delay.N` as the same attempt, after a backoff that grows while the outage lasts, then ack |
 //! | a connection broke under the job | as for an unreachable database, counted in the message; after `max_attempts` of them, as for a permanent failure (a job that ends its own session or crashes the server each time must not do so forever) |
 //! | transient failure, attempts left | re-published to `P.delay.N` (confirmed), then ack |
@@ -527,6 +528,15 @@ async fn conclude(
     };
     let retry = context.executor.config().jobs.retry;
     match result {
+        Ok(Ok(outcome)) if outcome.superseded => {
+            tracing::info!(
+                job = %id,
+                "dropped: a newer run of the stream started after this job's run was abandoned, \
+                 and covers its batch"
+            );
+            finished("superseded");
+            settle(delivery.ack(BasicAckOptions::default()).await);
+        }
         Ok(Ok(outcome)) => {
             tracing::debug!(
                 job = %id,

@@ -4,7 +4,10 @@
 //! - source (in a REPEATABLE READ, READ ONLY transaction): set the range
 //!   bounds, then one `COPY (SELECT … WHERE range) TO STDOUT` (preceded by
 //!   the range's fingerprint when comparing);
-//! - destination (in a transaction): check whether the range is empty
+//! - destination (in a transaction): take the write locks that order jobs
+//!   over the same rows, and check that the job's run still holds its
+//!   stream (a job of a run abandoned and superseded since is dropped,
+//!   unread); check whether the range is empty
 //!   there (for a range job of a large batch, by taking the range's
 //!   fingerprint, and if it holds rows comparing it with the source's,
 //!   taken beside it or after it, see [`crate::unchanged`]: equal means
@@ -160,6 +163,20 @@ pub struct BatchOutcome {
     pub rows_unchanged: u64,
     /// This job's commit completed its run.
     pub finished_run: bool,
+    /// Its run no longer holds its stream (a newer run started after this
+    /// one was abandoned): nothing was read or written, and the batch is
+    /// left as it was.
+    pub superseded: bool,
+}
+
+impl BatchOutcome {
+    const SUPERSEDED: Self = Self {
+        rows_copied: 0,
+        rows_deleted: 0,
+        rows_unchanged: 0,
+        finished_run: false,
+        superseded: true,
+    };
 }
 
 /// Executes jobs against the source and destination pools.
@@ -479,6 +496,7 @@ impl Executor {
         // error closes both connections (see `attempt`), which rolls back.
         let slot = dst.prepare_cached(ceiling::TAKE_READ_SLOT).await?;
         let lock_writes = dst.prepare_cached(control::LOCK_WRITES).await?;
+        let superseded = dst.prepare_cached(control::SUPERSEDED).await?;
         let set_destination = dst.prepare_cached(sql::SET_SETTINGS).await?;
         // Cached for the pipelined commit at the end.
         dst.prepare_cached(control::COMPLETE_BATCHES).await?;
@@ -496,10 +514,26 @@ impl Executor {
         let namespace = ceiling::namespace(&self.config.broker.prefix);
         let begin = dst.batch_execute("BEGIN");
         // Before the slot: a job waiting for another to commit holds none.
-        let (lock_names, exclusive) =
-            control::write_locks(&self.config.broker.prefix, work.iter().map(|w| w.job));
+        let (lock_names, exclusive) = control::write_locks(work.iter().map(|w| w.job));
         let lock_params: [&(dyn ToSql + Sync); 2] = [&lock_names, &exclusive];
         let locks = dst.execute(&lock_writes, &lock_params);
+        // Under the write locks: whether each job's run still holds its
+        // stream. Event jobs belong to no run, and are never superseded.
+        let (runs, streams): (Vec<i64>, Vec<&str>) = work
+            .iter()
+            .filter(|w| w.job.run_id != NO_RUN)
+            .map(|w| (w.job.run_id, w.job.stream.as_str()))
+            .unzip();
+        let held = async {
+            if runs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let rows = dst.query(&superseded, &[&runs, &streams]).await?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>())
+        };
         let first_try = async {
             match slots {
                 Some(n) => Ok(dst
@@ -517,7 +551,21 @@ impl Executor {
             }
             Ok(())
         };
-        let ((), _, got_slot, ()) = tokio::try_join!(biased; begin, locks, first_try, settings)?;
+        let ((), _, superseded, got_slot, ()) =
+            tokio::try_join!(biased; begin, locks, held, first_try, settings)?;
+        let is_superseded = |w: &Work| {
+            superseded
+                .iter()
+                .any(|(run, stream)| *run == w.job.run_id && *stream == w.job.stream)
+        };
+        let all = work;
+        let live: Vec<Work> = all.iter().copied().filter(|w| !is_superseded(w)).collect();
+        let work = &live[..];
+        if work.is_empty() {
+            // Nothing to read or write; the locks and the slot end with it.
+            dst.batch_execute("ROLLBACK").await?;
+            return Ok(vec![BatchOutcome::SUPERSEDED; all.len()]);
+        }
         if let (false, Some(n)) = (got_slot, slots) {
             ceiling::take_read_slot(&*dst, &slot, n, &namespace).await?;
         }
@@ -642,9 +690,17 @@ impl Executor {
                 rows_deleted: d.rows_deleted,
                 rows_unchanged: d.rows_unchanged,
                 finished_run,
+                superseded: false,
             });
         }
-        Ok(outcomes)
+        let mut outcomes = outcomes.into_iter();
+        Ok(all
+            .iter()
+            .map(|w| match is_superseded(w) {
+                true => BatchOutcome::SUPERSEDED,
+                false => outcomes.next().expect("an outcome per job run"),
+            })
+            .collect())
     }
 
     /// Converges one job's range inside the open transactions: the
