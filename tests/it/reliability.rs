@@ -1162,7 +1162,7 @@ async fn a_reopened_run_holds_its_stream_however_quiet_it_was() {
     // Failed with its other jobs still out: it goes, and its own replay
     // is not refused for it.
     assert_eq!(going(&client).await, vec![run_id]);
-    let reopened = control::reopen(&mut client, run_id, Some(("items", 1)), hour)
+    let reopened = control::reopen(&mut client, &env.name, run_id, Some(("items", 1)), hour)
         .await
         .unwrap();
     assert_eq!(reopened, Ok(1));
@@ -1181,7 +1181,7 @@ async fn a_reopened_run_holds_its_stream_however_quiet_it_was() {
         .await
         .unwrap();
     assert_eq!(going(&client).await, Vec::<i64>::new());
-    let reopened = control::reopen(&mut client, run_id, Some(("items", 1)), hour)
+    let reopened = control::reopen(&mut client, &env.name, run_id, Some(("items", 1)), hour)
         .await
         .unwrap();
     assert_eq!(reopened, Ok(1));
@@ -1198,7 +1198,7 @@ async fn a_run_failed_while_planning_runs_once_reopened() {
     env.migrate().await;
     let mut client = crate::helpers::connect(&env.dest_url).await;
     let hour = Duration::from_secs(3600);
-    let run_id = control::create_run_of(&mut client, "full", &["items"], hour)
+    let run_id = control::create_run_of(&mut client, &env.name, "full", &["items"], hour)
         .await
         .unwrap()
         .unwrap();
@@ -1214,7 +1214,7 @@ async fn a_run_failed_while_planning_runs_once_reopened() {
         .unwrap();
     control::mark_planned(&client, run_id).await.unwrap();
     assert_eq!(run_status(&env, run_id).await.status, "failed");
-    let reopened = control::reopen(&mut client, run_id, Some(("items", 1)), hour)
+    let reopened = control::reopen(&mut client, &env.name, run_id, Some(("items", 1)), hour)
         .await
         .unwrap();
     assert_eq!(reopened, Ok(1));
@@ -1237,12 +1237,19 @@ async fn runs_created_at_once_for_one_stream_make_one_run() {
         .into_iter()
         .map(|mut client| {
             let start = start.clone();
+            let prefix = env.name.clone();
             tokio::spawn(async move {
                 start.wait().await;
-                control::create_run_of(&mut client, "full", &["race"], Duration::from_secs(3600))
-                    .await
-                    .unwrap()
-                    .is_ok()
+                control::create_run_of(
+                    &mut client,
+                    &prefix,
+                    "full",
+                    &["race"],
+                    Duration::from_secs(3600),
+                )
+                .await
+                .unwrap()
+                .is_ok()
             })
         })
         .collect();
@@ -1313,11 +1320,12 @@ async fn resume_publishes_again_the_jobs_of_an_abandoned_run() {
     );
 }
 
-/// An abandoned run's jobs still in the broker (here: workers down for a
-/// day) are dropped once a newer run of the stream has started: they
-/// would run beside its jobs, unordered against them.
+/// A stale run's jobs still in the broker (here: workers down for a day)
+/// are dropped once a newer run of the stream has started: they would run
+/// beside its jobs, unordered against them. Their batches can still be
+/// resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_abandoned_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() {
+async fn a_stale_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() {
     let env = TestEnv::new().await;
     env.source.batch_execute(ITEMS).await.unwrap();
     env.migrate().await;
@@ -1325,10 +1333,17 @@ async fn an_abandoned_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() 
     let path = env.dir.join("syncfleet.toml");
     let first = env.plan(&config).await.run_id;
     assert_eq!(env.queue_depth().await, 4);
+    // Failed by one batch (a dead letter, say) with three jobs still out,
+    // then quiet for a day.
+    let mut client = crate::helpers::connect(&env.dest_url).await;
+    control::fail_batch(&mut client, first, "items", 1, "dead-lettered")
+        .await
+        .unwrap();
     env.dest
         .batch_execute(
             "UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', \
-             planned_at = planned_at - interval '1 day'",
+             planned_at = planned_at - interval '1 day', finished_at = finished_at - interval '1 day'; \
+             UPDATE syncfleet.batches SET finished_at = finished_at - interval '1 day'",
         )
         .await
         .unwrap();
@@ -1342,13 +1357,6 @@ async fn an_abandoned_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() 
         .trim()
         .parse()
         .unwrap();
-    assert!(
-        run_status(&env, first)
-            .await
-            .error
-            .unwrap_or_default()
-            .contains("abandoned")
-    );
     assert_eq!(env.queue_depth().await, 8, "both runs' jobs are queued");
 
     // The first run's jobs come first; each has started by the time the
@@ -1361,14 +1369,26 @@ async fn an_abandoned_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() 
     .await;
     fleet.stop().await;
     assert_eq!(env.queue_depth().await, 0);
+    let mut expected = vec![(1, "failed".to_string(), 1)];
+    expected.extend((2..=4).map(|b| (b, "pending".to_string(), 0)));
     assert_eq!(
         batch_attempts(&env, first).await,
-        (1..=4)
-            .map(|b| (b, "pending".to_string(), 0))
-            .collect::<Vec<_>>(),
-        "the abandoned run's jobs wrote nothing"
+        expected,
+        "the stale run's jobs wrote nothing"
     );
     assert_eq!(run_status(&env, second).await.status, "succeeded");
+
+    // Its batches were all unpublished by the new run's claim: a resume
+    // publishes them all, not just the failed one.
+    let fleet = Fleet::start(&config, 1);
+    let out = env
+        .cli(&path, &["sync", "--resume", &first.to_string(), "--wait"])
+        .await;
+    fleet.stop().await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("published 4 job(s)"), "{stderr}");
+    assert_eq!(run_status(&env, first).await.status, "succeeded");
     assert_eq!(
         TestEnv::rows(&env.source, "SELECT * FROM items").await,
         TestEnv::rows(&env.dest, "SELECT * FROM items").await
@@ -1388,7 +1408,7 @@ async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
         upper: None,
     };
     let mut client = crate::helpers::connect(&env.dest_url).await;
-    let first = control::create_run_of(&mut client, "full", &["items"], hour)
+    let first = control::create_run_of(&mut client, &env.name, "full", &["items"], hour)
         .await
         .unwrap()
         .unwrap();
@@ -1404,11 +1424,12 @@ async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
     // A job of the first run, in its transaction: locked, checked, reading.
     let in_flight = crate::helpers::connect(&env.dest_url).await;
     in_flight.batch_execute("BEGIN").await.unwrap();
-    assert!(!lock_and_check(&in_flight, first).await);
+    assert!(!lock_and_check(&in_flight, &env.name, first).await);
 
     let mut creator = crate::helpers::connect(&env.dest_url).await;
+    let prefix = env.name.clone();
     let creating = tokio::spawn(async move {
-        control::create_run_of(&mut creator, "full", &["items"], hour).await
+        control::create_run_of(&mut creator, &prefix, "full", &["items"], hour).await
     });
     env.eventually("the new run to wait for the job's lock", 30, || async {
         let waiting: i64 = client
@@ -1428,15 +1449,29 @@ async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
     let second = creating.await.unwrap().unwrap().unwrap();
 
     // From now on, the first run's jobs drop out and the second's go on.
-    assert!(superseded(&client, first).await);
-    assert!(!superseded(&client, second).await);
+    assert!(superseded(&client, &env.name, first).await);
+    assert!(!superseded(&client, &env.name, second).await);
 
-    // Once the second is over, re-opening the first (a replay of its
-    // batch) makes it the holder again.
+    // The holder re-opened (a replay of its batch) does not wait for its
+    // own jobs in flight: it claims nothing.
     control::insert_batches(&client, second, "items", &[(1, all.clone())])
         .await
         .unwrap();
     control::mark_planned(&client, second).await.unwrap();
+    in_flight.batch_execute("BEGIN").await.unwrap();
+    assert!(!lock_and_check(&in_flight, &env.name, second).await);
+    control::fail_batch(&mut client, second, "items", 1, "dead-lettered")
+        .await
+        .unwrap();
+    let reopened = control::reopen(&mut client, &env.name, second, Some(("items", 1)), hour)
+        .await
+        .unwrap();
+    assert_eq!(reopened, Ok(1));
+    in_flight.batch_execute("COMMIT").await.unwrap();
+    assert!(!superseded(&client, &env.name, second).await);
+
+    // Once the second is over, re-opening the first (a replay of its
+    // batch) makes it the holder again.
     control::fail_batch(&mut client, first, "items", 1, "dead-lettered")
         .await
         .unwrap();
@@ -1447,17 +1482,17 @@ async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
         ))
         .await
         .unwrap();
-    let reopened = control::reopen(&mut client, first, Some(("items", 1)), hour)
+    let reopened = control::reopen(&mut client, &env.name, first, Some(("items", 1)), hour)
         .await
         .unwrap();
     assert_eq!(reopened, Ok(1));
-    assert!(!superseded(&client, first).await);
-    assert!(superseded(&client, second).await);
+    assert!(!superseded(&client, &env.name, first).await);
+    assert!(superseded(&client, &env.name, second).await);
 }
 
 /// What a job of `run_id` (stream `items`) does first in its transaction:
 /// takes its write locks, then asks whether its run still holds the stream.
-async fn lock_and_check(client: &tokio_postgres::Client, run_id: i64) -> bool {
+async fn lock_and_check(client: &tokio_postgres::Client, prefix: &str, run_id: i64) -> bool {
     let job = Job {
         v: JOB_VERSION,
         run_id,
@@ -1467,7 +1502,7 @@ async fn lock_and_check(client: &tokio_postgres::Client, run_id: i64) -> bool {
         select: None,
         source_lsn: None,
     };
-    let (names, exclusive) = control::write_locks([&job]);
+    let (names, exclusive) = control::write_locks(prefix, [&job]);
     client
         .execute(control::LOCK_WRITES, &[&names, &exclusive])
         .await
@@ -1480,9 +1515,9 @@ async fn lock_and_check(client: &tokio_postgres::Client, run_id: i64) -> bool {
 }
 
 /// [`lock_and_check`] in a transaction of its own.
-async fn superseded(client: &tokio_postgres::Client, run_id: i64) -> bool {
+async fn superseded(client: &tokio_postgres::Client, prefix: &str, run_id: i64) -> bool {
     client.batch_execute("BEGIN").await.unwrap();
-    let superseded = lock_and_check(client, run_id).await;
+    let superseded = lock_and_check(client, prefix, run_id).await;
     client.batch_execute("COMMIT").await.unwrap();
     superseded
 }
@@ -1495,7 +1530,7 @@ async fn failing_a_batch_locks_its_run_before_the_batch() {
     env.migrate().await;
     let hour = Duration::from_secs(3600);
     let mut client = crate::helpers::connect(&env.dest_url).await;
-    let run_id = control::create_run_of(&mut client, "full", &["items"], hour)
+    let run_id = control::create_run_of(&mut client, &env.name, "full", &["items"], hour)
         .await
         .unwrap()
         .unwrap();

@@ -27,6 +27,11 @@ impl Topology {
         }
     }
 
+    /// The fleet's name: every exchange and queue starts with it.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn work_exchange(&self) -> String {
         format!("{}.work", self.prefix)
     }

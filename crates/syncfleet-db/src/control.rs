@@ -12,6 +12,8 @@
 //! ([`fleet_level`]), and the order in which jobs that may write the same
 //! rows commit ([`write_locks`]).
 
+use std::time::Duration;
+
 use serde_json::Value;
 use syncfleet_core::job::{Job, KeyRange, NO_RUN, Selection};
 use tokio_postgres::{Client, GenericClient};
@@ -115,12 +117,14 @@ ALTER TABLE syncfleet.runs ADD COLUMN reopened_at timestamptz;
 -- Which run holds a stream: the one that claimed it last, by starting or
 -- by being re-opened (see claim_streams). A job of any other run of the
 -- stream is superseded: dropped, not run beside the holder's jobs.
--- Existing rows are numbered in the order their runs last claimed.
+-- Existing rows are numbered in the order their runs last claimed, the
+-- runs still going last: each holds its streams.
 CREATE SEQUENCE syncfleet.claims;
 ALTER TABLE syncfleet.run_streams ADD COLUMN claim bigint;
 UPDATE syncfleet.run_streams rs SET claim = o.n
   FROM (SELECT s.run_id, s.stream,
-               row_number() OVER (ORDER BY greatest(r.created_at, r.reopened_at), r.id) AS n
+               row_number() OVER (ORDER BY r.status IN ('planning', 'running'),
+                                  greatest(r.created_at, r.reopened_at), r.id) AS n
           FROM syncfleet.run_streams s JOIN syncfleet.runs r ON r.id = s.run_id) o
  WHERE rs.run_id = o.run_id AND rs.stream = o.stream;
 SELECT setval('syncfleet.claims', coalesce((SELECT max(claim) FROM syncfleet.run_streams), 0) + 1, false);
@@ -198,16 +202,25 @@ pub struct Going {
 /// unless one of its streams has a run still going ([`runs_going`]):
 /// jobs of two runs of one stream are not ordered against each other.
 /// The check and the insert are one transaction under a per-stream lock,
-/// so two producers (the service and a `sync` by hand) cannot both pass.
+/// so two producers (the service and a `sync` by hand) cannot both pass;
+/// see [`claim_streams`]. `prefix` is the fleet's (the broker's) prefix.
 pub async fn create_run_of(
     client: &mut Client,
+    prefix: &str,
     kind: &str,
     streams: &[&str],
-    stale_after: std::time::Duration,
+    stale_after: Duration,
 ) -> Result<Result<i64, Going>, DbError> {
+    // Refused before taking the streams' write locks, which would wait for
+    // the going run's jobs in flight. Keeps the abandonments it makes.
+    if let Some(going) = runs_going(&*client, streams, None, stale_after)
+        .await?
+        .pop()
+    {
+        return Ok(Err(going));
+    }
     let tx = client.transaction().await?;
-    if let Some(going) = claim_streams(&tx, streams, None, stale_after).await? {
-        // Keeps what the check did: the runs it found abandoned.
+    if let Err(going) = claim_streams(&tx, prefix, streams, None, stale_after).await? {
         tx.commit().await?;
         return Ok(Err(going));
     }
@@ -218,6 +231,7 @@ pub async fn create_run_of(
         )
         .await?
         .get(0);
+    // Each row takes the next claim: this run now holds its streams.
     tx.execute(
         "INSERT INTO syncfleet.run_streams (run_id, stream) SELECT $1, unnest($2::text[])",
         &[&id, &streams],
@@ -227,42 +241,98 @@ pub async fn create_run_of(
     Ok(Ok(id))
 }
 
-/// In a transaction that starts or re-opens a run of `streams`: a run
-/// other than `except` still going there, if any ([`runs_going`]).
+/// How long a run's start (or re-opening) waits for the jobs of its
+/// streams still in a transaction ([`claim_streams`]): each ends within
+/// its deadline (60 s by default) unless its session is stranded (a
+/// worker cut off mid-job, whose session the server keeps until TCP gives
+/// up). Past it, the start fails, to be tried again (the next tick).
+const CLAIM_WAIT: &str = "120s";
+
+/// In a transaction that starts or re-opens (`except`) a run of
+/// `streams`: a run other than `except` still going there, if any
+/// ([`runs_going`]); if none, the streams are claimed for the run.
 ///
 /// Takes two locks per stream, to the end of the transaction:
 /// - the stream's run lock, so that such transactions take turns and each
 ///   sees the runs the others started;
-/// - its write lock ([`write_locks`]), exclusively, which waits for every
-///   job of the stream still in a transaction. Such a job has checked that
-///   its run holds the stream ([`SUPERSEDED`]) and may be reading: the
-///   claim must not commit before it does, or a job of the new run could
-///   read after it and commit before it. Jobs that begin after the claim
-///   commits see it, and those of an older run drop out.
+/// - its write lock ([`write_locks`]), exclusively, unless `except`
+///   already holds the stream. That waits for every job of the stream
+///   still in a transaction: such a job has checked that its run holds
+///   the stream ([`SUPERSEDED`]) and may be reading, and the claim must
+///   not commit before it does, or a job of the new holder could read
+///   after it and commit before it. Jobs that lock after the claim commits
+///   see it, and those of other runs drop out.
 ///
-/// Taken before the check, not after: the check fails abandoned runs and
-/// marks their pending batches, whose jobs, were any running, would wait
-/// on those rows while holding the write lock.
+/// The write locks come before the check, not after: the check fails
+/// abandoned runs and marks their pending batches, whose jobs, were any
+/// running, would wait on those rows while holding the write lock.
+///
+/// A claim makes the pending batches that other runs had published in
+/// these streams unpublished: their jobs will be dropped, so `sync
+/// --resume` of their run publishes them again. `except` takes the next
+/// claims itself; a new run's rows take theirs when inserted.
 async fn claim_streams(
     tx: &impl GenericClient,
+    prefix: &str,
     streams: &[&str],
     except: Option<i64>,
-    stale_after: std::time::Duration,
-) -> Result<Option<Going>, DbError> {
+    stale_after: Duration,
+) -> Result<Result<(), Going>, DbError> {
+    // Bounds every wait of the transaction, for locks and rows alike.
+    tx.execute(
+        "SELECT set_config('lock_timeout', $1, true)",
+        &[&CLAIM_WAIT],
+    )
+    .await?;
     let mut runs: Vec<String> = streams
         .iter()
         .map(|s| format!("syncfleet.runs/{s}"))
         .collect();
     runs.sort();
-    let mut writes: Vec<String> = streams.iter().map(|s| stream_write_lock(s)).collect();
-    writes.sort();
-    runs.extend(writes);
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))::text FROM unnest($1::text[]) AS n",
         &[&runs],
     )
     .await?;
-    Ok(runs_going(tx, streams, except, stale_after).await?.pop())
+    // Under the run locks, no other claim moves: what `except` holds stays.
+    let taken: Vec<String> = tx
+        .query(
+            "SELECT s FROM unnest($1::text[]) AS s WHERE NOT EXISTS ( \
+               SELECT 1 FROM syncfleet.run_streams mine WHERE mine.run_id = $2 AND mine.stream = s \
+               AND NOT EXISTS (SELECT 1 FROM syncfleet.run_streams later \
+                               WHERE later.stream = s AND later.claim > mine.claim))",
+            &[&streams, &except],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut writes: Vec<String> = taken.iter().map(|s| stream_write_lock(prefix, s)).collect();
+    writes.sort();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))::text FROM unnest($1::text[]) AS n",
+        &[&writes],
+    )
+    .await?;
+    if let Some(going) = runs_going(tx, streams, except, stale_after).await?.pop() {
+        return Ok(Err(going));
+    }
+    tx.execute(
+        "UPDATE syncfleet.batches SET published_at = NULL \
+         WHERE stream = ANY($1) AND run_id IS DISTINCT FROM $2 \
+         AND status = 'pending' AND published_at IS NOT NULL",
+        &[&taken, &except],
+    )
+    .await?;
+    if let Some(run_id) = except {
+        tx.execute(
+            "UPDATE syncfleet.run_streams SET claim = nextval('syncfleet.claims') \
+             WHERE run_id = $1 AND stream = ANY($2)",
+            &[&run_id, &taken],
+        )
+        .await?;
+    }
+    Ok(Ok(()))
 }
 
 fn key_json(key: &Option<Vec<String>>) -> Option<Value> {
@@ -396,19 +466,19 @@ pub async fn plan_states(
 /// run's.
 pub async fn reopen(
     client: &mut Client,
+    prefix: &str,
     run_id: i64,
     only: Option<(&str, i64)>,
-    stale_after: std::time::Duration,
+    stale_after: Duration,
 ) -> Result<Result<u64, Going>, DbError> {
     let (stream, batch) = match only {
         Some((s, b)) => (Some(s), Some(b)),
         None => (None, None),
     };
-    let tx = client.transaction().await?;
     let streams: Vec<String> = match stream {
         Some(s) => vec![s.to_string()],
         // The streams it has work left in: a resume publishes to no other.
-        None => tx
+        None => client
             .query(
                 "SELECT rs.stream FROM syncfleet.run_streams rs WHERE rs.run_id = $1 \
                  AND (rs.batches_planned IS NULL OR EXISTS (SELECT 1 FROM syncfleet.batches b \
@@ -421,7 +491,16 @@ pub async fn reopen(
             .collect(),
     };
     let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
-    if let Some(going) = claim_streams(&tx, &streams, Some(run_id), stale_after).await? {
+    // As in `create_run_of`: refused before waiting on the write locks.
+    let except = Some(run_id);
+    if let Some(going) = runs_going(&*client, &streams, except, stale_after)
+        .await?
+        .pop()
+    {
+        return Ok(Err(going));
+    }
+    let tx = client.transaction().await?;
+    if let Err(going) = claim_streams(&tx, prefix, &streams, except, stale_after).await? {
         tx.commit().await?;
         return Ok(Err(going));
     }
@@ -442,14 +521,6 @@ pub async fn reopen(
             &[&run_id, &stream, &batch],
         )
         .await?;
-    // The run holds these streams again: jobs of another run still out
-    // there drop out.
-    tx.execute(
-        "UPDATE syncfleet.run_streams SET claim = nextval('syncfleet.claims') \
-         WHERE run_id = $1 AND stream = ANY($2)",
-        &[&run_id, &streams],
-    )
-    .await?;
     tx.commit().await?;
     Ok(Ok(n))
 }
@@ -624,12 +695,14 @@ pub async fn complete_batches(
 ///
 /// Two batches of one run never hold the same keys, so range jobs still
 /// run side by side. Names are sorted, so that transactions wait for each
-/// other in one order. Like the control schema, the names are the
-/// database's, whatever fleet (broker prefix) takes them.
-pub fn write_locks<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> (Vec<String>, Vec<bool>) {
+/// other in one order.
+pub fn write_locks<'a>(
+    prefix: &str,
+    jobs: impl IntoIterator<Item = &'a Job>,
+) -> (Vec<String>, Vec<bool>) {
     let mut locks: Vec<(String, bool)> = Vec::new();
     for job in jobs {
-        let stream = stream_write_lock(&job.stream);
+        let stream = stream_write_lock(prefix, &job.stream);
         match job.run_id {
             NO_RUN => locks.push((stream, true)),
             run => {
@@ -649,8 +722,8 @@ pub fn write_locks<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> (Vec<String>,
 }
 
 /// The lock that orders a stream's writes: see [`write_locks`].
-fn stream_write_lock(stream: &str) -> String {
-    format!("syncfleet.writes/{stream}")
+fn stream_write_lock(prefix: &str, stream: &str) -> String {
+    format!("syncfleet.writes/{prefix}/{stream}")
 }
 
 /// Takes [`write_locks`] in the open transaction, waiting for each in turn.
@@ -801,7 +874,7 @@ pub async fn fail_planning_runs(
 pub async fn stream_busy(
     client: &impl GenericClient,
     stream: &str,
-    stale_after: std::time::Duration,
+    stale_after: Duration,
 ) -> Result<bool, DbError> {
     Ok(!runs_going(client, &[stream], None, stale_after)
         .await?
@@ -826,7 +899,7 @@ pub async fn runs_going(
     client: &impl GenericClient,
     streams: &[&str],
     except: Option<i64>,
-    stale_after: std::time::Duration,
+    stale_after: Duration,
 ) -> Result<Vec<Going>, DbError> {
     let seconds = stale_after.as_secs_f64();
     client
@@ -1113,19 +1186,19 @@ mod tests {
             job(NO_RUN, "users", 0),
             job(7, "orders", 1),
         ];
-        let (names, exclusive) = write_locks(&jobs);
+        let (names, exclusive) = write_locks("p", &jobs);
         let locks: Vec<(&str, bool)> = names.iter().map(String::as_str).zip(exclusive).collect();
         assert_eq!(
             locks,
             [
-                ("syncfleet.writes/orders", false),
-                ("syncfleet.writes/orders/7/1", true),
-                ("syncfleet.writes/users", true),
-                ("syncfleet.writes/users/7/2", true),
+                ("syncfleet.writes/p/orders", false),
+                ("syncfleet.writes/p/orders/7/1", true),
+                ("syncfleet.writes/p/users", true),
+                ("syncfleet.writes/p/users/7/2", true),
             ]
         );
         // A batch twice in one group (a redelivery beside its original).
-        let (names, _) = write_locks(&[job(7, "users", 2), job(7, "users", 2)]);
+        let (names, _) = write_locks("p", &[job(7, "users", 2), job(7, "users", 2)]);
         assert_eq!(names.len(), 2);
     }
 }

@@ -161,10 +161,15 @@ pub async fn start_run(
     check_schema(destination).await?;
     let prepared = prepare(source, destination, streams).await?;
     let names: Vec<&str> = streams.iter().map(|s| s.name.as_str()).collect();
-    let run_id =
-        control::create_run_of(&mut **destination.get().await?, "full", &names, stale_after)
-            .await?
-            .map_err(PlanError::Going)?;
+    let run_id = control::create_run_of(
+        &mut **destination.get().await?,
+        publisher.topology().prefix(),
+        "full",
+        &names,
+        stale_after,
+    )
+    .await?
+    .map_err(PlanError::Going)?;
     tracing::info!(run_id, streams = ?names, "planning run");
     let mut plan = RunPlan {
         run_id,
@@ -324,6 +329,7 @@ pub async fn resume_run(
     let prepared = prepare(source, destination, &streams).await?;
     control::reopen(
         &mut **destination.get().await?,
+        &config.broker.prefix,
         run_id,
         None,
         config.broker.consumer_timeout,
@@ -464,6 +470,7 @@ pub async fn start_incremental_run(
     let watermark = control::watermark(&**destination.get().await?, &stream.name).await?;
     let run_id = control::create_run_of(
         &mut **destination.get().await?,
+        publisher.topology().prefix(),
         "incremental",
         &[&stream.name],
         stale_after,

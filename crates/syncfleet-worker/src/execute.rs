@@ -512,9 +512,13 @@ impl Executor {
         // so one slot covers them all. The throttle narrows the slots.
         let slots = self.gate.slots().map(|n| n.min(i32::MAX as u32) as i32);
         let namespace = ceiling::namespace(&self.config.broker.prefix);
-        let begin = dst.batch_execute("BEGIN");
+        // Read committed whatever the server's default: each statement's
+        // snapshot is taken when it starts, so the check under the write
+        // locks sees a claim committed while they were awaited.
+        let begin = dst.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED");
         // Before the slot: a job waiting for another to commit holds none.
-        let (lock_names, exclusive) = control::write_locks(work.iter().map(|w| w.job));
+        let (lock_names, exclusive) =
+            control::write_locks(&self.config.broker.prefix, work.iter().map(|w| w.job));
         let lock_params: [&(dyn ToSql + Sync); 2] = [&lock_names, &exclusive];
         let locks = dst.execute(&lock_writes, &lock_params);
         // Under the write locks: whether each job's run still holds its

@@ -142,6 +142,7 @@ async fn replay(
             run_id => {
                 control::reopen(
                     &mut **destination.get().await?,
+                    &config.broker.prefix,
                     run_id,
                     Some((&job.stream, job.batch)),
                     config.broker.consumer_timeout,
