@@ -1581,3 +1581,66 @@ async fn failing_a_batch_locks_its_run_before_the_batch() {
     failing.await.unwrap().unwrap();
     assert_eq!(run_status(&env, run_id).await.status, "failed");
 }
+
+/// A run re-opened for one of its streams (a replay of its batch there)
+/// does not take back another stream that a newer run has claimed since:
+/// its jobs there are dropped, and it must not keep that stream's runs
+/// from starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_reopened_for_one_stream_holds_no_other() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let hour = Duration::from_secs(3600);
+    let mut client = crate::helpers::connect(&env.dest_url).await;
+    let first = control::create_run_of(&mut client, &env.name, "full", &["x", "y"], hour)
+        .await
+        .unwrap()
+        .unwrap();
+    for stream in ["x", "y"] {
+        control::insert_batches(&client, first, stream, &[(1, KeyRange::default())])
+            .await
+            .unwrap();
+    }
+    control::mark_planned(&client, first).await.unwrap();
+    control::fail_batch(&mut client, first, "x", 1, "dead-lettered")
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', \
+             planned_at = planned_at - interval '1 day', finished_at = finished_at - interval '1 day'; \
+             UPDATE syncfleet.batches SET finished_at = finished_at - interval '1 day'",
+        )
+        .await
+        .unwrap();
+    let second = control::create_run_of(&mut client, &env.name, "full", &["y"], hour)
+        .await
+        .unwrap()
+        .unwrap();
+    client
+        .execute(
+            "UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() WHERE id = $1",
+            &[&second],
+        )
+        .await
+        .unwrap();
+    let reopened = control::reopen(&mut client, &env.name, first, Some(("x", 1)), hour)
+        .await
+        .unwrap();
+    assert_eq!(reopened, Ok(1));
+    let going = |stream: &'static str| {
+        let client = &client;
+        async move {
+            control::runs_going(client, &[stream], None, hour)
+                .await
+                .unwrap()
+                .iter()
+                .map(|g| g.run_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(going("x").await, vec![first]);
+    assert_eq!(going("y").await, Vec::<i64>::new());
+    let third = control::create_run_of(&mut client, &env.name, "full", &["y"], hour).await;
+    assert!(third.unwrap().is_ok());
+}

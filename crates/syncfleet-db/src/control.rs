@@ -886,9 +886,9 @@ pub async fn stream_busy(
 /// or a failed run (one of its batches dead-lettered, say) whose other
 /// published batches are still pending and that made progress within it.
 /// Progress is the run's creation, planning or re-opening, or a batch
-/// finished.
-/// Their jobs may still be in the broker, and another run's jobs beside
-/// them are not ordered against them (see [`write_locks`]).
+/// finished. Only the stream's holder (its last claim) counts: a run
+/// superseded there (re-opened for another of its streams, say) has its
+/// jobs in that stream dropped, and must not block it.
 ///
 /// Runs planning or running without progress are failed here first
 /// ("abandoned"): a producer that died mid-plan, or a batch the broker
@@ -922,7 +922,10 @@ pub async fn runs_going(
         .query(
             "SELECT DISTINCT ON (rs.stream) rs.stream, r.id \
              FROM syncfleet.runs r JOIN syncfleet.run_streams rs ON rs.run_id = r.id \
-             WHERE rs.stream = ANY($1) AND r.id IS DISTINCT FROM $3 AND (r.status IN ('planning', 'running') \
+             WHERE rs.stream = ANY($1) AND r.id IS DISTINCT FROM $3 \
+             AND NOT EXISTS (SELECT 1 FROM syncfleet.run_streams later \
+                             WHERE later.stream = rs.stream AND later.claim > rs.claim) \
+             AND (r.status IN ('planning', 'running') \
                OR (r.status = 'failed' \
                    AND EXISTS (SELECT 1 FROM syncfleet.batches b WHERE b.run_id = r.id AND b.stream = rs.stream \
                                AND b.status = 'pending' AND b.published_at IS NOT NULL) \
