@@ -1198,17 +1198,7 @@ async fn a_run_failed_while_planning_runs_once_reopened() {
     env.migrate().await;
     let mut client = crate::helpers::connect(&env.dest_url).await;
     let hour = Duration::from_secs(3600);
-    let run_id = control::create_run_of(&mut client, &env.name, "full", &["items"], hour)
-        .await
-        .unwrap()
-        .unwrap();
-    let all = KeyRange {
-        lower: None,
-        upper: None,
-    };
-    control::insert_batches(&client, run_id, "items", &[(1, all)])
-        .await
-        .unwrap();
+    let run_id = new_run(&env, &mut client, &["items"]).await;
     control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered")
         .await
         .unwrap();
@@ -1403,18 +1393,8 @@ async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
     let env = TestEnv::new().await;
     env.migrate().await;
     let hour = Duration::from_secs(3600);
-    let all = KeyRange {
-        lower: None,
-        upper: None,
-    };
     let mut client = crate::helpers::connect(&env.dest_url).await;
-    let first = control::create_run_of(&mut client, &env.name, "full", &["items"], hour)
-        .await
-        .unwrap()
-        .unwrap();
-    control::insert_batches(&client, first, "items", &[(1, all.clone())])
-        .await
-        .unwrap();
+    let first = new_run(&env, &mut client, &["items"]).await;
     control::mark_planned(&client, first).await.unwrap();
     client
         .batch_execute("UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', planned_at = planned_at - interval '1 day'")
@@ -1432,16 +1412,7 @@ async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
         control::create_run_of(&mut creator, &prefix, "full", &["items"], hour).await
     });
     env.eventually("the new run to wait for the job's lock", 30, || async {
-        let waiting: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        waiting == 1
+        lock_waits(&client).await == ["advisory"]
     })
     .await;
     assert!(!creating.is_finished());
@@ -1454,7 +1425,7 @@ async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
 
     // The holder re-opened (a replay of its batch) does not wait for its
     // own jobs in flight: it claims nothing.
-    control::insert_batches(&client, second, "items", &[(1, all.clone())])
+    control::insert_batches(&client, second, "items", &[(1, KeyRange::default())])
         .await
         .unwrap();
     control::mark_planned(&client, second).await.unwrap();
@@ -1528,19 +1499,8 @@ async fn superseded(client: &tokio_postgres::Client, prefix: &str, run_id: i64) 
 async fn failing_a_batch_locks_its_run_before_the_batch() {
     let env = TestEnv::new().await;
     env.migrate().await;
-    let hour = Duration::from_secs(3600);
     let mut client = crate::helpers::connect(&env.dest_url).await;
-    let run_id = control::create_run_of(&mut client, &env.name, "full", &["items"], hour)
-        .await
-        .unwrap()
-        .unwrap();
-    let all = KeyRange {
-        lower: None,
-        upper: None,
-    };
-    control::insert_batches(&client, run_id, "items", &[(1, all)])
-        .await
-        .unwrap();
+    let run_id = new_run(&env, &mut client, &["items"]).await;
     // What the abandoning check holds first.
     let holder = crate::helpers::connect(&env.dest_url).await;
     holder.batch_execute("BEGIN").await.unwrap();
@@ -1555,17 +1515,7 @@ async fn failing_a_batch_locks_its_run_before_the_batch() {
         control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered").await
     });
     env.eventually("fail_batch to wait for the run's row", 30, || async {
-        let waiting: i64 = env
-            .dest
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        waiting == 1
+        lock_waits(&env.dest).await == ["transactionid"]
     })
     .await;
     // Waiting there, it holds no batch yet.
@@ -1592,15 +1542,7 @@ async fn a_run_reopened_for_one_stream_holds_no_other() {
     env.migrate().await;
     let hour = Duration::from_secs(3600);
     let mut client = crate::helpers::connect(&env.dest_url).await;
-    let first = control::create_run_of(&mut client, &env.name, "full", &["x", "y"], hour)
-        .await
-        .unwrap()
-        .unwrap();
-    for stream in ["x", "y"] {
-        control::insert_batches(&client, first, stream, &[(1, KeyRange::default())])
-            .await
-            .unwrap();
-    }
+    let first = new_run(&env, &mut client, &["x", "y"]).await;
     control::mark_planned(&client, first).await.unwrap();
     control::fail_batch(&mut client, first, "x", 1, "dead-lettered")
         .await
@@ -1643,4 +1585,34 @@ async fn a_run_reopened_for_one_stream_holds_no_other() {
     assert_eq!(going("y").await, Vec::<i64>::new());
     let third = control::create_run_of(&mut client, &env.name, "full", &["y"], hour).await;
     assert!(third.unwrap().is_ok());
+}
+
+/// A full run of `streams`, each one batch over its whole key range.
+async fn new_run(env: &TestEnv, client: &mut tokio_postgres::Client, streams: &[&str]) -> i64 {
+    let hour = Duration::from_secs(3600);
+    let run_id = control::create_run_of(client, &env.name, "full", streams, hour)
+        .await
+        .unwrap()
+        .unwrap();
+    for stream in streams {
+        control::insert_batches(&*client, run_id, stream, &[(1, KeyRange::default())])
+            .await
+            .unwrap();
+    }
+    run_id
+}
+
+/// What the sessions on this database are waiting for, of locks.
+async fn lock_waits(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT wait_event FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
