@@ -15,6 +15,11 @@ use crate::helpers::{Fleet, TestEnv};
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v text);
      INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 30) i;";
 
+/// Moves every run's and batch's progress a day back: quiet since.
+const A_DAY_AGO: &str = "UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', \
+     planned_at = planned_at - interval '1 day', finished_at = finished_at - interval '1 day'; \
+     UPDATE syncfleet.batches SET finished_at = finished_at - interval '1 day'";
+
 async fn run_status(env: &TestEnv, run_id: i64) -> control::RunSummary {
     control::run(&env.dest, run_id).await.unwrap().unwrap()
 }
@@ -1329,14 +1334,7 @@ async fn a_stale_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() {
     control::fail_batch(&mut client, first, "items", 1, "dead-lettered")
         .await
         .unwrap();
-    env.dest
-        .batch_execute(
-            "UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', \
-             planned_at = planned_at - interval '1 day', finished_at = finished_at - interval '1 day'; \
-             UPDATE syncfleet.batches SET finished_at = finished_at - interval '1 day'",
-        )
-        .await
-        .unwrap();
+    env.dest.batch_execute(A_DAY_AGO).await.unwrap();
     let sync = env.cli(&path, &["sync"]).await;
     assert!(
         sync.status.success(),
@@ -1547,14 +1545,7 @@ async fn a_run_reopened_for_one_stream_holds_no_other() {
     control::fail_batch(&mut client, first, "x", 1, "dead-lettered")
         .await
         .unwrap();
-    client
-        .batch_execute(
-            "UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', \
-             planned_at = planned_at - interval '1 day', finished_at = finished_at - interval '1 day'; \
-             UPDATE syncfleet.batches SET finished_at = finished_at - interval '1 day'",
-        )
-        .await
-        .unwrap();
+    client.batch_execute(A_DAY_AGO).await.unwrap();
     let second = control::create_run_of(&mut client, &env.name, "full", &["y"], hour)
         .await
         .unwrap()
