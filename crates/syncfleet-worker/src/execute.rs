@@ -353,14 +353,17 @@ impl Executor {
     /// new run, after its planner described it, so that a column added to
     /// the source (and the destination) is copied from the first run
     /// planned after; for event jobs, which belong to no run, at least
-    /// every `EVENT_SHAPE_AGE`.
+    /// every `EVENT_SHAPE_AGE`. A shape described for a newer run serves an
+    /// older run's job too (a resumed run's, or a superseded one's about to
+    /// be dropped): runs alternating in the queue must not make every job
+    /// describe the stream again.
     async fn shape(
         &self,
         stream: &StreamConfig,
         run_id: i64,
     ) -> Result<Arc<StreamShape>, JobError> {
         if let Some(cached) = self.shapes.lock().expect("shape cache").get(&stream.name)
-            && cached.run_id == run_id
+            && cached.run_id >= run_id
             && (run_id != NO_RUN || cached.described.elapsed() < EVENT_SHAPE_AGE)
         {
             return Ok(cached.shape.clone());
