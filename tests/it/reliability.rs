@@ -1607,3 +1607,42 @@ async fn lock_waits(client: &tokio_postgres::Client) -> Vec<String> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// Every session syncfleet opens asks the server to probe its peer, so
+/// that a worker cut off mid-job does not leave its locks held for the
+/// kernel's two hours; a URL that sets its own keepalives keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_probes_a_session_whose_worker_may_be_gone() {
+    use syncfleet_db::{Pool, Role};
+    let env = TestEnv::new().await;
+    let config = env.config("");
+    let settings = |pool: Pool| async move {
+        let client = pool.get().await.unwrap();
+        let mut shown = Vec::new();
+        for name in ["idle", "interval", "count"] {
+            let row = client
+                .query_one(&format!("SHOW tcp_keepalives_{name}"), &[])
+                .await
+                .unwrap();
+            shown.push(row.get::<_, String>(0));
+        }
+        shown
+    };
+    for role in [Role::Source, Role::Destination] {
+        let db = match role {
+            Role::Source => &config.source,
+            Role::Destination => &config.destination,
+        };
+        let pool = Pool::connect(role, db).await.unwrap();
+        assert_eq!(settings(pool).await, ["30", "10", "3"]);
+    }
+    let own = env.config_text("").replace(
+        &format!("{}\"", env.dest_url),
+        &format!("{}?options=-c%20tcp_keepalives_idle%3D99\"", env.dest_url),
+    );
+    let own = Config::load(&env.write("own.toml", &own)).unwrap();
+    let pool = Pool::connect(Role::Destination, &own.destination)
+        .await
+        .unwrap();
+    assert_eq!(settings(pool).await[0], "99");
+}

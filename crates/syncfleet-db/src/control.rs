@@ -244,8 +244,9 @@ pub async fn create_run_of(
 /// How long a run's start (or re-opening) waits for the jobs of its
 /// streams still in a transaction ([`claim_streams`]): each ends within
 /// its deadline (60 s by default) unless its session is stranded (a
-/// worker cut off mid-job, whose session the server keeps until TCP gives
-/// up). Past it, the start fails, to be tried again (the next tick).
+/// worker cut off mid-job, whose session the server keeps until its
+/// keepalive probes fail, about a minute: see `pool`). Past it, the start
+/// fails, to be tried again (the next tick).
 const CLAIM_WAIT: &str = "120s";
 
 /// In a transaction that starts or re-opens (`except`) a run of

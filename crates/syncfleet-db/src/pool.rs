@@ -84,6 +84,11 @@ pub const REPLAYED: &str = "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text
 const SESSION_SETTINGS: &str = "-c DateStyle=ISO,YMD -c IntervalStyle=postgres -c TimeZone=UTC \
      -c extra_float_digits=3 -c bytea_output=hex";
 
+/// Server-side TCP keepalives for every session: a peer gone without a
+/// word is found within about a minute.
+const SERVER_KEEPALIVES: &str =
+    " -c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3";
+
 impl Pool {
     /// Builds a pool and checks out one connection, so an unreachable or
     /// misconfigured server is reported now, by name, without its password.
@@ -105,6 +110,13 @@ impl Pool {
         }
         if let Some(timeout) = config.statement_timeout {
             options.push_str(&format!(" -c statement_timeout={}", timeout.as_millis()));
+        }
+        // The server's side of the keepalives below: a worker cut off in
+        // the middle of a job leaves its session in a transaction, holding
+        // the job's locks (a stream's write lock, a read slot) until the
+        // server notices, which by the kernel's default takes two hours.
+        if !options.contains("tcp_keepalives") {
+            options.push_str(SERVER_KEEPALIVES);
         }
         pg.options(options.trim());
         if pg.get_application_name().is_none() {
