@@ -323,6 +323,34 @@ async fn the_run_finished_check_reads_only_pending_batches() {
     assert!(!plan.contains("Seq Scan on batches"), "{plan}");
 }
 
+/// Every job asks whether its run still holds its stream: with a year of
+/// runs behind the stream, that must stay a probe of the claims index,
+/// not a scan of every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_holder_checks_read_the_claims_index() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    env.dest
+        .batch_execute(
+            "INSERT INTO syncfleet.runs (kind, status) SELECT 'full', 'succeeded' FROM generate_series(1, 20000);
+             INSERT INTO syncfleet.run_streams (run_id, stream)
+               SELECT id, s FROM syncfleet.runs, unnest(ARRAY['a', 'b', 'c', 'd', 'e']) s;
+             ANALYZE syncfleet.runs; ANALYZE syncfleet.run_streams;",
+        )
+        .await
+        .unwrap();
+    let runs = vec![17i64];
+    let streams = vec!["c"];
+    let plan = crate::helpers::explain(
+        &env.dest,
+        syncfleet_db::control::SUPERSEDED,
+        &[&runs, &streams],
+    )
+    .await;
+    assert!(plan.contains("run_streams_claims"), "{plan}");
+    assert!(!plan.contains("Seq Scan on run_streams"), "{plan}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_2_control_schema_upgrades_with_its_runs() {
     let env = TestEnv::new().await;
