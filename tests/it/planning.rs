@@ -371,6 +371,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
              DROP TABLE syncfleet.fleet_reads;
              ALTER TABLE syncfleet.runs DROP COLUMN reopened_at;
              ALTER TABLE syncfleet.run_streams DROP COLUMN claim;
+             ALTER TABLE syncfleet.runs DROP COLUMN created_by;
              DROP SEQUENCE syncfleet.claims;
              DROP INDEX syncfleet.batches_pending;
              CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';",

@@ -1646,3 +1646,73 @@ async fn the_server_probes_a_session_whose_worker_may_be_gone() {
         .unwrap();
     assert_eq!(settings(pool).await[0], "99");
 }
+
+/// A producer stopped while it plans fails the run it was planning, and
+/// only that: a run another process (a `sync` by hand) started in the
+/// meantime is not its to fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_producer_fails_only_the_run_it_created() {
+    use syncfleet_db::{Pool, Role};
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let path = env.dir.join("syncfleet.toml");
+    let before = control::last_run_id(&env.dest).await.unwrap();
+    let sync = env.cli(&path, &["sync"]).await;
+    assert!(sync.status.success());
+    let by_hand: i64 = String::from_utf8_lossy(&sync.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    // As if it were still planning.
+    env.dest
+        .execute(
+            "UPDATE syncfleet.runs SET status = 'planning', planned_at = NULL WHERE id = $1",
+            &[&by_hand],
+        )
+        .await
+        .unwrap();
+    let creator: Option<String> = env
+        .dest
+        .query_one(
+            "SELECT created_by FROM syncfleet.runs WHERE id = $1",
+            &[&by_hand],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let creator = creator.expect("the run names its creator");
+    assert_ne!(creator, syncfleet_db::pool::process_name());
+
+    let pool = Pool::connect(Role::Destination, &config.destination)
+        .await
+        .unwrap();
+    let fail = || async {
+        control::fail_planning_runs(&**pool.get().await.unwrap(), "items", before, "stopped")
+            .await
+            .unwrap()
+    };
+    assert_eq!(fail().await, Vec::<i64>::new());
+    assert_eq!(run_status(&env, by_hand).await.status, "planning");
+
+    env.dest
+        .execute(
+            "UPDATE syncfleet.runs SET status = 'succeeded' WHERE id = $1",
+            &[&by_hand],
+        )
+        .await
+        .unwrap();
+    let hour = Duration::from_secs(3600);
+    let mine = control::create_run_of(
+        &mut pool.get().await.unwrap(),
+        &env.name,
+        "full",
+        &["items"],
+        hour,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(fail().await, vec![mine]);
+}

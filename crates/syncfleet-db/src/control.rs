@@ -132,6 +132,10 @@ ALTER TABLE syncfleet.run_streams
   ALTER COLUMN claim SET DEFAULT nextval('syncfleet.claims'),
   ALTER COLUMN claim SET NOT NULL;
 CREATE INDEX run_streams_claims ON syncfleet.run_streams (stream, claim);
+-- The process that created a run (`host:pid`, from its session): a
+-- producer that stops mid-plan fails its own run, not one started by hand.
+ALTER TABLE syncfleet.runs ADD COLUMN created_by text
+  DEFAULT current_setting('syncfleet.process', true);
 "#,
 ];
 
@@ -846,10 +850,11 @@ pub async fn last_run_id(client: &impl GenericClient) -> Result<i64, DbError> {
         .get(0))
 }
 
-/// Fails the runs of `stream` newer than `after` that are still planning,
-/// saying `why` and how to resume them: a planner stopped on purpose, so
-/// that the next leader's tick need not wait for them to count as
-/// abandoned. Returns their ids.
+/// Fails the runs of `stream` newer than `after` that this process created
+/// (`runs.created_by`) and that are still planning, saying `why` and how
+/// to resume them: a planner stopped on purpose, so that the next leader's
+/// tick need not wait for them to count as abandoned. A run started by
+/// hand meanwhile is not this process's to fail. Returns their ids.
 pub async fn fail_planning_runs(
     client: &impl GenericClient,
     stream: &str,
@@ -862,6 +867,7 @@ pub async fn fail_planning_runs(
                error = format('%s; resume it with syncfleet sync --resume %s', $3::text, r.id) \
              FROM syncfleet.run_streams rs \
              WHERE rs.run_id = r.id AND rs.stream = $1 AND r.id > $2 AND r.status = 'planning' \
+             AND r.created_by = current_setting('syncfleet.process', true) \
              RETURNING r.id",
             &[&stream, &after, &why],
         )

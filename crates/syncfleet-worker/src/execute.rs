@@ -222,15 +222,9 @@ impl Executor {
 
     pub fn new(config: Arc<Config>, source: Pool, destination: Pool) -> Self {
         static INSTANCE: AtomicU32 = AtomicU32::new(0);
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "worker".into());
         let id = format!(
-            "{host}:{}:{}",
-            std::process::id(),
+            "{}:{}",
+            syncfleet_db::pool::process_name(),
             INSTANCE.fetch_add(1, Ordering::Relaxed)
         );
         Self {
