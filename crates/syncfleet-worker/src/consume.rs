@@ -14,7 +14,7 @@
 //! | outcome | what happens |
 //! | --- | --- |
 //! | committed | ack |
-//! | superseded: its run was abandoned and a newer run of the stream started | ack, nothing written |
+//! | superseded: another run has claimed its stream since (see `control::SUPERSEDED`) | ack, nothing written |
 //! | a database is unreachable | re-published to `P.delay.N` as the same attempt, after a backoff that grows while the outage lasts, then ack |
 //! | a connection broke under the job | as for an unreachable database, counted in the message; after `max_attempts` of them, as for a permanent failure (a job that ends its own session or crashes the server each time must not do so forever) |
 //! | transient failure, attempts left | re-published to `P.delay.N` (confirmed), then ack |
@@ -531,8 +531,8 @@ async fn conclude(
         Ok(Ok(outcome)) if outcome.superseded => {
             tracing::info!(
                 job = %id,
-                "dropped: a newer run of the stream started after this job's run was abandoned, \
-                 and covers its batch"
+                "dropped: another run has claimed the stream since (started or re-opened); \
+                 `sync --resume` of this job's run publishes its batch again"
             );
             finished("superseded");
             settle(delivery.ack(BasicAckOptions::default()).await);
