@@ -163,9 +163,9 @@ pub struct BatchOutcome {
     pub rows_unchanged: u64,
     /// This job's commit completed its run.
     pub finished_run: bool,
-    /// Its run no longer holds its stream (a newer run started after this
-    /// one was abandoned): nothing was read or written, and the batch is
-    /// left as it was.
+    /// Its run no longer holds its stream (another run started, or was
+    /// re-opened, after this one stopped going): nothing was read or
+    /// written, and the batch is left as it was.
     pub superseded: bool,
 }
 
