@@ -132,10 +132,9 @@ ALTER TABLE syncfleet.run_streams
   ALTER COLUMN claim SET DEFAULT nextval('syncfleet.claims'),
   ALTER COLUMN claim SET NOT NULL;
 CREATE INDEX run_streams_claims ON syncfleet.run_streams (stream, claim);
--- The process that created a run (`host:pid`, from its session): a
--- producer that stops mid-plan fails its own run, not one started by hand.
-ALTER TABLE syncfleet.runs ADD COLUMN created_by text
-  DEFAULT current_setting('syncfleet.process', true);
+-- The process that created a run (`host:pid`): a producer that stops
+-- mid-plan fails its own run, not one started by hand.
+ALTER TABLE syncfleet.runs ADD COLUMN created_by text;
 "#,
 ];
 
@@ -223,15 +222,15 @@ pub async fn create_run_of(
     {
         return Ok(Err(going));
     }
-    let tx = client.transaction().await?;
+    let tx = read_committed(client).await?;
     if let Err(going) = claim_streams(&tx, prefix, streams, None, stale_after).await? {
         tx.commit().await?;
         return Ok(Err(going));
     }
     let id: i64 = tx
         .query_one(
-            "INSERT INTO syncfleet.runs (kind) VALUES ($1) RETURNING id",
-            &[&kind],
+            "INSERT INTO syncfleet.runs (kind, created_by) VALUES ($1, $2) RETURNING id",
+            &[&kind, &crate::pool::process_name()],
         )
         .await?
         .get(0);
@@ -245,12 +244,24 @@ pub async fn create_run_of(
     Ok(Ok(id))
 }
 
+/// A transaction that is read committed whatever the server's default, so
+/// that each statement sees what others committed while it waited for
+/// their locks (claims in [`claim_streams`], the run's row in
+/// [`fail_batch`]).
+async fn read_committed(client: &mut Client) -> Result<tokio_postgres::Transaction<'_>, DbError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await?)
+}
+
 /// How long a run's start (or re-opening) waits for the jobs of its
 /// streams still in a transaction ([`claim_streams`]): each ends within
 /// its deadline (60 s by default) unless its session is stranded (a
 /// worker cut off mid-job, whose session the server keeps until its
 /// keepalive probes fail, about a minute: see `pool`). Past it, the start
-/// fails, to be tried again (the next tick).
+/// fails, to be tried again (the next tick). It bounds each lock wait.
 const CLAIM_WAIT: &str = "120s";
 
 /// In a transaction that starts or re-opens (`except`) a run of
@@ -268,9 +279,11 @@ const CLAIM_WAIT: &str = "120s";
 ///   after it and commit before it. Jobs that lock after the claim commits
 ///   see it, and those of other runs drop out.
 ///
-/// The write locks come before the check, not after: the check fails
-/// abandoned runs and marks their pending batches, whose jobs, were any
-/// running, would wait on those rows while holding the write lock.
+/// The write locks come before the abandoning check ([`runs_going`]), not
+/// after: it fails abandoned runs and marks their pending batches, whose
+/// jobs, were any running, would wait on those rows while holding the
+/// write lock. A read-only check comes before both, so that a refusal
+/// waits for nothing.
 ///
 /// A claim makes the pending batches that other runs had published in
 /// these streams unpublished: their jobs will be dropped, so `sync
@@ -312,6 +325,11 @@ async fn claim_streams(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    // Refused before waiting: under the run locks no claim can start a run
+    // going, and one found going now would still be going after the wait.
+    if let Some(going) = going(tx, streams, except, stale_after).await?.pop() {
+        return Ok(Err(going));
+    }
     let mut writes: Vec<String> = taken.iter().map(|s| stream_write_lock(prefix, s)).collect();
     writes.sort();
     tx.execute(
@@ -504,7 +522,7 @@ pub async fn reopen(
     {
         return Ok(Err(going));
     }
-    let tx = client.transaction().await?;
+    let tx = read_committed(client).await?;
     if let Err(going) = claim_streams(&tx, prefix, &streams, except, stale_after).await? {
         tx.commit().await?;
         return Ok(Err(going));
@@ -867,9 +885,9 @@ pub async fn fail_planning_runs(
                error = format('%s; resume it with syncfleet sync --resume %s', $3::text, r.id) \
              FROM syncfleet.run_streams rs \
              WHERE rs.run_id = r.id AND rs.stream = $1 AND r.id > $2 AND r.status = 'planning' \
-             AND r.created_by = current_setting('syncfleet.process', true) \
+             AND r.created_by = $4 \
              RETURNING r.id",
-            &[&stream, &after, &why],
+            &[&stream, &after, &why, &crate::pool::process_name()],
         )
         .await?
         .iter()
@@ -925,6 +943,18 @@ pub async fn runs_going(
             &[&streams, &seconds],
         )
         .await?;
+    going(client, streams, except, stale_after).await
+}
+
+/// [`runs_going`] without failing the abandoned runs (which it leaves out
+/// all the same): reads only.
+async fn going(
+    client: &impl GenericClient,
+    streams: &[&str],
+    except: Option<i64>,
+    stale_after: Duration,
+) -> Result<Vec<Going>, DbError> {
+    let seconds = stale_after.as_secs_f64();
     Ok(client
         .query(
             "SELECT DISTINCT ON (rs.stream) rs.stream, r.id \
@@ -935,10 +965,10 @@ pub async fn runs_going(
              AND (r.status IN ('planning', 'running') \
                OR (r.status = 'failed' \
                    AND EXISTS (SELECT 1 FROM syncfleet.batches b WHERE b.run_id = r.id AND b.stream = rs.stream \
-                               AND b.status = 'pending' AND b.published_at IS NOT NULL) \
-                   AND greatest(r.created_at, r.planned_at, r.reopened_at, r.finished_at, \
-                         (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
-                       >= now() - make_interval(secs => $2::float8))) \
+                               AND b.status = 'pending' AND b.published_at IS NOT NULL))) \
+             AND greatest(r.created_at, r.planned_at, r.reopened_at, r.finished_at, \
+                   (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
+                 >= now() - make_interval(secs => $2::float8) \
              ORDER BY rs.stream, r.id DESC",
             &[&streams, &seconds, &except],
         )
@@ -1076,7 +1106,7 @@ pub async fn fail_batch(
     batch_no: i64,
     error: &str,
 ) -> Result<(), DbError> {
-    let tx = client.transaction().await?;
+    let tx = read_committed(client).await?;
     // The run's row first, as an abandoning check (`runs_going`) takes it:
     // taken the other way round, the two could deadlock.
     tx.execute(

@@ -85,8 +85,8 @@ const SESSION_SETTINGS: &str = "-c DateStyle=ISO,YMD -c IntervalStyle=postgres -
      -c extra_float_digits=3 -c bytea_output=hex";
 
 /// This process, as `host:pid` (the host is the pod's name under
-/// Kubernetes). Every session carries it as `syncfleet.process`, which the
-/// control schema records as the creator of a run.
+/// Kubernetes): the creator of the runs it starts (`runs.created_by`), and
+/// the start of a worker's name.
 pub fn process_name() -> &'static str {
     static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     NAME.get_or_init(|| {
@@ -96,14 +96,6 @@ pub fn process_name() -> &'static str {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "syncfleet".into());
-        // It travels in the startup options, where a space would split it.
-        let host: String = host
-            .chars()
-            .map(|c| match c.is_ascii_alphanumeric() || "._-".contains(c) {
-                true => c,
-                false => '_',
-            })
-            .collect();
         format!("{host}:{}", std::process::id())
     })
 }
@@ -142,7 +134,6 @@ impl Pool {
         if !options.contains("tcp_keepalives") {
             options.push_str(SERVER_KEEPALIVES);
         }
-        options.push_str(&format!(" -c syncfleet.process={}", process_name()));
         pg.options(options.trim());
         if pg.get_application_name().is_none() {
             pg.application_name(format!("syncfleet-{}", role.name()));
