@@ -307,11 +307,10 @@ async fn claim_streams(
         .map(|s| format!("syncfleet.runs/{s}"))
         .collect();
     runs.sort();
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))::text FROM unnest($1::text[]) AS n",
-        &[&runs],
-    )
-    .await?;
+    // Each statement takes its locks in the order given, waiting for each.
+    let lock_all =
+        "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))::text FROM unnest($1::text[]) AS n";
+    tx.execute(lock_all, &[&runs]).await?;
     // Under the run locks, no other claim moves: what `except` holds stays.
     let taken: Vec<String> = tx
         .query(
@@ -325,18 +324,14 @@ async fn claim_streams(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    // Refused before waiting: under the run locks no claim can start a run
-    // going, and one found going now would still be going after the wait.
+    // Refused before waiting for the write locks: under the run locks no
+    // other claim can set a run going in these streams meanwhile.
     if let Some(going) = going(tx, streams, except, stale_after).await?.pop() {
         return Ok(Err(going));
     }
     let mut writes: Vec<String> = taken.iter().map(|s| stream_write_lock(prefix, s)).collect();
     writes.sort();
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended(n, 0))::text FROM unnest($1::text[]) AS n",
-        &[&writes],
-    )
-    .await?;
+    tx.execute(lock_all, &[&writes]).await?;
     if let Some(going) = runs_going(tx, streams, except, stale_after).await?.pop() {
         return Ok(Err(going));
     }
