@@ -275,6 +275,16 @@ impl TestEnv {
         rows
     }
 
+    /// Asserts that `sql` returns the same rows on the source and the
+    /// destination.
+    pub async fn assert_same_rows(&self, sql: &str) {
+        assert_eq!(
+            Self::rows(&self.source, sql).await,
+            Self::rows(&self.dest, sql).await,
+            "{sql} differs between source and destination"
+        );
+    }
+
     /// Runs the real binary with a config file; bounded by a timeout.
     pub async fn cli(&self, config: &std::path::Path, args: &[&str]) -> Output {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"));

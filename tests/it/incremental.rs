@@ -53,10 +53,7 @@ async fn incremental_runs_pick_up_inserts_and_updates_and_nothing_else() {
         20,
         "no watermark yet: every row"
     );
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 
     env.source
         .batch_execute(
@@ -83,10 +80,7 @@ async fn incremental_runs_pick_up_inserts_and_updates_and_nothing_else() {
     );
     env.sync(&config, 0).await;
     fleet.stop().await;
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,8 +546,5 @@ async fn an_incremental_sync_fails_if_any_streams_run_failed() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert_eq!(stdout.lines().count(), 2, "one run id per stream: {stdout}");
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM good").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM good").await
-    );
+    env.assert_same_rows("SELECT * FROM good").await;
 }

@@ -139,10 +139,7 @@ async fn two_workers_share_one_queue() {
         .collect();
     assert_eq!(by_worker.len(), 2, "both workers took jobs: {by_worker:?}");
     assert_eq!(by_worker.iter().sum::<i64>(), 101);
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM users").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM users").await
-    );
+    env.assert_same_rows("SELECT * FROM users").await;
     // SIGTERM drains and exits 0.
     for w in &mut workers {
         let pid = w.id().unwrap() as i32;
@@ -681,8 +678,5 @@ async fn a_column_added_while_the_workers_run_is_copied_by_the_next_run() {
     let second = env.plan(&config).await;
     env.wait(second.run_id).await;
     fleet.stop().await;
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }

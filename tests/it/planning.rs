@@ -94,10 +94,7 @@ async fn text_keys_follow_the_source_order_and_sync() {
             ordered[7].clone()
         ]
     );
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM tags").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM tags").await
-    );
+    env.assert_same_rows("SELECT * FROM tags").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

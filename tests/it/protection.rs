@@ -69,10 +69,7 @@ async fn the_fleet_never_runs_more_source_reads_than_its_ceiling() {
         "{most} source reads ran at once, above the ceiling of 2"
     );
     assert_eq!(most, 2, "the fleet did use its two slots");
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,10 +327,7 @@ async fn the_rows_per_second_limit_holds_for_the_whole_fleet() {
         before += batch.get::<_, i64>(1);
     }
     assert_eq!(before, 24000);
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }
 
 /// A job's deadline bounds its reads and writes, not its wait for the
@@ -375,10 +369,7 @@ async fn waiting_for_the_rows_per_second_budget_is_not_part_of_a_jobs_deadline()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(attempts, ["1: 1 ok", "2: 1 ok", "3: 1 ok", "4: 1 ok"]);
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }
 
 /// The planner's walk of a stream's keys is a source read too: it waits for

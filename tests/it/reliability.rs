@@ -117,10 +117,7 @@ async fn a_transient_error_is_retried_until_it_succeeds() {
         .unwrap()
         .get(0);
     assert_eq!(tries, 6);
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
     assert_eq!(env.dead_letters().await, 0);
 }
 
@@ -197,10 +194,7 @@ async fn a_permanent_error_is_dead_lettered_at_once_and_can_be_replayed() {
     env.wait(run_id).await;
     fleet.stop().await;
     assert_eq!(env.dead_letters().await, 0);
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
     let unknown = env
         .cli(&path, &["dead-letters", "replay", "1:nope:1"])
         .await;
@@ -444,10 +438,7 @@ async fn a_slow_merge_does_not_keep_the_source_idle_in_its_transaction() {
         .await
         .unwrap();
     let run_id = env.sync(&config, 1).await;
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
     let attempts = batch_attempts(&env, run_id).await;
     assert_eq!(attempts, [(1, "done".to_string(), 1)]);
 
@@ -572,10 +563,7 @@ async fn a_deadline_cancels_the_query_on_the_server_and_retries_the_job() {
     let batches = batch_attempts(&env, plan.run_id).await;
     assert_eq!(batches.len(), 1);
     assert!(batches[0].2 >= 2, "retried after the deadline: {batches:?}");
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -784,10 +772,7 @@ async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
     let plan = env.plan(&config).await;
     env.wait(plan.run_id).await;
     fleet.stop().await;
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -988,10 +973,7 @@ async fn a_worker_hands_back_the_jobs_it_cannot_get_to_in_time() {
         .unwrap()
         .get(0);
     assert_eq!(workers, 2, "the slow jobs stayed with the first worker");
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
     assert_eq!(env.dead_letters().await, 0);
 }
 
@@ -1101,10 +1083,7 @@ async fn a_stream_has_one_run_going_at_a_time() {
     env.wait(first).await;
     fleet.stop().await;
     assert_eq!(env.dead_letters().await, 0);
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }
 
 /// An incremental `sync` over several streams starts the runs it can and
@@ -1321,10 +1300,7 @@ async fn resume_publishes_again_the_jobs_of_an_abandoned_run() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("published 4 job(s)"), "{stderr}");
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }
 
 /// A stale run's jobs still in the broker (here: workers down for a day)
@@ -1389,10 +1365,7 @@ async fn a_stale_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("published 4 job(s)"), "{stderr}");
     assert_eq!(run_status(&env, first).await.status, "succeeded");
-    assert_eq!(
-        TestEnv::rows(&env.source, "SELECT * FROM items").await,
-        TestEnv::rows(&env.dest, "SELECT * FROM items").await
-    );
+    env.assert_same_rows("SELECT * FROM items").await;
 }
 
 /// The stream's holder is the run that claimed it last, by starting or by
