@@ -336,6 +336,31 @@ impl TestEnv {
         counts
     }
 
+    /// Publishes an upstream event with a plain lapin publisher, as any
+    /// upstream service would.
+    pub async fn publish_event(&self, routing_key: &str, body: &str) {
+        let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        channel
+            .basic_publish(
+                Topology::new(&self.name).events_exchange().into(),
+                routing_key.into(),
+                Default::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let _ = connection.close(200, "".into()).await;
+    }
+
     /// Publishes a raw body to this test's work queue, as a foreign
     /// publisher (or a buggy one) would.
     pub async fn publish_raw(&self, body: &[u8], message_id: &str) {

@@ -4,10 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use syncfleet_broker::Topology;
 use syncfleet_core::Config;
 
-use crate::helpers::{Fleet, Producer, TestEnv, amqp_url};
+use crate::helpers::{Fleet, Producer, TestEnv};
 
 const ITEMS: &str =
     "CREATE TABLE items (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL);
@@ -154,30 +153,6 @@ async fn a_row_committed_late_is_picked_up_by_the_next_run() {
     assert_eq!(v, "late");
 }
 
-/// A plain lapin publisher, as any upstream service would be.
-async fn publish_event(env: &TestEnv, routing_key: &str, body: &str) {
-    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel.confirm_select(Default::default()).await.unwrap();
-    channel
-        .basic_publish(
-            Topology::new(&env.name).events_exchange().into(),
-            routing_key.into(),
-            Default::default(),
-            body.as_bytes(),
-            lapin::BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let _ = connection.close(200, "".into()).await;
-}
-
 const APP: &str = "CREATE TABLE users (id int PRIMARY KEY, first_name text, email text);
      CREATE TABLE user_profiles (id int PRIMARY KEY, user_id int REFERENCES users, bio text);
      INSERT INTO users SELECT i, 'name' || i, 'u' || i || '@example.com' FROM generate_series(1, 10) i;
@@ -247,7 +222,7 @@ async fn events_from_any_publisher_reach_the_destination() {
             r#"{"table": "users", "op": "upsert", "ids": ["abc"]}"#,
         ),
     ] {
-        publish_event(&env, key, body).await;
+        env.publish_event(key, body).await;
     }
 
     let profiles = "SELECT p.id, p.user_id, p.bio, u.first_name, u.email FROM user_profiles p JOIN users u ON u.id = p.user_id";
@@ -286,6 +261,106 @@ async fn events_from_any_publisher_reach_the_destination() {
         stdout.contains("'abc' is not a valid value of column id of stream 'users'"),
         "{stdout}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_cannot_take_events_holds_up_no_other_and_its_events_replay_once_fixed() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(APP).await.unwrap();
+    env.migrate().await;
+    // The second stream's scheduled runs come only after an hour: from the
+    // first, its tab changes through events alone.
+    let streams = APP_STREAMS.replace("stagger = \"0s\"", "stagger = \"1h\"");
+    let fixed = env.config(&streams);
+    env.sync(&fixed, 1).await;
+    // A typo: the profiles' stream has no column uid.
+    let typo = env.config(&streams.replace("users = \"user_id\"", "users = \"uid\""));
+    let fleet = Fleet::start(&fixed, 1);
+    let producer = Producer::start(&typo);
+    let counters = producer.counters.clone();
+    // The users stream's first scheduled run, before the changes.
+    env.eventually("the users stream's first run", 60, || async {
+        env.dest
+            .query_one(
+                "SELECT count(*) FROM syncfleet.runs r JOIN syncfleet.run_streams s ON s.run_id = r.id
+                 WHERE s.stream = 'users' AND r.status = 'succeeded'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) >= 2)
+            .unwrap_or(false)
+    })
+    .await;
+
+    env.source
+        .batch_execute(
+            "INSERT INTO users VALUES (11, 'new', 'u11@example.com');
+             INSERT INTO user_profiles VALUES (11, 11, 'hello');
+             UPDATE users SET first_name = 'renamed' WHERE id = 3;",
+        )
+        .await
+        .unwrap();
+    env.publish_event(
+        "users",
+        r#"{"table": "users", "op": "upsert", "ids": [11, 3]}"#,
+    )
+    .await;
+    env.publish_event(
+        "user_profiles",
+        r#"{"table": "user_profiles", "op": "upsert", "ids": [11]}"#,
+    )
+    .await;
+    // The users stream still takes its events; the profiles' stream's
+    // events (and a copy of the users event it shares) wait as dead letters.
+    env.eventually("the users event to reach its stream", 60, || async {
+        TestEnv::rows(&env.source, "SELECT * FROM users").await
+            == TestEnv::rows(&env.dest, "SELECT * FROM users").await
+    })
+    .await;
+    env.eventually("the unroutable events' dead letters", 30, || async {
+        env.dead_letters().await == 2
+    })
+    .await;
+    assert_eq!(counters.events_dead.load(Ordering::Relaxed), 2);
+    let profile: i64 = env
+        .dest
+        .query_one("SELECT count(*) FROM user_profiles WHERE id = 11", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(profile, 0, "the broken stream took no event");
+    let config_file = env.dir.join("syncfleet.toml");
+    let list = env.cli(&config_file, &["dead-letters", "list"]).await;
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(stdout.matches("unroutable event").count(), 2, "{stdout}");
+    assert!(
+        stdout.contains("stream 'user_profiles' cannot take events")
+            && stdout.contains("events.users: column 'uid' is not among the stream's columns"),
+        "{stdout}"
+    );
+    producer.stop().await;
+
+    // Fixed, the events are replayed to the producer, which routes them.
+    let producer = Producer::start(&fixed);
+    let replay = env
+        .cli(&config_file, &["dead-letters", "replay", "--all"])
+        .await;
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    assert!(replay.status.success(), "{stdout}");
+    assert!(stdout.contains("2 event(s) replayed"), "{stdout}");
+    let profiles = "SELECT p.id, p.user_id, p.bio, u.first_name, u.email FROM user_profiles p JOIN users u ON u.id = p.user_id";
+    env.eventually("the replayed events to reach the profiles", 60, || async {
+        TestEnv::rows(&env.source, profiles).await
+            == TestEnv::rows(
+                &env.dest,
+                "SELECT id, user_id, bio, first_name, email FROM user_profiles",
+            )
+            .await
+    })
+    .await;
+    assert_eq!(env.dead_letters().await, 0);
+    producer.stop().await;
+    fleet.stop().await;
 }
 
 /// The kind of the first run a newly started leader plans.

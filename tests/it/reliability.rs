@@ -2,6 +2,7 @@
 //! against the real broker and databases.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use syncfleet_broker::Topology;
@@ -722,6 +723,17 @@ fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Clears a broker policy when dropped.
+struct ClearPolicy(String);
+
+impl Drop for ClearPolicy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .output();
+    }
+}
+
 /// How many connections a broker user has.
 fn connections_of(user: &str) -> usize {
     rabbitmqctl(&["list_connections", "user", "-q"])
@@ -797,14 +809,6 @@ async fn a_run_stopped_halfway_is_resumed_with_exactly_the_missing_batches() {
         &pattern,
         r#"{"max-length": 1100}"#,
     ]);
-    struct ClearPolicy(String);
-    impl Drop for ClearPolicy {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .args(["clear_policy", &self.0])
-                .output();
-        }
-    }
     let cleared = ClearPolicy(policy.clone());
     // Declare the queue so the policy is in force before planning.
     env.publish_raw(b"x", "placeholder").await;
@@ -1700,4 +1704,82 @@ async fn a_stopping_producer_fails_only_the_run_it_created() {
     .unwrap()
     .unwrap();
     assert_eq!(fail().await, vec![mine]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_whose_jobs_cannot_be_published_wait_unacked_and_arrive_later() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[producer]\ninterval = \"1h\"\nevent_window = \"100ms\"\n\
+         [[stream]]\nname = \"items\"\ntable = \"items\"\n",
+    );
+    let fleet = Fleet::start(&config, 1);
+    let producer = crate::helpers::Producer::start(&config);
+    let counters = producer.counters.clone();
+    env.eventually("the first scheduled run", 60, || async {
+        env.dest
+            .query_one(
+                "SELECT count(*) FROM syncfleet.runs WHERE status = 'succeeded'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) >= 1)
+            .unwrap_or(false)
+    })
+    .await;
+    // The broker refuses every job: the work queue is full at length 0
+    // once it holds one message, which no worker takes meanwhile.
+    fleet.stop().await;
+    let policy = format!("{}-refuse", env.name);
+    let pattern = format!("^{}\\.work$", env.name);
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &policy,
+        &pattern,
+        r#"{"max-length": 0}"#,
+    ]);
+    let cleared = ClearPolicy(policy);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.publish_raw(b"x", "placeholder").await;
+
+    env.source
+        .batch_execute("UPDATE items SET v = 'changed' WHERE id = 7")
+        .await
+        .unwrap();
+    env.publish_event("items", r#"{"table": "items", "op": "upsert", "ids": [7]}"#)
+        .await;
+    env.eventually("flushes to fail and be tried again", 30, || async {
+        counters.event_flushes_failed.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    // Raised rather than cleared: a quorum queue of RabbitMQ 3.10 goes on
+    // refusing publishes after its length policy is cleared.
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &cleared.0,
+        &pattern,
+        r#"{"max-length": 100000}"#,
+    ]);
+    let fleet = Fleet::start(&config, 1);
+    env.eventually("the change to arrive", 60, || async {
+        TestEnv::rows(&env.dest, "SELECT v FROM items WHERE id = 7").await == ["(changed)"]
+    })
+    .await;
+    producer.stop().await;
+    fleet.stop().await;
+    drop(cleared);
+    // Held by the producer between tries, the event never went back to
+    // the queue: each trip there would have been a delivery (and on a
+    // quorum queue with a delivery limit, a step towards the dead letters).
+    assert_eq!(counters.events_received.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        env.depth_of(&Topology::new(&env.name).events_queue()).await,
+        0
+    );
 }

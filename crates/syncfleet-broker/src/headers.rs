@@ -18,6 +18,11 @@ const REASON: &str = "x-syncfleet-reason";
 const DEAD_AT: &str = "x-syncfleet-dead-lettered-at";
 const LOST_CONNECTIONS: &str = "x-syncfleet-lost-connections";
 
+/// The dead-letter reason of an upstream event that no stream could take
+/// when it came (see the producer's event consumer): `dead-letters replay`
+/// publishes such events again, unlike malformed ones.
+pub const UNROUTABLE_EVENT: &str = "unroutable event";
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -121,6 +121,17 @@ impl Publisher {
         self.send(vec![message], None).await
     }
 
+    /// Re-publishes an upstream event to the events exchange (a replay).
+    pub async fn publish_event(&self, body: &[u8], message_id: &str) -> Result<(), BrokerError> {
+        let message = Outgoing {
+            exchange: self.topology.events_exchange(),
+            routing_key: "replay".into(),
+            body: body.to_vec(),
+            properties: properties(message_id, FieldTable::default()),
+        };
+        self.send(vec![message], None).await
+    }
+
     /// Parks a job that failed attempt `meta.attempt` for `delay`, after
     /// which the broker moves it back to the work queue: as the next
     /// attempt, or as the same one again when `counts` is false (the job

@@ -17,6 +17,14 @@
 //! are deleted. Events are acked only after their jobs are confirmed.
 //! A malformed event goes to the dead-letter queue with the reason; events
 //! for tables no stream reads are counted and dropped.
+//!
+//! One stream that cannot take events (its table is missing, its
+//! `[stream.events]` column is not among its columns) stops no other: the
+//! streams that can still take its tables' events do, and a copy of each
+//! goes to the dead letters as unroutable, naming the stream and why, for
+//! `dead-letters replay` to send back once it is fixed. A flush
+//! that cannot publish keeps its events unacked and is tried again with
+//! backoff, so a source or broker outage neither loses them nor spins.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,8 +36,10 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
+use syncfleet_broker::headers::UNROUTABLE_EVENT;
 use syncfleet_broker::{BrokerError, Meta, Publisher};
 use syncfleet_core::Config;
+use syncfleet_core::backoff::RetryPolicy;
 use syncfleet_core::job::{Job, Key, NO_RUN, Selection};
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::ShutdownSignal;
@@ -40,6 +50,18 @@ use crate::service::Counters;
 
 /// Bound on reading the source's WAL position for a flush.
 const POSITION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the streams that cannot take events are looked at again.
+const ROUTES_RECHECK: Duration = Duration::from_secs(30);
+
+/// Between failed flushes, and between failed consumer sessions. Capped
+/// well inside the broker's consumer timeout, which bounds how long a
+/// flush may keep its events unacked.
+const RETRY: RetryPolicy = RetryPolicy {
+    initial: Duration::from_millis(250),
+    max: Duration::from_secs(30),
+    max_attempts: u32::MAX,
+};
 
 /// One stream an event table refreshes, and the columns its ids name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -124,44 +146,105 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-/// Table name → the streams it refreshes.
-async fn routes(config: &Config, source: &Pool) -> Result<HashMap<String, Vec<Route>>, String> {
-    let client = source.get().await.map_err(|e| e.to_string())?;
-    let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
-    for stream in &config.streams {
-        let shape = StreamShape::describe(&**client, stream)
-            .await
-            .map_err(|e| e.to_string())?;
-        for (table, column) in stream.event_tables() {
-            let columns: Vec<String> = match column {
-                Some(c) => {
-                    if !shape.columns.iter().any(|col| col.name == c) {
-                        return Err(format!(
-                            "stream '{}': events.{table}: column '{c}' is not among the stream's columns ({})",
-                            stream.name,
-                            shape.column_names().join(", ")
-                        ));
+/// Where each table's events go.
+#[derive(Debug, Default)]
+struct Routes {
+    /// Table name → the streams it refreshes.
+    tables: HashMap<String, Vec<Route>>,
+    /// Table name → why a stream that reads it cannot take its events.
+    broken: HashMap<String, String>,
+}
+
+impl Routes {
+    /// Describes every stream on the source. A stream that cannot be
+    /// described, or whose `[stream.events]` names a column it does not
+    /// have, is left out on its own, its tables marked broken; only a
+    /// source that cannot be reached at all is an error.
+    async fn resolve(config: &Config, source: &Pool) -> Result<Self, String> {
+        let client = source.get().await.map_err(|e| e.to_string())?;
+        let mut routes = Routes::default();
+        for stream in &config.streams {
+            let described = StreamShape::describe(&**client, stream)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|shape| stream_routes(stream, &shape));
+            match described {
+                Ok(found) => {
+                    for (table, route) in found {
+                        routes.tables.entry(table).or_default().push(route);
                     }
-                    vec![c]
                 }
-                None => shape.key_names().iter().map(|k| k.to_string()).collect(),
-            };
-            let types = columns
-                .iter()
-                .map(|c| {
-                    shape
-                        .columns
-                        .iter()
-                        .find(|col| &col.name == c)
-                        .map_or(0, |col| col.type_oid)
-                })
-                .collect();
-            routes.entry(table).or_default().push(Route {
-                stream: stream.name.clone(),
+                Err(e) => {
+                    let why = format!("stream '{}' cannot take events: {e}", stream.name);
+                    tracing::error!(error = %why, "its tables' events are dead-lettered as unroutable until it is fixed");
+                    for (table, _) in stream.event_tables() {
+                        routes
+                            .broken
+                            .entry(table)
+                            .and_modify(|w| *w = format!("{w}; {why}"))
+                            .or_insert_with(|| why.clone());
+                    }
+                }
+            }
+        }
+        Ok(routes)
+    }
+
+    /// The streams an event's table refreshes (its unqualified name also
+    /// matches), and why others that read it cannot take it, if any do.
+    fn find(&self, table: &str) -> (&[Route], Option<&str>) {
+        let unqualified = table.rsplit('.').next().unwrap_or(table);
+        let lookup = |name| {
+            (
+                self.tables.get(name).map_or(&[][..], Vec::as_slice),
+                self.broken.get(name).map(String::as_str),
+            )
+        };
+        match lookup(table) {
+            ([], None) => lookup(unqualified),
+            found => found,
+        }
+    }
+}
+
+/// The tables whose events refresh `stream`, each with its route.
+fn stream_routes(
+    stream: &syncfleet_core::config::StreamConfig,
+    shape: &StreamShape,
+) -> Result<Vec<(String, Route)>, String> {
+    let mut routes = Vec::new();
+    for (table, column) in stream.event_tables() {
+        let columns: Vec<String> = match column {
+            Some(c) => {
+                if !shape.columns.iter().any(|col| col.name == c) {
+                    return Err(format!(
+                        "events.{table}: column '{c}' is not among the stream's columns ({})",
+                        shape.column_names().join(", ")
+                    ));
+                }
+                vec![c]
+            }
+            None => shape.key_names().iter().map(|k| k.to_string()).collect(),
+        };
+        let types = columns
+            .iter()
+            .map(|c| {
+                shape
+                    .columns
+                    .iter()
+                    .find(|col| &col.name == c)
+                    .map_or(0, |col| col.type_oid)
+            })
+            .collect();
+        let stream = stream.name.clone();
+        routes.push((
+            table,
+            Route {
+                stream,
                 columns,
                 types,
-            });
-        }
+            },
+        ));
     }
     Ok(routes)
 }
@@ -176,14 +259,24 @@ pub async fn consume(
 ) {
     let mut failures = 0u32;
     while !shutdown.is_triggered() {
-        match session(&config, &source, &publisher, &counters, &mut shutdown).await {
+        let mut consumed = false;
+        match session(
+            &config,
+            &source,
+            &publisher,
+            &counters,
+            &mut shutdown,
+            &mut consumed,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(e) => {
-                if failures == 0 {
-                    tracing::warn!(error = %e, "event consumer lost its connection; reconnecting");
-                }
-                failures += 1;
-                let delay = Duration::from_millis(250 * u64::from(failures.min(20)));
+                // Counted from the last session that got as far as
+                // consuming, so a later outage is backed off from the start.
+                failures = if consumed { 1 } else { failures + 1 };
+                let delay = RETRY.delay(failures);
+                tracing::warn!(error = %e, attempt = failures, ?delay, "the event consumer stopped; starting it again");
                 tokio::select! {
                     _ = shutdown.wait() => return,
                     _ = tokio::time::sleep(delay) => {}
@@ -200,6 +293,23 @@ struct Buffer {
     deliveries: Vec<Delivery>,
     keys: usize,
     since: Option<Instant>,
+    /// Flushes that failed in a row, and when to try the next.
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Buffer {
+    /// When to flush: a window after the first event, and not before a
+    /// failed flush's backoff is over.
+    fn flush_at(&self, window: Duration) -> Option<Instant> {
+        let due = self.since? + window;
+        Some(self.retry_at.map_or(due, |r| r.max(due)))
+    }
+
+    /// Whether the backoff of a failed flush still holds the next back.
+    fn backing_off(&self) -> bool {
+        self.retry_at.is_some_and(|r| Instant::now() < r)
+    }
 }
 
 async fn session(
@@ -208,8 +318,10 @@ async fn session(
     publisher: &Publisher,
     counters: &Counters,
     shutdown: &mut ShutdownSignal,
+    consumed: &mut bool,
 ) -> Result<(), String> {
-    let routes = routes(config, source).await?;
+    let mut routes = Routes::resolve(config, source).await?;
+    let mut recheck_at = Instant::now() + ROUTES_RECHECK;
     let topology = publisher.topology().clone();
     let broker = |e: lapin::Error| BrokerError::from(e).to_string();
     let connection = syncfleet_broker::connect(&config.broker, "events")
@@ -238,17 +350,27 @@ async fn session(
         .await
         .map_err(broker)?;
     tracing::info!(queue = %topology.events_queue(), "consuming upstream events");
+    *consumed = true;
     let mut buffer = Buffer::default();
     loop {
-        let flush_at = buffer.since.map(|s| s + window);
+        let flush_at = buffer.flush_at(window);
         tokio::select! {
             _ = shutdown.wait() => {
+                // One last try; what it cannot publish goes back to the
+                // queue with the connection.
                 flush(&mut buffer, source, publisher, counters, max_keys).await;
                 let _ = connection.close(200, "stopping".into()).await;
                 return Ok(());
             }
             _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
                 flush(&mut buffer, source, publisher, counters, max_keys).await;
+            }
+            _ = tokio::time::sleep_until(recheck_at), if !routes.broken.is_empty() => {
+                recheck_at = Instant::now() + ROUTES_RECHECK;
+                match Routes::resolve(config, source).await {
+                    Ok(fresh) => routes = fresh,
+                    Err(e) => tracing::warn!(error = %e, "could not look at the streams that cannot take events again"),
+                }
             }
             delivery = consumer.next() => {
                 let delivery = match delivery {
@@ -257,7 +379,7 @@ async fn session(
                     None => return Err("the broker cancelled the event consumer".into()),
                 };
                 take(delivery, &routes, &mut buffer, publisher, counters).await;
-                if buffer.keys >= max_keys {
+                if buffer.keys >= max_keys && !buffer.backing_off() {
                     flush(&mut buffer, source, publisher, counters, max_keys).await;
                 }
             }
@@ -268,7 +390,7 @@ async fn session(
 /// Files one event into the buffer (or dead-letters or drops it).
 async fn take(
     delivery: Delivery,
-    routes: &HashMap<String, Vec<Route>>,
+    routes: &Routes,
     buffer: &mut Buffer,
     publisher: &Publisher,
     counters: &Counters,
@@ -277,15 +399,33 @@ async fn take(
     metrics::counter!(m::EVENTS, "outcome" => "received").increment(1);
     let event = match parse(&delivery.data) {
         Ok(e) => e,
-        Err(reason) => return dead(delivery, publisher, counters, &reason).await,
+        Err(reason) => return dead(delivery, publisher, counters, MALFORMED, &reason).await,
     };
-    let unqualified = event.table.rsplit('.').next().unwrap_or(&event.table);
-    let Some(targets) = routes.get(&event.table).or_else(|| routes.get(unqualified)) else {
-        counters.events_dropped.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(m::EVENTS, "outcome" => "dropped").increment(1);
-        let _ = delivery.ack(BasicAckOptions::default()).await;
-        return;
-    };
+    let (targets, broken) = routes.find(&event.table);
+    match (targets, broken) {
+        ([], None) => {
+            counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::EVENTS, "outcome" => "dropped").increment(1);
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+            return;
+        }
+        ([], Some(why)) => {
+            return dead(delivery, publisher, counters, UNROUTABLE_EVENT, why).await;
+        }
+        // The streams that can take it still do, once a copy for the
+        // others is safe in the dead letters.
+        (_, Some(why)) => {
+            if !dead_letter(&delivery, publisher, counters, UNROUTABLE_EVENT, why).await {
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                let _ = delivery.nack(requeue).await;
+                return;
+            }
+        }
+        (_, None) => {}
+    }
     for route in targets {
         let mut keys = Vec::with_capacity(event.ids.len());
         for id in &event.ids {
@@ -311,7 +451,7 @@ async fn take(
                     Value::Array(id.clone())
                 ),
             };
-            return dead(delivery, publisher, counters, &reason).await;
+            return dead(delivery, publisher, counters, MALFORMED, &reason).await;
         }
         let set = buffer.ids.entry(route.clone()).or_default();
         for k in keys {
@@ -326,41 +466,61 @@ async fn take(
     buffer.deliveries.push(delivery);
 }
 
-async fn dead(delivery: Delivery, publisher: &Publisher, counters: &Counters, reason: &str) {
+/// The dead-letter reason of an event that is wrong in itself.
+const MALFORMED: &str = "malformed event";
+
+/// Dead-letters an event: a copy to the dead letters, then the ack (or, if
+/// that copy cannot be published, a reject, which the events queue
+/// dead-letters without syncfleet's headers).
+async fn dead(
+    delivery: Delivery,
+    publisher: &Publisher,
+    counters: &Counters,
+    reason: &'static str,
+    error: &str,
+) {
+    let options = BasicNackOptions {
+        requeue: false,
+        ..Default::default()
+    };
+    let _ = match dead_letter(&delivery, publisher, counters, reason, error).await {
+        true => delivery.ack(BasicAckOptions::default()).await,
+        false => delivery.nack(options).await,
+    };
+}
+
+/// Publishes a copy of an event to the dead letters with why; whether the
+/// broker confirmed it.
+async fn dead_letter(
+    delivery: &Delivery,
+    publisher: &Publisher,
+    counters: &Counters,
+    reason: &'static str,
+    error: &str,
+) -> bool {
     counters.events_dead.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(m::EVENTS, "outcome" => "dead_lettered").increment(1);
-    metrics::counter!(m::DEAD_LETTERS, "reason" => "malformed event").increment(1);
-    tracing::warn!(%reason, "dead-lettering a malformed event");
-    let headers = Meta::first().dead(
-        "malformed event",
-        reason,
-        syncfleet_broker::headers::now_ms(),
-    );
+    metrics::counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
+    tracing::warn!(%error, "dead-lettering an event: {reason}");
+    let headers = Meta::first().dead(reason, error, syncfleet_broker::headers::now_ms());
     let id = delivery
         .properties
         .message_id()
         .as_ref()
         .map(|s| s.to_string())
         .unwrap_or_else(|| "event".into());
-    match publisher.publish_dead(&delivery.data, &id, headers).await {
-        Ok(()) => {
-            let _ = delivery.ack(BasicAckOptions::default()).await;
-        }
-        Err(_) => {
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    ..Default::default()
-                })
-                .await;
-        }
-    }
+    publisher
+        .publish_dead(&delivery.data, &id, headers)
+        .await
+        .is_ok()
 }
 
 /// Publishes the buffered ids as jobs, then acks the events they came from.
 /// The jobs carry the source's WAL position, which lies after every change
 /// the events announce (each was committed before its event was sent), so
-/// a worker reading from a standby waits until it has them.
+/// a worker reading from a standby waits until it has them. When that
+/// fails, the events stay in the buffer, unacked, for the next flush after
+/// a backoff (events that arrive meanwhile join them).
 async fn flush(
     buffer: &mut Buffer,
     source: &Pool,
@@ -368,8 +528,7 @@ async fn flush(
     counters: &Counters,
     max_keys: usize,
 ) {
-    let taken = std::mem::take(buffer);
-    if taken.deliveries.is_empty() {
+    if buffer.deliveries.is_empty() {
         return;
     }
     // Event jobs belong to no run; their number (microseconds since the
@@ -379,8 +538,8 @@ async fn flush(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as i64);
     let mut jobs = Vec::new();
-    for (route, ids) in taken.ids {
-        let mut ids: Vec<Key> = ids.into_iter().collect();
+    for (route, ids) in &buffer.ids {
+        let mut ids: Vec<&Key> = ids.iter().collect();
         ids.sort();
         for chunk in ids.chunks(max_keys) {
             jobs.push(Job::selection(
@@ -389,7 +548,7 @@ async fn flush(
                 first + jobs.len() as i64,
                 Selection {
                     columns: route.columns.clone(),
-                    values: chunk.to_vec(),
+                    values: chunk.iter().map(|k| (*k).clone()).collect(),
                 },
             ));
         }
@@ -412,20 +571,18 @@ async fn flush(
             counters
                 .event_jobs
                 .fetch_add(published as u64, Ordering::Relaxed);
-            for d in taken.deliveries {
+            for d in std::mem::take(buffer).deliveries {
                 let _ = d.ack(BasicAckOptions::default()).await;
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not publish event jobs; the events go back to the queue");
-            for d in taken.deliveries {
-                let _ = d
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-            }
+            counters
+                .event_flushes_failed
+                .fetch_add(1, Ordering::Relaxed);
+            buffer.failures += 1;
+            let delay = RETRY.delay(buffer.failures);
+            buffer.retry_at = Some(Instant::now() + delay);
+            tracing::warn!(error = %e, events = buffer.deliveries.len(), attempt = buffer.failures, ?delay, "could not publish event jobs; the events wait unacked for the next try");
         }
     }
 }
@@ -443,6 +600,20 @@ mod tests {
         assert!(!fits(2950, "a0eebc99-9c0b") && !fits(2950, "g0eebc999c0b4ef8bb6d6bb9bd380a11"));
         assert!(fits(25, "anything") && fits(1700, "not checked"));
         assert!(!fits(25, "nul\0inside") && !fits(1700, "1\0"));
+    }
+
+    #[test]
+    fn a_failed_flush_holds_the_next_back_until_its_backoff_is_over() {
+        let window = Duration::from_millis(250);
+        let mut buffer = Buffer::default();
+        assert_eq!(buffer.flush_at(window), None, "nothing to flush");
+        let now = Instant::now();
+        buffer.since = Some(now);
+        assert_eq!(buffer.flush_at(window), Some(now + window));
+        assert!(!buffer.backing_off());
+        buffer.retry_at = Some(now + Duration::from_secs(10));
+        assert_eq!(buffer.flush_at(window), buffer.retry_at);
+        assert!(buffer.backing_off());
     }
 
     #[test]

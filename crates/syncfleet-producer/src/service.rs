@@ -22,7 +22,7 @@ use syncfleet_broker::Publisher;
 use syncfleet_core::Config;
 use syncfleet_core::config::{DbConfig, ProducerConfig};
 use syncfleet_core::metrics as m;
-use syncfleet_core::shutdown::ShutdownSignal;
+use syncfleet_core::shutdown::{Shutdown, ShutdownSignal};
 use syncfleet_db::ceiling::Ceiling;
 use syncfleet_db::{Pool, Role, control};
 use tokio::time::Instant;
@@ -31,6 +31,10 @@ use crate::{PlanError, start_incremental_run, start_run};
 
 /// How often a standby tries to become the leader.
 pub const ELECTION_EVERY: Duration = Duration::from_secs(2);
+
+/// How long the event consumer gets to publish what it holds when the
+/// leader stops or steps down; past that, its events go back to the queue.
+const EVENTS_STOP: Duration = Duration::from_secs(15);
 
 /// What the service has done, for logs and tests.
 #[derive(Debug, Default)]
@@ -41,6 +45,8 @@ pub struct Counters {
     pub events_dropped: AtomicU64,
     pub events_dead: AtomicU64,
     pub event_jobs: AtomicU64,
+    /// Flushes of events whose jobs could not be published.
+    pub event_flushes_failed: AtomicU64,
 }
 
 /// Runs the producer until `shutdown`.
@@ -134,12 +140,14 @@ async fn lead(
     lock: &tokio_postgres::Client,
     shutdown: &mut ShutdownSignal,
 ) -> Result<(), PlanError> {
+    // Stopped when leadership ends, for a shutdown or a step-down alike.
+    let stop_events = Shutdown::new();
     let events = tokio::spawn(crate::events::consume(
         config.clone(),
         source.clone(),
         publisher.clone(),
         counters.clone(),
-        shutdown.clone(),
+        stop_events.signal(),
     ));
     let schedule = &config.producer;
     let start = Instant::now();
@@ -263,8 +271,11 @@ async fn lead(
             *entry = reschedule(*entry, now, schedule, full, started);
         }
     };
-    events.abort();
-    let _ = events.await;
+    stop_events.trigger();
+    let abort = events.abort_handle();
+    if tokio::time::timeout(EVENTS_STOP, events).await.is_err() {
+        abort.abort();
+    }
     if let Some(c) = gauges_connection {
         let _ = c.close(200, "".into()).await;
     }

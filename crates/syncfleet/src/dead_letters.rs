@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
+use syncfleet_broker::headers::UNROUTABLE_EVENT;
 use syncfleet_broker::{BrokerError, DeadLetter, Publisher, Topology};
 use syncfleet_core::Config;
 use syncfleet_core::job::{Job, NO_RUN};
@@ -23,12 +24,13 @@ enum Action {
     /// Show the dead letters: job id, reason, attempts, when, and the error
     List,
     /// Publish dead jobs to the work queue again with a fresh attempt count
-    /// (their batches and runs are re-opened)
+    /// (their batches and runs are re-opened), and unroutable events to the
+    /// events exchange
     Replay {
         /// The job id to replay (`RUN:STREAM:BATCH`, as `list` shows it)
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         id: Option<String>,
-        /// Replay every dead letter that is a job
+        /// Replay every dead letter that is a job or an unroutable event
         #[arg(long)]
         all: bool,
     },
@@ -121,10 +123,22 @@ async fn replay(
 ) -> Result<ExitCode, CliError> {
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
     let publisher = Publisher::connect(&config.broker, "replay").await?;
-    let (mut replayed, mut kept) = (0, 0);
+    let (mut replayed, mut events, mut kept) = (0, 0, 0);
     for m in fetch_all(channel, topology).await? {
         let dead = DeadLetter::from_properties(&m.delivery.properties);
         if !all && Some(dead.id.as_str()) != id {
+            continue;
+        }
+        // An event that came while its stream could not take events goes
+        // back to the producer, which routes it as it would a new one.
+        if dead.reason == UNROUTABLE_EVENT {
+            publisher.publish_event(&m.delivery.data, &dead.id).await?;
+            m.delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(BrokerError::from)?;
+            println!("replayed event {}", dead.id);
+            events += 1;
             continue;
         }
         let job = match Job::decode(&m.delivery.data) {
@@ -167,10 +181,13 @@ async fn replay(
         replayed += 1;
     }
     publisher.close().await;
-    if let (0, 0, Some(id)) = (replayed, kept, id) {
+    if let (0, 0, 0, Some(id)) = (replayed, events, kept, id) {
         return Err(CliError::Usage(format!("no dead letter with id {id}")));
     }
     println!("{replayed} job(s) replayed");
+    if events > 0 {
+        println!("{events} event(s) replayed");
+    }
     match kept {
         0 => Ok(ExitCode::SUCCESS),
         n => Err(CliError::Busy(format!(
