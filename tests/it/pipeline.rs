@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use syncfleet_core::job::KeyRange;
+use syncfleet_core::job::{Job, KeyRange, NO_RUN, Selection};
 use syncfleet_db::sql::{self, Upsert};
 use syncfleet_db::{Pool, Role, StreamShape};
 use syncfleet_worker::Executor;
@@ -646,6 +646,149 @@ async fn jobs_sharing_a_transaction_write_what_each_would_alone() {
         .map(Result::is_ok)
         .collect();
     assert_eq!(alone.iter().filter(|ok| !**ok).count(), 1, "{alone:?}");
+}
+
+/// Migrations change the source first. A column added there is refused by
+/// the next run's planning until the destination has it, and meanwhile the
+/// jobs of a run planned before, and event jobs, copy the columns the two
+/// sides share; a column dropped under a running run is described again,
+/// not a failed batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_changed_on_the_source_alone_fails_no_job() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
+    env.sync(&config, 1).await;
+    let executor = || async {
+        Executor::new(
+            config.clone(),
+            Pool::connect(Role::Source, &config.source).await.unwrap(),
+            Pool::connect(Role::Destination, &config.destination)
+                .await
+                .unwrap(),
+        )
+    };
+
+    let planned_before = env.plan(&config).await;
+    env.source
+        .batch_execute(
+            "ALTER TABLE items ADD COLUMN w text; UPDATE items SET v = 'changed', w = 'w' || id;",
+        )
+        .await
+        .unwrap();
+    // A worker that describes the stream now (a new pod, say) sees w.
+    let fresh = executor().await;
+    for job in env.jobs(planned_before.run_id, "items").await {
+        let done = fresh.execute(&job).await;
+        assert!(done.is_ok(), "{done:?}");
+    }
+    let event = Job::selection(
+        NO_RUN,
+        "items",
+        1,
+        Selection {
+            columns: vec!["id".into()],
+            values: vec![vec!["7".into()]],
+        },
+    );
+    env.source
+        .batch_execute("UPDATE items SET v = 'event' WHERE id = 7")
+        .await
+        .unwrap();
+    let done = fresh.execute(&event).await;
+    assert!(done.is_ok(), "{done:?}");
+    env.wait(planned_before.run_id).await;
+    env.assert_same_rows("SELECT id, v FROM items").await;
+    let refused = env.try_plan(&config).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("lacks column(s) w that the stream produces"),
+        "{refused}"
+    );
+
+    env.dest
+        .batch_execute("ALTER TABLE items ADD COLUMN w text")
+        .await
+        .unwrap();
+    let with_w = env.plan(&config).await;
+    let jobs = env.jobs(with_w.run_id, "items").await;
+    let first = fresh.execute(&jobs[0]).await;
+    assert!(first.is_ok(), "{first:?}");
+    // Dropped under the run: its next jobs describe the stream again.
+    env.source
+        .batch_execute("ALTER TABLE items DROP COLUMN w; UPDATE items SET v = 'again'")
+        .await
+        .unwrap();
+    for job in &jobs[1..] {
+        let done = fresh.execute(job).await;
+        assert!(done.is_ok(), "{done:?}");
+    }
+    env.wait(with_w.run_id).await;
+    env.assert_same_rows("SELECT id, v FROM items WHERE id > 100")
+        .await;
+}
+
+/// Describing a stream waits behind an app's migration like any statement,
+/// and is cancelled with the job at its deadline: no statement of it is
+/// left waiting, nor its connection pooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_description_waiting_for_a_lock_is_cancelled_at_the_deadline() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 10) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\ndeadline = \"2s\"\n",
+    );
+    let plan = env.plan(&config).await;
+    let jobs = env.jobs(plan.run_id, "items").await;
+    // A migration holds the table.
+    let migration = crate::helpers::connect(&env.source_url).await;
+    migration
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let executor = Executor::new(
+        config.clone(),
+        Pool::connect(Role::Source, &config.source).await.unwrap(),
+        Pool::connect(Role::Destination, &config.destination)
+            .await
+            .unwrap(),
+    );
+    let done = executor.execute(&jobs[0]).await;
+    assert!(
+        matches!(&done, Err(syncfleet_worker::JobError::Retry(e)) if e.contains("deadline")),
+        "{done:?}"
+    );
+    // The cancel request takes effect on the server a moment later.
+    env.eventually(
+        "no statement of the job to wait for the lock",
+        5,
+        || async {
+            let waiting = TestEnv::rows(
+                &migration,
+                "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+            )
+            .await;
+            waiting.is_empty()
+        },
+    )
+    .await;
+    migration.batch_execute("COMMIT").await.unwrap();
+    let done = executor.execute(&jobs[0]).await;
+    assert!(done.is_ok(), "{done:?}");
 }
 
 /// A column added to the source and the destination while the workers run

@@ -1,6 +1,7 @@
 //! Reads from a standby (`source.replica_url`), against a private primary
 //! and its streaming standby: a job is read only once the standby has
-//! replayed the changes it was made after.
+//! replayed the changes it was made after, and describes its stream
+//! only then.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,5 +88,34 @@ async fn a_worker_reading_a_standby_waits_until_it_has_the_changes_its_job_was_m
         .unwrap();
     env.wait(second.run_id).await;
     assert_eq!(value(&env.dest, 42).await.as_deref(), Some("new"));
+
+    // A column added (on both sides) while the standby lags: the run's
+    // jobs describe the stream only once the standby has it.
+    on_standby
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    on_primary
+        .batch_execute("ALTER TABLE items ADD COLUMN w text DEFAULT 'w'")
+        .await
+        .unwrap();
+    env.dest
+        .batch_execute("ALTER TABLE items ADD COLUMN w text")
+        .await
+        .unwrap();
+    let third = env.plan(&config).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    on_standby
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    env.wait(third.run_id).await;
+    let w: Option<String> = env
+        .dest
+        .query_one("SELECT w FROM items WHERE id = 42", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(w.as_deref(), Some("w"), "the new column was copied");
     fleet.stop().await;
 }

@@ -224,8 +224,74 @@ impl StreamShape {
         })
     }
 
+    /// This shape without the columns that `destination` (its table's
+    /// column names) lacks, key columns excepted, and the names left out.
+    /// An empty `destination` (no table yet) leaves every column in.
+    pub fn restricted_to(&self, destination: &HashSet<String>) -> (StreamShape, Vec<String>) {
+        if destination.is_empty() {
+            return (self.clone(), Vec::new());
+        }
+        let keys: Vec<&str> = self.key_names();
+        let (kept, left_out): (Vec<&Column>, Vec<&Column>) = self
+            .columns
+            .iter()
+            .partition(|c| keys.contains(&c.name.as_str()) || destination.contains(&c.name));
+        let key = keys
+            .iter()
+            .map(|k| {
+                kept.iter()
+                    .position(|c| c.name == *k)
+                    .expect("key columns are kept")
+            })
+            .collect();
+        let shape = StreamShape {
+            columns: kept.into_iter().cloned().collect(),
+            key,
+            ..self.clone()
+        };
+        (
+            shape,
+            left_out.into_iter().map(|c| c.name.clone()).collect(),
+        )
+    }
+
     /// `q."a", q."b"`: every column, with an alias.
     pub fn select_list(&self, alias: &str) -> String {
         ident::list(&self.column_names(), Some(alias))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(name: &str) -> Column {
+        Column {
+            name: name.into(),
+            type_sql: "text".into(),
+            type_oid: 25,
+        }
+    }
+
+    #[test]
+    fn a_shape_restricted_to_the_destination_keeps_its_key() {
+        let shape = StreamShape {
+            stream: "s".into(),
+            relation: "\"t\"".into(),
+            is_table: true,
+            columns: ["a", "id", "new", "b"].map(column).to_vec(),
+            key: vec![1],
+        };
+        let destination: HashSet<String> = ["a", "b", "old"].map(String::from).into();
+        let (restricted, left_out) = shape.restricted_to(&destination);
+        assert_eq!(restricted.column_names(), ["a", "id", "b"]);
+        assert_eq!(
+            restricted.key_names(),
+            ["id"],
+            "the key stays, found or not"
+        );
+        assert_eq!(left_out, ["new"]);
+        let (whole, none) = shape.restricted_to(&HashSet::new());
+        assert_eq!((whole, none.len()), (shape, 0), "no table: every column");
     }
 }

@@ -42,6 +42,15 @@ impl From<DbError> for JobError {
 
 impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
+        // The job's statements name the columns its stream was described
+        // with; one gone since (a column dropped under a running run) is
+        // not the job's fault: the next attempt describes the stream again.
+        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) {
+            return JobError::Retry(format!(
+                "a column of the stream changed under the job ({}); it is described again for the next attempt",
+                syncfleet_db::error::describe(&e)
+            ));
+        }
         DbError::from(e).into()
     }
 }

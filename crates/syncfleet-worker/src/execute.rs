@@ -33,7 +33,7 @@
 //! the destination transaction rolls back with its connection, and the job
 //! goes back to the broker for a later attempt.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -125,6 +125,10 @@ struct CachedShape {
     run_id: i64,
     described: Instant,
 }
+
+/// The column names of a destination table (none if it does not exist).
+const DESTINATION_COLUMNS: &str = "SELECT coalesce(array_agg(attname::text), '{}') FROM pg_attribute \
+     WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped";
 
 /// How long event jobs (of no run) go by one description of their stream.
 const EVENT_SHAPE_AGE: Duration = Duration::from_secs(60);
@@ -317,7 +321,19 @@ impl Executor {
             JobError::Retry(_) => jobs.len() == 1,
             JobError::Reject(_) | JobError::Disconnected(_) => false,
         };
-        let attempts = (|| self.attempt(&streams, jobs, deadline, budget))
+        // A failed attempt describes its streams again: the error may have
+        // come from a column added or dropped since.
+        let attempt = || async {
+            let result = self.attempt(&streams, jobs, deadline, budget).await;
+            if result.is_err() {
+                let mut shapes = self.shapes.lock().expect("shape cache");
+                for stream in &streams {
+                    shapes.remove(&stream.name);
+                }
+            }
+            result
+        };
+        let attempts = attempt
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|e| retried(e) && Instant::now() < deadline)
@@ -330,17 +346,10 @@ impl Executor {
         let outer = deadline + CANCEL_TIMEOUT + Duration::from_secs(1);
         let result = tokio::time::timeout_at(outer.into(), attempts).await;
         drop(permit);
-        let result = match result {
+        match result {
             Ok(result) => result,
             Err(_) => Err(JobError::Retry(format!("deadline of {budget:?} passed"))),
-        };
-        if result.is_err() {
-            let mut shapes = self.shapes.lock().expect("shape cache");
-            for stream in &streams {
-                shapes.remove(&stream.name);
-            }
         }
-        result
     }
 
     /// The stream's shape for a job of `run_id`: described again for each
@@ -351,10 +360,17 @@ impl Executor {
     /// older run's job too (a resumed run's, or a superseded one's about to
     /// be dropped): runs alternating in the queue must not make every job
     /// describe the stream again.
+    ///
+    /// Only the columns the destination table has are copied: a column
+    /// added to the source first (as migrations usually go) is refused by
+    /// the next run's planning until the destination has it too, and must
+    /// not fail the jobs of a run planned before, nor event jobs, meanwhile.
     async fn shape(
         &self,
         stream: &StreamConfig,
         run_id: i64,
+        src: &Client,
+        dst: &Client,
     ) -> Result<Arc<StreamShape>, JobError> {
         if let Some(cached) = self.shapes.lock().expect("shape cache").get(&stream.name)
             && cached.run_id >= run_id
@@ -362,7 +378,20 @@ impl Executor {
         {
             return Ok(cached.shape.clone());
         }
-        let shape = Arc::new(StreamShape::describe(&**self.source.get().await?, stream).await?);
+        let described = StreamShape::describe(&***src, stream).await?;
+        let destination: Vec<String> = dst
+            .query_one(
+                DESTINATION_COLUMNS,
+                &[&stream.destination_table.to_string()],
+            )
+            .await?
+            .get(0);
+        let destination: HashSet<String> = destination.into_iter().collect();
+        let (shape, left_out) = described.restricted_to(&destination);
+        if !left_out.is_empty() {
+            tracing::warn!(stream = %stream.name, columns = ?left_out, "source columns the destination table lacks are not copied until it has them");
+        }
+        let shape = Arc::new(shape);
         let cached = CachedShape {
             shape: shape.clone(),
             run_id,
@@ -376,7 +405,10 @@ impl Executor {
     }
 
     /// One attempt, cut off at `deadline` (`budget` after the first began)
-    /// with a server-side cancel.
+    /// with a server-side cancel. The streams are described inside it, on
+    /// its own connections: a description waiting for a lock (an app's
+    /// migration) is cancelled with the rest, and one read from a standby
+    /// comes after the standby has replayed as far as the jobs need.
     async fn attempt(
         &self,
         streams: &[&StreamConfig],
@@ -384,20 +416,27 @@ impl Executor {
         deadline: Instant,
         budget: Duration,
     ) -> Result<Vec<BatchOutcome>, JobError> {
-        let mut shapes = Vec::with_capacity(streams.len());
-        for (stream, job) in streams.iter().zip(jobs) {
-            shapes.push(self.shape(stream, job.run_id).await?);
-        }
-        let work: Vec<Work> = jobs
-            .iter()
-            .zip(streams)
-            .zip(&shapes)
-            .map(|((job, stream), shape)| Work { job, stream, shape })
-            .collect();
         let mut src = Unpooled(Some(self.source.get().await?));
         let mut dst = Unpooled(Some(self.destination.get().await?));
         let cancel = [src.get().cancel_token(), dst.get().cancel_token()];
-        let converge = self.converge(&work, src.get(), dst.get());
+        let (src_client, dst_client) = (src.get(), dst.get());
+        let converge = async {
+            self.wait_for_replay(streams, jobs, src_client).await?;
+            let mut shapes = Vec::with_capacity(streams.len());
+            for (stream, job) in streams.iter().zip(jobs) {
+                shapes.push(
+                    self.shape(stream, job.run_id, src_client, dst_client)
+                        .await?,
+                );
+            }
+            let work: Vec<Work> = jobs
+                .iter()
+                .zip(streams)
+                .zip(&shapes)
+                .map(|((job, stream), shape)| Work { job, stream, shape })
+                .collect();
+            self.converge(&work, src_client, dst_client).await
+        };
         match tokio::time::timeout_at(deadline.into(), converge).await {
             Ok(Ok(outcomes)) => {
                 src.keep();
@@ -431,20 +470,20 @@ impl Executor {
     /// as far as the newest of the jobs was made at (`Job::source_lsn`), so
     /// that the read sees every change they were sent for. Gives up after
     /// half the jobs' deadline, for the broker to redeliver them later.
-    async fn wait_for_replay(&self, work: &[Work<'_>], src: &Client) -> Result<(), JobError> {
+    async fn wait_for_replay(
+        &self,
+        streams: &[&StreamConfig],
+        jobs: &[Job],
+        src: &Client,
+    ) -> Result<(), JobError> {
         if self.config.reads.replica_url.is_none() {
             return Ok(());
         }
-        let Some(lsn) = work.iter().filter_map(|w| w.job.source_lsn).max() else {
+        let Some(lsn) = jobs.iter().filter_map(|job| job.source_lsn).max() else {
             return Ok(());
         };
         let lsn = lsn.to_string();
-        let patience = work
-            .iter()
-            .map(|w| w.stream.deadline)
-            .min()
-            .unwrap_or_default()
-            / 2;
+        let patience = streams.iter().map(|s| s.deadline).min().unwrap_or_default() / 2;
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         loop {
@@ -474,7 +513,6 @@ impl Executor {
         src: &mut Client,
         dst: &mut Client,
     ) -> Result<Vec<BatchOutcome>, JobError> {
-        self.wait_for_replay(work, src).await?;
         // Read once per transaction: its batches keep the pace they started
         // with.
         let pace = self.gate.pace();
