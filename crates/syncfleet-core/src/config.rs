@@ -553,15 +553,18 @@ impl Validator<'_> {
         env_name: &str,
         schemes: &[&str],
     ) -> Result<SecretUrl, ConfigError> {
-        let url = from_env
-            .filter(|u| !u.trim().is_empty())
-            .or(from_file)
-            .ok_or_else(|| {
-                self.invalid(field, format!("missing; set it in the file or {env_name}"))
-            })?;
+        let from_env = from_env.filter(|u| !u.trim().is_empty());
+        // A wrong value names where it came from: the variable wins.
+        let origin = match from_env {
+            Some(_) => format!("{field} (from {env_name})"),
+            None => field.to_string(),
+        };
+        let url = from_env.or(from_file).ok_or_else(|| {
+            self.invalid(field, format!("missing; set it in the file or {env_name}"))
+        })?;
         if !schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
             return Err(self.invalid(
-                field,
+                &origin,
                 format!(
                     "expected a URL starting with {}, got {}",
                     schemes
@@ -968,10 +971,22 @@ impl Validator<'_> {
                     name: s.name.clone(),
                 },
             };
-            if !destinations.insert(destination_table.clone()) {
+            // Compared as the destination resolves them with its default
+            // search_path: `users` is `public.users`.
+            let resolved = (
+                destination_table
+                    .schema
+                    .clone()
+                    .unwrap_or_else(|| "public".into()),
+                destination_table.name.clone(),
+            );
+            if !destinations.insert(resolved) {
                 return Err(self.invalid(
                     &field("destination_table"),
-                    format!("{destination_table} is already written by another stream; each stream needs its own table"),
+                    format!(
+                        "{destination_table} is already written by another stream (an unqualified \
+                         name is taken as in schema public); each stream needs its own table"
+                    ),
                 ));
             }
             let batch_size =
@@ -1201,6 +1216,14 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.broker.url.expose(), "amqp://other:secret@mq/%2f");
+        // A wrong value from the environment names the variable.
+        let e = Config::parse("test.toml", GOOD, |k| {
+            (k == ENV_SOURCE_URL).then(|| "mysql://app:pw@db/app".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("source.url (from SYNCFLEET_SOURCE_URL)"), "{e}");
+        assert!(!e.contains("pw@"), "{e}");
     }
 
     fn error_of(text: &str) -> String {
@@ -1214,6 +1237,20 @@ mod tests {
             e.contains("test.toml") && e.contains("prefetch_count"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn two_streams_may_not_write_one_destination_table() {
+        for same in ["users", "public.users"] {
+            let text = GOOD.replace("\"rep.profiles_tab\"", &format!("\"{same}\""));
+            let e = error_of(&text);
+            assert!(
+                e.contains("stream[1] ('profiles').destination_table")
+                    && e.contains("already written by another stream"),
+                "{same}: {e}"
+            );
+        }
+        assert!(parse(&GOOD.replace("\"rep.profiles_tab\"", "\"rep.users\"")).is_ok());
     }
 
     #[test]

@@ -56,7 +56,7 @@ enum Command {
     Producer(producer::Args),
     /// Show runs, per-stream progress and queue depth
     Status(status::Args),
-    /// Compare source and destination per key range (row count and checksum); exit 1 on any difference
+    /// Compare source and destination per key range (row count and checksum); exit 3 on any difference
     Verify(verify::Args),
     /// List, replay or purge jobs in the dead-letter queue
     #[command(name = "dead-letters")]

@@ -16,7 +16,7 @@ pub struct Args {
     /// Only these streams (repeatable) [default: all]
     #[arg(long = "stream", value_name = "NAME")]
     streams: Vec<String>,
-    /// Wait for the run to finish, showing progress; exit 1 if it failed
+    /// Wait for the run to finish, showing progress; exit 3 if it failed
     #[arg(long)]
     wait: bool,
     /// Resume this run instead of planning a new one: publish its batches
