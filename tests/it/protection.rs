@@ -372,6 +372,55 @@ async fn waiting_for_the_rows_per_second_budget_is_not_part_of_a_jobs_deadline()
     env.assert_same_rows("SELECT * FROM items").await;
 }
 
+/// A read slot goes to the transactions that waited for it, in turn: one
+/// that tries just after the holder commits (a worker beginning its next
+/// job) does not take it back from them, so no process's jobs starve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_slot_goes_to_the_transaction_that_waited_for_it() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\n");
+    let namespace = ceiling::namespace(&config.broker.prefix);
+    let held = hold_the_only_read_slot(&env, &config).await;
+    let pool = Pool::connect(Role::Destination, &config.destination)
+        .await
+        .unwrap();
+    let waiter = pool.get().await.unwrap();
+    waiter.batch_execute("BEGIN").await.unwrap();
+    let waiting = {
+        let namespace = namespace.clone();
+        tokio::spawn(async move {
+            ceiling::take_read_slot(&waiter, 1, &namespace)
+                .await
+                .map(|()| waiter)
+        })
+    };
+    env.eventually("the waiter to queue on the server", 10, || async {
+        TestEnv::rows(
+            &env.dest,
+            "SELECT pid FROM pg_stat_activity WHERE wait_event = 'advisory'",
+        )
+        .await
+        .len()
+            == 1
+    })
+    .await;
+    held.batch_execute("ROLLBACK").await.unwrap();
+    let next = connect(&env.dest_url).await;
+    next.batch_execute("BEGIN").await.unwrap();
+    let taken = next
+        .query_opt(ceiling::TAKE_READ_SLOT, &[&1i32, &namespace, &0i32])
+        .await
+        .unwrap();
+    assert!(taken.is_none(), "the slot went to a late try");
+    let waiter = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter got the slot")
+        .unwrap()
+        .unwrap();
+    waiter.batch_execute("ROLLBACK").await.unwrap();
+}
+
 /// The planner's walk of a stream's keys is a source read too: it waits for
 /// a slot of the fleet's ceiling like any batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

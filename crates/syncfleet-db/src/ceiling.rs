@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use syncfleet_core::Config;
+use tokio_postgres::error::SqlState;
 
 use crate::Pool;
 use crate::control;
@@ -32,36 +33,30 @@ pub fn namespace(prefix: &str) -> String {
     format!("syncfleet.reads/{prefix}")
 }
 
-/// Waits in the open transaction of `client` for one of `slots` slots.
-/// `statement` is [`TAKE_READ_SLOT`], text or prepared. The caller bounds
-/// the wait.
+/// Waits for slot `$1` of the namespace `$2`, in the server's queue.
+const WAIT_READ_SLOT: &str = "SELECT pg_advisory_xact_lock(hashtext($2::text), $1::int)";
+
+/// Waits in the open transaction of `client` for one of `slots` slots,
+/// after a try of [`TAKE_READ_SLOT`] found none free. The caller bounds the
+/// wait on the server (a deadline's cancel, a `lock_timeout`): dropping
+/// this future leaves the wait running.
 ///
-/// Between tries it sleeps a random time up to 1, 2, 4 … 32 ms: a slot held
-/// by a short job is free again within a few milliseconds, one held by a
-/// 10,000-row batch for a second or more, and the waiters of the whole
-/// fleet should neither miss the first nor poll the second hard.
-pub async fn take_read_slot<S>(
+/// It queues for one slot, picked at random, rather than polling them all:
+/// PostgreSQL grants a lock to its waiters in turn, and refuses it to a new
+/// request while others wait, so a process that ends a job and tries again
+/// at once cannot take the slot back ahead of them. Polled, the slots went
+/// to whoever tried first after each commit; with one slot (the throttle's
+/// floor) a worker process whose next job was already waiting took it
+/// again after each of its jobs, and another process's jobs starved past
+/// their deadlines.
+pub async fn take_read_slot(
     client: &impl GenericClient,
-    statement: &S,
     slots: i32,
     namespace: &str,
-) -> Result<(), DbError>
-where
-    S: ?Sized + tokio_postgres::ToStatement + Sync + Send,
-{
-    let mut cap_ms = 1;
-    loop {
-        tokio::time::sleep(Duration::from_micros(fastrand::u64(500..=cap_ms * 1000))).await;
-        cap_ms = (cap_ms * 2).min(32);
-        let start = fastrand::i32(0..slots);
-        if client
-            .query_opt(statement, &[&slots, &namespace, &start])
-            .await?
-            .is_some()
-        {
-            return Ok(());
-        }
-    }
+) -> Result<(), DbError> {
+    let slot = fastrand::i32(0..slots);
+    client.execute(WAIT_READ_SLOT, &[&slot, &namespace]).await?;
+    Ok(())
 }
 
 /// The ceiling for source reads outside the workers' batches: the
@@ -134,11 +129,11 @@ impl Ceiling {
         let Some(slots) = self.slots else {
             return read.await;
         };
-        let mut client = destination.get().await?;
-        let tx = client.transaction().await.map_err(DbError::from)?;
-        // A first try at once: the waits below start at half a millisecond
-        // and grow, and a worker's first try rides with its `BEGIN`.
-        let free = tx
+        let held = Held::new(destination.get().await?);
+        let client = held.client();
+        client.batch_execute("BEGIN").await.map_err(DbError::from)?;
+        // A first try at once: the wait below queues for one slot only.
+        let free = client
             .query_opt(
                 TAKE_READ_SLOT,
                 &[&slots, &self.namespace, &fastrand::i32(0..slots)],
@@ -146,17 +141,74 @@ impl Ceiling {
             .await
             .map_err(DbError::from)?;
         if free.is_none() {
-            tokio::time::timeout(
-                self.wait,
-                take_read_slot(&tx, TAKE_READ_SLOT, slots, &self.namespace),
-            )
-            .await
-            .map_err(|_| DbError::NoReadSlot(self.wait))??;
+            // Bounded by the server, which ends the wait itself.
+            let wait_ms = self.wait.as_millis().clamp(1, i32::MAX as u128).to_string();
+            client
+                .execute("SELECT set_config('lock_timeout', $1, true)", &[&wait_ms])
+                .await
+                .map_err(DbError::from)?;
+            match take_read_slot(client, slots, &self.namespace).await {
+                Err(DbError::Postgres(e)) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                    return Err(DbError::NoReadSlot(self.wait).into());
+                }
+                waited => waited?,
+            }
         }
         let out = read.await;
         // Ending the transaction frees the slot; a connection that fails
         // here has ended its session, and the slot with it.
-        let _ = tx.rollback().await;
+        if client.batch_execute("ROLLBACK").await.is_ok() {
+            held.release();
+        }
         out
+    }
+}
+
+/// A destination connection holding (or waiting for) a read slot: closed,
+/// with its statement cancelled, unless released after its `ROLLBACK`. A
+/// read dropped while it waits (a producer told to stop) must not leave
+/// that wait running, nor pool its connection in the middle of it.
+struct Held {
+    object: Option<deadpool_postgres::Object>,
+    cancel: tokio_postgres::CancelToken,
+}
+
+impl Held {
+    fn new(object: deadpool_postgres::Object) -> Self {
+        let cancel = object.cancel_token();
+        Self {
+            object: Some(object),
+            cancel,
+        }
+    }
+
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.object
+            .as_ref()
+            .expect("held until released or dropped")
+    }
+
+    /// Back to the pool: its transaction has ended.
+    fn release(mut self) {
+        self.object = None;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(object) = self.object.take() else {
+            return;
+        };
+        drop(deadpool_postgres::Object::take(object));
+        let cancel = self.cancel.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    cancel.cancel_query(tokio_postgres::NoTls),
+                )
+                .await;
+            });
+        }
     }
 }

@@ -606,7 +606,7 @@ impl Executor {
             return Ok(vec![BatchOutcome::SUPERSEDED; all.len()]);
         }
         if let (false, Some(n)) = (got_slot, slots) {
-            ceiling::take_read_slot(&*dst, &slot, n, &namespace).await?;
+            ceiling::take_read_slot(&*dst, n, &namespace).await?;
         }
         // When the reads began, for the fleet's rows/s budget.
         let began = Instant::now();
