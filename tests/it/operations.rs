@@ -318,6 +318,64 @@ async fn prometheus_scrapes_queue_depth_from_a_worker() {
     .await;
 }
 
+/// A job the read gate holds so long that it could no longer finish within
+/// the broker's consumer timeout is handed back untried, rather than held
+/// until the broker takes the whole session's jobs back; the run still
+/// completes, each batch once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_read_gate_holds_too_long_is_handed_back_untried() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 2000) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    // Batches of 1,000 rows (too large to share a transaction) each cost
+    // 10 s of the rows/s budget; a job may begin at most 20 - (2 + 10) = 8 s
+    // after it came, so the second waits too long.
+    let text = env
+        .config_text_with(
+            "max_rows_per_second = 100\n[source.throttle]\nenabled = false\n",
+            "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 1000\ndeadline = \"2s\"\n",
+        )
+        .replace(
+            "connect_timeout = \"5s\"\n[jobs]",
+            "connect_timeout = \"5s\"\nconsumer_timeout = \"20s\"\n[jobs]",
+        )
+        .replace("[jobs]\n", "[jobs]\ndeadline = \"2s\"\n")
+        .replace("concurrency = 3", "concurrency = 1");
+    let path = env.write("syncfleet.toml", &text);
+    let config = std::sync::Arc::new(syncfleet_core::Config::load(&path).unwrap());
+    assert_eq!(
+        config.broker.consumer_timeout,
+        Duration::from_secs(20),
+        "{text}"
+    );
+    let port = free_port();
+    let _worker = spawn(
+        &env,
+        &["worker", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    let plan = env.plan(&config).await;
+    let batches = plan.batches[0].1 as f64;
+    env.wait(plan.run_id).await;
+    let metrics = get(port, "/metrics").await.expect("metrics").1;
+    let outcome = |o: &str| {
+        sample(
+            &metrics,
+            "syncfleet_jobs_total",
+            &["stream=\"items\"", &format!("outcome=\"{o}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(outcome("handed_back") >= 1.0, "{metrics}");
+    assert_eq!(outcome("succeeded"), batches, "{metrics}");
+    env.assert_same_rows("SELECT * FROM items").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_depth_counts_unacked_jobs_through_the_management_api() {
     let env = TestEnv::new().await;

@@ -586,7 +586,7 @@ async fn jobs_sharing_a_transaction_write_what_each_would_alone() {
         .flat_map(|u| std::iter::once(u).chain(items.next()))
         .collect();
 
-    let outcomes = executor.execute_group(&jobs).await.unwrap();
+    let outcomes = executor.execute_group(&jobs, None).await.unwrap();
     for table in ["users", "t"] {
         let all = format!("SELECT * FROM {table}");
         assert_eq!(
@@ -626,7 +626,7 @@ async fn jobs_sharing_a_transaction_write_what_each_would_alone() {
     let before = TestEnv::rows(&env.dest, "SELECT * FROM t").await;
     let plan = env.plan(&config).await;
     let jobs = env.jobs(plan.run_id, "t").await;
-    let error = executor.execute_group(&jobs).await.unwrap_err();
+    let error = executor.execute_group(&jobs, None).await.unwrap_err();
     assert!(error.to_string().contains("not_bad"), "{error}");
     assert_eq!(TestEnv::rows(&env.dest, "SELECT * FROM t").await, before);
     let not_pending: i64 = env

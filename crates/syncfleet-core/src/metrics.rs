@@ -1,8 +1,8 @@
 //! Every metric name syncfleet exports, defined once. The Grafana dashboard
 //! and the alert rules in `deploy/` use only these (a test checks).
 
-/// Jobs finished, by `stream` and `outcome` (succeeded, superseded,
-/// retried, waiting, dead_lettered).
+/// Jobs settled, by `stream` and `outcome` (succeeded, superseded,
+/// retried, waiting, handed_back, dead_lettered).
 pub const JOBS: &str = "syncfleet_jobs_total";
 /// Job duration, by `stream` (histogram).
 pub const JOB_DURATION: &str = "syncfleet_job_duration_seconds";

@@ -132,7 +132,15 @@ struct Pending {
     /// delivery is held past the broker's consumer timeout (every deadline
     /// is under half of it).
     hand_back_at: tokio::time::Instant,
+    /// The latest it may begin (get past the read gate) and still be
+    /// settled within the broker's consumer timeout: else the broker
+    /// closes the channel and every job of the session runs twice.
+    start_by: Instant,
 }
+
+/// What a job may take beyond its deadline before it is settled: the
+/// cancel of its statements, and its settling.
+const SETTLE_SLACK: Duration = Duration::from_secs(10);
 
 /// Takes the next group from the front of `pending`.
 fn next_group(config: &Config, pending: &mut VecDeque<Pending>) -> Vec<Pending> {
@@ -328,7 +336,9 @@ async fn session(
                         .and_then(|j| config.stream(&j.stream))
                         .map_or(config.jobs.deadline, |s| s.deadline);
                     let hand_back_at = tokio::time::Instant::now() + deadline;
-                    pending.push_back(Pending { delivery, job, hand_back_at });
+                    let start_by = Instant::now()
+                        + config.broker.consumer_timeout.saturating_sub(deadline + SETTLE_SLACK);
+                    pending.push_back(Pending { delivery, job, hand_back_at, start_by });
                 }
                 Some(Err(e)) => break Some(WorkerError::from(e)),
                 None => break Some(WorkerError::Broker(BrokerError::Connect {
@@ -368,10 +378,7 @@ async fn session(
 }
 
 /// Hands the deliveries that waited here past their time back to the
-/// broker (see [`Pending::hand_back_at`]): a copy to the back of the work
-/// queue, as the same attempt, then an ack. A requeue would count against
-/// the work queue's delivery limit, and a delay queue could hold it behind
-/// a long retry.
+/// broker (see [`Pending::hand_back_at`]).
 async fn hand_back_waiting(context: &Context, pending: &mut VecDeque<Pending>) {
     let now = tokio::time::Instant::now();
     let (expired, kept): (VecDeque<Pending>, VecDeque<Pending>) = std::mem::take(pending)
@@ -385,18 +392,31 @@ async fn hand_back_waiting(context: &Context, pending: &mut VecDeque<Pending>) {
         );
     }
     for p in expired {
-        let id = p.job.as_ref().map_or_else(|_| "job".into(), Job::id);
-        let headers = Meta::from_properties(&p.delivery.properties).again(now_ms());
-        match context
-            .publisher
-            .publish_work(&p.delivery.data, &id, headers)
-            .await
-        {
-            Ok(()) => settle(p.delivery.ack(BasicAckOptions::default()).await),
-            Err(e) => {
-                tracing::warn!(job = %id, error = %e, "could not hand the job back; requeueing it");
-                settle(p.delivery.nack(requeue()).await);
-            }
+        let (id, stream) = match &p.job {
+            Ok(job) => (job.id(), job.stream.as_str()),
+            Err(_) => ("job".into(), "?"),
+        };
+        hand_back(context, &p.delivery, &id, stream).await;
+    }
+}
+
+/// Hands an untried delivery back: a copy to the back of the work queue, as
+/// the same attempt, then an ack. A requeue would count against the work
+/// queue's delivery limit, and a delay queue could hold it behind a long
+/// retry. Counted as the outcome `handed_back`.
+async fn hand_back(context: &Context, delivery: &Delivery, id: &str, stream: &str) {
+    metrics::counter!(m::JOBS, "stream" => stream.to_string(), "outcome" => "handed_back")
+        .increment(1);
+    let headers = Meta::from_properties(&delivery.properties).again(now_ms());
+    match context
+        .publisher
+        .publish_work(&delivery.data, id, headers)
+        .await
+    {
+        Ok(()) => settle(delivery.ack(BasicAckOptions::default()).await),
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "could not hand the job back; requeueing it");
+            settle(delivery.nack(requeue()).await);
         }
     }
 }
@@ -449,11 +469,19 @@ async fn drain(in_flight: &mut JoinSet<()>) {
 async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
     let mut deliveries = Vec::with_capacity(group.len());
     let mut jobs = Vec::with_capacity(group.len());
-    for Pending { delivery, job, .. } in group {
+    let mut start_by = Vec::with_capacity(group.len());
+    for Pending {
+        delivery,
+        job,
+        start_by: by,
+        ..
+    } in group
+    {
         match job {
             Ok(job) => {
                 deliveries.push(delivery);
                 jobs.push(job);
+                start_by.push(by);
             }
             Err(e) => {
                 tracing::error!(error = %e, "dead-lettering a message that is not a valid job");
@@ -464,7 +492,8 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
     }
     if jobs.len() > 1 {
         let started = Instant::now();
-        let result = executing(jobs.len(), context.executor.execute_group(&jobs)).await;
+        let by = start_by.iter().min().copied();
+        let result = executing(jobs.len(), context.executor.execute_group(&jobs, by)).await;
         match result {
             Ok(Ok(outcomes)) => {
                 for ((delivery, job), outcome) in deliveries.iter().zip(&jobs).zip(outcomes) {
@@ -473,11 +502,14 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
                 return;
             }
             // An outage is every job's: each waits for the database as it
-            // would alone.
-            Ok(Err(JobError::Unavailable(reason))) => {
+            // would alone; and none of them began.
+            Ok(Err(e @ (JobError::Unavailable(_) | JobError::NotStarted(_)))) => {
                 for (delivery, job) in deliveries.iter().zip(&jobs) {
-                    let result = Ok(Err(JobError::Unavailable(reason.clone())));
-                    conclude(&context, delivery, job, started, result).await;
+                    let e = match &e {
+                        JobError::Unavailable(r) => JobError::Unavailable(r.clone()),
+                        _ => JobError::NotStarted(e.to_string()),
+                    };
+                    conclude(&context, delivery, job, started, Ok(Err(e))).await;
                 }
                 return;
             }
@@ -492,9 +524,13 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
             }
         }
     }
-    for (delivery, job) in deliveries.iter().zip(&jobs) {
+    for ((delivery, job), by) in deliveries.iter().zip(&jobs).zip(start_by) {
         let started = Instant::now();
-        let result = executing(1, context.executor.execute(job)).await;
+        let alone = context
+            .executor
+            .execute_group(std::slice::from_ref(job), Some(by));
+        let result = executing(1, alone).await;
+        let result = result.map(|r| r.map(|mut o| o.pop().expect("one outcome per job")));
         conclude(&context, delivery, job, started, result).await;
     }
 }
@@ -521,13 +557,19 @@ async fn conclude(
 ) {
     let meta = Meta::from_properties(&delivery.properties);
     let id = job.id();
-    metrics::histogram!(m::JOB_DURATION, "stream" => job.stream.clone())
-        .record(started.elapsed().as_secs_f64());
+    if !matches!(result, Ok(Err(JobError::NotStarted(_)))) {
+        metrics::histogram!(m::JOB_DURATION, "stream" => job.stream.clone())
+            .record(started.elapsed().as_secs_f64());
+    }
     let finished = |o: &'static str| {
         metrics::counter!(m::JOBS, "stream" => job.stream.clone(), "outcome" => o).increment(1);
     };
     let retry = context.executor.config().jobs.retry;
     match result {
+        Ok(Err(JobError::NotStarted(reason))) => {
+            tracing::info!(job = %id, %reason, "handing the job back untried");
+            hand_back(context, delivery, &id, &job.stream).await;
+        }
         Ok(Ok(outcome)) if outcome.superseded => {
             tracing::info!(
                 job = %id,
@@ -580,7 +622,10 @@ async fn conclude(
         Ok(Err(e)) => {
             let (kind, reason, meta) = match e {
                 JobError::Reject(r) => ("permanent", r, meta),
-                JobError::Retry(r) | JobError::Unavailable(r) => ("attempts exhausted", r, meta),
+                // (Not begun: handed back above, never dead-lettered.)
+                JobError::Retry(r) | JobError::Unavailable(r) | JobError::NotStarted(r) => {
+                    ("attempts exhausted", r, meta)
+                }
                 JobError::Disconnected(r) => {
                     let meta = meta.lost_connection();
                     let r = format!(

@@ -21,6 +21,11 @@ pub enum JobError {
     /// Retrying gives the same answer: dead-letter it and fail the batch.
     #[error("{0}")]
     Reject(String),
+    /// Not begun in time (it waited at the read gate until it could no
+    /// longer finish within the broker's consumer timeout): handed back
+    /// to the queue untried, as the same attempt.
+    #[error("{0}")]
+    NotStarted(String),
 }
 
 impl JobError {

@@ -269,7 +269,7 @@ impl Executor {
 
     /// Executes one job; see the module docs for the statements it runs.
     pub async fn execute(&self, job: &Job) -> Result<BatchOutcome, JobError> {
-        let mut outcomes = self.execute_group(std::slice::from_ref(job)).await?;
+        let mut outcomes = self.execute_group(std::slice::from_ref(job), None).await?;
         Ok(outcomes.pop().expect("one outcome per job"))
     }
 
@@ -280,7 +280,15 @@ impl Executor {
     /// here a few times, and so is any transient error of a single job; a
     /// group's other errors are not: its caller runs the jobs one by one
     /// instead, which also tells which of them failed.
-    pub async fn execute_group(&self, jobs: &[Job]) -> Result<Vec<BatchOutcome>, JobError> {
+    ///
+    /// The jobs begin once the read gate lets them, and not after
+    /// `start_by`: past it they would not finish before the broker takes
+    /// their deliveries back, and they end [`JobError::NotStarted`].
+    pub async fn execute_group(
+        &self,
+        jobs: &[Job],
+        start_by: Option<Instant>,
+    ) -> Result<Vec<BatchOutcome>, JobError> {
         let streams = jobs
             .iter()
             .map(|job| {
@@ -299,11 +307,24 @@ impl Executor {
             .min()
             .ok_or_else(|| JobError::Reject("an empty group of jobs".into()))?;
         // Waiting for the gate is not part of the job's deadline: the job
-        // has not touched the source yet. (The broker's consumer timeout
-        // bounds how long a delivery may wait unsettled.)
+        // has not touched the source yet. The broker's consumer timeout
+        // bounds it, through `start_by`.
+        let acquire = self.gate.acquire();
+        let permit = match start_by {
+            None => acquire.await,
+            Some(by) => tokio::time::timeout_at(by.into(), acquire)
+                .await
+                .map_err(|_| {
+                    JobError::NotStarted(
+                        "the read gate (throttle, rows/s budget) held the job until it could no \
+                         longer finish within the broker's consumer timeout"
+                            .into(),
+                    )
+                })?,
+        };
         let permit = GatePermit {
             gate: &self.gate,
-            permit: Some(self.gate.acquire().await),
+            permit: Some(permit),
         };
         let deadline = Instant::now() + budget;
         let backoff = ExponentialBuilder::default()
@@ -319,7 +340,7 @@ impl Executor {
         let retried = |e: &JobError| match e {
             JobError::Unavailable(_) => true,
             JobError::Retry(_) => jobs.len() == 1,
-            JobError::Reject(_) | JobError::Disconnected(_) => false,
+            JobError::Reject(_) | JobError::Disconnected(_) | JobError::NotStarted(_) => false,
         };
         // A failed attempt describes its streams again: the error may have
         // come from a column added or dropped since.
