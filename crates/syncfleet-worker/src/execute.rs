@@ -309,18 +309,21 @@ impl Executor {
         // Waiting for the gate is not part of the job's deadline: the job
         // has not touched the source yet. The broker's consumer timeout
         // bounds it, through `start_by`.
+        let late = || {
+            JobError::NotStarted(
+                "it could no longer finish within the broker's consumer timeout (held at the read \
+                 gate, or behind the other jobs of a failed group)"
+                    .into(),
+            )
+        };
         let acquire = self.gate.acquire();
         let permit = match start_by {
             None => acquire.await,
+            // A free gate would let a job that is already late through.
+            Some(by) if Instant::now() >= by => return Err(late()),
             Some(by) => tokio::time::timeout_at(by.into(), acquire)
                 .await
-                .map_err(|_| {
-                    JobError::NotStarted(
-                        "the read gate (throttle, rows/s budget) held the job until it could no \
-                         longer finish within the broker's consumer timeout"
-                            .into(),
-                    )
-                })?,
+                .map_err(|_| late())?,
         };
         let permit = GatePermit {
             gate: &self.gate,
