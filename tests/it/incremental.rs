@@ -82,6 +82,47 @@ async fn incremental_runs_pick_up_inserts_and_updates_and_nothing_else() {
     env.assert_same_rows("SELECT * FROM items").await;
 }
 
+/// An incremental run that finds nothing new (a version counter, say, of a
+/// quiet table) leaves the watermark where it was but marks it current, so
+/// its age, which the stale-watermark alert watches, says the stream is
+/// up to date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_streams_watermark_is_marked_current_by_each_run() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text, version bigint NOT NULL);
+             INSERT INTO items SELECT i, 'v' || i, i FROM generate_series(1, 10) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config =
+        env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\ncursor = \"version\"\n");
+    let fleet = Fleet::start(&config, 1);
+    let watermark = || async {
+        let row = env
+            .dest
+            .query_one(
+                "SELECT cursor_value, updated_at FROM syncfleet.watermarks WHERE stream = 'items'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, String>(0),
+            row.get::<_, std::time::SystemTime>(1),
+        )
+    };
+    incremental(&env, &config).await;
+    let (first, first_at) = watermark().await;
+    incremental(&env, &config).await;
+    let (second, second_at) = watermark().await;
+    fleet.stop().await;
+    assert_eq!(first, second, "nothing new: the watermark stays");
+    assert!(second_at > first_at, "and is marked current");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equal_cursor_values_across_batches_are_not_skipped() {
     let env = TestEnv::new().await;

@@ -164,6 +164,25 @@ async fn metrics_cover_a_real_sync() {
         Some(1.0),
         "{producer}"
     );
+    // A standby reports the fleet's gauges too, so that none of its values
+    // goes stale while it stands by (after a step-down, say).
+    let standby_port = free_port();
+    let standby_addr = format!("127.0.0.1:{standby_port}");
+    let _standby = spawn(&env, &["producer", "--metrics-addr", &standby_addr]);
+    let work = format!("queue=\"{}.work\"", env.name);
+    env.eventually("the standby's gauges", 60, || async {
+        get(standby_port, "/metrics").await.is_some_and(|(_, m)| {
+            sample(&m, "syncfleet_leader", &[]) == Some(0.0)
+                && sample(&m, "syncfleet_queue_messages", &[&work]).is_some()
+                && sample(
+                    &m,
+                    "syncfleet_run_batches",
+                    &["stream=\"items\"", "state=\"total\""],
+                )
+                .is_some()
+        })
+    })
+    .await;
     assert_eq!(get(worker_port, "/healthz").await.map(|r| r.0), Some(200));
     assert_eq!(get(worker_port, "/readyz").await.map(|r| r.0), Some(200));
 }

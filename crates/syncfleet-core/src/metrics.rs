@@ -28,7 +28,8 @@ pub const POOL: &str = "syncfleet_pool_connections";
 pub const BROKER_RECONNECTS: &str = "syncfleet_broker_reconnects_total";
 /// Batches of the latest run of each `stream`, by `state` (done, total).
 pub const RUN_BATCHES: &str = "syncfleet_run_batches";
-/// Seconds since each `stream`'s watermark last moved (incremental runs).
+/// Seconds since each `stream`'s watermark last moved, or was confirmed
+/// by an incremental run that found nothing new.
 pub const WATERMARK_AGE: &str = "syncfleet_watermark_age_seconds";
 /// Upstream events by `outcome` (received, coalesced, dropped, dead_lettered).
 pub const EVENTS: &str = "syncfleet_events_total";

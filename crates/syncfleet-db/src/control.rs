@@ -786,19 +786,25 @@ pub async fn try_finish_run(
 }
 
 /// Finishes the run if nothing is left, and in the same statement moves
-/// its streams' watermarks to where its scans ended.
+/// its streams' watermarks to where its scans ended. An incremental scan
+/// that found nothing new leaves its watermark where it is, but marks it
+/// current (`updated_at`): a quiet stream is not a stale one.
 pub const TRY_FINISH_RUN: &str = "WITH fin AS ( \
        UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() \
        WHERE id = $1 AND status = 'running' \
        AND (SELECT batch_no FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done' \
             ORDER BY stream, batch_no LIMIT 1) IS NULL \
-       RETURNING id), \
+       RETURNING id, kind), \
      wm AS ( \
        INSERT INTO syncfleet.watermarks (stream, cursor_value, key_value) \
        SELECT rs.stream, rs.cursor_to, rs.key_to FROM syncfleet.run_streams rs JOIN fin ON fin.id = rs.run_id \
        WHERE rs.cursor_to IS NOT NULL \
        ON CONFLICT (stream) DO UPDATE SET cursor_value = EXCLUDED.cursor_value, \
-         key_value = EXCLUDED.key_value, updated_at = now()) \
+         key_value = EXCLUDED.key_value, updated_at = now()), \
+     quiet AS ( \
+       UPDATE syncfleet.watermarks w SET updated_at = now() \
+       FROM syncfleet.run_streams rs JOIN fin ON fin.id = rs.run_id \
+       WHERE fin.kind = 'incremental' AND rs.cursor_to IS NULL AND w.stream = rs.stream) \
      SELECT count(*) FROM fin";
 
 /// A stream's watermark: the cursor value and key where its last finished

@@ -60,6 +60,11 @@ pub async fn run(
     crate::check_schema(&destination).await?;
     let publisher = Arc::new(Publisher::connect(&config.broker, "producer").await?);
     metrics::gauge!(m::LEADER).set(0.0);
+    let gauges = tokio::spawn(report_gauges(
+        config.clone(),
+        destination.clone(),
+        shutdown.clone(),
+    ));
     syncfleet_core::health::set_ready(true);
     let key = format!("syncfleet.leader/{}", config.broker.prefix);
     loop {
@@ -96,6 +101,7 @@ pub async fn run(
         }
     }
     publisher.close().await;
+    let _ = gauges.await;
     Ok(())
 }
 
@@ -158,27 +164,10 @@ async fn lead(
         let full_due = first + full_run_wait(destination, &s.name, schedule.full_interval).await;
         next.insert(s.name.clone(), (first, full_due));
     }
-    let mut gauges_due = Instant::now();
-    let mut gauges_connection: Option<lapin::Connection> = None;
     let result = 'lead: loop {
         tokio::select! {
             _ = shutdown.wait() => break Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
-        if Instant::now() >= gauges_due {
-            gauges_due = Instant::now() + Duration::from_secs(5);
-            report_progress(destination).await;
-            if gauges_connection
-                .as_ref()
-                .is_none_or(|c| !c.status().connected())
-            {
-                gauges_connection = syncfleet_broker::connect(&config.broker, "gauges")
-                    .await
-                    .ok();
-            }
-            if let Some(c) = &gauges_connection {
-                publisher.topology().report_depths(c, &config.broker).await;
-            }
         }
         let alive =
             tokio::time::timeout(Duration::from_secs(5), lock.simple_query("SELECT 1")).await;
@@ -276,10 +265,36 @@ async fn lead(
     if tokio::time::timeout(EVENTS_STOP, events).await.is_err() {
         abort.abort();
     }
-    if let Some(c) = gauges_connection {
+    result
+}
+
+/// Every few seconds, in every replica, leader or standby: run progress,
+/// watermark ages and queue depths. A replica that reported them only
+/// while it led would export its last values for as long as it stood by
+/// after a step-down, and a dashboard or alert that takes the maximum over
+/// replicas would go on showing them (a purged dead-letter queue still
+/// counted, say).
+async fn report_gauges(config: Arc<Config>, destination: Pool, mut shutdown: ShutdownSignal) {
+    let topology = syncfleet_broker::Topology::new(&config.broker.prefix);
+    let mut connection: Option<lapin::Connection> = None;
+    loop {
+        report_progress(&destination).await;
+        if connection.as_ref().is_none_or(|c| !c.status().connected()) {
+            connection = syncfleet_broker::connect(&config.broker, "gauges")
+                .await
+                .ok();
+        }
+        if let Some(c) = &connection {
+            topology.report_depths(c, &config.broker).await;
+        }
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+    if let Some(c) = connection {
         let _ = c.close(200, "".into()).await;
     }
-    result
 }
 
 /// How long until the next full run of `stream` is due, counted from the
