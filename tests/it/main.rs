@@ -18,4 +18,5 @@ mod planning;
 mod protection;
 mod reliability;
 mod replica;
+mod tls;
 mod types;

@@ -129,7 +129,7 @@ impl Ceiling {
         let Some(slots) = self.slots else {
             return read.await;
         };
-        let held = Held::new(destination.get().await?);
+        let held = Held::new(destination.get().await?, destination.tls());
         let client = held.client();
         client.batch_execute("BEGIN").await.map_err(DbError::from)?;
         // A first try at once: the wait below queues for one slot only.
@@ -171,14 +171,16 @@ impl Ceiling {
 struct Held {
     object: Option<deadpool_postgres::Object>,
     cancel: tokio_postgres::CancelToken,
+    tls: crate::tls::Tls,
 }
 
 impl Held {
-    fn new(object: deadpool_postgres::Object) -> Self {
+    fn new(object: deadpool_postgres::Object, tls: crate::tls::Tls) -> Self {
         let cancel = object.cancel_token();
         Self {
             object: Some(object),
             cancel,
+            tls,
         }
     }
 
@@ -200,14 +202,11 @@ impl Drop for Held {
             return;
         };
         drop(deadpool_postgres::Object::take(object));
-        let cancel = self.cancel.clone();
+        let (cancel, tls) = (self.cancel.clone(), self.tls.clone());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    cancel.cancel_query(tokio_postgres::NoTls),
-                )
-                .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), cancel.cancel_query(tls)).await;
             });
         }
     }

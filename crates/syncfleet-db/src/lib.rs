@@ -27,6 +27,7 @@ pub mod pool;
 pub mod scan;
 pub mod shape;
 pub mod sql;
+pub mod tls;
 
 pub use error::{DbError, ErrorClass};
 pub use pool::{Pool, Role};

@@ -1,6 +1,5 @@
 //! Connection pools with syncfleet's session settings.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime, Timeouts};
@@ -34,6 +33,8 @@ pub struct Pool {
     url: String,
     /// `server_version_num` of the server, read at connect.
     version: i32,
+    /// The TLS its connections use, for their cancel requests too.
+    tls: crate::tls::Tls,
 }
 
 pub type Client = deadpool_postgres::Object;
@@ -115,8 +116,8 @@ impl Pool {
             url: url.clone(),
             detail,
         };
-        let mut pg = tokio_postgres::Config::from_str(config.url.expose())
-            .map_err(|e| connect_error(format!("invalid URL: {}", describe(&e))))?;
+        let (mut pg, tls) = crate::tls::config(config.url.expose())
+            .map_err(|e| connect_error(format!("invalid URL: {e}")))?;
         let mut options = pg.get_options().unwrap_or_default().to_string();
         options.push(' ');
         options.push_str(SESSION_SETTINGS);
@@ -151,7 +152,7 @@ impl Pool {
         }
         let manager = Manager::from_config(
             pg,
-            tokio_postgres::NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -171,6 +172,7 @@ impl Pool {
             role,
             url: url.clone(),
             version: 0,
+            tls,
         };
         let version = pool
             .get()
@@ -186,6 +188,12 @@ impl Pool {
     /// (PostgreSQL 14 and later), for [`crate::sql::fingerprint`].
     pub fn has_row_hash(&self) -> bool {
         self.version >= 140_000
+    }
+
+    /// The TLS connector of this pool's connections, for their cancel
+    /// requests.
+    pub fn tls(&self) -> crate::tls::Tls {
+        self.tls.clone()
     }
 
     /// Whether the server has `MERGE` (PostgreSQL 15 and later).

@@ -108,8 +108,7 @@ pub async fn run(
 /// One attempt at leadership, on the `destination`: the lock's connection
 /// when this process won.
 async fn elect(destination: &DbConfig, key: &str) -> Option<tokio_postgres::Client> {
-    use std::str::FromStr;
-    let mut pg = tokio_postgres::Config::from_str(destination.url.expose()).ok()?;
+    let (mut pg, tls) = syncfleet_db::tls::config(destination.url.expose()).ok()?;
     // Operators (and tests) find the leader by this name in pg_stat_activity.
     pg.application_name(format!("syncfleet-leader-{}", std::process::id()));
     pg.connect_timeout(destination.connect_timeout);
@@ -125,7 +124,7 @@ async fn elect(destination: &DbConfig, key: &str) -> Option<tokio_postgres::Clie
     );
     pg.options(options.trim());
     pg.keepalives_idle(Duration::from_secs(10));
-    let (client, connection) = pg.connect(tokio_postgres::NoTls).await.ok()?;
+    let (client, connection) = pg.connect(tls).await.ok()?;
     tokio::spawn(connection);
     let won: bool = client
         .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])

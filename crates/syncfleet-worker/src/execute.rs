@@ -50,7 +50,6 @@ use syncfleet_core::metrics as m;
 use syncfleet_db::pool::Client;
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape, ceiling, control};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
@@ -442,7 +441,10 @@ impl Executor {
     ) -> Result<Vec<BatchOutcome>, JobError> {
         let mut src = Unpooled(Some(self.source.get().await?));
         let mut dst = Unpooled(Some(self.destination.get().await?));
-        let cancel = [src.get().cancel_token(), dst.get().cancel_token()];
+        let cancel = [
+            (src.get().cancel_token(), self.source.tls()),
+            (dst.get().cancel_token(), self.destination.tls()),
+        ];
         let (src_client, dst_client) = (src.get(), dst.get());
         let converge = async {
             self.wait_for_replay(streams, jobs, src_client).await?;
@@ -471,8 +473,8 @@ impl Executor {
             // connections are closed, not pooled.
             Ok(Err(e)) => Err(e),
             Err(_) => {
-                let [src_cancel, dst_cancel] = cancel.map(|token| async move {
-                    tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls))
+                let [src_cancel, dst_cancel] = cancel.map(|(token, tls)| async move {
+                    tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls))
                         .await
                         .unwrap_or(Ok(()))
                 });
@@ -1083,7 +1085,7 @@ mod tests {
     async fn a_connection_that_a_panic_leaves_in_a_transaction_is_closed_not_pooled() {
         let url = std::env::var("SYNCFLEET_TEST_PG_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let manager = deadpool_postgres::Manager::new(url.parse().unwrap(), NoTls);
+        let manager = deadpool_postgres::Manager::new(url.parse().unwrap(), tokio_postgres::NoTls);
         let pool = deadpool_postgres::Pool::builder(manager)
             .max_size(1)
             .build()
