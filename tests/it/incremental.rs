@@ -404,6 +404,48 @@ async fn a_stream_that_cannot_take_events_holds_up_no_other_and_its_events_repla
     fleet.stop().await;
 }
 
+/// A stream the source cannot describe for now (an app's migration holds
+/// its table past the statement timeout) is no broken stream: the event
+/// consumer starts again later, and the stream's events are not
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passing_source_error_does_not_make_a_stream_unroutable() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(APP).await.unwrap();
+    env.migrate().await;
+    let text = env.config_text_with(
+        "statement_timeout = \"500ms\"\n",
+        &APP_STREAMS.replace(
+            "interval = \"1h\"",
+            "interval = \"1h\"\nfull_interval = \"1h\"",
+        ),
+    );
+    let config = Arc::new(Config::load(&env.write("syncfleet.toml", &text)).unwrap());
+    env.sync(&config, 1).await;
+    let migration = crate::helpers::connect(&env.source_url).await;
+    migration
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    let producer = Producer::start(&config);
+    // Long enough for the leader to try to describe the streams.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    migration
+        .batch_execute("UPDATE users SET first_name = 'renamed' WHERE id = 3; COMMIT")
+        .await
+        .unwrap();
+    env.publish_event("users", r#"{"table": "users", "op": "upsert", "ids": [3]}"#)
+        .await;
+    env.eventually("the event's change to arrive", 60, || async {
+        TestEnv::rows(&env.dest, "SELECT first_name FROM users WHERE id = 3").await == ["(renamed)"]
+    })
+    .await;
+    assert_eq!(env.dead_letters().await, 0);
+    producer.stop().await;
+    fleet.stop().await;
+}
+
 /// The kind of the first run a newly started leader plans.
 async fn first_scheduled_run(env: &TestEnv, config: &Arc<Config>) -> String {
     let before = syncfleet_db::control::last_run_id(&env.dest).await.unwrap();

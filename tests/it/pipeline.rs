@@ -732,6 +732,18 @@ async fn a_column_changed_on_the_source_alone_fails_no_job() {
     env.wait(with_w.run_id).await;
     env.assert_same_rows("SELECT id, v FROM items WHERE id > 100")
         .await;
+
+    // A key column the destination lacks is no passing change: described
+    // anew, the job still names it, and is rejected.
+    env.dest
+        .batch_execute("ALTER TABLE items RENAME COLUMN id TO ident")
+        .await
+        .unwrap();
+    let done = fresh.execute(&event).await;
+    assert!(
+        matches!(&done, Err(syncfleet_worker::JobError::Reject(e)) if e.contains("described anew")),
+        "{done:?}"
+    );
 }
 
 /// Describing a stream waits behind an app's migration like any statement,

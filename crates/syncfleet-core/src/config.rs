@@ -160,6 +160,10 @@ impl StreamConfig {
     }
 }
 
+/// What a job may take beyond its deadline before its delivery is settled:
+/// the cancel of its statements, and the settling itself.
+pub const SETTLE_SLACK: Duration = Duration::from_secs(10);
+
 /// The producer service's schedule (`[producer]`).
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -454,12 +458,14 @@ impl Config {
         })
     }
 
-    /// A worker holds each delivery for up to its stream's deadline. The
-    /// broker closes the channel of a delivery unacked past its
-    /// `consumer_timeout` (and redelivers it elsewhere while it may still be
-    /// running), so every deadline must stay under half of it.
+    /// A worker holds each delivery for up to its stream's deadline, plus
+    /// [`SETTLE_SLACK`], after it may have waited (for a slot, at the read
+    /// gate) about as long. The broker closes the channel of a delivery
+    /// unacked past its `consumer_timeout` (and redelivers it elsewhere
+    /// while it may still be running), so every deadline must stay under
+    /// half of what that timeout leaves after the slack.
     pub fn check_deadlines(&self) -> Result<(), ConfigError> {
-        let limit = self.broker.consumer_timeout / 2;
+        let limit = self.broker.consumer_timeout.saturating_sub(SETTLE_SLACK) / 2;
         let deadlines = std::iter::once(("jobs.deadline".to_string(), self.jobs.deadline)).chain(
             self.streams
                 .iter()

@@ -38,24 +38,59 @@ const WAIT_READ_SLOT: &str = "SELECT pg_advisory_xact_lock(hashtext($2::text), $
 
 /// Waits in the open transaction of `client` for one of `slots` slots,
 /// after a try of [`TAKE_READ_SLOT`] found none free. The caller bounds the
-/// wait on the server (a deadline's cancel, a `lock_timeout`): dropping
-/// this future leaves the wait running.
+/// wait (a deadline's cancel); dropping this future leaves the statement
+/// running.
 ///
-/// It queues for one slot, picked at random, rather than polling them all:
-/// PostgreSQL grants a lock to its waiters in turn, and refuses it to a new
-/// request while others wait, so a process that ends a job and tries again
-/// at once cannot take the slot back ahead of them. Polled, the slots went
-/// to whoever tried first after each commit; with one slot (the throttle's
-/// floor) a worker process whose next job was already waiting took it
-/// again after each of its jobs, and another process's jobs starved past
-/// their deadlines.
+/// It queues on the server for one slot, picked at random, rather than
+/// polling them all: PostgreSQL grants a lock to its waiters in turn, and
+/// refuses it to a new request while others wait, so a process that ends a
+/// job and tries again at once cannot take the slot back ahead of them.
+/// Polled, the slots went to whoever tried first after each commit; with
+/// one slot (the throttle's floor) a worker process whose next job was
+/// already waiting took it again after each of its jobs, and another
+/// process's jobs starved past their deadlines. Every 50 ms the wait looks
+/// at every slot again, so a slot freed beside the one it queues for does
+/// not stay idle; each slice runs in a savepoint under its own
+/// `lock_timeout` (whatever the role's), which ends only the slice.
 pub async fn take_read_slot(
     client: &impl GenericClient,
     slots: i32,
     namespace: &str,
 ) -> Result<(), DbError> {
-    let slot = fastrand::i32(0..slots);
-    client.execute(WAIT_READ_SLOT, &[&slot, &namespace]).await?;
+    let kept: String = client
+        .query_one("SELECT current_setting('lock_timeout')", &[])
+        .await?
+        .get(0);
+    loop {
+        client
+            .batch_execute("SAVEPOINT syncfleet_slot; SET LOCAL lock_timeout = '50ms'")
+            .await?;
+        let slot = fastrand::i32(0..slots);
+        match client.execute(WAIT_READ_SLOT, &[&slot, &namespace]).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT syncfleet_slot")
+                    .await?;
+                let start = fastrand::i32(0..slots);
+                if client
+                    .query_opt(TAKE_READ_SLOT, &[&slots, &namespace, &start])
+                    .await?
+                    .is_some()
+                {
+                    break;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The slot stays with the transaction; the setting goes back.
+    client
+        .batch_execute("RELEASE SAVEPOINT syncfleet_slot")
+        .await?;
+    client
+        .execute("SELECT set_config('lock_timeout', $1, true)", &[&kept])
+        .await?;
     Ok(())
 }
 
@@ -141,18 +176,11 @@ impl Ceiling {
             .await
             .map_err(DbError::from)?;
         if free.is_none() {
-            // Bounded by the server, which ends the wait itself.
-            let wait_ms = self.wait.as_millis().clamp(1, i32::MAX as u128).to_string();
-            client
-                .execute("SELECT set_config('lock_timeout', $1, true)", &[&wait_ms])
+            // Given up on, the wait is cancelled with the connection (see
+            // `Held`).
+            tokio::time::timeout(self.wait, take_read_slot(client, slots, &self.namespace))
                 .await
-                .map_err(DbError::from)?;
-            match take_read_slot(client, slots, &self.namespace).await {
-                Err(DbError::Postgres(e)) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                    return Err(DbError::NoReadSlot(self.wait).into());
-                }
-                waited => waited?,
-            }
+                .map_err(|_| DbError::NoReadSlot(self.wait))??;
         }
         let out = read.await;
         // Ending the transaction frees the slot; a connection that fails

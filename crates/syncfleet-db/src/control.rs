@@ -804,7 +804,8 @@ pub const TRY_FINISH_RUN: &str = "WITH fin AS ( \
      quiet AS ( \
        UPDATE syncfleet.watermarks w SET updated_at = now() \
        FROM syncfleet.run_streams rs JOIN fin ON fin.id = rs.run_id \
-       WHERE fin.kind = 'incremental' AND rs.cursor_to IS NULL AND w.stream = rs.stream) \
+       WHERE fin.kind = 'incremental' AND rs.cursor_to IS NULL AND rs.batches_planned = 0 \
+       AND w.stream = rs.stream) \
      SELECT count(*) FROM fin";
 
 /// A stream's watermark: the cursor value and key where its last finished

@@ -157,17 +157,20 @@ struct Routes {
 
 impl Routes {
     /// Describes every stream on the source. A stream that cannot be
-    /// described, or whose `[stream.events]` names a column it does not
-    /// have, is left out on its own, its tables marked broken; only a
-    /// source that cannot be reached at all is an error.
+    /// described for good (its table is missing, its query is wrong), or
+    /// whose `[stream.events]` names a column it does not have, is left
+    /// out on its own, its tables marked broken. Any other failure (a lost
+    /// connection, a lock or statement timeout) says nothing about the
+    /// stream and is the whole resolution's error, tried again later.
     async fn resolve(config: &Config, source: &Pool) -> Result<Self, String> {
         let client = source.get().await.map_err(|e| e.to_string())?;
         let mut routes = Routes::default();
         for stream in &config.streams {
-            let described = StreamShape::describe(&**client, stream)
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|shape| stream_routes(stream, &shape));
+            let described = match StreamShape::describe(&**client, stream).await {
+                Ok(shape) => stream_routes(stream, &shape),
+                Err(e) if e.class() == syncfleet_db::ErrorClass::Permanent => Err(e.to_string()),
+                Err(e) => return Err(e.to_string()),
+            };
             match described {
                 Ok(found) => {
                     for (table, route) in found {
@@ -367,6 +370,7 @@ async fn session(
             }
             _ = tokio::time::sleep_until(recheck_at), if !routes.broken.is_empty() => {
                 recheck_at = Instant::now() + ROUTES_RECHECK;
+                // Kept as they were if the source cannot say now.
                 match Routes::resolve(config, source).await {
                     Ok(fresh) => routes = fresh,
                     Err(e) => tracing::warn!(error = %e, "could not look at the streams that cannot take events again"),

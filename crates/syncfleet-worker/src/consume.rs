@@ -39,6 +39,7 @@ use lapin::types::FieldTable;
 use syncfleet_broker::headers::now_ms;
 use syncfleet_broker::{BrokerError, Meta, Publisher};
 use syncfleet_core::backoff::RetryPolicy;
+use syncfleet_core::config::SETTLE_SLACK;
 use syncfleet_core::job::{Job, JobDecodeError};
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::ShutdownSignal;
@@ -137,10 +138,6 @@ struct Pending {
     /// closes the channel and every job of the session runs twice.
     start_by: Instant,
 }
-
-/// What a job may take beyond its deadline before it is settled: the
-/// cancel of its statements, and its settling.
-const SETTLE_SLACK: Duration = Duration::from_secs(10);
 
 /// Takes the next group from the front of `pending`.
 fn next_group(config: &Config, pending: &mut VecDeque<Pending>) -> Vec<Pending> {
@@ -502,17 +499,17 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
                 return;
             }
             // An outage is every job's: each waits for the database as it
-            // would alone; and none of them began.
-            Ok(Err(e @ (JobError::Unavailable(_) | JobError::NotStarted(_)))) => {
+            // would alone.
+            Ok(Err(JobError::Unavailable(reason))) => {
                 for (delivery, job) in deliveries.iter().zip(&jobs) {
-                    let e = match &e {
-                        JobError::Unavailable(r) => JobError::Unavailable(r.clone()),
-                        _ => JobError::NotStarted(e.to_string()),
-                    };
-                    conclude(&context, delivery, job, started, Ok(Err(e))).await;
+                    let result = Ok(Err(JobError::Unavailable(reason.clone())));
+                    conclude(&context, delivery, job, started, result).await;
                 }
                 return;
             }
+            // Held past the earliest job's start-by: each goes on by its
+            // own, alone below, and only those past theirs are handed back.
+            Ok(Err(JobError::NotStarted(_))) => {}
             Ok(Err(e)) => {
                 tracing::debug!(jobs = jobs.len(), error = %e, "a group of jobs failed; running them one by one");
             }
@@ -621,7 +618,7 @@ async fn conclude(
         }
         Ok(Err(e)) => {
             let (kind, reason, meta) = match e {
-                JobError::Reject(r) => ("permanent", r, meta),
+                JobError::Reject(r) | JobError::ShapeChanged(r) => ("permanent", r, meta),
                 // (Not begun: handed back above, never dead-lettered.)
                 JobError::Retry(r) | JobError::Unavailable(r) | JobError::NotStarted(r) => {
                     ("attempts exhausted", r, meta)

@@ -21,6 +21,12 @@ pub enum JobError {
     /// Retrying gives the same answer: dead-letter it and fail the batch.
     #[error("{0}")]
     Reject(String),
+    /// A column the job's statements name is gone (dropped under a
+    /// running run): tried again in the worker with the stream described
+    /// anew, and rejected if that does not help (a column the destination
+    /// lacks, say).
+    #[error("{0}")]
+    ShapeChanged(String),
     /// Not begun in time (it waited at the read gate until it could no
     /// longer finish within the broker's consumer timeout): handed back
     /// to the queue untried, as the same attempt.
@@ -47,14 +53,8 @@ impl From<DbError> for JobError {
 
 impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // The job's statements name the columns its stream was described
-        // with; one gone since (a column dropped under a running run) is
-        // not the job's fault: the next attempt describes the stream again.
         if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) {
-            return JobError::Retry(format!(
-                "a column of the stream changed under the job ({}); it is described again for the next attempt",
-                syncfleet_db::error::describe(&e)
-            ));
+            return JobError::ShapeChanged(syncfleet_db::error::describe(&e));
         }
         DbError::from(e).into()
     }

@@ -340,7 +340,7 @@ impl Executor {
         // connection that broke under the job is not retried here: if the
         // job broke it, each retry would do so again.
         let retried = |e: &JobError| match e {
-            JobError::Unavailable(_) => true,
+            JobError::Unavailable(_) | JobError::ShapeChanged(_) => true,
             JobError::Retry(_) => jobs.len() == 1,
             JobError::Reject(_) | JobError::Disconnected(_) | JobError::NotStarted(_) => false,
         };
@@ -370,6 +370,9 @@ impl Executor {
         let result = tokio::time::timeout_at(outer.into(), attempts).await;
         drop(permit);
         match result {
+            Ok(Err(JobError::ShapeChanged(e))) => Err(JobError::Reject(format!(
+                "{e} (still so with the stream described anew)"
+            ))),
             Ok(result) => result,
             Err(_) => Err(JobError::Retry(format!("deadline of {budget:?} passed"))),
         }
