@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use syncfleet_core::job::{Job, KeyRange, NO_RUN, Selection};
+use syncfleet_db::StreamShape;
 use syncfleet_db::sql::{self, Upsert};
-use syncfleet_db::{Pool, Role, StreamShape};
 use syncfleet_worker::Executor;
 
 use crate::helpers::{Fleet, TestEnv};
@@ -52,13 +52,7 @@ async fn a_job_replayed_three_times_leaves_the_same_state() {
     env.migrate().await;
     let config = env.config(USERS_STREAM);
     let plan = env.plan(&config).await;
-    let executor = Executor::new(
-        config.clone(),
-        Pool::connect(Role::Source, &config.source).await.unwrap(),
-        Pool::connect(Role::Destination, &config.destination)
-            .await
-            .unwrap(),
-    );
+    let executor = Executor::connect(config.clone()).await.unwrap();
     let jobs = env.jobs(plan.run_id, "users").await;
     assert_eq!(jobs.len(), 13);
 
@@ -568,13 +562,7 @@ async fn jobs_sharing_a_transaction_write_what_each_would_alone() {
         .batch_execute("INSERT INTO users VALUES (50, 'gone@example.com', 'gone', 0)")
         .await
         .unwrap();
-    let executor = Executor::new(
-        config.clone(),
-        Pool::connect(Role::Source, &config.source).await.unwrap(),
-        Pool::connect(Role::Destination, &config.destination)
-            .await
-            .unwrap(),
-    );
+    let executor = Executor::connect(config.clone()).await.unwrap();
     let (users, items) = (
         env.jobs(plan.run_id, "users").await,
         env.jobs(plan.run_id, "t").await,
@@ -666,15 +654,7 @@ async fn a_column_changed_on_the_source_alone_fails_no_job() {
     env.migrate().await;
     let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
     env.sync(&config, 1).await;
-    let executor = || async {
-        Executor::new(
-            config.clone(),
-            Pool::connect(Role::Source, &config.source).await.unwrap(),
-            Pool::connect(Role::Destination, &config.destination)
-                .await
-                .unwrap(),
-        )
-    };
+    let executor = || async { Executor::connect(config.clone()).await.unwrap() };
 
     let planned_before = env.plan(&config).await;
     env.source
@@ -771,13 +751,7 @@ async fn a_description_waiting_for_a_lock_is_cancelled_at_the_deadline() {
         .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let executor = Executor::new(
-        config.clone(),
-        Pool::connect(Role::Source, &config.source).await.unwrap(),
-        Pool::connect(Role::Destination, &config.destination)
-            .await
-            .unwrap(),
-    );
+    let executor = Executor::connect(config.clone()).await.unwrap();
     let done = executor.execute(&jobs[0]).await;
     assert!(
         matches!(&done, Err(syncfleet_worker::JobError::Retry(e)) if e.contains("deadline")),

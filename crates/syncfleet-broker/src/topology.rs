@@ -271,3 +271,38 @@ impl Topology {
 pub(crate) fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
+
+/// Reports the queue gauges every few seconds over a connection of its
+/// own, opened again when it is lost (see [`Topology::report_depths`]).
+pub struct DepthGauges {
+    topology: Topology,
+    connection: Option<lapin::Connection>,
+}
+
+impl DepthGauges {
+    pub fn new(topology: Topology) -> Self {
+        Self {
+            topology,
+            connection: None,
+        }
+    }
+
+    pub async fn report(&mut self, config: &syncfleet_core::config::BrokerConfig) {
+        if self
+            .connection
+            .as_ref()
+            .is_none_or(|c| !c.status().connected())
+        {
+            self.connection = crate::connect(config, "gauges").await.ok();
+        }
+        if let Some(c) = &self.connection {
+            self.topology.report_depths(c, config).await;
+        }
+    }
+
+    pub async fn close(self) {
+        if let Some(c) = self.connection {
+            let _ = c.close(200, "stopping".into()).await;
+        }
+    }
+}

@@ -275,25 +275,16 @@ async fn lead(
 /// counted, say).
 async fn report_gauges(config: Arc<Config>, destination: Pool, mut shutdown: ShutdownSignal) {
     let topology = syncfleet_broker::Topology::new(&config.broker.prefix);
-    let mut connection: Option<lapin::Connection> = None;
+    let mut depths = syncfleet_broker::DepthGauges::new(topology);
     loop {
         report_progress(&destination).await;
-        if connection.as_ref().is_none_or(|c| !c.status().connected()) {
-            connection = syncfleet_broker::connect(&config.broker, "gauges")
-                .await
-                .ok();
-        }
-        if let Some(c) = &connection {
-            topology.report_depths(c, &config.broker).await;
-        }
+        depths.report(&config.broker).await;
         tokio::select! {
             _ = shutdown.wait() => break,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
-    if let Some(c) = connection {
-        let _ = c.close(200, "".into()).await;
-    }
+    depths.close().await;
 }
 
 /// How long until the next full run of `stream` is due, counted from the

@@ -421,8 +421,7 @@ async fn hand_back(context: &Context, delivery: &Delivery, id: &str, stream: &st
 /// Every few seconds: pool use and queue depths, for dashboards.
 async fn report_gauges(context: Arc<Context>, mut shutdown: ShutdownSignal) {
     let config = context.executor.config();
-    let topology = context.publisher.topology().clone();
-    let mut connection: Option<lapin::Connection> = None;
+    let mut depths = syncfleet_broker::DepthGauges::new(context.publisher.topology().clone());
     loop {
         for (database, pool) in [
             ("source", context.executor.source()),
@@ -438,22 +437,13 @@ async fn report_gauges(context: Arc<Context>, mut shutdown: ShutdownSignal) {
                     .set(value as f64);
             }
         }
-        if connection.as_ref().is_none_or(|c| !c.status().connected()) {
-            connection = syncfleet_broker::connect(&config.broker, "gauges")
-                .await
-                .ok();
-        }
-        if let Some(c) = &connection {
-            topology.report_depths(c, &config.broker).await;
-        }
+        depths.report(&config.broker).await;
         tokio::select! {
             _ = shutdown.wait() => break,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
-    if let Some(c) = connection {
-        let _ = c.close(200, "stopping".into()).await;
-    }
+    depths.close().await;
 }
 
 async fn drain(in_flight: &mut JoinSet<()>) {
