@@ -354,7 +354,9 @@ async fn a_job_the_read_gate_holds_too_long_is_handed_back_untried() {
     env.migrate().await;
     // Batches of 1,000 rows (too large to share a transaction) each cost
     // 10 s of the rows/s budget; a job may begin at most 20 - (2 + 10) = 8 s
-    // after it came, so the second waits too long.
+    // after it came, so the second waits too long. With one slot and such
+    // batches the prefetch is 1: no job waits for a slot (the other way a
+    // job is handed back), only at the gate.
     let text = env
         .config_text_with(
             "max_rows_per_second = 100\n[source.throttle]\nenabled = false\n",

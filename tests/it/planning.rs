@@ -370,6 +370,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
              ALTER TABLE syncfleet.run_streams DROP COLUMN claim;
              ALTER TABLE syncfleet.runs DROP COLUMN created_by;
              DROP SEQUENCE syncfleet.claims;
+             DROP FUNCTION syncfleet.take_read_slot(int, text);
              DROP INDEX syncfleet.batches_pending;
              CREATE INDEX batches_pending ON syncfleet.batches (run_id) WHERE status <> 'done';",
         )
@@ -378,7 +379,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
     let mut dest = crate::helpers::connect(&env.dest_url).await;
     assert_eq!(
         syncfleet_db::control::migrate(&mut dest).await.unwrap(),
-        vec![3, 4, 5, 6, 7]
+        vec![3, 4, 5, 6, 7, 8]
     );
     let index: String = env
         .dest

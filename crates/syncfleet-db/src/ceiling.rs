@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use syncfleet_core::Config;
-use tokio_postgres::error::SqlState;
 
 use crate::Pool;
 use crate::control;
@@ -33,64 +32,33 @@ pub fn namespace(prefix: &str) -> String {
     format!("syncfleet.reads/{prefix}")
 }
 
-/// Waits for slot `$1` of the namespace `$2`, in the server's queue.
-const WAIT_READ_SLOT: &str = "SELECT pg_advisory_xact_lock(hashtext($2::text), $1::int)";
-
 /// Waits in the open transaction of `client` for one of `slots` slots,
 /// after a try of [`TAKE_READ_SLOT`] found none free. The caller bounds the
 /// wait (a deadline's cancel); dropping this future leaves the statement
 /// running.
 ///
-/// It queues on the server for one slot, picked at random, rather than
-/// polling them all: PostgreSQL grants a lock to its waiters in turn, and
-/// refuses it to a new request while others wait, so a process that ends a
-/// job and tries again at once cannot take the slot back ahead of them.
-/// Polled, the slots went to whoever tried first after each commit; with
-/// one slot (the throttle's floor) a worker process whose next job was
-/// already waiting took it again after each of its jobs, and another
-/// process's jobs starved past their deadlines. Every 50 ms the wait looks
-/// at every slot again, so a slot freed beside the one it queues for does
-/// not stay idle; each slice runs in a savepoint under its own
-/// `lock_timeout` (whatever the role's), which ends only the slice.
+/// It queues on the server (`syncfleet.take_read_slot`, one round trip)
+/// for one slot at a time rather than polling them all: PostgreSQL grants a
+/// lock to its waiters in turn, and refuses it to a new request while
+/// others wait, so a process that ends a job and tries again at once cannot
+/// take the slot back ahead of them. Polled, the slots went to whoever
+/// tried first after each commit; with one slot (the throttle's floor) a
+/// worker process whose next job was already waiting took it again after
+/// each of its jobs, and another process's jobs starved past their
+/// deadlines. Every 50 ms the wait tries every slot again, so a slot freed
+/// beside the one it queues for does not stay idle, and each such slice
+/// has a `lock_timeout` of its own, so the role's cannot end the wait.
+/// (The same done from here took four more round trips: empty jobs 0.44
+/// and 0.46 of the bare loop, against 0.54 and 0.56 for one plain wait.)
 pub async fn take_read_slot(
     client: &impl GenericClient,
     slots: i32,
     namespace: &str,
 ) -> Result<(), DbError> {
-    let kept: String = client
-        .query_one("SELECT current_setting('lock_timeout')", &[])
-        .await?
-        .get(0);
-    loop {
-        client
-            .batch_execute("SAVEPOINT syncfleet_slot; SET LOCAL lock_timeout = '50ms'")
-            .await?;
-        let slot = fastrand::i32(0..slots);
-        match client.execute(WAIT_READ_SLOT, &[&slot, &namespace]).await {
-            Ok(_) => break,
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                client
-                    .batch_execute("ROLLBACK TO SAVEPOINT syncfleet_slot")
-                    .await?;
-                let start = fastrand::i32(0..slots);
-                if client
-                    .query_opt(TAKE_READ_SLOT, &[&slots, &namespace, &start])
-                    .await?
-                    .is_some()
-                {
-                    break;
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    // The slot stays with the transaction; the setting goes back.
-    client
-        .batch_execute("RELEASE SAVEPOINT syncfleet_slot")
+    let statement = client
+        .prepare_cached("SELECT syncfleet.take_read_slot($1, $2)")
         .await?;
-    client
-        .execute("SELECT set_config('lock_timeout', $1, true)", &[&kept])
-        .await?;
+    client.query_one(&statement, &[&slots, &namespace]).await?;
     Ok(())
 }
 

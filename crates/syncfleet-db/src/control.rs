@@ -136,6 +136,39 @@ CREATE INDEX run_streams_claims ON syncfleet.run_streams (stream, claim);
 -- mid-plan fails its own run, not one started by hand.
 ALTER TABLE syncfleet.runs ADD COLUMN created_by text;
 "#,
+    r#"
+-- Waits in the calling transaction for one of `slots` read slots of the
+-- fleet `ns` (see ceiling::take_read_slot), and returns it: queued on the
+-- server for one slot at a time, so that waiters get slots in turn, in
+-- slices of 50 ms under a lock_timeout of its own (the role's stays for
+-- the rest of the transaction), between which it tries every slot.
+CREATE FUNCTION syncfleet.take_read_slot(slots int, ns text) RETURNS int
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  kept text := current_setting('lock_timeout');
+  key int := hashtext(ns);
+  start int;
+  got int;
+BEGIN
+  LOOP
+    start := floor(random() * slots)::int;
+    SELECT (x + start) % slots INTO got FROM generate_series(0, slots - 1) AS x
+     WHERE pg_try_advisory_xact_lock(key, (x + start) % slots) LIMIT 1;
+    IF got IS NOT NULL THEN
+      RETURN got;
+    END IF;
+    BEGIN
+      PERFORM set_config('lock_timeout', '50ms', true);
+      PERFORM pg_advisory_xact_lock(key, start);
+      PERFORM set_config('lock_timeout', kept, true);
+      RETURN start;
+    EXCEPTION WHEN lock_not_available THEN
+      NULL;
+    END;
+  END LOOP;
+END
+$fn$;
+"#,
 ];
 
 /// The schema version this build expects.
