@@ -723,6 +723,19 @@ fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Sets a queue-length policy on this test's work queue.
+fn work_queue_length(env: &TestEnv, policy: &str, definition: &str) {
+    let pattern = format!("^{}\\.work$", env.name);
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        policy,
+        &pattern,
+        definition,
+    ]);
+}
+
 /// Clears a broker policy when dropped.
 struct ClearPolicy(String);
 
@@ -800,15 +813,7 @@ async fn a_run_stopped_halfway_is_resumed_with_exactly_the_missing_batches() {
     let config = env.config("[[stream]]\nname = \"big\"\ntable = \"big\"\nbatch_size = 2\n");
     let path = env.dir.join("syncfleet.toml");
     let policy = format!("{}-full", env.name);
-    let pattern = format!("^{}\\.work$", env.name);
-    rabbitmqctl(&[
-        "set_policy",
-        "--apply-to",
-        "queues",
-        &policy,
-        &pattern,
-        r#"{"max-length": 1100}"#,
-    ]);
+    work_queue_length(&env, &policy, r#"{"max-length": 1100}"#);
     let cleared = ClearPolicy(policy.clone());
     // Declare the queue so the policy is in force before planning.
     env.publish_raw(b"x", "placeholder").await;
@@ -1733,15 +1738,7 @@ async fn events_whose_jobs_cannot_be_published_wait_unacked_and_arrive_later() {
     // once it holds one message, which no worker takes meanwhile.
     fleet.stop().await;
     let policy = format!("{}-refuse", env.name);
-    let pattern = format!("^{}\\.work$", env.name);
-    rabbitmqctl(&[
-        "set_policy",
-        "--apply-to",
-        "queues",
-        &policy,
-        &pattern,
-        r#"{"max-length": 0}"#,
-    ]);
+    work_queue_length(&env, &policy, r#"{"max-length": 0}"#);
     let cleared = ClearPolicy(policy);
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.publish_raw(b"x", "placeholder").await;
@@ -1758,14 +1755,7 @@ async fn events_whose_jobs_cannot_be_published_wait_unacked_and_arrive_later() {
     .await;
     // Raised rather than cleared: a quorum queue of RabbitMQ 3.10 goes on
     // refusing publishes after its length policy is cleared.
-    rabbitmqctl(&[
-        "set_policy",
-        "--apply-to",
-        "queues",
-        &cleared.0,
-        &pattern,
-        r#"{"max-length": 100000}"#,
-    ]);
+    work_queue_length(&env, &cleared.0, r#"{"max-length": 100000}"#);
     let fleet = Fleet::start(&config, 1);
     env.eventually("the change to arrive", 60, || async {
         TestEnv::rows(&env.dest, "SELECT v FROM items WHERE id = 7").await == ["(changed)"]
