@@ -513,11 +513,7 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
     }
     for ((delivery, job), by) in deliveries.iter().zip(&jobs).zip(start_by) {
         let started = Instant::now();
-        let alone = context
-            .executor
-            .execute_group(std::slice::from_ref(job), Some(by));
-        let result = executing(1, alone).await;
-        let result = result.map(|r| r.map(|mut o| o.pop().expect("one outcome per job")));
+        let result = executing(1, context.executor.execute_by(job, Some(by))).await;
         conclude(&context, delivery, job, started, result).await;
     }
 }

@@ -268,7 +268,19 @@ impl Executor {
 
     /// Executes one job; see the module docs for the statements it runs.
     pub async fn execute(&self, job: &Job) -> Result<BatchOutcome, JobError> {
-        let mut outcomes = self.execute_group(std::slice::from_ref(job), None).await?;
+        self.execute_by(job, None).await
+    }
+
+    /// Executes one job that must begin by `start_by` (see
+    /// [`Self::execute_group`]).
+    pub async fn execute_by(
+        &self,
+        job: &Job,
+        start_by: Option<Instant>,
+    ) -> Result<BatchOutcome, JobError> {
+        let mut outcomes = self
+            .execute_group(std::slice::from_ref(job), start_by)
+            .await?;
         Ok(outcomes.pop().expect("one outcome per job"))
     }
 
@@ -346,7 +358,9 @@ impl Executor {
         };
         // A failed attempt describes its streams again: the error may have
         // come from a column added or dropped since.
+        let tries = AtomicU32::new(0);
         let attempt = || async {
+            tries.fetch_add(1, Ordering::Relaxed);
             let result = self.attempt(&streams, jobs, deadline, budget).await;
             if result.is_err() {
                 let mut shapes = self.shapes.lock().expect("shape cache");
@@ -370,6 +384,10 @@ impl Executor {
         let result = tokio::time::timeout_at(outer.into(), attempts).await;
         drop(permit);
         match result {
+            // Out of time before a second try: the next attempt will tell.
+            Ok(Err(JobError::ShapeChanged(e))) if tries.load(Ordering::Relaxed) < 2 => {
+                Err(JobError::Retry(e))
+            }
             Ok(Err(JobError::ShapeChanged(e))) => Err(JobError::Reject(format!(
                 "{e} (still so with the stream described anew)"
             ))),
