@@ -654,8 +654,6 @@ async fn a_column_changed_on_the_source_alone_fails_no_job() {
     env.migrate().await;
     let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
     env.sync(&config, 1).await;
-    let executor = || async { Executor::connect(config.clone()).await.unwrap() };
-
     let planned_before = env.plan(&config).await;
     env.source
         .batch_execute(
@@ -664,7 +662,7 @@ async fn a_column_changed_on_the_source_alone_fails_no_job() {
         .await
         .unwrap();
     // A worker that describes the stream now (a new pod, say) sees w.
-    let fresh = executor().await;
+    let fresh = Executor::connect(config.clone()).await.unwrap();
     for job in env.jobs(planned_before.run_id, "items").await {
         let done = fresh.execute(&job).await;
         assert!(done.is_ok(), "{done:?}");
