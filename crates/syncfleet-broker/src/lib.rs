@@ -18,6 +18,8 @@
 //!   number, and on a dead letter the error, attempts and timestamps.
 //! - [`publish`]: confirmed publishing, reconnecting when the broker went
 //!   away.
+//! - [`management`]: queue depths from the management API.
+//! - `tls`: the broker's TLS, from the files an `amqps://` URL names.
 //!
 //! Quorum queues are replicated and durable; messages are persistent and
 //! confirmed; the broker's own dead-lettering is at-least-once.
@@ -25,12 +27,13 @@
 pub mod headers;
 pub mod management;
 pub mod publish;
+mod tls;
 pub mod topology;
 
 use std::time::Duration;
 
 use lapin::types::LongString;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 use syncfleet_core::config::BrokerConfig;
 
 pub use headers::{DeadLetter, Meta};
@@ -64,12 +67,16 @@ pub async fn connect(config: &BrokerConfig, name: &str) -> Result<Connection, Br
     let url = config.url.redacted();
     let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("{}/{name}", config.prefix)));
-    match tokio::time::timeout(
-        config.connect_timeout,
-        Connection::connect(config.url.expose(), properties),
-    )
-    .await
-    {
+    let failed = |detail: String| BrokerError::Connect {
+        url: url.clone(),
+        detail,
+    };
+    let builder = DefaultConnectionBuilder::new()
+        .map_err(|e| failed(e.to_string()))?
+        .with_uri_str(config.url.expose().to_string())
+        .with_properties(properties)
+        .with_tls_config(tls::amqp(&config.tls).map_err(failed)?);
+    match tokio::time::timeout(config.connect_timeout, builder.connect()).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(BrokerError::Connect {
             url,

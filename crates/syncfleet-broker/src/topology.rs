@@ -212,9 +212,16 @@ impl Topology {
     ) {
         use syncfleet_core::metrics as m;
         if let Some(url) = &config.management_url {
+            let management = match crate::management::Management::new(url, &config.tls) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the management API");
+                    return;
+                }
+            };
             let vhost = crate::management::vhost(config.url.expose());
             for queue in self.queues() {
-                match crate::management::queue_counts(url, &vhost, &queue).await {
+                match management.queue_counts(&vhost, &queue).await {
                     Ok(c) => {
                         for (state, value) in [("ready", c.ready), ("unacked", c.unacked)] {
                             metrics::gauge!(m::QUEUE_MESSAGES, "queue" => queue.clone(), "state" => state)

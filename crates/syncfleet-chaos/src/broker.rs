@@ -19,6 +19,17 @@ pub struct PrivateBroker {
     port: u16,
     dist_port: u16,
     bin: PathBuf,
+    tls_port: Option<u16>,
+}
+
+/// The PEM files a node serves TLS with: its certificate and key, and the
+/// CA it checks client certificates against.
+pub struct ServerTls<'a> {
+    pub ca: &'a Path,
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    /// Whether a client must present a certificate the CA signed.
+    pub client_certificates: bool,
 }
 
 /// A port nobody listens on right now.
@@ -31,18 +42,41 @@ impl PrivateBroker {
     /// Starts a node named after `name` under `dir` and waits until it
     /// accepts connections.
     pub fn start(dir: &Path, name: &str) -> Result<Self, ChaosError> {
-        Self::start_node(dir, name, None)
+        Self::start_node(dir, name, None, None)
+    }
+
+    /// Starts a node that also takes AMQP over TLS (see
+    /// [`PrivateBroker::tls_port`]) and serves its management API over
+    /// HTTPS only; returns the node and the management API's URL.
+    pub fn start_with_tls(
+        dir: &Path,
+        name: &str,
+        tls: &ServerTls,
+    ) -> Result<(Self, String), ChaosError> {
+        let port = free_port()?;
+        let broker = Self::start_node(dir, name, Some(port), Some(tls))?;
+        Ok((broker, format!("https://guest:guest@localhost:{port}")))
+    }
+
+    /// The port of the node's TLS listener, if it has one.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     /// Starts a node with the management plugin on its own port; returns
     /// the node and the management API's URL.
     pub fn start_with_management(dir: &Path, name: &str) -> Result<(Self, String), ChaosError> {
         let port = free_port()?;
-        let broker = Self::start_node(dir, name, Some(port))?;
+        let broker = Self::start_node(dir, name, Some(port), None)?;
         Ok((broker, format!("http://guest:guest@127.0.0.1:{port}")))
     }
 
-    fn start_node(dir: &Path, name: &str, management: Option<u16>) -> Result<Self, ChaosError> {
+    fn start_node(
+        dir: &Path,
+        name: &str,
+        management: Option<u16>,
+        tls: Option<&ServerTls>,
+    ) -> Result<Self, ChaosError> {
         let dir = dir.join("rabbitmq");
         std::fs::create_dir_all(dir.join("mnesia"))?;
         std::fs::create_dir_all(dir.join("log"))?;
@@ -55,12 +89,42 @@ impl PrivateBroker {
         let dist_port = free_port()?;
         let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
         let mut plugins = "[].\n".to_string();
+        let management_listener = match tls {
+            Some(_) => "ssl",
+            None => "tcp",
+        };
         if let Some(m) = management {
             conf.push_str(&format!(
-                "management.tcp.port = {m}\nmanagement.tcp.ip = 127.0.0.1\n"
+                "management.{management_listener}.port = {m}\nmanagement.{management_listener}.ip = 127.0.0.1\n"
             ));
             plugins = "[rabbitmq_management].\n".into();
         }
+        let tls_port = match tls {
+            None => None,
+            Some(tls) => {
+                let tls_port = free_port()?;
+                let verify = match tls.client_certificates {
+                    true => "verify_peer\nssl_options.fail_if_no_peer_cert = true",
+                    false => "verify_none",
+                };
+                let files = |section: &str| {
+                    format!(
+                        "{section}.cacertfile = {}\n{section}.certfile = {}\n{section}.keyfile = {}\n",
+                        tls.ca.display(),
+                        tls.cert.display(),
+                        tls.key.display()
+                    )
+                };
+                conf.push_str(&format!(
+                    "listeners.ssl.1 = 127.0.0.1:{tls_port}\n{}ssl_options.verify = {verify}\n",
+                    files("ssl_options")
+                ));
+                if management.is_some() {
+                    conf.push_str(&files("management.ssl"));
+                }
+                Some(tls_port)
+            }
+        };
         std::fs::write(dir.join("rabbitmq.conf"), conf)?;
         std::fs::write(dir.join("enabled_plugins"), plugins)?;
         std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
@@ -70,6 +134,7 @@ impl PrivateBroker {
             port,
             dist_port,
             bin,
+            tls_port,
         };
         broker.boot()?;
         Ok(broker)

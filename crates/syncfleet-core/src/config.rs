@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::backoff::RetryPolicy;
 use crate::duration;
 use crate::ident;
-use crate::secret::SecretUrl;
+use crate::secret::{SecretUrl, percent_decode};
 
 /// Environment variables that override the file.
 pub const ENV_SOURCE_URL: &str = "SYNCFLEET_SOURCE_URL";
@@ -95,9 +95,25 @@ pub struct BrokerConfig {
     /// The broker's `consumer_timeout`: a delivery unacked for this long
     /// closes its channel. Every job deadline must stay well below it.
     pub consumer_timeout: Duration,
-    /// RabbitMQ's management API (`http://user:pass@host:15672`), for queue
-    /// depths that include unacked messages. Optional.
+    /// RabbitMQ's management API (`http://user:pass@host:15672`, or
+    /// `https://`), for queue depths that include unacked messages.
+    /// Optional.
     pub management_url: Option<SecretUrl>,
+    /// The files an `amqps://` URL names for TLS.
+    pub tls: BrokerTls,
+}
+
+/// The PEM files an `amqps://` URL names in its query, under RabbitMQ's
+/// URI parameter names: `cacertfile` (CAs trusted besides the system's),
+/// `certfile` and `keyfile` (a client certificate, for a broker that asks
+/// for one). The broker's certificate is always checked, chain and host.
+/// They are read again at each connection, so renewed files are picked
+/// up without a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerTls {
+    pub ca_file: Option<PathBuf>,
+    /// The client's certificate and its key.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -538,6 +554,15 @@ fn seconds(name: &str, value: &str) -> Result<Duration, ConfigError> {
         })
 }
 
+/// Where a URL field's value came from, for its errors: the variable wins
+/// over the file.
+fn origin(field: &str, from_env: Option<&str>, env_name: &str) -> String {
+    match from_env.filter(|u| !u.trim().is_empty()) {
+        Some(_) => format!("{field} (from {env_name})"),
+        None => field.to_string(),
+    }
+}
+
 struct Validator<'a> {
     origin: &'a str,
 }
@@ -560,11 +585,7 @@ impl Validator<'_> {
         schemes: &[&str],
     ) -> Result<SecretUrl, ConfigError> {
         let from_env = from_env.filter(|u| !u.trim().is_empty());
-        // A wrong value names where it came from: the variable wins.
-        let origin = match from_env {
-            Some(_) => format!("{field} (from {env_name})"),
-            None => field.to_string(),
-        };
+        let origin = origin(field, from_env.as_deref(), env_name);
         let url = from_env.or(from_file).ok_or_else(|| {
             self.invalid(field, format!("missing; set it in the file or {env_name}"))
         })?;
@@ -724,6 +745,7 @@ impl Validator<'_> {
         env_url: Option<String>,
         management_env: Option<String>,
     ) -> Result<BrokerConfig, ConfigError> {
+        let url_origin = origin("broker.url", env_url.as_deref(), ENV_AMQP_URL);
         let url = self.url(
             "broker.url",
             raw.url,
@@ -731,6 +753,7 @@ impl Validator<'_> {
             ENV_AMQP_URL,
             &["amqp", "amqps"],
         )?;
+        let tls = self.broker_tls(&url_origin, url.expose())?;
         let prefix = raw.prefix.unwrap_or_else(|| "syncfleet".into());
         let ok = !prefix.is_empty()
             && prefix.len() <= 100
@@ -762,9 +785,64 @@ impl Validator<'_> {
                     from_file,
                     from_env,
                     ENV_MANAGEMENT_URL,
-                    &["http"],
+                    &["http", "https"],
                 )?),
             },
+            tls,
+        })
+    }
+
+    /// The TLS files of an AMQP URL's query (see [`BrokerTls`]), each
+    /// checked to be a readable PEM file.
+    fn broker_tls(&self, field: &str, url: &str) -> Result<BrokerTls, ConfigError> {
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        let query = query.split('#').next().unwrap_or("");
+        let param = |name: &str| {
+            query
+                .split('&')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| percent_decode(v))
+        };
+        let invalid = |message: String| self.invalid(field, message);
+        if let Some(verify) = param("verify")
+            && verify != "verify_peer"
+        {
+            return Err(invalid(format!(
+                "verify: syncfleet always checks the broker's certificate (verify_peer); to trust \
+                 a CA of your own, name its PEM file with cacertfile (got verify={verify})"
+            )));
+        }
+        let pem = |name: &str| -> Result<Option<PathBuf>, ConfigError> {
+            let Some(path) = param(name) else {
+                return Ok(None);
+            };
+            if !url.starts_with("amqps://") {
+                return Err(invalid(format!(
+                    "{name}: TLS files apply to amqps:// URLs only"
+                )));
+            }
+            let bytes = std::fs::read(&path)
+                .map_err(|e| invalid(format!("{name}: cannot read {path}: {e}")))?;
+            if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+                return Err(invalid(format!(
+                    "{name}: expected a PEM file (-----BEGIN ...), {path} is not one"
+                )));
+            }
+            Ok(Some(PathBuf::from(path)))
+        };
+        let client = match (pem("certfile")?, pem("keyfile")?) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "certfile and keyfile: a client certificate needs both".into(),
+                ));
+            }
+        };
+        Ok(BrokerTls {
+            ca_file: pem("cacertfile")?,
+            client,
         })
     }
 
@@ -1269,6 +1347,59 @@ mod tests {
         assert!(e.contains("('users').batch_size"), "{e}");
         let e = error_of(&GOOD.replace("name = \"profiles\"", "name = \"users\""));
         assert!(e.contains("same name"), "{e}");
+    }
+
+    #[test]
+    fn an_amqps_url_names_its_tls_files_with_rabbitmqs_parameters() {
+        let dir = std::env::temp_dir().join(format!("syncfleet-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pem = dir.join("ca.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let not_pem = dir.join("ca.der");
+        std::fs::write(&not_pem, [0x30, 0x82]).unwrap();
+        let with_url = |url: String| GOOD.replace("amqp://guest:guest@127.0.0.1:5672/%2f", &url);
+        let amqps = |query: &str| with_url(format!("amqps://guest:pw@mq:5671/%2f?{query}"));
+        let p = pem.display();
+        let c = parse(&amqps(&format!("heartbeat=30&cacertfile={p}"))).unwrap();
+        assert_eq!(c.broker.tls.ca_file.as_deref(), Some(pem.as_path()));
+        assert_eq!(c.broker.tls.client, None);
+        // Percent-encoded, as a URL's query may be.
+        let encoded = p.to_string().replace('/', "%2F");
+        let c = parse(&amqps(&format!(
+            "certfile={encoded}&keyfile={p}&verify=verify_peer"
+        )))
+        .unwrap();
+        assert_eq!(c.broker.tls.client, Some((pem.clone(), pem.clone())));
+        assert_eq!(parse(GOOD).unwrap().broker.tls, BrokerTls::default());
+        for (query, expected) in [
+            (
+                "cacertfile=/no/such.pem".to_string(),
+                "cacertfile: cannot read /no/such.pem",
+            ),
+            (
+                format!("cacertfile={}", not_pem.display()),
+                "expected a PEM file",
+            ),
+            (format!("certfile={p}"), "a client certificate needs both"),
+            (
+                "verify=verify_none".to_string(),
+                "always checks the broker's certificate",
+            ),
+        ] {
+            let e = error_of(&amqps(&query));
+            assert!(
+                e.contains("broker.url") && e.contains(expected),
+                "{query}: {e}"
+            );
+            assert!(!e.contains(":pw@"), "{e}");
+        }
+        let e = error_of(&with_url(format!("amqp://guest:pw@mq/%2f?cacertfile={p}")));
+        assert!(e.contains("apply to amqps:// URLs only"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -66,6 +66,31 @@ pub fn redact(url: &str) -> String {
     mask_password_params(&out)
 }
 
+/// `%XX` escapes in a URL part (a path with `/` or spaces, a percent-encoded
+/// password); a `%` without two hex digits after it stays as it is.
+pub fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn mask_password_params(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
