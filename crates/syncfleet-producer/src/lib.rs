@@ -10,7 +10,8 @@
 //! 2. Create the run, then for each stream walk its keys in one snapshot
 //!    ([`syncfleet_db::scan`]) and, a chunk at a time, record the chunk's
 //!    batches in the control schema and publish one job per batch, waiting
-//!    for the broker's confirms.
+//!    for the broker's confirms (while the next chunk is read and
+//!    recorded).
 //! 3. Mark the run planned; from then on the workers finish it.
 //!
 //! A batch is marked published only after the broker confirmed its job. If
@@ -246,17 +247,41 @@ async fn plan_stream_from(
         count += 1;
         (count, range)
     };
-    // Stops before asking for a slot that no read would use.
-    while !scan.is_finished() {
-        let read = async { Ok::<_, PlanError>(scan.next_chunk().await?) };
-        let Some(chunk) = ceiling.read(destination, read).await? else {
-            break;
+    // A chunk recorded is published while the next is read and recorded:
+    // the broker's confirms and the databases' work overlap. Published
+    // in order, each after it was recorded.
+    let mut recorded: Vec<(i64, KeyRange)> = Vec::new();
+    loop {
+        let publishing = async {
+            match recorded.is_empty() {
+                true => Ok(()),
+                false => publish(destination, publisher, run_id, name, &recorded, lsn).await,
+            }
         };
-        let batches: Vec<(i64, KeyRange)> = chunk
-            .into_iter()
-            .map(|boundary| numbered(ranges.until(boundary)))
-            .collect();
-        record_and_publish(destination, publisher, run_id, name, &batches, lsn).await?;
+        let next = async {
+            // Stops before asking for a slot that no read would use.
+            if scan.is_finished() {
+                return Ok(None);
+            }
+            let read = async { Ok::<_, PlanError>(scan.next_chunk().await?) };
+            let Some(chunk) = ceiling.read(destination, read).await? else {
+                return Ok(None);
+            };
+            let batches: Vec<(i64, KeyRange)> = chunk
+                .into_iter()
+                .map(|boundary| numbered(ranges.until(boundary)))
+                .collect();
+            control::insert_batches(&**destination.get().await?, run_id, name, &batches).await?;
+            Ok::<_, PlanError>(Some(batches))
+        };
+        // Not `try_join!`: a failed read must not cut a publish short,
+        // leaving confirmed jobs unmarked (a resume would send them twice).
+        let (published, next) = tokio::join!(publishing, next);
+        published?;
+        match next? {
+            Some(batches) => recorded = batches,
+            None => break,
+        }
     }
     let last = numbered(ranges.last());
     let total = last.0;
