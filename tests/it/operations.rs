@@ -337,6 +337,79 @@ async fn prometheus_scrapes_queue_depth_from_a_worker() {
     .await;
 }
 
+/// Jobs that find no fleet read slot free by half their deadline (one
+/// slot, held elsewhere for several deadlines) are handed back untried
+/// rather than timed out: no attempt is used up, nothing is dead-lettered,
+/// and the run completes once the slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_that_find_no_read_slot_by_half_their_deadline_are_handed_back() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 50) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let text = env
+        .config_text_with(
+            "max_concurrent_reads = 1\n",
+            "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n",
+        )
+        .replace("[jobs]\n", "[jobs]\ndeadline = \"2s\"\n");
+    let path = env.write("syncfleet.toml", &text);
+    let config = std::sync::Arc::new(syncfleet_core::Config::load(&path).unwrap());
+    let plan = env.plan(&config).await;
+    let batches = plan.batches[0].1 as f64;
+    // The fleet's one read slot, taken the way a worker takes it.
+    let holder = crate::helpers::connect(&env.dest_url).await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock(hashtext($1), 0)",
+            &[&syncfleet_db::ceiling::namespace(&env.name)],
+        )
+        .await
+        .unwrap();
+    let port = free_port();
+    let _worker = spawn(
+        &env,
+        &["worker", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    let metrics = || async {
+        get(port, "/metrics")
+            .await
+            .map(|(_, m)| m)
+            .unwrap_or_default()
+    };
+    let outcome = |metrics: &str, o: &str| {
+        sample(
+            metrics,
+            "syncfleet_jobs_total",
+            &["stream=\"items\"", &format!("outcome=\"{o}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    // Three attempts' deadlines and more: timed out instead, the jobs
+    // would have been dead-lettered by now.
+    env.eventually("jobs handed back while the slot is held", 30, || async {
+        outcome(&metrics().await, "handed_back") >= 4.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let held = metrics().await;
+    assert_eq!(outcome(&held, "succeeded"), 0.0, "{held}");
+    assert_eq!(outcome(&held, "retried"), 0.0, "{held}");
+    assert_eq!(env.dead_letters().await, 0);
+    drop(holder);
+    env.wait(plan.run_id).await;
+    let done = metrics().await;
+    assert_eq!(outcome(&done, "succeeded"), batches, "{done}");
+    assert_eq!(outcome(&done, "retried"), 0.0, "{done}");
+    assert_eq!(env.dead_letters().await, 0);
+    env.assert_same_rows("SELECT * FROM items").await;
+}
+
 /// A job the read gate holds so long that it could no longer finish within
 /// the broker's consumer timeout is handed back untried, rather than held
 /// until the broker takes the whole session's jobs back; the run still

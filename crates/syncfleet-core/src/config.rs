@@ -793,7 +793,8 @@ impl Validator<'_> {
     }
 
     /// The TLS files of an AMQP URL's query (see [`BrokerTls`]), each
-    /// checked to be a readable PEM file.
+    /// checked to hold what it names; and what else of the URL the AMQP
+    /// client would misread.
     fn broker_tls(&self, field: &str, url: &str) -> Result<BrokerTls, ConfigError> {
         let query = url.split_once('?').map_or("", |(_, q)| q);
         let query = query.split('#').next().unwrap_or("");
@@ -805,6 +806,30 @@ impl Validator<'_> {
                 .map(|(_, v)| percent_decode(v))
         };
         let invalid = |message: String| self.invalid(field, message);
+        // lapin reads such a host as none at all, and connects to localhost.
+        if url.split_once("://").is_some_and(|(_, rest)| {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            authority.rsplit('@').next().unwrap_or("").starts_with('[')
+        }) {
+            return Err(invalid(
+                "IPv6 address literals are not supported by the AMQP client; use a host name"
+                    .into(),
+            ));
+        }
+        for (name, why) in [
+            (
+                "password",
+                "encrypted keys are not supported; give keyfile unencrypted",
+            ),
+            (
+                "server_name_indication",
+                "the certificate is checked for the URL's host",
+            ),
+        ] {
+            if param(name).is_some() {
+                return Err(invalid(format!("{name}: not supported: {why}")));
+            }
+        }
         if let Some(verify) = param("verify")
             && verify != "verify_peer"
         {
@@ -813,7 +838,11 @@ impl Validator<'_> {
                  a CA of your own, name its PEM file with cacertfile (got verify={verify})"
             )));
         }
+        // Each file must hold what its parameter names: a certificate
+        // (`cacertfile`, `certfile`) or an unencrypted private key.
         let pem = |name: &str| -> Result<Option<PathBuf>, ConfigError> {
+            use rustls_pki_types::pem::PemObject;
+            use rustls_pki_types::{CertificateDer, PrivateKeyDer};
             let Some(path) = param(name) else {
                 return Ok(None);
             };
@@ -824,9 +853,19 @@ impl Validator<'_> {
             }
             let bytes = std::fs::read(&path)
                 .map_err(|e| invalid(format!("{name}: cannot read {path}: {e}")))?;
-            if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+            let (ok, expected) = match name {
+                "keyfile" => (
+                    PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
+                    "an unencrypted private key (-----BEGIN PRIVATE KEY-----)",
+                ),
+                _ => (
+                    CertificateDer::pem_slice_iter(&bytes).any(|c| c.is_ok()),
+                    "certificates (-----BEGIN CERTIFICATE-----)",
+                ),
+            };
+            if !ok {
                 return Err(invalid(format!(
-                    "{name}: expected a PEM file (-----BEGIN ...), {path} is not one"
+                    "{name}: expected a PEM file of {expected}, {path} holds none"
                 )));
             }
             Ok(Some(PathBuf::from(path)))
@@ -1361,6 +1400,19 @@ mod tests {
         .unwrap();
         let not_pem = dir.join("ca.der");
         std::fs::write(&not_pem, [0x30, 0x82]).unwrap();
+        let key = dir.join("key.pem");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let encrypted = dir.join("encrypted.pem");
+        std::fs::write(
+            &encrypted,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let (k, enc) = (key.display(), encrypted.display());
         let with_url = |url: String| GOOD.replace("amqp://guest:guest@127.0.0.1:5672/%2f", &url);
         let amqps = |query: &str| with_url(format!("amqps://guest:pw@mq:5671/%2f?{query}"));
         let p = pem.display();
@@ -1370,10 +1422,10 @@ mod tests {
         // Percent-encoded, as a URL's query may be.
         let encoded = p.to_string().replace('/', "%2F");
         let c = parse(&amqps(&format!(
-            "certfile={encoded}&keyfile={p}&verify=verify_peer"
+            "certfile={encoded}&keyfile={k}&verify=verify_peer"
         )))
         .unwrap();
-        assert_eq!(c.broker.tls.client, Some((pem.clone(), pem.clone())));
+        assert_eq!(c.broker.tls.client, Some((pem.clone(), key.clone())));
         assert_eq!(parse(GOOD).unwrap().broker.tls, BrokerTls::default());
         for (query, expected) in [
             (
@@ -1385,6 +1437,18 @@ mod tests {
                 "expected a PEM file",
             ),
             (format!("certfile={p}"), "a client certificate needs both"),
+            (
+                format!("certfile={k}&keyfile={p}"),
+                "certfile: expected a PEM file of certificates",
+            ),
+            (
+                format!("certfile={p}&keyfile={enc}"),
+                "keyfile: expected a PEM file of an unencrypted private key",
+            ),
+            (
+                format!("certfile={p}&keyfile={enc}&password=x"),
+                "password: not supported",
+            ),
             (
                 "verify=verify_none".to_string(),
                 "always checks the broker's certificate",
@@ -1399,6 +1463,9 @@ mod tests {
         }
         let e = error_of(&with_url(format!("amqp://guest:pw@mq/%2f?cacertfile={p}")));
         assert!(e.contains("apply to amqps:// URLs only"), "{e}");
+        let e = error_of(&with_url("amqp://guest:pw@[::1]:5672/%2f".into()));
+        assert!(e.contains("broker.url") && e.contains("IPv6"), "{e}");
+        assert!(parse(&with_url("amqp://guest:pw@10.0.0.5:5672/%2f".into())).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -320,9 +320,13 @@ async fn publish(
         .iter()
         .map(|(n, range)| Job::new(run_id, stream, *n, range.clone()).at(lsn))
         .collect();
+    // Taken first: a pool with no connection to spare (the planner reads
+    // the next chunk meanwhile) fails before the jobs go out, not after,
+    // which would leave them to be published again by a resume.
+    let marking = destination.get().await?;
     publisher.publish_jobs(&jobs).await?;
     let numbers: Vec<i64> = batches.iter().map(|(n, _)| *n).collect();
-    control::mark_published(&**destination.get().await?, run_id, stream, &numbers).await?;
+    control::mark_published(&**marking, run_id, stream, &numbers).await?;
     Ok(())
 }
 

@@ -497,6 +497,15 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
                 }
                 return;
             }
+            // Not started before the earliest job's start-by: no read slot
+            // came free in time. Alone, each would wait as long again.
+            Ok(Err(JobError::NotStarted(reason))) if by.is_some_and(|by| Instant::now() < by) => {
+                for (delivery, job) in deliveries.iter().zip(&jobs) {
+                    let result = Ok(Err(JobError::NotStarted(reason.clone())));
+                    conclude(&context, delivery, job, started, result).await;
+                }
+                return;
+            }
             // Held past the earliest job's start-by: each goes on by its
             // own, alone below, and only those past theirs are handed back.
             Ok(Err(JobError::NotStarted(_))) => {}

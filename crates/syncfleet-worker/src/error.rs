@@ -28,8 +28,9 @@ pub enum JobError {
     #[error("{0}")]
     ShapeChanged(String),
     /// Not begun in time (it waited at the read gate until it could no
-    /// longer finish within the broker's consumer timeout): handed back
-    /// to the queue untried, as the same attempt.
+    /// longer finish within the broker's consumer timeout, or for a fleet
+    /// read slot until half its deadline had gone): handed back to the
+    /// queue untried, as the same attempt.
     #[error("{0}")]
     NotStarted(String),
 }

@@ -294,7 +294,8 @@ impl Executor {
     ///
     /// The jobs begin once the read gate lets them, and not after
     /// `start_by`: past it they would not finish before the broker takes
-    /// their deliveries back, and they end [`JobError::NotStarted`].
+    /// their deliveries back, and they end [`JobError::NotStarted`]. So
+    /// they do if no fleet read slot comes free by half their deadline.
     pub async fn execute_group(
         &self,
         jobs: &[Job],
@@ -341,6 +342,11 @@ impl Executor {
             permit: Some(permit),
         };
         let deadline = Instant::now() + budget;
+        // The other half is the work's. A job that waits longer for a read
+        // slot (many workers, a low ceiling) is handed back untried: timed
+        // out, it would use up an attempt each time and, in a fleet busy
+        // long enough, be dead-lettered without ever having run.
+        let slot_by = (deadline - budget / 2).min(start_by.unwrap_or(deadline));
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(2))
@@ -361,7 +367,9 @@ impl Executor {
         let tries = AtomicU32::new(0);
         let attempt = || async {
             tries.fetch_add(1, Ordering::Relaxed);
-            let result = self.attempt(&streams, jobs, deadline, budget).await;
+            let result = self
+                .attempt(&streams, jobs, deadline, budget, slot_by)
+                .await;
             if result.is_err() {
                 let mut shapes = self.shapes.lock().expect("shape cache");
                 for stream in &streams {
@@ -459,6 +467,7 @@ impl Executor {
         jobs: &[Job],
         deadline: Instant,
         budget: Duration,
+        slot_by: Instant,
     ) -> Result<Vec<BatchOutcome>, JobError> {
         let mut src = Unpooled(Some(self.source.get().await?));
         let mut dst = Unpooled(Some(self.destination.get().await?));
@@ -482,7 +491,7 @@ impl Executor {
                 .zip(&shapes)
                 .map(|((job, stream), shape)| Work { job, stream, shape })
                 .collect();
-            self.converge(&work, src_client, dst_client).await
+            self.converge(&work, src_client, dst_client, slot_by).await
         };
         match tokio::time::timeout_at(deadline.into(), converge).await {
             Ok(Ok(outcomes)) => {
@@ -559,6 +568,7 @@ impl Executor {
         work: &[Work<'_>],
         src: &mut Client,
         dst: &mut Client,
+        slot_by: Instant,
     ) -> Result<Vec<BatchOutcome>, JobError> {
         // Read once per transaction: its batches keep the pace they started
         // with.
@@ -653,7 +663,21 @@ impl Executor {
             return Ok(vec![BatchOutcome::SUPERSEDED; all.len()]);
         }
         if let (false, Some(n)) = (got_slot, slots) {
-            ceiling::take_read_slot(&*dst, n, &namespace).await?;
+            let wait = ceiling::take_read_slot(&*dst, n, &namespace);
+            if let Ok(taken) = tokio::time::timeout_at(slot_by.into(), wait).await {
+                taken?;
+            } else {
+                // The wait goes on on the server until cancelled (the
+                // connection is then closed, see `attempt`).
+                let token = dst.cancel_token();
+                let cancel = token.cancel_query(self.destination.tls());
+                let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel).await;
+                return Err(JobError::NotStarted(
+                    "no fleet read slot came free by half its deadline (source.max_concurrent_reads, \
+                     or the throttle, holds the fleet's reads to fewer than the jobs waiting)"
+                        .into(),
+                ));
+            }
         }
         // When the reads began, for the fleet's rows/s budget.
         let began = Instant::now();
