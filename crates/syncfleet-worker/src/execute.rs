@@ -195,6 +195,9 @@ pub struct Executor {
     /// [`Executor::shape`]). An entry is also dropped when a job of its
     /// stream fails, so a changed source schema is seen again.
     shapes: Mutex<HashMap<String, CachedShape>>,
+    /// One description of a stream at a time: the jobs that begin a run
+    /// together wait for the first one's instead of each describing it.
+    describing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Every source read of this process passes this gate (adaptive
     /// throttle, rows per second).
     gate: Arc<ReadGate>,
@@ -236,6 +239,7 @@ impl Executor {
             source,
             destination,
             shapes: Mutex::new(HashMap::new()),
+            describing: Mutex::new(HashMap::new()),
             odds: Default::default(),
             gate: Arc::new(ReadGate::new(
                 config.worker.concurrency,
@@ -424,11 +428,27 @@ impl Executor {
         src: &Client,
         dst: &Client,
     ) -> Result<Arc<StreamShape>, JobError> {
-        if let Some(cached) = self.shapes.lock().expect("shape cache").get(&stream.name)
-            && cached.run_id >= run_id
-            && (run_id != NO_RUN || cached.described.elapsed() < EVENT_SHAPE_AGE)
-        {
-            return Ok(cached.shape.clone());
+        let cached = || {
+            let shapes = self.shapes.lock().expect("shape cache");
+            let cached = shapes.get(&stream.name)?;
+            (cached.run_id >= run_id
+                && (run_id != NO_RUN || cached.described.elapsed() < EVENT_SHAPE_AGE))
+                .then(|| cached.shape.clone())
+        };
+        if let Some(shape) = cached() {
+            return Ok(shape);
+        }
+        let describing = self
+            .describing
+            .lock()
+            .expect("describing")
+            .entry(stream.name.clone())
+            .or_default()
+            .clone();
+        // Inside the job's deadline, as the description itself is.
+        let _describing = describing.lock().await;
+        if let Some(shape) = cached() {
+            return Ok(shape);
         }
         let described = StreamShape::describe(&***src, stream).await?;
         let destination: Vec<String> = dst
