@@ -497,11 +497,11 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
                 }
                 return;
             }
-            // Not started before the earliest job's start-by: no read slot
-            // came free in time. Alone, each would wait as long again.
-            Ok(Err(JobError::NotStarted(reason))) if by.is_some_and(|by| Instant::now() < by) => {
+            // No read slot came free in time: alone, each would wait as
+            // long again.
+            Ok(Err(JobError::NoReadSlot(reason))) => {
                 for (delivery, job) in deliveries.iter().zip(&jobs) {
-                    let result = Ok(Err(JobError::NotStarted(reason.clone())));
+                    let result = Ok(Err(JobError::NoReadSlot(reason.clone())));
                     conclude(&context, delivery, job, started, result).await;
                 }
                 return;
@@ -549,7 +549,7 @@ async fn conclude(
 ) {
     let meta = Meta::from_properties(&delivery.properties);
     let id = job.id();
-    if !matches!(result, Ok(Err(JobError::NotStarted(_)))) {
+    if !matches!(&result, Ok(Err(e)) if e.not_started()) {
         metrics::histogram!(m::JOB_DURATION, "stream" => job.stream.clone())
             .record(started.elapsed().as_secs_f64());
     }
@@ -558,7 +558,7 @@ async fn conclude(
     };
     let retry = context.executor.config().jobs.retry;
     match result {
-        Ok(Err(JobError::NotStarted(reason))) => {
+        Ok(Err(JobError::NotStarted(reason) | JobError::NoReadSlot(reason))) => {
             tracing::info!(job = %id, %reason, "handing the job back untried");
             hand_back(context, delivery, &id, &job.stream).await;
         }
@@ -615,9 +615,10 @@ async fn conclude(
             let (kind, reason, meta) = match e {
                 JobError::Reject(r) | JobError::ShapeChanged(r) => ("permanent", r, meta),
                 // (Not begun: handed back above, never dead-lettered.)
-                JobError::Retry(r) | JobError::Unavailable(r) | JobError::NotStarted(r) => {
-                    ("attempts exhausted", r, meta)
-                }
+                JobError::Retry(r)
+                | JobError::Unavailable(r)
+                | JobError::NotStarted(r)
+                | JobError::NoReadSlot(r) => ("attempts exhausted", r, meta),
                 JobError::Disconnected(r) => {
                     let meta = meta.lost_connection();
                     let r = format!(

@@ -28,11 +28,23 @@ pub enum JobError {
     #[error("{0}")]
     ShapeChanged(String),
     /// Not begun in time (it waited at the read gate until it could no
-    /// longer finish within the broker's consumer timeout, or for a fleet
-    /// read slot until half its deadline had gone): handed back to the
-    /// queue untried, as the same attempt.
+    /// longer finish within the broker's consumer timeout): handed back
+    /// to the queue untried, as the same attempt. A group's jobs go on one
+    /// by one, each against its own time.
     #[error("{0}")]
     NotStarted(String),
+    /// No fleet read slot came free by half the deadline (or by the time
+    /// it had to begin): handed back untried like [`JobError::NotStarted`],
+    /// a group's jobs all at once, since alone each would wait as long.
+    #[error("{0}")]
+    NoReadSlot(String),
+}
+
+impl JobError {
+    /// Handed back to the queue untried.
+    pub fn not_started(&self) -> bool {
+        matches!(self, JobError::NotStarted(_) | JobError::NoReadSlot(_))
+    }
 }
 
 impl JobError {

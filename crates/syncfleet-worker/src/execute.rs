@@ -125,6 +125,26 @@ struct CachedShape {
     described: Instant,
 }
 
+/// The streams' shapes as last described, and how often each was
+/// forgotten: a description begun before its stream was last forgotten is
+/// not kept, since it may predate the change that failed a job.
+#[derive(Default)]
+struct Shapes {
+    cached: HashMap<String, CachedShape>,
+    forgotten: HashMap<String, u64>,
+}
+
+impl Shapes {
+    fn forget(&mut self, stream: &str) {
+        self.cached.remove(stream);
+        *self.forgotten.entry(stream.to_string()).or_default() += 1;
+    }
+
+    fn generation(&self, stream: &str) -> u64 {
+        self.forgotten.get(stream).copied().unwrap_or(0)
+    }
+}
+
 /// The column names of a destination table (none if it does not exist).
 const DESTINATION_COLUMNS: &str = "SELECT coalesce(array_agg(attname::text), '{}') FROM pg_attribute \
      WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped";
@@ -194,7 +214,7 @@ pub struct Executor {
     /// Stream shapes, each described for the run whose job asked first (see
     /// [`Executor::shape`]). An entry is also dropped when a job of its
     /// stream fails, so a changed source schema is seen again.
-    shapes: Mutex<HashMap<String, CachedShape>>,
+    shapes: Mutex<Shapes>,
     /// One description of a stream at a time: the jobs that begin a run
     /// together wait for the first one's instead of each describing it.
     describing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -238,7 +258,7 @@ impl Executor {
             fingerprints: source.has_row_hash() && destination.has_row_hash(),
             source,
             destination,
-            shapes: Mutex::new(HashMap::new()),
+            shapes: Mutex::new(Shapes::default()),
             describing: Mutex::new(HashMap::new()),
             odds: Default::default(),
             gate: Arc::new(ReadGate::new(
@@ -298,8 +318,9 @@ impl Executor {
     ///
     /// The jobs begin once the read gate lets them, and not after
     /// `start_by`: past it they would not finish before the broker takes
-    /// their deliveries back, and they end [`JobError::NotStarted`]. So
-    /// they do if no fleet read slot comes free by half their deadline.
+    /// their deliveries back, and they end [`JobError::NotStarted`]. If no
+    /// fleet read slot comes free by half their deadline (or by
+    /// `start_by`), they end [`JobError::NoReadSlot`].
     pub async fn execute_group(
         &self,
         jobs: &[Job],
@@ -364,20 +385,28 @@ impl Executor {
         let retried = |e: &JobError| match e {
             JobError::Unavailable(_) | JobError::ShapeChanged(_) => true,
             JobError::Retry(_) => jobs.len() == 1,
-            JobError::Reject(_) | JobError::Disconnected(_) | JobError::NotStarted(_) => false,
+            JobError::Reject(_)
+            | JobError::Disconnected(_)
+            | JobError::NotStarted(_)
+            | JobError::NoReadSlot(_) => false,
         };
         // A failed attempt describes its streams again: the error may have
-        // come from a column added or dropped since.
+        // come from a column added or dropped since. (Not one that did not
+        // begin, or found a database down: in a busy fleet, each hand-back
+        // would describe the stream again.)
         let tries = AtomicU32::new(0);
         let attempt = || async {
             tries.fetch_add(1, Ordering::Relaxed);
             let result = self
                 .attempt(&streams, jobs, deadline, budget, slot_by)
                 .await;
-            if result.is_err() {
+            if let Err(e) = &result
+                && !e.not_started()
+                && !matches!(e, JobError::Unavailable(_))
+            {
                 let mut shapes = self.shapes.lock().expect("shape cache");
                 for stream in &streams {
-                    shapes.remove(&stream.name);
+                    shapes.forget(&stream.name);
                 }
             }
             result
@@ -430,7 +459,7 @@ impl Executor {
     ) -> Result<Arc<StreamShape>, JobError> {
         let cached = || {
             let shapes = self.shapes.lock().expect("shape cache");
-            let cached = shapes.get(&stream.name)?;
+            let cached = shapes.cached.get(&stream.name)?;
             (cached.run_id >= run_id
                 && (run_id != NO_RUN || cached.described.elapsed() < EVENT_SHAPE_AGE))
                 .then(|| cached.shape.clone())
@@ -450,6 +479,11 @@ impl Executor {
         if let Some(shape) = cached() {
             return Ok(shape);
         }
+        let generation = self
+            .shapes
+            .lock()
+            .expect("shape cache")
+            .generation(&stream.name);
         let described = StreamShape::describe(&***src, stream).await?;
         let destination: Vec<String> = dst
             .query_one(
@@ -469,10 +503,10 @@ impl Executor {
             run_id,
             described: Instant::now(),
         };
-        self.shapes
-            .lock()
-            .expect("shape cache")
-            .insert(stream.name.clone(), cached);
+        let mut shapes = self.shapes.lock().expect("shape cache");
+        if shapes.generation(&stream.name) == generation {
+            shapes.cached.insert(stream.name.clone(), cached);
+        }
         Ok(shape)
     }
 
@@ -683,20 +717,32 @@ impl Executor {
             return Ok(vec![BatchOutcome::SUPERSEDED; all.len()]);
         }
         if let (false, Some(n)) = (got_slot, slots) {
+            let none_free = || {
+                JobError::NoReadSlot(
+                    "no fleet read slot came free by half its deadline (source.max_concurrent_reads, \
+                     or the throttle, holds the fleet's reads to fewer than the jobs waiting)"
+                        .into(),
+                )
+            };
+            // Not even begun: a cancel could reach the server before the
+            // wait does, and miss it.
+            if Instant::now() >= slot_by {
+                return Err(none_free());
+            }
             let wait = ceiling::take_read_slot(&*dst, n, &namespace);
             if let Ok(taken) = tokio::time::timeout_at(slot_by.into(), wait).await {
                 taken?;
             } else {
-                // The wait goes on on the server until cancelled (the
-                // connection is then closed, see `attempt`).
+                // The wait goes on on the server, holding the write locks,
+                // until cancelled (the connection is closed, see `attempt`,
+                // but the server notices only when the wait ends). Sent
+                // apart: it must not eat the deadline and cost an attempt.
                 let token = dst.cancel_token();
-                let cancel = token.cancel_query(self.destination.tls());
-                let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel).await;
-                return Err(JobError::NotStarted(
-                    "no fleet read slot came free by half its deadline (source.max_concurrent_reads, \
-                     or the throttle, holds the fleet's reads to fewer than the jobs waiting)"
-                        .into(),
-                ));
+                let tls = self.destination.tls();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls)).await;
+                });
+                return Err(none_free());
             }
         }
         // When the reads began, for the fleet's rows/s budget.
