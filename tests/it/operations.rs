@@ -401,6 +401,59 @@ async fn jobs_that_find_no_read_slot_by_half_their_deadline_are_handed_back() {
     assert_eq!(outcome(&held, "succeeded"), 0.0, "{held}");
     assert_eq!(outcome(&held, "retried"), 0.0, "{held}");
     assert_eq!(env.dead_letters().await, 0);
+
+    // An operator sees who holds the slot, and that it is held longer than
+    // any job may run, in `status` and in the producer's gauges.
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let out = env.cli(&path, &["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("read slots: 1 of 1 held"), "{text}");
+    assert!(
+        text.contains(&format!("slot 0: pid {pid} "))
+            && text.contains(&format!("pg_terminate_backend({pid})")),
+        "{text}"
+    );
+    env.eventually(
+        "status --json shows the holder and a waiter",
+        30,
+        || async {
+            let out = env.cli(&path, &["status", "--json"]).await;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            let sessions = v["read_slots"]["sessions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let holds = sessions.first().is_some_and(|s| {
+                s["granted"] == true
+                    && s["pid"] == pid
+                    && s["slot"] == 0
+                    && s["seconds"].as_f64() > Some(2.0)
+            });
+            holds && sessions.iter().any(|s| s["granted"] == false)
+        },
+    )
+    .await;
+    let producer_port = free_port();
+    let producer = spawn(
+        &env,
+        &[
+            "producer",
+            "--metrics-addr",
+            &format!("127.0.0.1:{producer_port}"),
+        ],
+    );
+    env.eventually("the producer's read-slot gauges", 30, || async {
+        get(producer_port, "/metrics").await.is_some_and(|(_, m)| {
+            sample(&m, "syncfleet_read_slots", &["state=\"held\""]) == Some(1.0)
+                && sample(&m, "syncfleet_read_slot_held_seconds", &[]).is_some_and(|s| s > 2.0)
+        })
+    })
+    .await;
+    drop(producer);
     drop(holder);
     env.wait(plan.run_id).await;
     let done = metrics().await;

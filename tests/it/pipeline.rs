@@ -269,6 +269,7 @@ async fn sync_wait_and_status_through_the_binary() {
     assert!(out.status.success());
     assert!(stdout.contains("succeeded"), "{stdout}");
     assert!(stdout.contains("13/13"), "{stdout}");
+    assert!(stdout.contains("read slots: 0 of 4 held"), "{stdout}");
     assert!(
         stdout.contains(&format!("queue {}.work: 0 ready", env.name)),
         "{stdout}"

@@ -504,6 +504,14 @@ impl Config {
         Ok(())
     }
 
+    /// The longest any job may run: past it, a worker cancels the job.
+    pub fn longest_deadline(&self) -> Duration {
+        self.streams
+            .iter()
+            .map(|s| s.deadline)
+            .fold(self.jobs.deadline, Duration::max)
+    }
+
     fn invalid_field(&self, field: &str, message: String) -> ConfigError {
         ConfigError::Invalid {
             origin: self.origin.clone(),

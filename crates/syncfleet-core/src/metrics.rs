@@ -42,6 +42,16 @@ pub const QUEUE_CONSUMERS: &str = "syncfleet_queue_consumers";
 /// The adaptive throttle's read level as this process sees it: the
 /// source reads the whole fleet may run at once.
 pub const THROTTLE_LEVEL: &str = "syncfleet_throttle_level";
+/// Sessions holding one of the fleet's read slots
+/// (`source.max_concurrent_reads`) or waiting for one, by `state` (held,
+/// waiting), from the destination's `pg_locks`.
+pub const READ_SLOTS: &str = "syncfleet_read_slots";
+/// The longest any read slot has been held, at most (its holder's
+/// transaction age); 0 when none is held. A job's hold ends by its
+/// deadline: far beyond it, the slot is not a job's, and the jobs that
+/// need it are handed back until it is freed (`syncfleet status` names
+/// the holder).
+pub const READ_SLOT_HELD: &str = "syncfleet_read_slot_held_seconds";
 
 /// All of them.
 pub const ALL: &[&str] = &[
@@ -63,4 +73,6 @@ pub const ALL: &[&str] = &[
     QUEUE_MESSAGES,
     QUEUE_CONSUMERS,
     THROTTLE_LEVEL,
+    READ_SLOTS,
+    READ_SLOT_HELD,
 ];

@@ -62,6 +62,53 @@ pub async fn take_read_slot(
     Ok(())
 }
 
+/// A session that holds one of the fleet's read slots, or waits for one,
+/// as `pg_locks` shows it in the destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotSession {
+    pub slot: i64,
+    pub pid: i32,
+    pub granted: bool,
+    /// Empty where the role may not see the session's details (another
+    /// role's session, without `pg_read_all_stats`).
+    pub application_name: String,
+    pub state: String,
+    /// Seconds since its transaction began (a worker's or the planner's
+    /// slot lasts a transaction), or outside one since its session began:
+    /// how long it may have held the slot, at most.
+    pub seconds: Option<f64>,
+}
+
+/// The sessions holding or waiting for a read slot of the fleet whose
+/// advisory-lock namespace is `namespace`: holders first, the longest
+/// first. A slot held far longer than any job's deadline is not a job's:
+/// jobs that need it are handed back half a deadline at a time until it
+/// is freed, and this names who holds it.
+pub async fn slot_sessions(
+    client: &impl tokio_postgres::GenericClient,
+    namespace: &str,
+) -> Result<Vec<SlotSession>, DbError> {
+    // An advisory lock on two int4 keys shows its first as `classid`, an
+    // oid: the key's bits read unsigned.
+    let rows = client
+        .query(
+            "SELECT l.objid::int8, l.pid, l.granted, coalesce(a.application_name, ''),              coalesce(a.state, ''),              extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, a.backend_start))::float8              FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid              WHERE l.locktype = 'advisory' AND l.objsubid = 2              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())              AND l.classid::int8 = hashtext($1)::int8 & 4294967295              ORDER BY l.granted DESC, 6 DESC NULLS LAST, l.objid",
+            &[&namespace],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| SlotSession {
+            slot: r.get(0),
+            pid: r.get(1),
+            granted: r.get(2),
+            application_name: r.get(3),
+            state: r.get(4),
+            seconds: r.get(5),
+        })
+        .collect())
+}
+
 /// The ceiling for source reads outside the workers' batches: the
 /// planner's walk of a stream's keys, a chunk per read, and verify's
 /// walk and checksums.

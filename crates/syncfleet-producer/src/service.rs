@@ -23,7 +23,7 @@ use syncfleet_core::Config;
 use syncfleet_core::config::{DbConfig, ProducerConfig};
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::{Shutdown, ShutdownSignal};
-use syncfleet_db::ceiling::Ceiling;
+use syncfleet_db::ceiling::{self, Ceiling};
 use syncfleet_db::{Pool, Role, control};
 use tokio::time::Instant;
 
@@ -277,7 +277,7 @@ async fn report_gauges(config: Arc<Config>, destination: Pool, mut shutdown: Shu
     let topology = syncfleet_broker::Topology::new(&config.broker.prefix);
     let mut depths = syncfleet_broker::DepthGauges::new(topology);
     loop {
-        report_progress(&destination).await;
+        report_progress(&config, &destination).await;
         depths.report(&config.broker).await;
         tokio::select! {
             _ = shutdown.wait() => break,
@@ -365,11 +365,24 @@ async fn fail_interrupted(destination: &Pool, stream: &str, before: i64) {
     }
 }
 
-/// Run progress of each stream's latest run, and watermark ages.
-async fn report_progress(destination: &Pool) {
+/// Run progress of each stream's latest run, watermark ages, and who
+/// holds the fleet's read slots.
+async fn report_progress(config: &Config, destination: &Pool) {
     let Ok(client) = destination.get().await else {
         return;
     };
+    if config.reads.max_concurrent.is_some() {
+        let namespace = ceiling::namespace(&config.broker.prefix);
+        if let Ok(sessions) = ceiling::slot_sessions(&**client, &namespace).await {
+            let held = sessions.iter().filter(|s| s.granted);
+            let longest = held.clone().filter_map(|s| s.seconds).fold(0.0, f64::max);
+            let held = held.count();
+            metrics::gauge!(m::READ_SLOTS, "state" => "held").set(held as f64);
+            metrics::gauge!(m::READ_SLOTS, "state" => "waiting")
+                .set((sessions.len() - held) as f64);
+            metrics::gauge!(m::READ_SLOT_HELD).set(longest);
+        }
+    }
     if let Ok(rows) = client
         .query(
             "SELECT l.stream, count(*) FILTER (WHERE b.status = 'done'), count(b.batch_no) \

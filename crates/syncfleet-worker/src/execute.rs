@@ -720,7 +720,8 @@ impl Executor {
             let none_free = || {
                 JobError::NoReadSlot(
                     "no fleet read slot came free by half its deadline (source.max_concurrent_reads, \
-                     or the throttle, holds the fleet's reads to fewer than the jobs waiting)"
+                     or the throttle, holds the fleet's reads to fewer than the jobs waiting; \
+                     `syncfleet status` shows who holds the slots)"
                         .into(),
                 )
             };

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use syncfleet_broker::{BrokerError, Topology};
 use syncfleet_core::Config;
 use syncfleet_db::control::{self, RunSummary, StreamProgress};
-use syncfleet_db::{Pool, Role};
+use syncfleet_db::{Pool, Role, ceiling};
 
 use crate::error::CliError;
 use crate::progress::Progress;
@@ -82,8 +82,58 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
         }
     }
     println!();
+    print_read_slots(config, &client).await?;
     print_queues(config).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Who holds the fleet's read slots and who waits for them. A slot held
+/// longer than any job may run is not a running job's (the planner's and
+/// `verify`'s holds last a read): the jobs that need it are handed back
+/// until it is freed, and this is where an operator finds whose it is.
+async fn print_read_slots(
+    config: &Config,
+    client: &tokio_postgres::Client,
+) -> Result<(), CliError> {
+    let Some(ceiling) = config.reads.max_concurrent else {
+        println!("read slots: no fleet-wide ceiling (source.max_concurrent_reads is unset)");
+        return Ok(());
+    };
+    let sessions =
+        ceiling::slot_sessions(client, &ceiling::namespace(&config.broker.prefix)).await?;
+    let held = sessions.iter().filter(|s| s.granted).count();
+    println!(
+        "read slots: {held} of {ceiling} held, {} waiting",
+        sessions.len() - held
+    );
+    let longest = config.longest_deadline().as_secs_f64();
+    for s in sessions.iter().filter(|s| s.granted) {
+        let seconds = s.seconds.map_or("?".into(), |t| format!("{t:.1}s"));
+        let stuck = match s.seconds {
+            Some(t) if t > longest => format!(
+                ": longer than any job may run ({longest:.0}s), so not a job's; \
+                 pg_terminate_backend({}) in the destination frees it",
+                s.pid
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "  slot {}: pid {} ({}, {}), held up to {seconds}{stuck}",
+            s.slot,
+            s.pid,
+            or_hidden(&s.application_name),
+            or_hidden(&s.state)
+        );
+    }
+    Ok(())
+}
+
+fn or_hidden(s: &str) -> &str {
+    if s.is_empty() {
+        "not visible to this role"
+    } else {
+        s
+    }
 }
 
 fn print_run(run: &RunSummary) {
@@ -234,6 +284,22 @@ async fn json(
         }
         None => serde_json::Value::Null,
     };
+    let read_slots = match config.reads.max_concurrent {
+        Some(n) => {
+            let sessions: Vec<serde_json::Value> =
+                ceiling::slot_sessions(&**client, &ceiling::namespace(&config.broker.prefix))
+                    .await?
+                    .iter()
+                    .map(|s| {
+                        json!({"slot": s.slot, "pid": s.pid, "granted": s.granted,
+                               "application_name": s.application_name, "state": s.state,
+                               "seconds": s.seconds})
+                    })
+                    .collect();
+            json!({"ceiling": n, "sessions": sessions})
+        }
+        None => serde_json::Value::Null,
+    };
     let topology = Topology::new(&config.broker.prefix);
     let mut queues = Vec::new();
     if let Ok(connection) = syncfleet_broker::connect(&config.broker, "status").await {
@@ -249,8 +315,10 @@ async fn json(
     }
     println!(
         "{}",
-        serde_json::to_string_pretty(&json!({"run": run_json, "queues": queues}))
-            .expect("JSON serializes")
+        serde_json::to_string_pretty(
+            &json!({"run": run_json, "read_slots": read_slots, "queues": queues})
+        )
+        .expect("JSON serializes")
     );
     Ok(ExitCode::SUCCESS)
 }
