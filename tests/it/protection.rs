@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use syncfleet_core::Config;
 use syncfleet_core::shutdown::Shutdown;
+use syncfleet_db::ceiling::Slots;
 use syncfleet_db::sql::Pace;
 use syncfleet_db::{Pool, Role, ceiling};
 use syncfleet_worker::throttle::{ReadGate, run_probe};
@@ -463,9 +464,82 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
         .unwrap()
         .get(0);
     assert_eq!(recorded, 0, "batches were planned without a read slot");
+    // Seen from `status`: the test's hold, and the planner's walk waiting,
+    // named as a walk.
+    let slots = Slots::read(&env.dest, &config).await.unwrap().unwrap();
+    let held_by: i32 = held
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        slots.held().map(|s| s.pid).collect::<Vec<_>>(),
+        [held_by],
+        "{slots:?}"
+    );
+    assert!(
+        slots
+            .sessions
+            .iter()
+            .any(|s| !s.granted && s.application_name == ceiling::WALK_APPLICATION),
+        "{slots:?}"
+    );
     held.batch_execute("ROLLBACK").await.unwrap();
     let plan = plan.await;
     assert_eq!(plan.batches, vec![("items".to_string(), 11)]);
+}
+
+/// `status` finds a fleet's read slots in `pg_locks`, where the first key
+/// of an advisory lock (the namespace's hash) shows unsigned: prefixes
+/// whose namespace hashes below zero and above it, each with a slot held
+/// in a transaction, as a worker holds one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_slot_holders_are_found_whatever_their_namespace_hashes_to() {
+    let env = TestEnv::new().await;
+    let mut prefixes: Vec<(bool, String)> = Vec::new();
+    for i in 0.. {
+        let prefix = format!("{}{i}", env.name);
+        let negative: bool = env
+            .dest
+            .query_one("SELECT hashtext($1) < 0", &[&ceiling::namespace(&prefix)])
+            .await
+            .unwrap()
+            .get(0);
+        if !prefixes.iter().any(|(n, _)| *n == negative) {
+            prefixes.push((negative, prefix));
+        }
+        if prefixes.len() == 2 {
+            break;
+        }
+    }
+    let text = env.config_text("");
+    for (_, prefix) in prefixes {
+        let text = text.replace(
+            &format!("prefix = \"{}\"", env.name),
+            &format!("prefix = \"{prefix}\""),
+        );
+        let config = Config::load(&env.write("slots.toml", &text)).unwrap();
+        let holder = connect(&env.dest_url).await;
+        holder.batch_execute("BEGIN").await.unwrap();
+        holder
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1), 2)",
+                &[&ceiling::namespace(&prefix)],
+            )
+            .await
+            .unwrap();
+        let pid: i32 = holder
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let slots = Slots::read(&env.dest, &config).await.unwrap().unwrap();
+        let held: Vec<_> = slots.held().collect();
+        assert_eq!(held.len(), 1, "{prefix}: {slots:?}");
+        assert_eq!((held[0].pid, held[0].slot), (pid, 2), "{prefix}");
+        assert!(held[0].seconds.is_some() && !held[0].stuck, "{slots:?}");
+        assert_eq!(slots.waiting(), 0);
+    }
 }
 
 /// While the throttle holds the fleet below level one, the planner walks

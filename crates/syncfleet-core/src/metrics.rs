@@ -43,14 +43,14 @@ pub const QUEUE_CONSUMERS: &str = "syncfleet_queue_consumers";
 /// source reads the whole fleet may run at once.
 pub const THROTTLE_LEVEL: &str = "syncfleet_throttle_level";
 /// Sessions holding one of the fleet's read slots
-/// (`source.max_concurrent_reads`) or waiting for one, by `state` (held,
-/// waiting), from the destination's `pg_locks`.
+/// (`source.max_concurrent_reads`) or waiting for one, from the
+/// destination's `pg_locks`, by `state`: held, waiting, and stuck (held
+/// longer than syncfleet ever holds one, so not syncfleet's own hold: the
+/// jobs that need it are handed back until it is freed, and `syncfleet
+/// status` names the holder).
 pub const READ_SLOTS: &str = "syncfleet_read_slots";
-/// The longest any read slot has been held, at most (its holder's
-/// transaction age); 0 when none is held. A job's hold ends by its
-/// deadline: far beyond it, the slot is not a job's, and the jobs that
-/// need it are handed back until it is freed (`syncfleet status` names
-/// the holder).
+/// The longest any read slot has been held (its holder's transaction
+/// age); 0 when none is.
 pub const READ_SLOT_HELD: &str = "syncfleet_read_slot_held_seconds";
 
 /// All of them.

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use syncfleet_core::Config;
+use syncfleet_core::config::SETTLE_SLACK;
 
 use crate::Pool;
 use crate::control;
@@ -62,51 +63,107 @@ pub async fn take_read_slot(
     Ok(())
 }
 
-/// A session that holds one of the fleet's read slots, or waits for one,
-/// as `pg_locks` shows it in the destination.
+/// The `application_name` of a destination session while it holds a slot
+/// for a walk of the source (the planner's, `verify`'s), so that `status`
+/// tells it from a job's.
+pub const WALK_APPLICATION: &str = "syncfleet-walk";
+
+/// The fleet's read slots, as the destination's `pg_locks` shows them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slots {
+    /// `source.max_concurrent_reads`.
+    pub ceiling: u32,
+    /// Holders first, the longest-held first, then the sessions waiting.
+    pub sessions: Vec<SlotSession>,
+}
+
+/// A session that holds one of the fleet's read slots, or waits for one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SlotSession {
     pub slot: i64,
     pub pid: i32,
     pub granted: bool,
-    /// Empty where the role may not see the session's details (another
-    /// role's session, without `pg_read_all_stats`).
     pub application_name: String,
+    /// Empty where the role may not see it (another role's session,
+    /// without `pg_read_all_stats`), as `seconds` is then `None`.
     pub state: String,
-    /// Seconds since its transaction began (a worker's or the planner's
-    /// slot lasts a transaction), or outside one since its session began:
-    /// how long it may have held the slot, at most.
+    /// Seconds since its transaction began (a job's or a walk's slot lasts
+    /// a transaction), or outside one since its session began. A
+    /// session-level lock may be older than the transaction it is in now.
     pub seconds: Option<f64>,
+    /// Held longer than syncfleet ever holds a slot: a job for its deadline
+    /// and the time to settle it, a walk for its wait and its read (each up
+    /// to the source's `statement_timeout`). The jobs that need the slot
+    /// are handed back, half a deadline at a time, until it is freed.
+    pub stuck: bool,
 }
 
-/// The sessions holding or waiting for a read slot of the fleet whose
-/// advisory-lock namespace is `namespace`: holders first, the longest
-/// first. A slot held far longer than any job's deadline is not a job's:
-/// jobs that need it are handed back half a deadline at a time until it
-/// is freed, and this names who holds it.
-pub async fn slot_sessions(
-    client: &impl tokio_postgres::GenericClient,
-    namespace: &str,
-) -> Result<Vec<SlotSession>, DbError> {
-    // An advisory lock on two int4 keys shows its first as `classid`, an
-    // oid: the key's bits read unsigned.
-    let rows = client
-        .query(
-            "SELECT l.objid::int8, l.pid, l.granted, coalesce(a.application_name, ''),              coalesce(a.state, ''),              extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, a.backend_start))::float8              FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid              WHERE l.locktype = 'advisory' AND l.objsubid = 2              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())              AND l.classid::int8 = hashtext($1)::int8 & 4294967295              ORDER BY l.granted DESC, 6 DESC NULLS LAST, l.objid",
-            &[&namespace],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| SlotSession {
-            slot: r.get(0),
-            pid: r.get(1),
-            granted: r.get(2),
-            application_name: r.get(3),
-            state: r.get(4),
-            seconds: r.get(5),
-        })
-        .collect())
+impl Slots {
+    /// The slots of this config's fleet; `None` without a ceiling.
+    pub async fn read(
+        client: &impl tokio_postgres::GenericClient,
+        config: &Config,
+    ) -> Result<Option<Slots>, DbError> {
+        let Some(ceiling) = config.reads.max_concurrent else {
+            return Ok(None);
+        };
+        let job = config.longest_deadline() + SETTLE_SLACK;
+        let walk = 2 * config
+            .source
+            .statement_timeout
+            .unwrap_or(Duration::from_secs(300))
+            + SETTLE_SLACK;
+        // An advisory lock on two int4 keys shows the first as `classid`,
+        // an oid: the key's bits read unsigned. A prepared transaction's
+        // locks have no pid.
+        let rows = client
+            .query(
+                "SELECT l.objid::int8, l.pid, l.granted, coalesce(a.application_name, ''), \
+                 coalesce(a.state, ''), extract(epoch FROM clock_timestamp() \
+                 - coalesce(a.xact_start, a.backend_start))::float8 AS seconds \
+                 FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.pid IS NOT NULL \
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND l.classid::int8 = hashtext($1)::int8 & 4294967295 \
+                 ORDER BY l.granted DESC, seconds DESC NULLS LAST, l.objid",
+                &[&namespace(&config.broker.prefix)],
+            )
+            .await?;
+        let sessions = rows
+            .iter()
+            .map(|r| {
+                let (granted, application_name, seconds): (bool, String, Option<f64>) =
+                    (r.get(2), r.get(3), r.get(5));
+                let bound = match application_name == WALK_APPLICATION {
+                    true => walk,
+                    false => job,
+                };
+                SlotSession {
+                    slot: r.get(0),
+                    pid: r.get(1),
+                    granted,
+                    state: r.get(4),
+                    stuck: granted && seconds.is_some_and(|s| s > bound.as_secs_f64()),
+                    application_name,
+                    seconds,
+                }
+            })
+            .collect();
+        Ok(Some(Slots { ceiling, sessions }))
+    }
+
+    pub fn held(&self) -> impl Iterator<Item = &SlotSession> {
+        self.sessions.iter().filter(|s| s.granted)
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.sessions.iter().filter(|s| !s.granted).count()
+    }
+
+    /// The longest any slot has been held, as far as this role can see.
+    pub fn longest(&self) -> f64 {
+        self.held().filter_map(|s| s.seconds).fold(0.0, f64::max)
+    }
 }
 
 /// The ceiling for source reads outside the workers' batches: the
@@ -181,7 +238,12 @@ impl Ceiling {
         };
         let held = Held::new(destination.get().await?, destination.tls());
         let client = held.client();
-        client.batch_execute("BEGIN").await.map_err(DbError::from)?;
+        client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL application_name = '{WALK_APPLICATION}'"
+            ))
+            .await
+            .map_err(DbError::from)?;
         // A first try at once: the wait below queues for one slot only.
         let free = client
             .query_opt(

@@ -23,7 +23,7 @@ use syncfleet_core::Config;
 use syncfleet_core::config::{DbConfig, ProducerConfig};
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::{Shutdown, ShutdownSignal};
-use syncfleet_db::ceiling::{self, Ceiling};
+use syncfleet_db::ceiling::{Ceiling, Slots};
 use syncfleet_db::{Pool, Role, control};
 use tokio::time::Instant;
 
@@ -371,17 +371,16 @@ async fn report_progress(config: &Config, destination: &Pool) {
     let Ok(client) = destination.get().await else {
         return;
     };
-    if config.reads.max_concurrent.is_some() {
-        let namespace = ceiling::namespace(&config.broker.prefix);
-        if let Ok(sessions) = ceiling::slot_sessions(&**client, &namespace).await {
-            let held = sessions.iter().filter(|s| s.granted);
-            let longest = held.clone().filter_map(|s| s.seconds).fold(0.0, f64::max);
-            let held = held.count();
-            metrics::gauge!(m::READ_SLOTS, "state" => "held").set(held as f64);
-            metrics::gauge!(m::READ_SLOTS, "state" => "waiting")
-                .set((sessions.len() - held) as f64);
-            metrics::gauge!(m::READ_SLOT_HELD).set(longest);
+    if let Ok(Some(slots)) = Slots::read(&**client, config).await {
+        let stuck = slots.held().filter(|s| s.stuck).count();
+        for (state, n) in [
+            ("held", slots.held().count()),
+            ("waiting", slots.waiting()),
+            ("stuck", stuck),
+        ] {
+            metrics::gauge!(m::READ_SLOTS, "state" => state).set(n as f64);
         }
+        metrics::gauge!(m::READ_SLOT_HELD).set(slots.longest());
     }
     if let Ok(rows) = client
         .query(

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use syncfleet_broker::{BrokerError, Topology};
 use syncfleet_core::Config;
+use syncfleet_db::ceiling::Slots;
 use syncfleet_db::control::{self, RunSummary, StreamProgress};
-use syncfleet_db::{Pool, Role, ceiling};
+use syncfleet_db::{Pool, Role};
 
 use crate::error::CliError;
 use crate::progress::Progress;
@@ -87,35 +88,34 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Who holds the fleet's read slots and who waits for them. A slot held
-/// longer than any job may run is not a running job's (the planner's and
-/// `verify`'s holds last a read): the jobs that need it are handed back
-/// until it is freed, and this is where an operator finds whose it is.
+/// Who holds the fleet's read slots, and how many wait for them. A slot
+/// held longer than syncfleet ever holds one is flagged with the pid to
+/// end: the jobs that need it are handed back until it is freed.
 async fn print_read_slots(
     config: &Config,
     client: &tokio_postgres::Client,
 ) -> Result<(), CliError> {
-    let Some(ceiling) = config.reads.max_concurrent else {
+    let Some(slots) = Slots::read(client, config).await? else {
         println!("read slots: no fleet-wide ceiling (source.max_concurrent_reads is unset)");
         return Ok(());
     };
-    let sessions =
-        ceiling::slot_sessions(client, &ceiling::namespace(&config.broker.prefix)).await?;
-    let held = sessions.iter().filter(|s| s.granted).count();
     println!(
-        "read slots: {held} of {ceiling} held, {} waiting",
-        sessions.len() - held
+        "read slots: {} of {} held, {} waiting",
+        slots.held().count(),
+        slots.ceiling,
+        slots.waiting()
     );
-    let longest = config.longest_deadline().as_secs_f64();
-    for s in sessions.iter().filter(|s| s.granted) {
-        let seconds = s.seconds.map_or("?".into(), |t| format!("{t:.1}s"));
-        let stuck = match s.seconds {
-            Some(t) if t > longest => format!(
-                ": longer than any job may run ({longest:.0}s), so not a job's; \
+    for s in slots.held() {
+        let seconds = s
+            .seconds
+            .map_or("an unknown time".into(), |t| format!("{t:.1}s"));
+        let stuck = match s.stuck {
+            true => format!(
+                ": longer than syncfleet holds a slot, so not a job's; \
                  pg_terminate_backend({}) in the destination frees it",
                 s.pid
             ),
-            _ => String::new(),
+            false => String::new(),
         };
         println!(
             "  slot {}: pid {} ({}, {}), held up to {seconds}{stuck}",
@@ -284,19 +284,18 @@ async fn json(
         }
         None => serde_json::Value::Null,
     };
-    let read_slots = match config.reads.max_concurrent {
-        Some(n) => {
-            let sessions: Vec<serde_json::Value> =
-                ceiling::slot_sessions(&**client, &ceiling::namespace(&config.broker.prefix))
-                    .await?
-                    .iter()
-                    .map(|s| {
-                        json!({"slot": s.slot, "pid": s.pid, "granted": s.granted,
-                               "application_name": s.application_name, "state": s.state,
-                               "seconds": s.seconds})
-                    })
-                    .collect();
-            json!({"ceiling": n, "sessions": sessions})
+    let read_slots = match Slots::read(&**client, config).await? {
+        Some(slots) => {
+            let sessions: Vec<serde_json::Value> = slots
+                .sessions
+                .iter()
+                .map(|s| {
+                    json!({"slot": s.slot, "pid": s.pid, "granted": s.granted,
+                           "application_name": s.application_name, "state": s.state,
+                           "seconds": s.seconds, "stuck": s.stuck})
+                })
+                .collect();
+            json!({"ceiling": slots.ceiling, "sessions": sessions})
         }
         None => serde_json::Value::Null,
     };
