@@ -99,10 +99,10 @@ pub async fn run(
                 n => format!("{}, round {round} of {n}", mode.name),
             };
             eprintln!("bench: app latency alone, then with {name}");
-            let (_, alone_p99) =
+            let ((_, alone_p99), idle) =
                 alone(bench, &script, seconds, rate, &format!("alone{i}-{round}")).await?;
             let tag = format!("mode{i}-{round}");
-            let (p50, p99, rows_per_s) =
+            let ((p50, p99, rows_per_s), busy) =
                 during_syncs(bench, &config, &script, seconds, rate, &tag).await?;
             if mode.name.starts_with("unthrottled") {
                 unthrottled = rows_per_s.max(1.0);
@@ -114,6 +114,9 @@ pub async fn run(
                 p99 / alone_p99,
                 rows_per_s,
                 rows_per_s / unthrottled,
+                idle.cores,
+                busy.cores,
+                idle.steal.max(busy.steal),
             ];
             rows.push(app_row(name, &row));
             measured.push(row);
@@ -136,8 +139,12 @@ pub async fn run(
     Ok(rows)
 }
 
-/// alone p99, p50, p99, ratio, rows/s, vs unthrottled.
-fn app_row(name: String, [alone, p50, p99, ratio, rows_per_s, speed]: &[f64; 6]) -> Vec<String> {
+/// alone p99, p50, p99, ratio, rows/s, vs unthrottled; the machine's busy
+/// cores alone and with the syncs, and the larger steal of the two phases.
+fn app_row(
+    name: String,
+    [alone, p50, p99, ratio, rows_per_s, speed, idle, busy, steal]: &[f64; 9],
+) -> Vec<String> {
     vec![
         name,
         format!("{alone:.2}"),
@@ -146,7 +153,59 @@ fn app_row(name: String, [alone, p50, p99, ratio, rows_per_s, speed]: &[f64; 6])
         format!("{ratio:.2}"),
         format!("{rows_per_s:.0}"),
         format!("{speed:.2}"),
+        format!("{idle:.2} → {busy:.2}"),
+        format!("{:.0}", rows_per_s / (busy - idle)),
+        format!("{:.1}", steal * 100.0),
     ]
+}
+
+/// How busy the whole machine was over a phase, from `/proc/stat`.
+#[derive(Debug, Clone, Copy)]
+pub struct Cpu {
+    /// Cores busy on average (user, system, interrupts), out of all.
+    pub cores: f64,
+    /// The share of time the hypervisor ran something else (0 to 1).
+    pub steal: f64,
+}
+
+/// The `cpu` line of `/proc/stat`: busy, steal and all ticks.
+fn cpu_ticks() -> Result<[u64; 3], String> {
+    let stat = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    let t: Vec<u64> = stat
+        .lines()
+        .next()
+        .filter(|l| l.starts_with("cpu "))
+        .ok_or("/proc/stat: no cpu line")?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| format!("/proc/stat: {v} is not a count"))
+        })
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal
+    let [user, nice, system, _, _, irq, softirq, steal] = t[..] else {
+        return Err("/proc/stat: fewer than 8 cpu fields".into());
+    };
+    Ok([user + nice + system + irq + softirq, steal, t.iter().sum()])
+}
+
+/// Runs `phase`, measuring the machine's CPU over it.
+async fn measured<T>(phase: impl Future<Output = Result<T, String>>) -> Result<(T, Cpu), String> {
+    let before = cpu_ticks()?;
+    let out = phase.await?;
+    let after = cpu_ticks()?;
+    let [busy, steal, all] = std::array::from_fn(|i| after[i].saturating_sub(before[i]) as f64);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let all = all.max(1.0);
+    Ok((
+        out,
+        Cpu {
+            cores: busy / all * cores,
+            steal: steal / all,
+        },
+    ))
 }
 
 /// pgbench with no sync running, once the databases are quiet: vacuumed
@@ -157,10 +216,10 @@ async fn alone(
     seconds: u64,
     rate: u32,
     tag: &str,
-) -> Result<(f64, f64), String> {
+) -> Result<((f64, f64), Cpu), String> {
     bench.settle().await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    pgbench(bench, script, seconds, rate, tag).await
+    measured(pgbench(bench, script, seconds, rate, tag)).await
 }
 
 /// pgbench while 2 workers run back-to-back full syncs.
@@ -171,7 +230,7 @@ async fn during_syncs(
     seconds: u64,
     rate: u32,
     tag: &str,
-) -> Result<(f64, f64, f64), String> {
+) -> Result<((f64, f64, f64), Cpu), String> {
     let workers = Workers::start(bench, config, 2).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let syncs = {
@@ -198,7 +257,7 @@ async fn during_syncs(
         .await
         .map_err(db_err)?
         .get(0);
-    let (p50, p99) = pgbench(bench, script, seconds, rate, tag).await?;
+    let ((p50, p99), cpu) = measured(pgbench(bench, script, seconds, rate, tag)).await?;
     let copied: f64 = bench
         .dst
         .query_one(
@@ -212,7 +271,7 @@ async fn during_syncs(
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(120), syncs).await;
     workers.stop().await;
-    Ok((p50, p99, copied / seconds as f64))
+    Ok(((p50, p99, copied / seconds as f64), cpu))
 }
 
 /// Runs pgbench at a fixed rate; returns p50 and p99 latency in ms.

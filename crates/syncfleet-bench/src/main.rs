@@ -237,7 +237,12 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
              processes, each such phase right after a phase of the app alone whose p99 is its \
              reference (the app's p99 alone drifts on this machine; its neighbour drifts least). \
              rows/s is the sync's own rate in the same window: rows copied, or found unchanged \
-             by comparing a range's fingerprints.",
+             by comparing a range's fingerprints. The machine's busy cores (from \
+             `/proc/stat`: user, system and interrupt time, whatever runs) over the phase of \
+             the app alone and over the phase with the syncs; the difference is what the sync \
+             took (its workers, the broker, both databases' backends), and rows per sync \
+             core-second divides its rows/s by it. Steal is the larger share of the two phases' \
+             time that the hypervisor gave to something else.",
                 args.app_rate, args.rows
             ),
             &[
@@ -248,6 +253,9 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
                 "p99 vs alone",
                 "sync rows/s",
                 "vs unthrottled",
+                "busy cores alone → with syncs",
+                "rows per sync core-s",
+                "steal %",
             ],
             phases,
         );
