@@ -272,6 +272,21 @@ async fn a_sync_runs_over_amqps_to_a_broker_that_checks_both_ends() {
     .unwrap();
     let counts = api.queue_counts("/", &work).await;
     assert!(counts.as_ref().is_ok_and(|c| c.ready == 0), "{counts:?}");
+    // The management listener asks for a client certificate too.
+    let anonymous = Management::new(
+        config.broker.management_url.as_ref().unwrap(),
+        &BrokerTls {
+            client: None,
+            ..config.broker.tls.clone()
+        },
+    )
+    .unwrap()
+    .queue_counts("/", &work)
+    .await;
+    assert!(
+        anonymous.is_err(),
+        "the management API answered without a client certificate: {anonymous:?}"
+    );
     let untrusted = Management::new(
         config.broker.management_url.as_ref().unwrap(),
         &BrokerTls::default(),

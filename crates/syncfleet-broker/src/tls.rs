@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use syncfleet_core::config::BrokerTls;
 
 /// lapin's TLS settings: `cacertfile`'s CAs trusted besides the system's,
@@ -38,7 +38,8 @@ pub(crate) fn amqp(tls: &BrokerTls) -> Result<OwnedTLSConfig, String> {
     })
 }
 
-/// A connector for the management API over HTTPS.
+/// A connector for the management API over HTTPS, presenting the client
+/// certificate too, for a management listener that asks for one.
 pub(crate) fn https(tls: &BrokerTls) -> Result<tokio_rustls::TlsConnector, String> {
     let mut roots = RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
@@ -54,10 +55,22 @@ pub(crate) fn https(tls: &BrokerTls) -> Result<tokio_rustls::TlsConnector, Strin
         }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match &tls.client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("certfile: {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("keyfile: {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("certfile and keyfile: {e}"))?
+        }
+    };
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }

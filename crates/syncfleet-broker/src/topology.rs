@@ -8,6 +8,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
 use crate::BrokerError;
+use crate::management::Management;
 
 /// Redeliveries before the broker dead-letters a job by itself. It catches
 /// messages that kill their worker every time (poison messages): ordinary
@@ -202,41 +203,35 @@ impl Topology {
         Ok((q.message_count(), q.consumer_count()))
     }
 
-    /// Sets the queue gauges of the work, events and dead-letter queues:
-    /// ready, unacked and consumers from the management API when its URL is
-    /// configured, else ready and consumers by a passive declare.
-    pub async fn report_depths(
-        &self,
-        connection: &lapin::Connection,
-        config: &syncfleet_core::config::BrokerConfig,
-    ) {
+    /// Sets the queue gauges of the work, events and dead-letter queues
+    /// from the management API: ready, unacked and consumers. False if
+    /// any queue's counts could not be had.
+    async fn report_from_management(&self, management: &Management, vhost: &str) -> bool {
         use syncfleet_core::metrics as m;
-        if let Some(url) = &config.management_url {
-            let management = match crate::management::Management::new(url, &config.tls) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot reach the management API");
-                    return;
+        let mut all = true;
+        for queue in self.queues() {
+            match management.queue_counts(vhost, &queue).await {
+                Ok(c) => {
+                    for (state, value) in [("ready", c.ready), ("unacked", c.unacked)] {
+                        metrics::gauge!(m::QUEUE_MESSAGES, "queue" => queue.clone(), "state" => state)
+                            .set(value as f64);
+                    }
+                    metrics::gauge!(m::QUEUE_CONSUMERS, "queue" => queue.clone())
+                        .set(c.consumers as f64);
                 }
-            };
-            let vhost = crate::management::vhost(config.url.expose());
-            for queue in self.queues() {
-                match management.queue_counts(&vhost, &queue).await {
-                    Ok(c) => {
-                        for (state, value) in [("ready", c.ready), ("unacked", c.unacked)] {
-                            metrics::gauge!(m::QUEUE_MESSAGES, "queue" => queue.clone(), "state" => state)
-                                .set(value as f64);
-                        }
-                        metrics::gauge!(m::QUEUE_CONSUMERS, "queue" => queue.clone())
-                            .set(c.consumers as f64);
-                    }
-                    Err(e) => {
-                        tracing::debug!(%queue, error = %e, "no queue counts from the management API")
-                    }
+                Err(e) => {
+                    all = false;
+                    tracing::debug!(%queue, error = %e, "no queue counts from the management API")
                 }
             }
-            return;
         }
+        all
+    }
+
+    /// The same without the management API: ready and consumers, by a
+    /// passive declare.
+    async fn report_from_declares(&self, connection: &lapin::Connection) {
+        use syncfleet_core::metrics as m;
         for queue in self.queues() {
             // A passive declare of a missing queue closes its channel.
             let Ok(channel) = connection.create_channel().await else {
@@ -279,11 +274,17 @@ pub(crate) fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
-/// Reports the queue gauges every few seconds over a connection of its
-/// own, opened again when it is lost (see [`Topology::report_depths`]).
+/// Reports the queue gauges every few seconds: from the management API
+/// when its URL is configured (ready and unacked), else by passive
+/// declares over a connection of its own, opened again when it is lost.
 pub struct DepthGauges {
     topology: Topology,
     connection: Option<lapin::Connection>,
+    /// Made at the first report and again after one that failed: loading
+    /// the system's CAs for HTTPS at every report would cost milliseconds
+    /// each time, and renewed TLS files are read once the old ones stop
+    /// working.
+    management: Option<Management>,
 }
 
 impl DepthGauges {
@@ -291,10 +292,34 @@ impl DepthGauges {
         Self {
             topology,
             connection: None,
+            management: None,
         }
     }
 
+    /// Sets the queue gauges: from the management API when its URL is
+    /// configured, else by passive declares.
     pub async fn report(&mut self, config: &syncfleet_core::config::BrokerConfig) {
+        if let Some(url) = &config.management_url {
+            if self.management.is_none() {
+                match Management::new(url, &config.tls) {
+                    Ok(m) => self.management = Some(m),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reach the management API");
+                        return;
+                    }
+                }
+            }
+            let management = self.management.as_ref().expect("made above");
+            let vhost = crate::management::vhost(config.url.expose());
+            if !self
+                .topology
+                .report_from_management(management, &vhost)
+                .await
+            {
+                self.management = None;
+            }
+            return;
+        }
         if self
             .connection
             .as_ref()
@@ -303,7 +328,7 @@ impl DepthGauges {
             self.connection = crate::connect(config, "gauges").await.ok();
         }
         if let Some(c) = &self.connection {
-            self.topology.report_depths(c, config).await;
+            self.topology.report_from_declares(c).await;
         }
     }
 

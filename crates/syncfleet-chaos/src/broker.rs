@@ -121,6 +121,12 @@ impl PrivateBroker {
                 ));
                 if management.is_some() {
                     conf.push_str(&files("management.ssl"));
+                    if tls.client_certificates {
+                        conf.push_str(
+                            "management.ssl.verify = verify_peer\n\
+                             management.ssl.fail_if_no_peer_cert = true\n",
+                        );
+                    }
                 }
                 Some(tls_port)
             }
