@@ -474,7 +474,7 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
         .get(0);
     assert_eq!(
         slots.held().map(|s| s.pid).collect::<Vec<_>>(),
-        [held_by],
+        [Some(held_by)],
         "{slots:?}"
     );
     assert!(
@@ -489,10 +489,57 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
     assert_eq!(plan.batches, vec![("items".to_string(), 11)]);
 }
 
+/// A slot held by a prepared transaction (no session holds it, and it
+/// never ends by itself) is shown, and stuck from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_slot_held_by_a_prepared_transaction_is_stuck() {
+    let env = TestEnv::new().await;
+    let cluster = tokio::task::block_in_place(|| {
+        syncfleet_chaos::postgres::PrivatePostgres::start_with(
+            &env.dir,
+            &["max_prepared_transactions = 2"],
+        )
+    })
+    .unwrap();
+    let url = cluster.url("postgres");
+    let text = env.config_text("").replace(&env.dest_url, &url);
+    let config = Config::load(&env.write("prepared.toml", &text)).unwrap();
+    let holder = connect(&url).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1), 1)",
+            &[&ceiling::namespace(&config.broker.prefix)],
+        )
+        .await
+        .unwrap();
+    holder
+        .batch_execute("PREPARE TRANSACTION 'sft_stray'")
+        .await
+        .unwrap();
+    let slots = Slots::read(&holder, &config).await.unwrap().unwrap();
+    let held: Vec<_> = slots.held().collect();
+    assert_eq!(held.len(), 1, "{slots:?}");
+    assert!(
+        held[0].pid.is_none()
+            && held[0].slot == 1
+            && held[0].stuck
+            && held[0].state == "prepared transaction 'sft_stray'",
+        "{slots:?}"
+    );
+    holder
+        .batch_execute("ROLLBACK PREPARED 'sft_stray'")
+        .await
+        .unwrap();
+    let slots = Slots::read(&holder, &config).await.unwrap().unwrap();
+    assert_eq!(slots.held().count(), 0, "{slots:?}");
+}
+
 /// `status` finds a fleet's read slots in `pg_locks`, where the first key
 /// of an advisory lock (the namespace's hash) shows unsigned: prefixes
-/// whose namespace hashes below zero and above it, each with a slot held
-/// in a transaction, as a worker holds one.
+/// whose namespace hashes below zero and above it, one with a slot held
+/// in a transaction, as a worker holds one, the other with one held by an
+/// idle session, as a stray `psql` might.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_slot_holders_are_found_whatever_their_namespace_hashes_to() {
     let env = TestEnv::new().await;
@@ -513,19 +560,22 @@ async fn read_slot_holders_are_found_whatever_their_namespace_hashes_to() {
         }
     }
     let text = env.config_text("");
-    for (_, prefix) in prefixes {
+    for (negative, prefix) in prefixes {
         let text = text.replace(
             &format!("prefix = \"{}\"", env.name),
             &format!("prefix = \"{prefix}\""),
         );
         let config = Config::load(&env.write("slots.toml", &text)).unwrap();
         let holder = connect(&env.dest_url).await;
-        holder.batch_execute("BEGIN").await.unwrap();
+        let lock = match negative {
+            true => "SELECT pg_advisory_lock(hashtext($1), 2)",
+            false => {
+                holder.batch_execute("BEGIN").await.unwrap();
+                "SELECT pg_advisory_xact_lock(hashtext($1), 2)"
+            }
+        };
         holder
-            .execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1), 2)",
-                &[&ceiling::namespace(&prefix)],
-            )
+            .execute(lock, &[&ceiling::namespace(&prefix)])
             .await
             .unwrap();
         let pid: i32 = holder
@@ -536,7 +586,7 @@ async fn read_slot_holders_are_found_whatever_their_namespace_hashes_to() {
         let slots = Slots::read(&env.dest, &config).await.unwrap().unwrap();
         let held: Vec<_> = slots.held().collect();
         assert_eq!(held.len(), 1, "{prefix}: {slots:?}");
-        assert_eq!((held[0].pid, held[0].slot), (pid, 2), "{prefix}");
+        assert_eq!((held[0].pid, held[0].slot), (Some(pid), 2), "{prefix}");
         assert!(held[0].seconds.is_some() && !held[0].stuck, "{slots:?}");
         assert_eq!(slots.waiting(), 0);
     }

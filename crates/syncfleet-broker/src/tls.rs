@@ -62,14 +62,15 @@ pub(crate) fn https(tls: &BrokerTls) -> Result<tokio_rustls::TlsConnector, Strin
     let config = match &tls.client {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
+            let (shown_cert, shown_key) = (cert.display(), key.display());
             let chain = CertificateDer::pem_file_iter(cert)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("certfile: {}: {e}", cert.display()))?;
+                .map_err(|e| format!("certfile: cannot read {shown_cert}: {e}"))?;
             let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("keyfile: {}: {e}", key.display()))?;
+                .map_err(|e| format!("keyfile: cannot read {shown_key}: {e}"))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("certfile and keyfile: {e}"))?
+                .map_err(|e| format!("certfile {shown_cert} and keyfile {shown_key}: {e}"))?
         }
     };
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))

@@ -204,14 +204,15 @@ impl Topology {
     }
 
     /// Sets the queue gauges of the work, events and dead-letter queues
-    /// from the management API: ready, unacked and consumers. False if
-    /// any queue's counts could not be had.
+    /// from the management API: ready, unacked and consumers. False if no
+    /// queue's counts could be had.
     async fn report_from_management(&self, management: &Management, vhost: &str) -> bool {
         use syncfleet_core::metrics as m;
-        let mut all = true;
+        let mut any = false;
         for queue in self.queues() {
             match management.queue_counts(vhost, &queue).await {
                 Ok(c) => {
+                    any = true;
                     for (state, value) in [("ready", c.ready), ("unacked", c.unacked)] {
                         metrics::gauge!(m::QUEUE_MESSAGES, "queue" => queue.clone(), "state" => state)
                             .set(value as f64);
@@ -220,12 +221,11 @@ impl Topology {
                         .set(c.consumers as f64);
                 }
                 Err(e) => {
-                    all = false;
                     tracing::debug!(%queue, error = %e, "no queue counts from the management API")
                 }
             }
         }
-        all
+        any
     }
 
     /// The same without the management API: ready and consumers, by a
@@ -280,11 +280,13 @@ pub(crate) fn text(s: &str) -> AMQPValue {
 pub struct DepthGauges {
     topology: Topology,
     connection: Option<lapin::Connection>,
-    /// Made at the first report and again after one that failed: loading
-    /// the system's CAs for HTTPS at every report would cost milliseconds
-    /// each time, and renewed TLS files are read once the old ones stop
-    /// working.
+    /// Made at the first report and again after one that got no queue's
+    /// counts: loading the system's CAs for HTTPS at every report would
+    /// cost milliseconds each time, and renewed TLS files are read once
+    /// the old ones stop working.
     management: Option<Management>,
+    /// Whether the last try to make it failed (warned once, not every 5 s).
+    unmade: bool,
 }
 
 impl DepthGauges {
@@ -293,6 +295,7 @@ impl DepthGauges {
             topology,
             connection: None,
             management: None,
+            unmade: false,
         }
     }
 
@@ -302,9 +305,11 @@ impl DepthGauges {
         if let Some(url) = &config.management_url {
             if self.management.is_none() {
                 match Management::new(url, &config.tls) {
-                    Ok(m) => self.management = Some(m),
+                    Ok(m) => (self.management, self.unmade) = (Some(m), false),
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot reach the management API");
+                        if !std::mem::replace(&mut self.unmade, true) {
+                            tracing::warn!(error = %e, "no client for the management API");
+                        }
                         return;
                     }
                 }

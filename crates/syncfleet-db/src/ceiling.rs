@@ -81,20 +81,26 @@ pub struct Slots {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SlotSession {
     pub slot: i64,
-    pub pid: i32,
+    /// `None` for a prepared transaction, which no session holds.
+    pub pid: Option<i32>,
     pub granted: bool,
     pub application_name: String,
     /// Empty where the role may not see it (another role's session,
-    /// without `pg_read_all_stats`), as `seconds` is then `None`.
+    /// without `pg_read_all_stats`), as `seconds` is then `None`; for a
+    /// prepared transaction, `prepared transaction '<gid>'`.
     pub state: String,
     /// Seconds since its transaction began (a job's or a walk's slot lasts
-    /// a transaction), or outside one since its session began. A
-    /// session-level lock may be older than the transaction it is in now.
+    /// a transaction) or was prepared, or outside one since its session
+    /// began. A session-level lock may be older than the transaction it is
+    /// in now.
     pub seconds: Option<f64>,
-    /// Held longer than syncfleet ever holds a slot: a job for its deadline
-    /// and the time to settle it, a walk for its wait and its read (each up
-    /// to the source's `statement_timeout`). The jobs that need the slot
-    /// are handed back, half a deadline at a time, until it is freed.
+    /// Held longer than a live syncfleet process holds a slot: a job for
+    /// its deadline and the time to settle it, a walk for its wait and its
+    /// read (each up to the source's `statement_timeout`); or by a prepared
+    /// transaction, which never ends by itself. A holder cut off from its
+    /// process keeps its session until the server's keepalives end it
+    /// (about a minute). The jobs that need the slot are handed back, half
+    /// a deadline at a time, until it is freed.
     pub stuck: bool,
 }
 
@@ -108,21 +114,22 @@ impl Slots {
             return Ok(None);
         };
         let job = config.longest_deadline() + SETTLE_SLACK;
-        let walk = 2 * config
-            .source
-            .statement_timeout
-            .unwrap_or(Duration::from_secs(300))
-            + SETTLE_SLACK;
+        let walk = 2 * walk_wait(config) + SETTLE_SLACK;
         // An advisory lock on two int4 keys shows the first as `classid`,
         // an oid: the key's bits read unsigned. A prepared transaction's
-        // locks have no pid.
+        // locks have no pid; its lock on its own xid shares their virtual
+        // transaction.
         let rows = client
             .query(
                 "SELECT l.objid::int8, l.pid, l.granted, coalesce(a.application_name, ''), \
-                 coalesce(a.state, ''), extract(epoch FROM clock_timestamp() \
-                 - coalesce(a.xact_start, a.backend_start))::float8 AS seconds \
+                 coalesce('prepared transaction ' || quote_literal(p.gid), a.state, ''), \
+                 extract(epoch FROM clock_timestamp() \
+                 - coalesce(p.prepared, a.xact_start, a.backend_start))::float8 AS seconds \
                  FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
-                 WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.pid IS NOT NULL \
+                 LEFT JOIN pg_locks x ON l.pid IS NULL AND x.locktype = 'transactionid' \
+                 AND x.virtualtransaction = l.virtualtransaction \
+                 LEFT JOIN pg_prepared_xacts p ON p.transaction = x.transactionid \
+                 WHERE l.locktype = 'advisory' AND l.objsubid = 2 \
                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                  AND l.classid::int8 = hashtext($1)::int8 & 4294967295 \
                  ORDER BY l.granted DESC, seconds DESC NULLS LAST, l.objid",
@@ -132,18 +139,23 @@ impl Slots {
         let sessions = rows
             .iter()
             .map(|r| {
-                let (granted, application_name, seconds): (bool, String, Option<f64>) =
-                    (r.get(2), r.get(3), r.get(5));
+                let (pid, granted, application_name, seconds): (
+                    Option<i32>,
+                    bool,
+                    String,
+                    Option<f64>,
+                ) = (r.get(1), r.get(2), r.get(3), r.get(5));
                 let bound = match application_name == WALK_APPLICATION {
                     true => walk,
                     false => job,
                 };
+                let overdue = seconds.is_some_and(|s| s > bound.as_secs_f64());
                 SlotSession {
                     slot: r.get(0),
-                    pid: r.get(1),
+                    pid,
                     granted,
                     state: r.get(4),
-                    stuck: granted && seconds.is_some_and(|s| s > bound.as_secs_f64()),
+                    stuck: granted && (pid.is_none() || overdue),
                     application_name,
                     seconds,
                 }
@@ -164,6 +176,15 @@ impl Slots {
     pub fn longest(&self) -> f64 {
         self.held().filter_map(|s| s.seconds).fold(0.0, f64::max)
     }
+}
+
+/// How long a walk waits for a slot, and at most reads the source while
+/// it holds one: the source's `statement_timeout`.
+fn walk_wait(config: &Config) -> Duration {
+    config
+        .source
+        .statement_timeout
+        .unwrap_or(Duration::from_secs(300))
 }
 
 /// The ceiling for source reads outside the workers' batches: the
@@ -189,10 +210,7 @@ impl Ceiling {
                 .max_concurrent
                 .map(|n| n.min(i32::MAX as u32) as i32),
             namespace: namespace(&config.broker.prefix),
-            wait: config
-                .source
-                .statement_timeout
-                .unwrap_or(Duration::from_secs(300)),
+            wait: walk_wait(config),
             fleet: config
                 .reads
                 .throttle

@@ -106,24 +106,29 @@ async fn print_read_slots(
         slots.waiting()
     );
     for s in slots.held() {
-        let seconds = s
+        let held = s
             .seconds
-            .map_or("an unknown time".into(), |t| format!("{t:.1}s"));
+            .map_or("for an unknown time".into(), |t| format!("up to {t:.1}s"));
+        let (who, free) = match s.pid {
+            Some(pid) => (
+                format!(
+                    "pid {pid} ({}, {})",
+                    or_hidden(&s.application_name),
+                    or_hidden(&s.state)
+                ),
+                format!("pg_terminate_backend({pid})"),
+            ),
+            None => (s.state.clone(), "ROLLBACK PREPARED".into()),
+        };
         let stuck = match s.stuck {
             true => format!(
-                ": longer than syncfleet holds a slot, so not a job's; \
-                 pg_terminate_backend({}) in the destination frees it",
-                s.pid
+                ": longer than a live syncfleet process holds one (a holder cut off from its \
+                 process, which the server's keepalives end within about a minute, or not \
+                 syncfleet's); {free} in the destination frees it"
             ),
             false => String::new(),
         };
-        println!(
-            "  slot {}: pid {} ({}, {}), held up to {seconds}{stuck}",
-            s.slot,
-            s.pid,
-            or_hidden(&s.application_name),
-            or_hidden(&s.state)
-        );
+        println!("  slot {}: {who}, held {held}{stuck}", s.slot);
     }
     Ok(())
 }
