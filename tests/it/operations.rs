@@ -113,6 +113,13 @@ async fn metrics_cover_a_real_sync() {
         },
     )
     .await;
+    // `status` shows the level the throttle holds the fleet's reads to.
+    let path = env.dir.join("syncfleet.toml");
+    env.eventually("status with the throttle's level", 30, || async {
+        let out = env.cli(&path, &["status"]).await;
+        String::from_utf8_lossy(&out.stdout).contains("held, 0 waiting (the throttle's level: ")
+    })
+    .await;
     let (status, worker) = get(worker_port, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     let items = ["stream=\"items\""];

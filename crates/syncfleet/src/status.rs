@@ -99,8 +99,17 @@ async fn print_read_slots(
         println!("read slots: no fleet-wide ceiling (source.max_concurrent_reads is unset)");
         return Ok(());
     };
+    // Below the ceiling, the throttle's level is what the fleet may use.
+    let level = match config.reads.throttle {
+        Some(_) => control::fleet_level(client, &config.broker.prefix, control::FLEET_LEVEL_FRESH)
+            .await?
+            .map_or(" (no throttle level reported lately)".into(), |l| {
+                format!(" (the throttle's level: {l:.2})")
+            }),
+        None => String::new(),
+    };
     println!(
-        "read slots: {} of {} held, {} waiting",
+        "read slots: {} of {} held, {} waiting{level}",
         slots.held().count(),
         slots.ceiling,
         slots.waiting()
