@@ -88,9 +88,9 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Who holds the fleet's read slots, and how many wait for them. A slot
-/// held longer than syncfleet ever holds one is flagged with the pid to
-/// end: the jobs that need it are handed back until it is freed.
+/// Who holds the fleet's read slots, and how many wait for them. A stuck
+/// hold (see `SlotSession::stuck`) is flagged with how to end it: the jobs
+/// that need the slot are handed back until it is freed.
 async fn print_read_slots(
     config: &Config,
     client: &tokio_postgres::Client,
