@@ -194,6 +194,82 @@ async fn metrics_cover_a_real_sync() {
     assert_eq!(get(worker_port, "/readyz").await.map(|r| r.0), Some(200));
 }
 
+/// A producer whose reading of the fleet's progress queues behind a lock
+/// on the control schema (a migration, say) goes on reporting queue depths,
+/// and its progress timestamp says how old the progress gauges are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_control_schema_holds_up_no_gauge_but_its_own() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items VALUES (1, 'a');",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    env.write(
+        "syncfleet.toml",
+        &env.config_text(
+            "[producer]\ninterval = \"1h\"\n[[stream]]\nname = \"items\"\ntable = \"items\"\n",
+        ),
+    );
+    let port = free_port();
+    let _producer = spawn(
+        &env,
+        &["producer", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    let work = format!("queue=\"{}.work\"", env.name);
+    let metrics = || async move {
+        get(port, "/metrics")
+            .await
+            .map(|(_, m)| m)
+            .unwrap_or_default()
+    };
+    let read = |m: &str, family: &str, labels: &[&str]| sample(m, family, labels);
+    // No worker runs: the first run's one job waits in the work queue.
+    env.eventually(
+        "the first run's progress and its job counted",
+        60,
+        || async {
+            let m = metrics().await;
+            read(
+                &m,
+                "syncfleet_run_batches",
+                &["stream=\"items\"", "state=\"total\""],
+            ) == Some(1.0)
+                && read(&m, "syncfleet_queue_messages", &[&work]) == Some(1.0)
+                && read(&m, "syncfleet_progress_timestamp_seconds", &[]).is_some()
+        },
+    )
+    .await;
+    env.dest
+        .batch_execute("BEGIN; LOCK TABLE syncfleet.batches IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    env.publish_raw(b"{}", "not-a-job").await;
+    env.eventually("the second message counted beside the lock", 60, || async {
+        read(&metrics().await, "syncfleet_queue_messages", &[&work]) == Some(2.0)
+    })
+    .await;
+    // A report that began before the lock may still land; none after it can.
+    let stamp = || async {
+        read(
+            &metrics().await,
+            "syncfleet_progress_timestamp_seconds",
+            &[],
+        )
+        .unwrap()
+    };
+    let locked = stamp().await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(stamp().await, locked, "progress read through the lock");
+    env.dest.batch_execute("COMMIT").await.unwrap();
+    env.eventually("progress read again once the lock is gone", 60, || async {
+        stamp().await > locked
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_broker() {
     let env = TestEnv::new().await;

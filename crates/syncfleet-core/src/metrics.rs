@@ -52,6 +52,10 @@ pub const READ_SLOTS: &str = "syncfleet_read_slots";
 /// The longest any read slot has been held (its holder's transaction
 /// age); 0 when none is.
 pub const READ_SLOT_HELD: &str = "syncfleet_read_slot_held_seconds";
+/// When this producer last read the run, watermark and read-slot gauges
+/// above from the destination (Unix seconds): they keep their last values
+/// while it cannot.
+pub const PROGRESS_TIMESTAMP: &str = "syncfleet_progress_timestamp_seconds";
 
 /// All of them.
 pub const ALL: &[&str] = &[
@@ -75,4 +79,5 @@ pub const ALL: &[&str] = &[
     THROTTLE_LEVEL,
     READ_SLOTS,
     READ_SLOT_HELD,
+    PROGRESS_TIMESTAMP,
 ];

@@ -24,7 +24,7 @@ use syncfleet_core::config::{DbConfig, ProducerConfig};
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::{Shutdown, ShutdownSignal};
 use syncfleet_db::ceiling::{Ceiling, Slots};
-use syncfleet_db::{Pool, Role, control};
+use syncfleet_db::{DbError, Pool, Role, control};
 use tokio::time::Instant;
 
 use crate::{PlanError, start_incremental_run, start_run};
@@ -35,6 +35,12 @@ pub const ELECTION_EVERY: Duration = Duration::from_secs(2);
 /// How long the event consumer gets to publish what it holds when the
 /// leader stops or steps down; past that, its events go back to the queue.
 const EVENTS_STOP: Duration = Duration::from_secs(15);
+
+/// Bounds one reading of the fleet's progress ([`report_progress`]) on
+/// the server, so that a read queued behind a lock on the control schema
+/// (a migration, an operator's `LOCK TABLE`) is cancelled there rather than
+/// left to hold up the queue-depth gauges that come after it.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the service has done, for logs and tests.
 #[derive(Debug, Default)]
@@ -276,8 +282,34 @@ async fn lead(
 async fn report_gauges(config: Arc<Config>, destination: Pool, mut shutdown: ShutdownSignal) {
     let topology = syncfleet_broker::Topology::new(&config.broker.prefix);
     let mut depths = syncfleet_broker::DepthGauges::new(topology);
+    let mut failing = false;
     loop {
-        report_progress(&config, &destination).await;
+        // The client-side bound is for a server that does not answer at
+        // all; the server's own timeout normally ends a slow read first.
+        let read =
+            tokio::time::timeout(2 * PROGRESS_TIMEOUT, report_progress(&config, &destination));
+        let error = match read.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {:?}", 2 * PROGRESS_TIMEOUT)),
+        };
+        match error {
+            None if failing => {
+                tracing::info!("the fleet's progress can be read from the destination again");
+                failing = false;
+            }
+            None => {}
+            Some(error) if !failing => {
+                tracing::warn!(
+                    %error,
+                    "cannot read the fleet's progress from the destination: the run, \
+                     watermark and read-slot gauges keep their last values (see \
+                     syncfleet_progress_timestamp_seconds) until it can"
+                );
+                failing = true;
+            }
+            Some(_) => {}
+        }
         depths.report(&config.broker).await;
         tokio::select! {
             _ = shutdown.wait() => break,
@@ -366,12 +398,17 @@ async fn fail_interrupted(destination: &Pool, stream: &str, before: i64) {
 }
 
 /// Run progress of each stream's latest run, watermark ages, and who
-/// holds the fleet's read slots.
-async fn report_progress(config: &Config, destination: &Pool) {
-    let Ok(client) = destination.get().await else {
-        return;
-    };
-    if let Ok(Some(slots)) = Slots::read(&**client, config).await {
+/// holds the fleet's read slots, read in one snapshot; then the time of
+/// this reading, which tells a dashboard how old the others are.
+async fn report_progress(config: &Config, destination: &Pool) -> Result<(), DbError> {
+    let mut client = destination.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL statement_timeout = {}",
+        PROGRESS_TIMEOUT.as_millis()
+    ))
+    .await?;
+    if let Some(slots) = Slots::read(&*tx, config).await? {
         let stuck = slots.held().filter(|s| s.stuck).count();
         for (state, n) in [
             ("held", slots.held().count()),
@@ -382,7 +419,7 @@ async fn report_progress(config: &Config, destination: &Pool) {
         }
         metrics::gauge!(m::READ_SLOT_HELD).set(slots.longest());
     }
-    if let Ok(rows) = client
+    let rows = tx
         .query(
             "SELECT l.stream, count(*) FILTER (WHERE b.status = 'done'), count(b.batch_no) \
              FROM (SELECT DISTINCT ON (stream) stream, run_id FROM syncfleet.run_streams \
@@ -391,27 +428,30 @@ async fn report_progress(config: &Config, destination: &Pool) {
              GROUP BY l.stream",
             &[],
         )
-        .await
-    {
-        for r in rows {
-            let stream: String = r.get(0);
-            for (state, i) in [("done", 1), ("total", 2)] {
-                metrics::gauge!(m::RUN_BATCHES, "stream" => stream.clone(), "state" => state)
-                    .set(r.get::<_, i64>(i) as f64);
-            }
+        .await?;
+    for r in rows {
+        let stream: String = r.get(0);
+        for (state, i) in [("done", 1), ("total", 2)] {
+            metrics::gauge!(m::RUN_BATCHES, "stream" => stream.clone(), "state" => state)
+                .set(r.get::<_, i64>(i) as f64);
         }
     }
-    if let Ok(rows) = client
+    let rows = tx
         .query(
             "SELECT stream, extract(epoch FROM now() - updated_at)::float8 FROM syncfleet.watermarks",
             &[],
         )
-        .await
-    {
-        for r in rows {
-            metrics::gauge!(m::WATERMARK_AGE, "stream" => r.get::<_, String>(0)).set(r.get::<_, f64>(1));
-        }
+        .await?;
+    for r in rows {
+        metrics::gauge!(m::WATERMARK_AGE, "stream" => r.get::<_, String>(0))
+            .set(r.get::<_, f64>(1));
     }
+    tx.commit().await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics::gauge!(m::PROGRESS_TIMESTAMP).set(now.as_secs_f64());
+    Ok(())
 }
 
 #[cfg(test)]
