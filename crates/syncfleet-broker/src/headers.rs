@@ -73,45 +73,34 @@ impl Meta {
         }
     }
 
-    /// Headers for the next attempt.
-    pub fn next(&self, now_ms: i64) -> FieldTable {
+    /// This meta's headers, numbered `attempt`.
+    fn headers(&self, attempt: u32, now_ms: i64) -> FieldTable {
         let mut h = FieldTable::default();
-        h.insert(
-            ATTEMPT.into(),
-            AMQPValue::LongLongInt(self.attempt as i64 + 1),
-        );
+        h.insert(ATTEMPT.into(), AMQPValue::LongLongInt(attempt.into()));
         h.insert(
             FIRST_ATTEMPT_AT.into(),
             AMQPValue::LongLongInt(self.first_attempt_at_ms.unwrap_or(now_ms)),
         );
         h.insert(
             LOST_CONNECTIONS.into(),
-            AMQPValue::LongLongInt(self.lost_connections as i64),
+            AMQPValue::LongLongInt(self.lost_connections.into()),
         );
         h
     }
 
+    /// Headers for the next attempt.
+    pub fn next(&self, now_ms: i64) -> FieldTable {
+        self.headers(self.attempt.saturating_add(1), now_ms)
+    }
+
     /// Headers for the same attempt again.
     pub fn again(&self, now_ms: i64) -> FieldTable {
-        Meta {
-            attempt: self.attempt - 1,
-            ..*self
-        }
-        .next(now_ms)
+        self.headers(self.attempt, now_ms)
     }
 
     /// Headers for a dead letter: this meta plus why it died.
     pub fn dead(&self, reason: &str, error: &str, now_ms: i64) -> FieldTable {
-        let mut h = FieldTable::default();
-        h.insert(ATTEMPT.into(), AMQPValue::LongLongInt(self.attempt as i64));
-        h.insert(
-            FIRST_ATTEMPT_AT.into(),
-            AMQPValue::LongLongInt(self.first_attempt_at_ms.unwrap_or(now_ms)),
-        );
-        h.insert(
-            LOST_CONNECTIONS.into(),
-            AMQPValue::LongLongInt(self.lost_connections as i64),
-        );
+        let mut h = self.headers(self.attempt, now_ms);
         h.insert(REASON.into(), text(reason));
         h.insert(ERROR.into(), text(error));
         h.insert(DEAD_AT.into(), AMQPValue::LongLongInt(now_ms));

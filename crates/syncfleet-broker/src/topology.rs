@@ -93,8 +93,7 @@ impl Topology {
                 .exchange_declare(name.into(), kind, durable, FieldTable::default())
                 .await?;
         }
-        let mut dead_args = FieldTable::default();
-        dead_args.insert("x-queue-type".into(), text("quorum"));
+        let dead_args = quorum(None);
         self.queue(
             channel,
             &self.dead_queue(),
@@ -104,11 +103,7 @@ impl Topology {
         )
         .await?;
         // Events: any routing key (the README suggests the table name).
-        let mut events_args = FieldTable::default();
-        events_args.insert("x-queue-type".into(), text("quorum"));
-        events_args.insert("x-dead-letter-exchange".into(), text(&self.dead_exchange()));
-        events_args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
-        events_args.insert("x-overflow".into(), text("reject-publish"));
+        let events_args = quorum(Some(&self.dead_exchange()));
         self.queue(
             channel,
             &self.events_queue(),
@@ -117,12 +112,7 @@ impl Topology {
             "#",
         )
         .await?;
-        let mut work_args = FieldTable::default();
-        work_args.insert("x-queue-type".into(), text("quorum"));
-        work_args.insert("x-dead-letter-exchange".into(), text(&self.dead_exchange()));
-        // At-least-once dead-lettering needs reject-publish overflow.
-        work_args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
-        work_args.insert("x-overflow".into(), text("reject-publish"));
+        let mut work_args = quorum(Some(&self.dead_exchange()));
         work_args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(DELIVERY_LIMIT),
@@ -146,12 +136,8 @@ impl Topology {
     /// node while they wait (`jobs_waiting_for_a_retry_survive_a_broker_restart`),
     /// where these drop none.
     pub async fn declare_delay(&self, channel: &Channel, attempt: u32) -> Result<(), BrokerError> {
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), text("quorum"));
-        args.insert("x-dead-letter-exchange".into(), text(&self.work_exchange()));
+        let mut args = quorum(Some(&self.work_exchange()));
         args.insert("x-dead-letter-routing-key".into(), text(&self.work_queue()));
-        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
-        args.insert("x-overflow".into(), text("reject-publish"));
         self.queue(
             channel,
             &self.delay_queue(attempt),
@@ -268,6 +254,20 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// A quorum queue's arguments, dead-lettering at least once to
+/// `dead_letter_to` when there is one (which needs reject-publish
+/// overflow).
+fn quorum(dead_letter_to: Option<&str>) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    if let Some(exchange) = dead_letter_to {
+        args.insert("x-dead-letter-exchange".into(), text(exchange));
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+    }
+    args
 }
 
 pub(crate) fn text(s: &str) -> AMQPValue {

@@ -241,13 +241,6 @@ impl fmt::Display for TableName {
     }
 }
 
-impl StreamConfig {
-    /// `"stream 'users'"`, the prefix of every error about this stream.
-    pub fn label(&self) -> String {
-        format!("stream '{}'", self.name)
-    }
-}
-
 /// A configuration that cannot be used. Each names where and what.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -555,11 +548,21 @@ fn seconds(name: &str, value: &str) -> Result<Duration, ConfigError> {
         .ok()
         .filter(|s| s.checked_mul(1_000_000).is_some())
         .map(Duration::from_secs)
-        .ok_or_else(|| ConfigError::Invalid {
-            origin: "environment".into(),
-            field: name.into(),
-            message: format!("expected a whole number of seconds, got {value:?}"),
+        .ok_or_else(|| {
+            env_invalid(
+                name,
+                format!("expected a whole number of seconds, got {value:?}"),
+            )
         })
+}
+
+/// The environment variable `name` cannot be used, and why.
+fn env_invalid(name: &str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        origin: "environment".into(),
+        field: name.into(),
+        message,
+    }
 }
 
 /// Where a URL field's value came from, for its errors: the variable wins
@@ -902,11 +905,7 @@ impl Validator<'_> {
         let interval = match env_seconds(ENV_INTERVAL_SECONDS)? {
             Some(d) if !d.is_zero() => d,
             Some(_) => {
-                return Err(ConfigError::Invalid {
-                    origin: "environment".into(),
-                    field: ENV_INTERVAL_SECONDS.into(),
-                    message: "must be above 0".into(),
-                });
+                return Err(env_invalid(ENV_INTERVAL_SECONDS, "must be above 0".into()));
             }
             None => self.duration("producer.interval", raw.interval, DEFAULT_INTERVAL)?,
         };
@@ -915,11 +914,10 @@ impl Validator<'_> {
                 "true" | "1" | "yes" | "on" => true,
                 "false" | "0" | "no" | "off" => false,
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        origin: "environment".into(),
-                        field: ENV_ENABLE_INCREMENTAL.into(),
-                        message: format!("expected true or false, got {v:?}"),
-                    });
+                    return Err(env_invalid(
+                        ENV_ENABLE_INCREMENTAL,
+                        format!("expected true or false, got {v:?}"),
+                    ));
                 }
             },
             None => raw.incremental.unwrap_or(true),
@@ -961,14 +959,9 @@ impl Validator<'_> {
         raw: RawJobs,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<JobsConfig, ConfigError> {
-        let env_error = |name: &str, message: String| ConfigError::Invalid {
-            origin: "environment".into(),
-            field: name.to_string(),
-            message,
-        };
         let max_attempts = match env(ENV_MAX_RETRIES) {
             Some(v) => v.trim().parse::<u32>().map_err(|_| {
-                env_error(
+                env_invalid(
                     ENV_MAX_RETRIES,
                     format!("expected a whole number of attempts, got {v:?}"),
                 )
@@ -978,7 +971,7 @@ impl Validator<'_> {
         if !(1..=100).contains(&max_attempts) {
             let message = format!("expected 1 to 100, got {max_attempts}");
             return Err(match env(ENV_MAX_RETRIES) {
-                Some(_) => env_error(ENV_MAX_RETRIES, message),
+                Some(_) => env_invalid(ENV_MAX_RETRIES, message),
                 None => self.invalid("jobs.max_attempts", message),
             });
         }
@@ -986,7 +979,7 @@ impl Validator<'_> {
             Some(v) => match seconds(ENV_DELAY_SECONDS, &v)? {
                 secs if !secs.is_zero() => secs,
                 _ => {
-                    return Err(env_error(
+                    return Err(env_invalid(
                         ENV_DELAY_SECONDS,
                         format!("expected a whole number of seconds above 0, got {v:?}"),
                     ));

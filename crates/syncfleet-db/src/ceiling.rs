@@ -202,6 +202,19 @@ pub struct Ceiling {
     fleet: Option<String>,
 }
 
+/// The throttle level the `fleet`'s workers reported lately, if the
+/// destination says within 5 s: best effort, for a reader that goes on
+/// without one.
+pub async fn fleet_level(destination: &Pool, fleet: &str) -> Option<f64> {
+    let level = async {
+        let client = destination.get().await.ok()?;
+        control::fleet_level(&**client, fleet).await.ok()?
+    };
+    tokio::time::timeout(Duration::from_secs(5), level)
+        .await
+        .ok()?
+}
+
 impl Ceiling {
     pub fn new(config: &Config) -> Self {
         Self {
@@ -231,17 +244,7 @@ impl Ceiling {
     /// runs, against 0.23–0.29 in four with the walk unpaced; with one of
     /// the ceiling's slots, 0.25–0.27 in two).
     pub async fn pace(&self, destination: &Pool) -> Option<Pace> {
-        let fleet = self.fleet.as_ref()?;
-        let level = async {
-            let client = destination.get().await.ok()?;
-            control::fleet_level(&**client, fleet, control::FLEET_LEVEL_FRESH)
-                .await
-                .ok()?
-        };
-        let level = tokio::time::timeout(Duration::from_secs(5), level)
-            .await
-            .ok()??;
-        Pace::below_one(level)
+        Pace::below_one(fleet_level(destination, self.fleet.as_ref()?).await?)
     }
 
     /// Runs `read`, one source query, holding a slot for as long as it

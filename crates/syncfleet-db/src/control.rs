@@ -189,13 +189,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, DbError> {
          CREATE TABLE IF NOT EXISTS syncfleet.schema_version (version integer NOT NULL);",
     )
     .await?;
-    let current: i32 = tx
-        .query_one(
-            "SELECT coalesce(max(version), 0) FROM syncfleet.schema_version",
-            &[],
-        )
-        .await?
-        .get(0);
+    let current = schema_version(&tx).await?;
     let mut applied = Vec::new();
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = i as i32 + 1;
@@ -212,6 +206,31 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, DbError> {
 }
 
 /// The control schema's version, 0 when it does not exist.
+/// The destination's control schema is not the one this build needs.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the control schema in the destination is at version {found}, this syncfleet needs {needed}: run `syncfleet migrate`"
+)]
+pub struct SchemaMismatch {
+    pub found: i32,
+    pub needed: i32,
+}
+
+/// Checks that the control schema is the one this build needs.
+pub async fn check_schema(
+    client: &impl GenericClient,
+) -> Result<Result<(), SchemaMismatch>, DbError> {
+    let found = schema_version(client).await?;
+    Ok(if found == SCHEMA_VERSION {
+        Ok(())
+    } else {
+        Err(SchemaMismatch {
+            found,
+            needed: SCHEMA_VERSION,
+        })
+    })
+}
+
 pub async fn schema_version(client: &impl GenericClient) -> Result<i32, DbError> {
     match client
         .query_one(
@@ -247,19 +266,10 @@ pub async fn create_run_of(
     streams: &[&str],
     stale_after: Duration,
 ) -> Result<Result<i64, Going>, DbError> {
-    // Refused before taking the streams' write locks, which would wait for
-    // the going run's jobs in flight. Keeps the abandonments it makes.
-    if let Some(going) = runs_going(&*client, streams, None, stale_after)
-        .await?
-        .pop()
-    {
-        return Ok(Err(going));
-    }
-    let tx = read_committed(client).await?;
-    if let Err(going) = claim_streams(&tx, prefix, streams, None, stale_after).await? {
-        tx.commit().await?;
-        return Ok(Err(going));
-    }
+    let tx = match begin_claim(client, prefix, streams, None, stale_after).await? {
+        Ok(tx) => tx,
+        Err(going) => return Ok(Err(going)),
+    };
     let id: i64 = tx
         .query_one(
             "INSERT INTO syncfleet.runs (kind, created_by) VALUES ($1, $2) RETURNING id",
@@ -275,6 +285,31 @@ pub async fn create_run_of(
     .await?;
     tx.commit().await?;
     Ok(Ok(id))
+}
+
+/// The transaction in which a run starts (or `except`, re-opens) and
+/// claims `streams`, or the run that keeps one of them going. Refused
+/// before taking the streams' write locks, which would wait for the going
+/// run's jobs in flight; the abandonments the checks make are kept.
+async fn begin_claim<'c>(
+    client: &'c mut Client,
+    prefix: &str,
+    streams: &[&str],
+    except: Option<i64>,
+    stale_after: Duration,
+) -> Result<Result<tokio_postgres::Transaction<'c>, Going>, DbError> {
+    if let Some(going) = runs_going(&*client, streams, except, stale_after)
+        .await?
+        .pop()
+    {
+        return Ok(Err(going));
+    }
+    let tx = read_committed(client).await?;
+    if let Err(going) = claim_streams(&tx, prefix, streams, except, stale_after).await? {
+        tx.commit().await?;
+        return Ok(Err(going));
+    }
+    Ok(Ok(tx))
 }
 
 /// A transaction that is read committed whatever the server's default, so
@@ -542,19 +577,10 @@ pub async fn reopen(
             .collect(),
     };
     let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
-    // As in `create_run_of`: refused before waiting on the write locks.
-    let except = Some(run_id);
-    if let Some(going) = runs_going(&*client, &streams, except, stale_after)
-        .await?
-        .pop()
-    {
-        return Ok(Err(going));
-    }
-    let tx = read_committed(client).await?;
-    if let Err(going) = claim_streams(&tx, prefix, &streams, except, stale_after).await? {
-        tx.commit().await?;
-        return Ok(Err(going));
-    }
+    let tx = match begin_claim(client, prefix, &streams, Some(run_id), stale_after).await? {
+        Ok(tx) => tx,
+        Err(going) => return Ok(Err(going)),
+    };
     // The run's row before its batches', the order every transaction that
     // changes both takes them in (see `runs_going`, `fail_batch`).
     tx.execute(
@@ -1205,17 +1231,14 @@ pub async fn charge_read(
 /// theirs about once a second.
 pub const FLEET_LEVEL_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The throttle level a worker of the fleet reported within `fresh`.
-pub async fn fleet_level(
-    client: &impl GenericClient,
-    fleet: &str,
-    fresh: std::time::Duration,
-) -> Result<Option<f64>, DbError> {
+/// The throttle level a worker of the fleet reported within
+/// [`FLEET_LEVEL_FRESH`].
+pub async fn fleet_level(client: &impl GenericClient, fleet: &str) -> Result<Option<f64>, DbError> {
     let row = client
         .query_opt(
             "SELECT level FROM syncfleet.fleet_reads WHERE fleet = $1 \
              AND level_at > clock_timestamp() - make_interval(secs => $2)",
-            &[&fleet, &fresh.as_secs_f64()],
+            &[&fleet, &FLEET_LEVEL_FRESH.as_secs_f64()],
         )
         .await?;
     Ok(row.and_then(|r| r.get(0)))

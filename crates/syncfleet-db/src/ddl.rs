@@ -13,7 +13,6 @@ use syncfleet_core::config::TableName;
 use syncfleet_core::ident;
 use tokio_postgres::{Client, GenericClient};
 
-use crate::error::DbError;
 use crate::shape::{ShapeError, StreamShape};
 
 /// What [`ensure_table`] did.
@@ -30,10 +29,7 @@ pub async fn ensure_table(
     shape: &StreamShape,
     table: &TableName,
 ) -> Result<TableState, ShapeError> {
-    let err = |e: tokio_postgres::Error| ShapeError::Db {
-        stream: shape.stream.clone(),
-        source: DbError::from(e),
-    };
+    let err = ShapeError::db(&shape.stream);
     let invalid = |message: String| ShapeError::Invalid {
         stream: shape.stream.clone(),
         field: "destination_table",
@@ -157,10 +153,7 @@ async fn check_key_order(
     table: &TableName,
     invalid: &impl Fn(String) -> ShapeError,
 ) -> Result<(), ShapeError> {
-    let err = |e: tokio_postgres::Error| ShapeError::Db {
-        stream: shape.stream.clone(),
-        source: DbError::from(e),
-    };
+    let err = ShapeError::db(&shape.stream);
     let key = shape.key_names();
     let theirs = key_order(source, &shape.relation, &key)
         .await

@@ -222,10 +222,6 @@ impl Pool {
         })
     }
 
-    pub fn role(&self) -> Role {
-        self.role
-    }
-
     /// Pool size, available and waiting counts, for status and metrics.
     pub fn status(&self) -> deadpool_postgres::Status {
         self.inner.status()

@@ -14,7 +14,6 @@ use syncfleet_core::ident;
 use syncfleet_core::job::{Key, KeyRange};
 use tokio_postgres::{Portal, Transaction};
 
-use crate::error::DbError;
 use crate::shape::{ShapeError, StreamShape};
 use crate::sql::{Binding, Pace, RangePredicate, SET_SETTINGS, pace_filter};
 use tokio_postgres::types::ToSql;
@@ -58,10 +57,7 @@ impl<'t> KeyScan<'t> {
         after: Option<&Key>,
         pace: Option<Pace>,
     ) -> Result<KeyScan<'t>, ShapeError> {
-        let db = |e: tokio_postgres::Error| ShapeError::Db {
-            stream: shape.stream.clone(),
-            source: e.into(),
-        };
+        let db = ShapeError::db(&shape.stream);
         let keys = shape.key_names();
         let from = KeyRange {
             lower: after.cloned(),
@@ -114,10 +110,7 @@ impl<'t> KeyScan<'t> {
             .tx
             .query_portal(&self.portal, self.chunk)
             .await
-            .map_err(|e| ShapeError::Db {
-                stream: self.stream.clone(),
-                source: DbError::from(e),
-            })?;
+            .map_err(ShapeError::db(&self.stream))?;
         if rows.len() < self.chunk as usize {
             self.finished = true;
         }

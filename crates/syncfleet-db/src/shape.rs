@@ -50,6 +50,14 @@ pub enum ShapeError {
 }
 
 impl ShapeError {
+    /// Turns a driver error met while working on `stream` into this.
+    pub(crate) fn db(stream: &str) -> impl Fn(tokio_postgres::Error) -> ShapeError + Copy + '_ {
+        move |e| ShapeError::Db {
+            stream: stream.to_string(),
+            source: e.into(),
+        }
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self {
             ShapeError::Invalid { .. } => ErrorClass::Permanent,
@@ -91,10 +99,7 @@ impl StreamShape {
             field,
             message,
         };
-        let db = |e: tokio_postgres::Error| ShapeError::Db {
-            stream: stream.name.clone(),
-            source: e.into(),
-        };
+        let db = ShapeError::db(&stream.name);
 
         let statement = match client
             .prepare(&format!("SELECT * FROM {relation} AS q LIMIT 0"))

@@ -50,10 +50,8 @@ pub enum PlanError {
     /// The config asks for something the databases cannot give (exit 2).
     #[error(transparent)]
     Invalid(ShapeError),
-    #[error(
-        "the control schema in the destination is at version {found}, this syncfleet needs {needed}: run `syncfleet migrate`"
-    )]
-    Schema { found: i32, needed: i32 },
+    #[error(transparent)]
+    Schema(#[from] control::SchemaMismatch),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("{0}")]
@@ -91,19 +89,11 @@ impl From<tokio_postgres::Error> for PlanError {
 pub struct PreparedStream<'c> {
     pub config: &'c StreamConfig,
     pub shape: StreamShape,
-    pub table: TableState,
 }
 
 /// Checks that the destination's control schema matches this build.
 pub async fn check_schema(destination: &Pool) -> Result<(), PlanError> {
-    let found = control::schema_version(&**destination.get().await?).await?;
-    if found != control::SCHEMA_VERSION {
-        return Err(PlanError::Schema {
-            found,
-            needed: control::SCHEMA_VERSION,
-        });
-    }
-    Ok(())
+    Ok(control::check_schema(&**destination.get().await?).await??)
 }
 
 /// Step 1: describes each stream and prepares its destination table.
@@ -121,11 +111,7 @@ pub async fn prepare<'c>(
         if table == TableState::Created {
             tracing::info!(stream = %config.name, table = %config.destination_table, "created destination table");
         }
-        prepared.push(PreparedStream {
-            config,
-            shape,
-            table,
-        });
+        prepared.push(PreparedStream { config, shape });
     }
     Ok(prepared)
 }
@@ -177,55 +163,49 @@ pub async fn start_run(
         batches: Vec::new(),
     };
     for stream in &prepared {
-        match plan_stream(source, destination, publisher, ceiling, run_id, stream).await {
+        let planned = plan_stream(
+            source,
+            destination,
+            publisher,
+            ceiling,
+            run_id,
+            stream,
+            0,
+            None,
+        )
+        .await;
+        match planned {
             Ok(n) => plan.batches.push((stream.config.name.clone(), n)),
-            Err(e) => {
-                // Best effort: the run is failed whether or not this lands.
-                if let Ok(client) = destination.get().await {
-                    let _ = control::fail_run(&**client, run_id, &format!("planning failed: {e}"))
-                        .await;
-                }
-                return Err(match e {
-                    invalid @ PlanError::Invalid(_) => invalid,
-                    other => PlanError::Stopped {
-                        run_id,
-                        reason: other.to_string(),
-                    },
-                });
-            }
+            Err(e) => return Err(planning_failed(destination, run_id, e).await),
         }
     }
     control::mark_planned(&**destination.get().await?, run_id).await?;
     Ok(plan)
 }
 
-/// Plans one stream: records and publishes its batches a chunk at a time.
-async fn plan_stream(
-    source: &Pool,
-    destination: &Pool,
-    publisher: &Publisher,
-    ceiling: &Ceiling,
-    run_id: i64,
-    stream: &PreparedStream<'_>,
-) -> Result<i64, PlanError> {
-    plan_stream_from(
-        source,
-        destination,
-        publisher,
-        ceiling,
-        run_id,
-        stream,
-        0,
-        None,
-    )
-    .await
+/// Fails `run_id`, whose planning failed with `e` (best effort: the run is
+/// failed whether or not this lands), and says why: a stream the databases
+/// cannot serve as configured as itself (exit 2), anything else as the run
+/// stopped.
+async fn planning_failed(destination: &Pool, run_id: i64, e: PlanError) -> PlanError {
+    if let Ok(client) = destination.get().await {
+        let _ = control::fail_run(&**client, run_id, &format!("planning failed: {e}")).await;
+    }
+    match e {
+        invalid @ PlanError::Invalid(_) => invalid,
+        other => PlanError::Stopped {
+            run_id,
+            reason: other.to_string(),
+        },
+    }
 }
 
-/// Plans one stream after batch `count`, whose upper key was `after`.
-/// Each read of the walk holds a slot of the fleet's `ceiling`, and the
-/// walk works at the pace of the fleet's reads.
+/// Plans one stream after batch `count` (0 from the start), whose upper key
+/// was `after`: records and publishes its batches a chunk at a time. Each
+/// read of the walk holds a slot of the fleet's `ceiling`, and the walk
+/// works at the pace of the fleet's reads.
 #[allow(clippy::too_many_arguments)]
-async fn plan_stream_from(
+async fn plan_stream(
     source: &Pool,
     destination: &Pool,
     publisher: &Publisher,
@@ -402,9 +382,10 @@ pub async fn resume_run(
         .await?
         .get(0);
     for state in states.iter().filter(|s| s.batches_planned.is_none()) {
-        if incremental {
-            // An incremental scan cannot be resumed midway; its watermark has
-            // not moved, so the stream's next run picks up the rest.
+        // An incremental scan cannot be resumed midway; its watermark has
+        // not moved, so the stream's next run picks up the rest. A full
+        // run's open last batch recorded leaves only the bookkeeping.
+        if incremental || (state.last_batch > 0 && state.last_upper.is_none()) {
             control::finish_stream_planning(
                 &**destination.get().await?,
                 run_id,
@@ -418,29 +399,17 @@ pub async fn resume_run(
             .iter()
             .find(|p| p.config.name == state.stream)
             .expect("every run stream was prepared");
-        let total = if state.last_batch > 0 && state.last_upper.is_none() {
-            // The open last batch was recorded: only the bookkeeping is missing.
-            control::finish_stream_planning(
-                &**destination.get().await?,
-                run_id,
-                &state.stream,
-                state.last_batch,
-            )
-            .await?;
-            state.last_batch
-        } else {
-            plan_stream_from(
-                source,
-                destination,
-                publisher,
-                ceiling,
-                run_id,
-                stream,
-                state.last_batch,
-                state.last_upper.clone(),
-            )
-            .await?
-        };
+        let total = plan_stream(
+            source,
+            destination,
+            publisher,
+            ceiling,
+            run_id,
+            stream,
+            state.last_batch,
+            state.last_upper.clone(),
+        )
+        .await?;
         published += (total - state.last_batch) as u64;
     }
     control::mark_planned(&**destination.get().await?, run_id).await?;
@@ -526,16 +495,7 @@ pub async fn start_incremental_run(
                 batches: vec![(stream.name.clone(), total)],
             })
         }
-        Err(e) => {
-            if let Ok(client) = destination.get().await {
-                let _ =
-                    control::fail_run(&**client, run_id, &format!("planning failed: {e}")).await;
-            }
-            Err(PlanError::Stopped {
-                run_id,
-                reason: e.to_string(),
-            })
-        }
+        Err(e) => Err(planning_failed(destination, run_id, e).await),
     }
 }
 

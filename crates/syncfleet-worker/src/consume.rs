@@ -59,10 +59,8 @@ pub enum WorkerError {
     Db(#[from] DbError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error(
-        "the control schema in the destination is at version {found}, this syncfleet needs {needed}: run `syncfleet migrate`"
-    )]
-    Schema { found: i32, needed: i32 },
+    #[error(transparent)]
+    Schema(#[from] control::SchemaMismatch),
 }
 
 impl From<lapin::Error> for WorkerError {
@@ -187,13 +185,7 @@ pub async fn run(config: Arc<Config>, mut shutdown: ShutdownSignal) -> Result<()
     config.check_deadlines()?;
     let concurrency = config.worker.concurrency;
     let executor = Executor::connect(config.clone()).await?;
-    let found = control::schema_version(&**executor.destination().get().await?).await?;
-    if found != control::SCHEMA_VERSION {
-        return Err(WorkerError::Schema {
-            found,
-            needed: control::SCHEMA_VERSION,
-        });
-    }
+    control::check_schema(&**executor.destination().get().await?).await??;
     let publisher = Publisher::connect(&config.broker, "worker").await?;
     if let Some(throttle) = &config.reads.throttle {
         // The probe times the primary, where the app runs, even when the
@@ -405,17 +397,18 @@ async fn hand_back(context: &Context, delivery: &Delivery, id: &str, stream: &st
     metrics::counter!(m::JOBS, "stream" => stream.to_string(), "outcome" => "handed_back")
         .increment(1);
     let headers = Meta::from_properties(&delivery.properties).again(now_ms());
-    match context
+    let copied = context
         .publisher
         .publish_work(&delivery.data, id, headers)
-        .await
-    {
-        Ok(()) => settle(delivery.ack(BasicAckOptions::default()).await),
-        Err(e) => {
-            tracing::warn!(job = %id, error = %e, "could not hand the job back; requeueing it");
-            settle(delivery.nack(requeue()).await);
-        }
-    }
+        .await;
+    ack_if_copied(
+        delivery,
+        id,
+        copied,
+        "could not hand the job back; requeueing it",
+        true,
+    )
+    .await;
 }
 
 /// Every few seconds: pool use and queue depths, for dashboards.
@@ -489,20 +482,11 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
                 return;
             }
             // An outage is every job's: each waits for the database as it
-            // would alone.
-            Ok(Err(JobError::Unavailable(reason))) => {
+            // would alone. No read slot came free in time: alone, each
+            // would wait as long again.
+            Ok(Err(e @ (JobError::Unavailable(_) | JobError::NoReadSlot(_)))) => {
                 for (delivery, job) in deliveries.iter().zip(&jobs) {
-                    let result = Ok(Err(JobError::Unavailable(reason.clone())));
-                    conclude(&context, delivery, job, started, result).await;
-                }
-                return;
-            }
-            // No read slot came free in time: alone, each would wait as
-            // long again.
-            Ok(Err(JobError::NoReadSlot(reason))) => {
-                for (delivery, job) in deliveries.iter().zip(&jobs) {
-                    let result = Ok(Err(JobError::NoReadSlot(reason.clone())));
-                    conclude(&context, delivery, job, started, result).await;
+                    conclude(&context, delivery, job, started, Ok(Err(e.clone()))).await;
                 }
                 return;
             }
@@ -657,7 +641,11 @@ async fn conclude(
         }
         Err(_panic) => {
             tracing::error!(job = %id, "job panicked; handing it back (the delivery limit stops a job that keeps doing so)");
-            settle(delivery.nack(requeue()).await);
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            settle(delivery.nack(requeue).await);
         }
     }
 }
@@ -688,17 +676,12 @@ async fn park(
     delay: Duration,
     counts: bool,
 ) {
-    match context
+    let copied = context
         .publisher
         .publish_retry(&delivery.data, id, meta, delay, counts)
-        .await
-    {
-        Ok(()) => settle(delivery.ack(BasicAckOptions::default()).await),
-        Err(e) => {
-            tracing::warn!(job = %id, error = %e, "could not park the job for a retry; requeueing it");
-            settle(delivery.nack(requeue()).await);
-        }
-    }
+        .await;
+    let failed = "could not park the job for a retry; requeueing it";
+    ack_if_copied(delivery, id, copied, failed, true).await;
 }
 
 /// Publishes the message to the dead-letter queue with why, then acks it.
@@ -714,30 +697,38 @@ async fn dead_letter(
 ) {
     metrics::counter!(m::DEAD_LETTERS, "reason" => kind.to_string()).increment(1);
     let headers = meta.dead(kind, reason, now_ms());
-    match context
+    let copied = context
         .publisher
         .publish_dead(&delivery.data, id, headers)
-        .await
-    {
+        .await;
+    let failed =
+        "could not publish the dead letter; rejecting to the broker's dead-letter exchange";
+    ack_if_copied(delivery, id, copied, failed, false).await;
+}
+
+/// Acks a delivery once its copy is published (confirmed) elsewhere; if
+/// the publish `failed`, nacks it instead, back to its queue (`requeue`) or
+/// to the queue's dead-letter exchange.
+async fn ack_if_copied(
+    delivery: &Delivery,
+    id: &str,
+    copied: Result<(), BrokerError>,
+    failed: &str,
+    requeue: bool,
+) {
+    match copied {
         Ok(()) => settle(delivery.ack(BasicAckOptions::default()).await),
         Err(e) => {
-            tracing::warn!(job = %id, error = %e, "could not publish the dead letter; rejecting to the broker's dead-letter exchange");
+            tracing::warn!(job = %id, error = %e, "{failed}");
             settle(
                 delivery
                     .nack(BasicNackOptions {
-                        requeue: false,
+                        requeue,
                         ..Default::default()
                     })
                     .await,
             );
         }
-    }
-}
-
-fn requeue() -> BasicNackOptions {
-    BasicNackOptions {
-        requeue: true,
-        ..Default::default()
     }
 }
 

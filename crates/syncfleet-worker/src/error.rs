@@ -3,7 +3,7 @@
 use syncfleet_db::{DbError, ErrorClass, ShapeError};
 
 /// Why a job did not complete, and so what to do with its message.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum JobError {
     /// A database is unreachable: the job waits for it without using up
     /// an attempt, however long the outage.
@@ -45,9 +45,7 @@ impl JobError {
     pub fn not_started(&self) -> bool {
         matches!(self, JobError::NotStarted(_) | JobError::NoReadSlot(_))
     }
-}
 
-impl JobError {
     fn classified(class: ErrorClass, message: String) -> Self {
         match class {
             ErrorClass::Unavailable => JobError::Unavailable(message),

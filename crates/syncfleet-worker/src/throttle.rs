@@ -251,17 +251,7 @@ pub async fn run_probe(
     config: ThrottleConfig,
     mut shutdown: ShutdownSignal,
 ) {
-    let fleet_level = async {
-        let client = destination.get().await.ok()?;
-        syncfleet_db::control::fleet_level(
-            &**client,
-            &fleet,
-            syncfleet_db::control::FLEET_LEVEL_FRESH,
-        )
-        .await
-        .ok()?
-    };
-    if let Ok(Some(level)) = tokio::time::timeout(Duration::from_secs(5), fleet_level).await {
+    if let Some(level) = syncfleet_db::ceiling::fleet_level(&destination, &fleet).await {
         gate.resume(level);
         tracing::info!(level, "adaptive throttle starts at the fleet's level");
     }

@@ -1,10 +1,15 @@
 //! The `syncfleet` command: wires the producer, the worker and the database
 //! and broker crates into one binary.
 //!
-//! - `migrate`, `sync`, `worker`, `status`, `verify`, `demo`: one module
-//!   each under this crate, named after the command.
+//! - `migrate`, `sync`, `worker`, `producer`, `status`, `verify`,
+//!   `dead-letters`, `demo`: one module each under this crate, named after
+//!   the command.
 //! - [`error`]: every failure ends here and picks the exit code: 2 for bad
-//!   usage or config, 1 for anything else.
+//!   usage or config, 3 for data found wrong, 4 for a wait that ran out,
+//!   5 for a run refused while another of its stream goes on, 1 for
+//!   anything else.
+//! - [`progress`]: a run's live progress, a bar per stream; [`serve`]: `/metrics`, `/healthz` and
+//!   `/readyz` of the long-running commands.
 //! - [`signals`]: SIGINT/SIGTERM into the shared shutdown signal.
 
 mod dead_letters;
@@ -47,7 +52,7 @@ struct Cli {
 enum Command {
     /// Create or upgrade syncfleet's control schema in the destination (idempotent)
     Migrate,
-    /// Plan a full sync run and publish its jobs; prints the run id
+    /// Plan a sync run (full, --incremental, or --resume) and publish its jobs; prints the run id(s)
     Sync(sync::Args),
     /// Consume and execute jobs until stopped (SIGINT/SIGTERM drains, a second signal exits)
     Worker(worker::Args),

@@ -45,14 +45,7 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     let client = destination.get().await?;
-    let run = match args.run_id {
-        Some(id) => Some(
-            control::run(&**client, id)
-                .await?
-                .ok_or_else(|| CliError::Usage(format!("no run with id {id}")))?,
-        ),
-        None => control::recent_runs(&**client, 1).await?.pop(),
-    };
+    let run = chosen_run(&client, args.run_id).await?;
     match &run {
         Some(run) => {
             print_run(run);
@@ -101,7 +94,7 @@ async fn print_read_slots(
     };
     // Below the ceiling, the throttle's level is what the fleet may use.
     let level = match config.reads.throttle {
-        Some(_) => control::fleet_level(client, &config.broker.prefix, control::FLEET_LEVEL_FRESH)
+        Some(_) => control::fleet_level(client, &config.broker.prefix)
             .await?
             .map_or(" (no throttle level reported lately)".into(), |l| {
                 format!(" (the throttle's level: {l:.2})")
@@ -260,6 +253,22 @@ pub async fn wait_for_run(
     }
 }
 
+/// The run asked for (exit 2 if there is none of that id), else the latest
+/// if any.
+async fn chosen_run(
+    client: &tokio_postgres::Client,
+    id: Option<i64>,
+) -> Result<Option<RunSummary>, CliError> {
+    Ok(match id {
+        Some(id) => Some(
+            control::run(client, id)
+                .await?
+                .ok_or_else(|| CliError::Usage(format!("no run with id {id}")))?,
+        ),
+        None => control::recent_runs(client, 1).await?.pop(),
+    })
+}
+
 /// `status --json`: the run (latest by default), its streams and the queues.
 async fn json(
     config: &Config,
@@ -268,14 +277,7 @@ async fn json(
 ) -> Result<ExitCode, CliError> {
     use serde_json::json;
     let client = destination.get().await?;
-    let run = match run_id {
-        Some(id) => Some(
-            control::run(&**client, id)
-                .await?
-                .ok_or_else(|| CliError::Usage(format!("no run with id {id}")))?,
-        ),
-        None => control::recent_runs(&**client, 1).await?.pop(),
-    };
+    let run = chosen_run(&client, run_id).await?;
     let run_json = match &run {
         Some(r) => {
             let streams: Vec<serde_json::Value> = control::run_progress(&**client, r.id)

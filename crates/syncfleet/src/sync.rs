@@ -29,12 +29,8 @@ pub struct Args {
     #[arg(long, conflicts_with = "resume")]
     incremental: bool,
     /// With --wait: give up after this long (e.g. 90s, 30m, 2h)
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = syncfleet_core::duration::parse)]
     timeout: Duration,
-}
-
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    syncfleet_core::duration::parse(text)
 }
 
 pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
