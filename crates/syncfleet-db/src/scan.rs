@@ -78,7 +78,7 @@ impl<'t> KeyScan<'t> {
         };
         let every = i64::from(every);
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&every];
-        params.extend(start.params.iter().map(|p| p as &(dyn ToSql + Sync)));
+        params.extend(crate::sql::bind(&start.params));
         let portal = tx.bind(&sql, &params).await.map_err(db)?;
         Ok(KeyScan {
             tx,

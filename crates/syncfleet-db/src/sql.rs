@@ -39,6 +39,11 @@ pub struct RangePredicate {
     pub settings: (Vec<String>, Vec<String>),
 }
 
+/// Text parameters as the driver binds them.
+pub fn bind(params: &[String]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    params.iter().map(|p| p as _).collect()
+}
+
 /// Applies [`Binding::Settings`] values: bind `settings.0` and `settings.1`.
 pub const SET_SETTINGS: &str = "SELECT set_config(s.name, s.value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)";
 

@@ -564,11 +564,7 @@ async fn plan_incremental(
         shape.relation,
         ident::list(&keys, Some("q")),
     );
-    let bound: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-        .iter()
-        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect();
-    let portal = tx.bind(&sql, &bound).await?;
+    let portal = tx.bind(&sql, &syncfleet_db::sql::bind(&params)).await?;
     let mut count = 0i64;
     let mut last: Option<(String, Key)> = None;
     loop {

@@ -906,11 +906,7 @@ impl Executor {
             source_range.settings.1.push(value);
         }
         let dest_range = predicate("d", Binding::Params { first: 1 })?;
-        let params: Vec<&(dyn ToSql + Sync)> = dest_range
-            .params
-            .iter()
-            .map(|p| p as &(dyn ToSql + Sync))
-            .collect();
+        let params = sql::bind(&dest_range.params);
         let paced = pace.is_some();
         // Fingerprints first only where a match saves a copy: a key range
         // (a selection is an event's changed rows), large enough to pay for

@@ -19,7 +19,6 @@ use syncfleet_db::ceiling::Ceiling;
 use syncfleet_db::scan::{KeyScan, Ranges};
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape};
-use tokio_postgres::types::ToSql;
 
 use crate::error::CliError;
 
@@ -128,11 +127,7 @@ pub async fn compare(
         }
         for range in pending.drain(..) {
             let predicate = RangePredicate::new(&shape, "q", &range, Binding::Params { first: 1 });
-            let params: Vec<&(dyn ToSql + Sync)> = predicate
-                .params
-                .iter()
-                .map(|p| p as &(dyn ToSql + Sync))
-                .collect();
+            let params = sql::bind(&predicate.params);
             let read = async {
                 let checksum = sql::checksum(&shape, &shape.relation, &predicate, pace.is_some());
                 Ok::<_, CliError>(tx.query_one(&checksum, &params).await?)
