@@ -366,6 +366,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
             "DELETE FROM syncfleet.schema_version WHERE version >= 3;
              ALTER TABLE syncfleet.batches DROP COLUMN rows_unchanged;
              DROP TABLE syncfleet.fleet_reads;
+             DROP TABLE syncfleet.standby_reads;
              ALTER TABLE syncfleet.runs DROP COLUMN reopened_at;
              ALTER TABLE syncfleet.run_streams DROP COLUMN claim;
              ALTER TABLE syncfleet.runs DROP COLUMN created_by;
@@ -379,7 +380,7 @@ async fn a_version_2_control_schema_upgrades_with_its_runs() {
     let mut dest = crate::helpers::connect(&env.dest_url).await;
     assert_eq!(
         syncfleet_db::control::migrate(&mut dest).await.unwrap(),
-        vec![3, 4, 5, 6, 7, 8]
+        vec![3, 4, 5, 6, 7, 8, 9]
     );
     let index: String = env
         .dest

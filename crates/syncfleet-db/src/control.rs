@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use syncfleet_core::job::{Job, KeyRange, NO_RUN, Selection};
+use syncfleet_core::job::{Job, KeyRange, Lsn, NO_RUN, Selection};
 use tokio_postgres::{Client, GenericClient};
 
 use crate::error::DbError;
@@ -168,6 +168,16 @@ BEGIN
   END LOOP;
 END
 $fn$;
+"#,
+    r#"
+-- Reading from standbys (source.replica_url): per stream, how far the
+-- standby a job read had replayed, at most, when it read. A later job of
+-- the stream waits until its own standby has replayed as far (see
+-- last_standby_read).
+CREATE TABLE syncfleet.standby_reads (
+    stream   text PRIMARY KEY,
+    replayed pg_lsn NOT NULL
+);
 "#,
 ];
 
@@ -820,6 +830,53 @@ pub const SUPERSEDED: &str = "SELECT u.run_id, u.stream \
      JOIN syncfleet.run_streams mine ON mine.run_id = u.run_id AND mine.stream = u.stream \
      WHERE EXISTS (SELECT 1 FROM syncfleet.run_streams later \
                    WHERE later.stream = u.stream AND later.claim > mine.claim)";
+
+/// Reading from standbys: the furthest any standby a job of `streams` read
+/// had replayed when it read ([`record_standby_read`]). Asked under the
+/// streams' write locks, before the job's source snapshot: behind a load
+/// balancer over several standbys, a job's standby can be behind the one
+/// the stream's last job read, and a read of it would put rows older than
+/// that job's back. With one standby, replay only moves forward and the
+/// answer is always behind it.
+pub async fn last_standby_read(
+    client: &impl GenericClient,
+    streams: &[&str],
+) -> Result<Option<Lsn>, DbError> {
+    let row = client
+        .query_one(
+            "SELECT max(replayed)::text FROM syncfleet.standby_reads WHERE stream = ANY($1)",
+            &[&streams],
+        )
+        .await?;
+    Ok(row
+        .get::<_, Option<String>>(0)
+        .and_then(|lsn| lsn.parse().ok()))
+}
+
+/// See [`record_standby_read`]: the streams (`$1`, sorted, so that two
+/// transactions lock their rows in one order) and the position (`$2`).
+pub const RECORD_STANDBY_READ: &str = "INSERT INTO syncfleet.standby_reads AS r (stream, replayed) \
+     SELECT s, $2::text::pg_lsn FROM unnest($1::text[]) AS s ORDER BY s \
+     ON CONFLICT (stream) DO UPDATE SET replayed = greatest(r.replayed, excluded.replayed)";
+
+/// Records, in the transaction that writes a job's rows, how far its
+/// standby had replayed after its snapshot was taken: at least as far as
+/// the snapshot holds. Prepared once per connection, and sent at once if it
+/// has been, so that it can be pipelined before the `COMMIT`.
+pub async fn record_standby_read(
+    client: &impl deadpool_postgres::GenericClient,
+    streams: &[&str],
+    replayed: Lsn,
+) -> Result<(), DbError> {
+    let statement = client.prepare_cached(RECORD_STANDBY_READ).await?;
+    let mut streams = streams.to_vec();
+    streams.sort_unstable();
+    streams.dedup();
+    client
+        .execute(&statement, &[&streams, &replayed.to_string()])
+        .await?;
+    Ok(())
+}
 
 /// See [`complete_batches`].
 pub const COMPLETE_BATCHES: &str = "UPDATE syncfleet.batches b SET status = 'done', \

@@ -45,7 +45,7 @@ use futures_util::{SinkExt, StreamExt};
 use syncfleet_core::Config;
 use syncfleet_core::backoff::full_jitter;
 use syncfleet_core::config::StreamConfig;
-use syncfleet_core::job::{Job, NO_RUN};
+use syncfleet_core::job::{Job, Lsn, NO_RUN};
 use syncfleet_core::metrics as m;
 use syncfleet_db::pool::Client;
 use syncfleet_db::sql::{self, Binding, RangePredicate};
@@ -115,6 +115,38 @@ fn raced(e: tokio_postgres::Error) -> JobError {
             syncfleet_db::error::describe(&e)
         )),
         _ => JobError::from(e),
+    }
+}
+
+/// Waits until the standby `src` has replayed the source's WAL up to `lsn`
+/// (`why`: what that position is), for at most half the shortest deadline
+/// of `streams`, for the broker to redeliver the jobs later.
+async fn replayed_to(
+    src: &Client,
+    lsn: Lsn,
+    streams: impl Iterator<Item = &StreamConfig>,
+    why: &str,
+) -> Result<(), JobError> {
+    let patience = streams.map(|s| s.deadline).min().unwrap_or_default() / 2;
+    let lsn = lsn.to_string();
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let replayed: bool = src
+            .query_one(syncfleet_db::pool::REPLAYED, &[&lsn])
+            .await?
+            .get(0);
+        if replayed {
+            return Ok(());
+        }
+        if started.elapsed() >= patience {
+            return Err(JobError::Retry(format!(
+                "the source's standby (replica_url) has not replayed the WAL up to {lsn}, \
+                 {why}, within {patience:?}"
+            )));
+        }
+        tokio::time::sleep(full_jitter(pause)).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
 
@@ -592,27 +624,7 @@ impl Executor {
         let Some(lsn) = jobs.iter().filter_map(|job| job.source_lsn).max() else {
             return Ok(());
         };
-        let lsn = lsn.to_string();
-        let patience = streams.iter().map(|s| s.deadline).min().unwrap_or_default() / 2;
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(10);
-        loop {
-            let replayed: bool = src
-                .query_one(syncfleet_db::pool::REPLAYED, &[&lsn])
-                .await?
-                .get(0);
-            if replayed {
-                return Ok(());
-            }
-            if started.elapsed() >= patience {
-                return Err(JobError::Retry(format!(
-                    "the source's standby (replica_url) has not replayed the WAL up to {lsn}, \
-                     where the job was made, within {patience:?}"
-                )));
-            }
-            tokio::time::sleep(full_jitter(pause)).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
-        }
+        replayed_to(src, lsn, streams.iter().copied(), "where the job was made").await
     }
 
     /// Opens both transactions, converges each job's range in turn, then
@@ -746,6 +758,17 @@ impl Executor {
                 return Err(none_free());
             }
         }
+        // Reading from standbys: not one behind the standby the streams'
+        // last jobs read (see `control::last_standby_read`). Under the
+        // write locks, so that no job of the streams commits a newer read
+        // meanwhile; this holds the read slot too, for as long as a
+        // standby trails the others, which is mostly not at all.
+        let standbys = self.config.reads.replica_url.is_some();
+        let read_streams: Vec<&str> = work.iter().map(|w| w.job.stream.as_str()).collect();
+        if standbys && let Some(lsn) = control::last_standby_read(&***dst, &read_streams).await? {
+            let why = "where an earlier job of the stream read another standby";
+            replayed_to(src, lsn, work.iter().map(|w| w.stream), why).await?;
+        }
         // When the reads began, for the fleet's rows/s budget.
         let began = Instant::now();
 
@@ -754,6 +777,19 @@ impl Executor {
             let first = i == 0;
             let last = i + 1 == work.len();
             done.push(self.converge_range(w, pace, first, last, src, dst).await?);
+        }
+        // After the snapshot: at least as far as it holds (NULL on a
+        // primary, which needs nothing recorded).
+        let replayed: Option<Lsn> = match standbys {
+            true => src
+                .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+                .await?
+                .get::<_, Option<String>>(0)
+                .and_then(|lsn| lsn.parse().ok()),
+            false => None,
+        };
+        if replayed.is_some() {
+            dst.prepare_cached(control::RECORD_STANDBY_READ).await?;
         }
 
         // Marking the batches done, the COMMIT and the run-finished checks
@@ -786,6 +822,12 @@ impl Executor {
                     false => control::complete_batches(&*dst, &batches, &self.id).await,
                 }
             };
+            let record = async {
+                match replayed {
+                    Some(lsn) => control::record_standby_read(&*dst, &read_streams, lsn).await,
+                    None => Ok(()),
+                }
+            };
             let commit = dst.batch_execute("COMMIT");
             let finish = async {
                 let mut finished = Vec::new();
@@ -808,8 +850,8 @@ impl Executor {
                     control::charge_read(&*dst, prefix, began.elapsed(), cost).await,
                 ))
             };
-            let (known, committed, finished, charged) =
-                tokio::join!(biased; complete, commit, finish, charge);
+            let (known, recorded, committed, finished, charged) =
+                tokio::join!(biased; complete, record, commit, finish, charge);
             if let Some((cost, charged)) = charged {
                 // Without the fleet's clock, this worker still keeps the rate.
                 let wait = charged.unwrap_or_else(|e| {
@@ -821,6 +863,7 @@ impl Executor {
             // Checked first: after a failed statement the server answers
             // COMMIT by rolling back, and reports that as a success.
             let known = known?;
+            recorded?;
             committed?;
             if !known {
                 // Its run is gone from the control schema. Writing the
