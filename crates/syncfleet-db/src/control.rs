@@ -170,10 +170,10 @@ END
 $fn$;
 "#,
     r#"
--- Reading from standbys (source.replica_url): per stream, how far the
--- standby a job read had replayed, at most, when it read. A later job of
--- the stream waits until its own standby has replayed as far (see
--- last_standby_read).
+-- Reading from standbys (source.replica_url): per stream, the furthest
+-- WAL position a job's read may have seen (an upper bound of its
+-- snapshot). A later job of the stream waits until its own standby has
+-- replayed as far (see last_standby_read).
 CREATE TABLE syncfleet.standby_reads (
     stream   text PRIMARY KEY,
     replayed pg_lsn NOT NULL
@@ -831,26 +831,28 @@ pub const SUPERSEDED: &str = "SELECT u.run_id, u.stream \
      WHERE EXISTS (SELECT 1 FROM syncfleet.run_streams later \
                    WHERE later.stream = u.stream AND later.claim > mine.claim)";
 
-/// Reading from standbys: the furthest any standby a job of `streams` read
-/// had replayed when it read ([`record_standby_read`]). Asked under the
-/// streams' write locks, before the job's source snapshot: behind a load
-/// balancer over several standbys, a job's standby can be behind the one
-/// the stream's last job read, and a read of it would put rows older than
-/// that job's back. With one standby, replay only moves forward and the
-/// answer is always behind it.
+/// Reading from standbys: the furthest WAL position the reads of any
+/// earlier job of `streams` may have seen ([`record_standby_read`]).
+/// Behind a load balancer over several standbys, a job's standby can be
+/// behind the one an earlier job of its rows read, and a read of it would
+/// put rows older than that job's back; a job waits until its standby has
+/// replayed this far, before its snapshot and again under its write locks.
+/// Those order the jobs that may write the same rows: an event job takes
+/// its stream exclusively, and the jobs of one run that share it cover
+/// disjoint key ranges. With one standby, replay only moves forward and
+/// the answer is always behind it.
 pub async fn last_standby_read(
-    client: &impl GenericClient,
+    client: &impl deadpool_postgres::GenericClient,
     streams: &[&str],
 ) -> Result<Option<Lsn>, DbError> {
-    let row = client
-        .query_one(
-            "SELECT max(replayed)::text FROM syncfleet.standby_reads WHERE stream = ANY($1)",
-            &[&streams],
+    let statement = client
+        .prepare_cached(
+            "SELECT pg_wal_lsn_diff(max(replayed), '0/0')::int8 FROM syncfleet.standby_reads \
+             WHERE stream = ANY($1)",
         )
         .await?;
-    Ok(row
-        .get::<_, Option<String>>(0)
-        .and_then(|lsn| lsn.parse().ok()))
+    let row = client.query_one(&statement, &[&streams]).await?;
+    Ok(row.get::<_, Option<i64>>(0).map(|n| Lsn(n as u64)))
 }
 
 /// See [`record_standby_read`]: the streams (`$1`, sorted, so that two
@@ -859,10 +861,13 @@ pub const RECORD_STANDBY_READ: &str = "INSERT INTO syncfleet.standby_reads AS r 
      SELECT s, $2::text::pg_lsn FROM unnest($1::text[]) AS s ORDER BY s \
      ON CONFLICT (stream) DO UPDATE SET replayed = greatest(r.replayed, excluded.replayed)";
 
-/// Records, in the transaction that writes a job's rows, how far its
-/// standby had replayed after its snapshot was taken: at least as far as
-/// the snapshot holds. Prepared once per connection, and sent at once if it
-/// has been, so that it can be pipelined before the `COMMIT`.
+/// Records, in the transaction that writes a job's rows, a WAL position
+/// its source session had reached after its snapshot was taken
+/// ([`crate::pool::READ_AT_MOST`]): at least as far as the snapshot holds.
+/// Concurrent jobs of a stream update its one row, so their commits take
+/// turns (reading from standbys only). Prepared once per connection, and
+/// sent at once if it has been, so that it can be pipelined before the
+/// `COMMIT`.
 pub async fn record_standby_read(
     client: &impl deadpool_postgres::GenericClient,
     streams: &[&str],

@@ -15,8 +15,9 @@
 //! - [`ddl`]: creates a missing destination table (and the enum and domain
 //!   types it needs) from the source's column types.
 //! - [`control`]: the control schema in the destination (`syncfleet.runs`,
-//!   `syncfleet.batches`, and `syncfleet.fleet_reads`, what a fleet's
-//!   workers share about reading the source), its migrations and queries.
+//!   `syncfleet.batches`, and `syncfleet.fleet_reads` and
+//!   `syncfleet.standby_reads`, what a fleet's workers share about reading
+//!   the source), its migrations and queries.
 //! - [`error`]: errors that say whether trying again can help.
 
 pub mod ceiling;

@@ -76,8 +76,15 @@ pub async fn wal_position(
 }
 
 /// Whether this source session has replayed WAL up to `$1` (a `pg_lsn` as
-/// text); true on a primary, which replays nothing.
-pub const REPLAYED: &str = "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, true)";
+/// text); true on a primary (one promoted too), which has all it wrote.
+pub const REPLAYED: &str = "SELECT NOT pg_is_in_recovery() \
+     OR coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)";
+
+/// A WAL position (bytes from `0/0`) past everything this source session's
+/// snapshot, taken before, can hold: how far a standby has replayed, or a
+/// primary's insert position (a load balancer may send a read to either).
+pub const READ_AT_MOST: &str = "SELECT pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() \
+     THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END, '0/0')::int8";
 
 /// Session settings for both sides. Rows travel in PostgreSQL's text COPY
 /// format, so both sessions must print and parse values the same way: ISO

@@ -24,6 +24,7 @@ use syncfleet_core::config::{DbConfig, ProducerConfig};
 use syncfleet_core::metrics as m;
 use syncfleet_core::shutdown::{Shutdown, ShutdownSignal};
 use syncfleet_db::ceiling::{Ceiling, Slots};
+use syncfleet_db::pool::Client;
 use syncfleet_db::{DbError, Pool, Role, control};
 use tokio::time::Instant;
 
@@ -284,16 +285,7 @@ async fn report_gauges(config: Arc<Config>, destination: Pool, mut shutdown: Shu
     let mut depths = syncfleet_broker::DepthGauges::new(topology);
     let mut failing = false;
     loop {
-        // The client-side bound is for a server that does not answer at
-        // all; the server's own timeout normally ends a slow read first.
-        let read =
-            tokio::time::timeout(2 * PROGRESS_TIMEOUT, report_progress(&config, &destination));
-        let error = match read.await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("no answer within {:?}", 2 * PROGRESS_TIMEOUT)),
-        };
-        match error {
+        match read_progress(&config, &destination).await.err() {
             None if failing => {
                 tracing::info!("the fleet's progress can be read from the destination again");
                 failing = false;
@@ -397,12 +389,39 @@ async fn fail_interrupted(destination: &Pool, stream: &str, before: i64) {
     }
 }
 
+/// [`report_progress`] on a pooled connection, bounded on this side too,
+/// for a server that does not answer at all (the server's own timeout ends
+/// a slow read first). Such a connection is cancelled and closed, not handed
+/// back to the pool busy, where the next user (the leader's election)
+/// would wait behind it.
+async fn read_progress(config: &Config, destination: &Pool) -> Result<(), String> {
+    let mut client = destination.get().await.map_err(|e| e.to_string())?;
+    let cancel = client.cancel_token();
+    let bound = 2 * PROGRESS_TIMEOUT;
+    match tokio::time::timeout(bound, report_progress(config, &mut client)).await {
+        Ok(read) => read.map_err(|e| e.to_string()),
+        Err(_) => {
+            let tls = destination.tls();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(PROGRESS_TIMEOUT, cancel.cancel_query(tls)).await;
+            });
+            drop(syncfleet_db::pool::Client::take(client));
+            Err(format!("no answer within {bound:?}"))
+        }
+    }
+}
+
 /// Run progress of each stream's latest run, watermark ages, and who
-/// holds the fleet's read slots, read in one snapshot; then the time of
-/// this reading, which tells a dashboard how old the others are.
-async fn report_progress(config: &Config, destination: &Pool) -> Result<(), DbError> {
-    let mut client = destination.get().await?;
-    let tx = client.transaction().await?;
+/// holds the fleet's read slots, read in one snapshot (`pg_locks` aside,
+/// which has none); then the time of this reading, which tells a dashboard
+/// how old the others are.
+async fn report_progress(config: &Config, client: &mut Client) -> Result<(), DbError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
     tx.batch_execute(&format!(
         "SET LOCAL statement_timeout = {}",
         PROGRESS_TIMEOUT.as_millis()

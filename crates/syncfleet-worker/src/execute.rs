@@ -118,34 +118,28 @@ fn raced(e: tokio_postgres::Error) -> JobError {
     }
 }
 
+/// Why a job waits for its standby beyond where it was made.
+const EARLIER_READ: &str = "as far as an earlier job of its stream may have read another standby";
+
 /// Waits until the standby `src` has replayed the source's WAL up to `lsn`
-/// (`why`: what that position is), for at most half the shortest deadline
-/// of `streams`, for the broker to redeliver the jobs later.
-async fn replayed_to(
-    src: &Client,
-    lsn: Lsn,
-    streams: impl Iterator<Item = &StreamConfig>,
-    why: &str,
-) -> Result<(), JobError> {
-    let patience = streams.map(|s| s.deadline).min().unwrap_or_default() / 2;
+/// (`why`: what that position is), until `by` at the latest, for the
+/// broker to redeliver the jobs later.
+async fn replayed_to(src: &Client, lsn: Lsn, by: Instant, why: &str) -> Result<(), JobError> {
+    let replayed = src.prepare_cached(syncfleet_db::pool::REPLAYED).await?;
     let lsn = lsn.to_string();
-    let started = Instant::now();
     let mut pause = Duration::from_millis(10);
     loop {
-        let replayed: bool = src
-            .query_one(syncfleet_db::pool::REPLAYED, &[&lsn])
-            .await?
-            .get(0);
-        if replayed {
+        if src.query_one(&replayed, &[&lsn]).await?.get::<_, bool>(0) {
             return Ok(());
         }
-        if started.elapsed() >= patience {
+        if Instant::now() >= by {
             return Err(JobError::Retry(format!(
-                "the source's standby (replica_url) has not replayed the WAL up to {lsn}, \
-                 {why}, within {patience:?}"
+                "the source's standby (replica_url) has not replayed the WAL up to {lsn}, {why}, \
+                 by half the job's deadline"
             )));
         }
-        tokio::time::sleep(full_jitter(pause)).await;
+        tokio::time::sleep(full_jitter(pause).min(by.saturating_duration_since(Instant::now())))
+            .await;
         pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
@@ -562,8 +556,12 @@ impl Executor {
             (dst.get().cancel_token(), self.destination.tls()),
         ];
         let (src_client, dst_client) = (src.get(), dst.get());
+        // Every wait for a standby to catch up ends by then.
+        let replay_by =
+            Instant::now() + streams.iter().map(|s| s.deadline).min().unwrap_or_default() / 2;
         let converge = async {
-            self.wait_for_replay(streams, jobs, src_client).await?;
+            self.wait_for_replay(jobs, src_client, dst_client, replay_by)
+                .await?;
             let mut shapes = Vec::with_capacity(streams.len());
             for (stream, job) in streams.iter().zip(jobs) {
                 shapes.push(
@@ -577,7 +575,8 @@ impl Executor {
                 .zip(&shapes)
                 .map(|((job, stream), shape)| Work { job, stream, shape })
                 .collect();
-            self.converge(&work, src_client, dst_client, slot_by).await
+            self.converge(&work, src_client, dst_client, slot_by, replay_by)
+                .await
         };
         match tokio::time::timeout_at(deadline.into(), converge).await {
             Ok(Ok(outcomes)) => {
@@ -608,23 +607,31 @@ impl Executor {
         }
     }
 
-    /// Reading from a standby, waits until it has replayed the source's WAL
-    /// as far as the newest of the jobs was made at (`Job::source_lsn`), so
-    /// that the read sees every change they were sent for. Gives up after
-    /// half the jobs' deadline, for the broker to redeliver them later.
+    /// Reading from a standby, waits (until `by`) until it has replayed the
+    /// source's WAL as far as the newest of the jobs was made at
+    /// (`Job::source_lsn`), so that the read sees every change they were
+    /// sent for, and as far as an earlier job of their streams may have read
+    /// (see `control::last_standby_read`; checked again under the write
+    /// locks, where it mostly passes at once).
     async fn wait_for_replay(
         &self,
-        streams: &[&StreamConfig],
         jobs: &[Job],
         src: &Client,
+        dst: &Client,
+        by: Instant,
     ) -> Result<(), JobError> {
         if self.config.reads.replica_url.is_none() {
             return Ok(());
         }
-        let Some(lsn) = jobs.iter().filter_map(|job| job.source_lsn).max() else {
-            return Ok(());
-        };
-        replayed_to(src, lsn, streams.iter().copied(), "where the job was made").await
+        let made = jobs.iter().filter_map(|job| job.source_lsn).max();
+        if let Some(lsn) = made {
+            replayed_to(src, lsn, by, "where the job was made").await?;
+        }
+        let streams: Vec<&str> = jobs.iter().map(|job| job.stream.as_str()).collect();
+        match control::last_standby_read(dst, &streams).await? {
+            Some(lsn) if Some(lsn) > made => replayed_to(src, lsn, by, EARLIER_READ).await,
+            _ => Ok(()),
+        }
     }
 
     /// Opens both transactions, converges each job's range in turn, then
@@ -635,6 +642,7 @@ impl Executor {
         src: &mut Client,
         dst: &mut Client,
         slot_by: Instant,
+        replay_by: Instant,
     ) -> Result<Vec<BatchOutcome>, JobError> {
         // Read once per transaction: its batches keep the pace they started
         // with.
@@ -758,16 +766,15 @@ impl Executor {
                 return Err(none_free());
             }
         }
-        // Reading from standbys: not one behind the standby the streams'
-        // last jobs read (see `control::last_standby_read`). Under the
-        // write locks, so that no job of the streams commits a newer read
-        // meanwhile; this holds the read slot too, for as long as a
-        // standby trails the others, which is mostly not at all.
+        // Reading from standbys: as far as an earlier job of the streams
+        // may have read (see `control::last_standby_read`), asked again
+        // under the write locks, so that none commits a newer read
+        // meanwhile. A wait here holds the read slot too; it is mostly
+        // over before the locks, in `wait_for_replay`.
         let standbys = self.config.reads.replica_url.is_some();
         let read_streams: Vec<&str> = work.iter().map(|w| w.job.stream.as_str()).collect();
-        if standbys && let Some(lsn) = control::last_standby_read(&***dst, &read_streams).await? {
-            let why = "where an earlier job of the stream read another standby";
-            replayed_to(src, lsn, work.iter().map(|w| w.stream), why).await?;
+        if standbys && let Some(lsn) = control::last_standby_read(&*dst, &read_streams).await? {
+            replayed_to(src, lsn, replay_by, EARLIER_READ).await?;
         }
         // When the reads began, for the fleet's rows/s budget.
         let began = Instant::now();
@@ -778,19 +785,16 @@ impl Executor {
             let last = i + 1 == work.len();
             done.push(self.converge_range(w, pace, first, last, src, dst).await?);
         }
-        // After the snapshot: at least as far as it holds (NULL on a
-        // primary, which needs nothing recorded).
+        // After the snapshot: at least as far as it holds.
         let replayed: Option<Lsn> = match standbys {
-            true => src
-                .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
-                .await?
-                .get::<_, Option<String>>(0)
-                .and_then(|lsn| lsn.parse().ok()),
+            true => {
+                let read_at = src.prepare_cached(syncfleet_db::pool::READ_AT_MOST).await?;
+                dst.prepare_cached(control::RECORD_STANDBY_READ).await?;
+                let at: i64 = src.query_one(&read_at, &[]).await?.get(0);
+                Some(Lsn(at as u64))
+            }
             false => None,
         };
-        if replayed.is_some() {
-            dst.prepare_cached(control::RECORD_STANDBY_READ).await?;
-        }
 
         // Marking the batches done, the COMMIT and the run-finished checks
         // are pipelined on one connection, so each check runs after the
