@@ -484,7 +484,9 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
             // An outage is every job's: each waits for the database as it
             // would alone. No read slot came free in time: alone, each
             // would wait as long again.
-            Ok(Err(e @ (JobError::Unavailable(_) | JobError::NoReadSlot(_)))) => {
+            Ok(Err(
+                e @ (JobError::Unavailable(_) | JobError::Lagging(_) | JobError::NoReadSlot(_)),
+            )) => {
                 for (delivery, job) in deliveries.iter().zip(&jobs) {
                     conclude(&context, delivery, job, started, Ok(Err(e.clone()))).await;
                 }
@@ -574,7 +576,7 @@ async fn conclude(
             }
             settle(delivery.ack(BasicAckOptions::default()).await);
         }
-        Ok(Err(JobError::Unavailable(reason))) => {
+        Ok(Err(JobError::Unavailable(reason) | JobError::Lagging(reason))) => {
             finished("waiting");
             wait_out_outage(context, delivery, &id, meta, &reason).await;
         }
@@ -601,6 +603,7 @@ async fn conclude(
                 // (Not begun: handed back above, never dead-lettered.)
                 JobError::Retry(r)
                 | JobError::Unavailable(r)
+                | JobError::Lagging(r)
                 | JobError::NotStarted(r)
                 | JobError::NoReadSlot(r) => ("attempts exhausted", r, meta),
                 JobError::Disconnected(r) => {
@@ -661,7 +664,7 @@ async fn wait_out_outage(
 ) {
     let streak = context.outage.fetch_add(1, Ordering::Relaxed) + 1;
     if streak == 1 {
-        tracing::warn!(job = %id, %reason, "a database is unreachable; jobs wait for it without using up attempts");
+        tracing::warn!(job = %id, %reason, "a database is unreachable (or a standby behind); jobs wait for it without using up attempts");
     }
     park(context, delivery, id, meta, OUTAGE.delay(streak), false).await;
 }

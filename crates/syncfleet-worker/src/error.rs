@@ -9,6 +9,12 @@ pub enum JobError {
     /// an attempt, however long the outage.
     #[error("{0}")]
     Unavailable(String),
+    /// The standby the job reads (`source.replica_url`) had not replayed as
+    /// far as the job needs by half its deadline: not the job's fault, so
+    /// waited for like an outage, however long the lag, and not tried
+    /// again in the worker, where each try would wait as long.
+    #[error("{0}")]
+    Lagging(String),
     /// A connection broke while the job used it: waited for like an
     /// outage, but counted, since a job can also break it itself (a
     /// statement that ends its session or crashes the server). Too many,

@@ -122,8 +122,8 @@ fn raced(e: tokio_postgres::Error) -> JobError {
 const EARLIER_READ: &str = "as far as an earlier job of its stream may have read another standby";
 
 /// Waits until the standby `src` has replayed the source's WAL up to `lsn`
-/// (`why`: what that position is), until `by` at the latest, for the
-/// broker to redeliver the jobs later.
+/// (`why`: what that position is), until `by` at the latest; past it the
+/// jobs wait in the broker, as for an outage.
 async fn replayed_to(src: &Client, lsn: Lsn, by: Instant, why: &str) -> Result<(), JobError> {
     let replayed = src.prepare_cached(syncfleet_db::pool::REPLAYED).await?;
     let lsn = lsn.to_string();
@@ -133,7 +133,7 @@ async fn replayed_to(src: &Client, lsn: Lsn, by: Instant, why: &str) -> Result<(
             return Ok(());
         }
         if Instant::now() >= by {
-            return Err(JobError::Retry(format!(
+            return Err(JobError::Lagging(format!(
                 "the source's standby (replica_url) has not replayed the WAL up to {lsn}, {why}, \
                  by half the job's deadline"
             )));
@@ -413,6 +413,7 @@ impl Executor {
             JobError::Retry(_) => jobs.len() == 1,
             JobError::Reject(_)
             | JobError::Disconnected(_)
+            | JobError::Lagging(_)
             | JobError::NotStarted(_)
             | JobError::NoReadSlot(_) => false,
         };
@@ -428,7 +429,7 @@ impl Executor {
                 .await;
             if let Err(e) = &result
                 && !e.not_started()
-                && !matches!(e, JobError::Unavailable(_))
+                && !matches!(e, JobError::Unavailable(_) | JobError::Lagging(_))
             {
                 let mut shapes = self.shapes.lock().expect("shape cache");
                 for stream in &streams {
