@@ -189,6 +189,25 @@ impl Topology {
         Ok((q.message_count(), q.consumer_count()))
     }
 
+    /// [`Topology::depth`] of each of the fleet's queues, `None` for one not
+    /// declared yet; each on a channel of its own, since a passive declare
+    /// of a missing queue closes its channel.
+    pub async fn depths(
+        &self,
+        connection: &lapin::Connection,
+    ) -> Result<Vec<(String, Option<(u32, u32)>)>, BrokerError> {
+        let mut depths = Vec::new();
+        for queue in self.queues() {
+            let channel = connection.create_channel().await?;
+            let depth = self.depth(&channel, &queue).await.ok();
+            if depth.is_some() {
+                let _ = channel.close(200, "".into()).await;
+            }
+            depths.push((queue, depth));
+        }
+        Ok(depths)
+    }
+
     /// Sets the queue gauges of the work, events and dead-letter queues
     /// from the management API: ready, unacked and consumers. False if no
     /// queue's counts could be had.
@@ -218,17 +237,14 @@ impl Topology {
     /// passive declare.
     async fn report_from_declares(&self, connection: &lapin::Connection) {
         use syncfleet_core::metrics as m;
-        for queue in self.queues() {
-            // A passive declare of a missing queue closes its channel.
-            let Ok(channel) = connection.create_channel().await else {
-                return;
-            };
-            if let Ok((ready, consumers)) = self.depth(&channel, &queue).await {
+        let Ok(depths) = self.depths(connection).await else {
+            return;
+        };
+        for (queue, depth) in depths {
+            if let Some((ready, consumers)) = depth {
                 metrics::gauge!(m::QUEUE_MESSAGES, "queue" => queue.clone(), "state" => "ready")
                     .set(f64::from(ready));
-                metrics::gauge!(m::QUEUE_CONSUMERS, "queue" => queue.clone())
-                    .set(f64::from(consumers));
-                let _ = channel.close(200, "".into()).await;
+                metrics::gauge!(m::QUEUE_CONSUMERS, "queue" => queue).set(f64::from(consumers));
             }
         }
     }

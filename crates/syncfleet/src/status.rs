@@ -185,20 +185,13 @@ async fn print_queues(config: &Config) {
     let topology = Topology::new(&config.broker.prefix);
     let result = async {
         let connection = syncfleet_broker::connect(&config.broker, "status").await?;
-        let mut lines = Vec::new();
-        for q in topology.queues() {
-            // A passive declare of a missing queue closes the channel, so
-            // each queue gets its own.
-            let channel = connection.create_channel().await?;
-            match topology.depth(&channel, &q).await {
-                Ok((ready, consumers)) => {
-                    lines.push(format!("queue {q}: {ready} ready, {consumers} consumers"))
-                }
-                Err(_) => lines.push(format!("queue {q}: not declared yet")),
-            }
-        }
+        let depths = topology.depths(&connection).await;
         let _ = connection.close(200, "status".into()).await;
-        Ok::<_, BrokerError>(lines)
+        let lines = depths?.into_iter().map(|(q, depth)| match depth {
+            Some((ready, consumers)) => format!("queue {q}: {ready} ready, {consumers} consumers"),
+            None => format!("queue {q}: not declared yet"),
+        });
+        Ok::<_, BrokerError>(lines.collect::<Vec<_>>())
     }
     .await;
     match result {
@@ -318,11 +311,8 @@ async fn json(
     let topology = Topology::new(&config.broker.prefix);
     let mut queues = Vec::new();
     if let Ok(connection) = syncfleet_broker::connect(&config.broker, "status").await {
-        for q in topology.queues() {
-            let Ok(channel) = connection.create_channel().await else {
-                break;
-            };
-            if let Ok((ready, consumers)) = topology.depth(&channel, &q).await {
+        for (q, depth) in topology.depths(&connection).await.unwrap_or_default() {
+            if let Some((ready, consumers)) = depth {
                 queues.push(json!({"queue": q, "ready": ready, "consumers": consumers}));
             }
         }
