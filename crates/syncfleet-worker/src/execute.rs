@@ -773,7 +773,11 @@ impl Executor {
         // meanwhile. A wait here holds the read slot too; it is mostly
         // over before the locks, in `wait_for_replay`.
         let standbys = self.config.reads.replica_url.is_some();
-        let read_streams: Vec<&str> = work.iter().map(|w| w.job.stream.as_str()).collect();
+        // Nothing collected (no allocation) on the common path, without standbys.
+        let read_streams: Vec<&str> = match standbys {
+            true => work.iter().map(|w| w.job.stream.as_str()).collect(),
+            false => Vec::new(),
+        };
         if standbys && let Some(lsn) = control::last_standby_read(&*dst, &read_streams).await? {
             replayed_to(src, lsn, replay_by, EARLIER_READ).await?;
         }
