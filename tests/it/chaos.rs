@@ -254,6 +254,7 @@ async fn a_batch_failing_while_the_destination_is_down_is_recorded_once_it_is_ba
     for (body, id) in &held {
         env.publish_raw(body, id).await;
     }
+    env.delivered().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(env.dead_letters().await, 0, "dead-lettered unrecorded");
 

@@ -10,7 +10,7 @@ async fn demo_syncs_and_verifies_every_stream() {
     let config = env.dir.join("demo.toml");
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(300),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+        crate::helpers::syncfleet()
             .args([
                 "demo",
                 "--users",
@@ -25,10 +25,8 @@ async fn demo_syncs_and_verifies_every_stream() {
             .env("RUST_LOG", "warn")
             .output(),
     )
-    .await
-    .unwrap()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    .await;
+    // Dropped whether the demo finished or not (a timeout kills it).
     let admin = connect(&pg_url()).await;
     for db in ["app", "reporting"] {
         admin
@@ -39,6 +37,8 @@ async fn demo_syncs_and_verifies_every_stream() {
             .await
             .unwrap();
     }
+    let out = out.expect("the demo to finish within 300 s").unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",

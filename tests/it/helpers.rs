@@ -54,6 +54,12 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// The `syncfleet` binary under test, with none of the environment's
+/// overrides: it runs on the test's databases and broker only.
+pub fn syncfleet() -> tokio::process::Command {
+    syncfleet_chaos::syncfleet_command(std::path::Path::new(env!("CARGO_BIN_EXE_syncfleet")))
+}
+
 fn init_logging() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -84,6 +90,17 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new() -> Self {
         init_logging();
+        // The fleets and planners the tests run in process read the
+        // environment's overrides: one left in the shell would send a test's
+        // writes (and deletes) to a real database.
+        if let Some(var) = syncfleet_core::config::ENV_VARS
+            .into_iter()
+            .find(|v| std::env::var_os(v).is_some())
+        {
+            panic!(
+                "{var} is set: unset it to run the tests, which would use it instead of their own"
+            );
+        }
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -287,16 +304,12 @@ impl TestEnv {
 
     /// Runs the real binary with a config file; bounded by a timeout.
     pub async fn cli(&self, config: &std::path::Path, args: &[&str]) -> Output {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"));
+        let mut command = syncfleet();
         command
             .arg("--config")
             .arg(config)
             .args(args)
-            .env_remove("SYNCFLEET_SOURCE_URL")
-            .env_remove("SYNCFLEET_DESTINATION_URL")
-            .env_remove("SYNCFLEET_AMQP_URL")
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true);
+            .env("RUST_LOG", "warn");
         tokio::time::timeout(Duration::from_secs(120), command.output())
             .await
             .expect("syncfleet finished in time")
@@ -306,6 +319,16 @@ impl TestEnv {
     /// Messages ready in this test's work queue (0 if it does not exist).
     pub async fn queue_depth(&self) -> u32 {
         self.depth_of(&Topology::new(&self.name).work_queue()).await
+    }
+
+    /// Waits until no job is left ready in the work queue: every one has
+    /// reached a worker, for a check that something did *not* happen to
+    /// mean anything.
+    pub async fn delivered(&self) {
+        self.eventually("the jobs to reach a worker", 60, || async {
+            self.queue_depth().await == 0
+        })
+        .await;
     }
 
     /// Messages in this test's dead-letter queue.

@@ -51,12 +51,11 @@ fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
 }
 
 fn spawn(env: &TestEnv, args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+    crate::helpers::syncfleet()
         .arg("--config")
         .arg(env.dir.join("syncfleet.toml"))
         .args(args)
         .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .unwrap()
 }

@@ -102,12 +102,11 @@ async fn two_workers_share_one_queue() {
     // Two worker processes of the real binary.
     let path = env.dir.join("syncfleet.toml");
     let spawn = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+        crate::helpers::syncfleet()
             .arg("--config")
             .arg(&path)
             .args(["worker", "--concurrency", "2"])
             .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
             .spawn()
             .unwrap()
     };
@@ -246,7 +245,7 @@ async fn sync_wait_and_status_through_the_binary() {
     // --config after the subcommand works too.
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(120),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+        crate::helpers::syncfleet()
             .args(["sync", "--wait", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")

@@ -11,7 +11,7 @@ use syncfleet_core::shutdown::Shutdown;
 use syncfleet_db::ceiling::Slots;
 use syncfleet_db::sql::Pace;
 use syncfleet_db::{Pool, Role, ceiling};
-use syncfleet_worker::throttle::{ReadGate, run_probe};
+use syncfleet_worker::throttle::{MIN_LEVEL, ReadGate, resume_fleet_level, run_probe};
 
 use crate::helpers::{Fleet, TestEnv, connect};
 
@@ -182,9 +182,20 @@ async fn paced_batches_run_one_at_a_time_in_the_fleet_and_copy_and_merge_exactly
         "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 5000\n",
     );
     let config = Arc::new(Config::load(&env.write("paced.toml", &text)).unwrap());
+    // Workers start at the fleet's last reported level: at the floor from
+    // their first job, whenever their probes get going.
+    let at_the_floor = || async {
+        env.dest
+            .execute(
+                "INSERT INTO syncfleet.fleet_reads (fleet, level, level_at) VALUES ($1, $2, now()) \
+                 ON CONFLICT (fleet) DO UPDATE SET level = excluded.level, level_at = now()",
+                &[&config.broker.prefix, &MIN_LEVEL],
+            )
+            .await
+            .unwrap();
+    };
+    at_the_floor().await;
     let fleet = Fleet::start(&config, 2);
-    // Let the probes push the level down before any job arrives.
-    tokio::time::sleep(Duration::from_secs(1)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -246,8 +257,8 @@ async fn paced_batches_run_one_at_a_time_in_the_fleet_and_copy_and_merge_exactly
     // Nothing changed since: paced, every range's fingerprints match and
     // nothing is copied. (A fresh fleet: workers that just saw every range
     // differ compare only one in eight.)
+    at_the_floor().await;
     let fleet = Fleet::start(&config, 2);
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let unchanged = env.plan(&config).await;
     env.wait(unchanged.run_id).await;
     fleet.stop().await;
@@ -267,11 +278,12 @@ async fn paced_batches_run_one_at_a_time_in_the_fleet_and_copy_and_merge_exactly
 }
 
 /// `max_rows_per_second` holds for the fleet, not per worker: however the
-/// reads of two workers interleave, the rows read by any moment stay within
-/// the rate since the first read, plus one read per worker started before
-/// its rows are charged. Checked from the batches'
-/// start times, taken on the destination's one clock; a slow machine only
-/// spreads them further apart.
+/// reads of two workers interleave, the rows of the batches finished by any
+/// moment stay within the rate since the first batch began, plus one read
+/// per worker (a read is charged once its rows are known). Checked from the
+/// batches' start and finish times, both taken on the destination's one
+/// clock: a batch finished before a moment began its read before it, and a
+/// slow machine only spreads them further apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rows_per_second_limit_holds_for_the_whole_fleet() {
     const RATE: f64 = 4000.0;
@@ -302,7 +314,8 @@ async fn the_rows_per_second_limit_holds_for_the_whole_fleet() {
     let batches = env
         .dest
         .query(
-            "SELECT extract(epoch FROM started_at)::float8, rows_copied, worker \
+            "SELECT extract(epoch FROM started_at)::float8, \
+               extract(epoch FROM finished_at)::float8, rows_copied, worker \
              FROM syncfleet.batches WHERE run_id = $1 ORDER BY started_at",
             &[&plan.run_id],
         )
@@ -310,24 +323,27 @@ async fn the_rows_per_second_limit_holds_for_the_whole_fleet() {
         .unwrap();
     // 24 ranges of 1,000 and the open range past the last key.
     assert_eq!(batches.len(), 25);
-    let workers: std::collections::HashSet<String> = batches.iter().map(|b| b.get(2)).collect();
+    let workers: std::collections::HashSet<String> = batches.iter().map(|b| b.get(3)).collect();
     assert_eq!(workers.len(), 2, "both workers read");
     let first: f64 = batches[0].get(0);
-    let mut before = 0;
     for batch in &batches {
-        let started: f64 = batch.get(0);
-        // Each worker's read may start before it is charged; 20 ms for the gap
-        // between the gate and the destination transaction's start.
-        let allowed = RATE * (started - first + 0.02) + 2.0 * BATCH as f64;
+        // At each batch's end: the rows of the batches ended by then.
+        let moment: f64 = batch.get(1);
+        let finished: i64 = batches
+            .iter()
+            .filter(|b| b.get::<_, f64>(1) <= moment)
+            .map(|b| b.get::<_, i64>(2))
+            .sum();
+        let allowed = RATE * (moment - first) + 2.0 * BATCH as f64;
         assert!(
-            before as f64 <= allowed,
-            "{before} rows were read before {:.3} s, over the fleet's {RATE} rows/s \
+            finished as f64 <= allowed,
+            "{finished} rows were read by {:.3} s, over the fleet's {RATE} rows/s \
              (at most {allowed:.0})",
-            started - first
+            moment - first
         );
-        before += batch.get::<_, i64>(1);
     }
-    assert_eq!(before, 24000);
+    let copied: i64 = batches.iter().map(|b| b.get::<_, i64>(2)).sum();
+    assert_eq!(copied, 24000);
     env.assert_same_rows("SELECT * FROM items").await;
 }
 
@@ -447,12 +463,17 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
     let held = hold_the_only_read_slot(&env, &config).await;
     let plan = env.plan(&config);
     tokio::pin!(plan);
-    // The run exists once planning has checked the stream and is about to
-    // walk its keys; a second later it still waits for the slot.
-    let walking = async {
-        wait_for_the_run(&env).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    // Seen from `status`: the planner's walk waits for the slot, named as
+    // a walk.
+    let walking = env.eventually("the walk to wait for the read slot", 60, || async {
+        let slots = Slots::read(&env.dest, &config).await.unwrap();
+        slots.is_some_and(|slots| {
+            slots
+                .sessions
+                .iter()
+                .any(|s| !s.granted && s.application_name == ceiling::WALK_APPLICATION)
+        })
+    });
     tokio::select! {
         _ = &mut plan => panic!("planning finished while the fleet's only read slot was held"),
         () = walking => {}
@@ -464,8 +485,7 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
         .unwrap()
         .get(0);
     assert_eq!(recorded, 0, "batches were planned without a read slot");
-    // Seen from `status`: the test's hold, and the planner's walk waiting,
-    // named as a walk.
+    // The test's hold is the one held.
     let slots = Slots::read(&env.dest, &config).await.unwrap().unwrap();
     let held_by: i32 = held
         .query_one("SELECT pg_backend_pid()", &[])
@@ -475,13 +495,6 @@ async fn planning_reads_the_source_within_the_fleets_ceiling() {
     assert_eq!(
         slots.held().map(|s| s.pid).collect::<Vec<_>>(),
         [Some(held_by)],
-        "{slots:?}"
-    );
-    assert!(
-        slots
-            .sessions
-            .iter()
-            .any(|s| !s.granted && s.application_name == ceiling::WALK_APPLICATION),
         "{slots:?}"
     );
     held.batch_execute("ROLLBACK").await.unwrap();
@@ -644,7 +657,7 @@ async fn planning_walks_at_the_fleets_throttle_level() {
                     .source
                     .query_one(
                         "SELECT count(*) FROM pg_stat_activity \
-                         WHERE wait_event = 'PgSleep' AND query LIKE $1",
+                         WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE $1",
                         &[&query],
                     )
                     .await
@@ -722,7 +735,7 @@ async fn verifying_reads_the_source_within_the_fleets_ceiling_and_level() {
             .source
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event = 'PgSleep' AND query LIKE '%md5(ROW(%'",
+                 WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE '%md5(ROW(%'",
                 &[],
             )
             .await
@@ -753,12 +766,15 @@ async fn a_starting_worker_begins_at_the_fleets_throttle_level() {
         async move {
             let gate = Arc::new(ReadGate::new(4, Some(4), Some(&throttle)));
             let shutdown = Shutdown::new();
+            let destination = Pool::connect(Role::Destination, &config.destination)
+                .await
+                .unwrap();
+            // As a worker does before its first job.
+            resume_fleet_level(&gate, &destination, &fleet).await;
             tokio::spawn(run_probe(
                 gate.clone(),
                 Pool::connect(Role::Source, &config.source).await.unwrap(),
-                Pool::connect(Role::Destination, &config.destination)
-                    .await
-                    .unwrap(),
+                destination,
                 fleet,
                 throttle,
                 shutdown.signal(),

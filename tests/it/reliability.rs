@@ -666,13 +666,12 @@ async fn sigterm_drains_the_job_in_flight_and_exits_zero() {
          key = [\"id\"]\nbatch_size = 100\n",
     );
     let plan = env.plan(&config).await;
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncfleet"))
+    let mut worker = crate::helpers::syncfleet()
         .arg("--config")
         .arg(env.dir.join("syncfleet.toml"))
         .arg("worker")
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     env.eventually("the job to start", 30, || async {
@@ -736,6 +735,18 @@ fn work_queue_length(env: &TestEnv, policy: &str, definition: &str) {
     ]);
 }
 
+/// Waits until the broker shows `policy` on this test's work queue: a
+/// policy reaches an existing queue asynchronously.
+async fn policy_in_force(env: &TestEnv, policy: &str) {
+    let queue = Topology::new(&env.name).work_queue();
+    env.eventually("the policy to reach the work queue", 30, || async {
+        rabbitmqctl(&["-q", "list_queues", "name", "policy"])
+            .lines()
+            .any(|l| l.split('\t').eq([queue.as_str(), policy]))
+    })
+    .await;
+}
+
 /// Clears a broker policy when dropped.
 struct ClearPolicy(String);
 
@@ -763,8 +774,6 @@ async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
     // A broker user of this test's own, so closing "its" connections
     // touches no other test.
     let user = env.name.clone();
-    rabbitmqctl(&["add_user", &user, "pw"]);
-    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
     struct DropUser(String);
     impl Drop for DropUser {
         fn drop(&mut self) {
@@ -773,7 +782,9 @@ async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
                 .output();
         }
     }
+    rabbitmqctl(&["add_user", &user, "pw"]);
     let _cleanup = DropUser(user.clone());
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
     let text = env
         .config_text("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 5\n")
         .replace("amqp://guest:guest@", &format!("amqp://{user}:pw@"));
@@ -833,8 +844,7 @@ async fn a_run_stopped_halfway_is_resumed_with_exactly_the_missing_batches() {
         .await
         .unwrap();
     let _ = connection.close(200, "".into()).await;
-    // Let the policy reach the queue.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    policy_in_force(&env, &policy).await;
 
     let out = env.cli(&path, &["sync"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -969,8 +979,11 @@ async fn a_worker_hands_back_the_jobs_it_cannot_get_to_in_time() {
         std::sync::Arc::new(syncfleet_core::Config::load(&env.write("hoard.toml", &text)).unwrap());
     let first = Fleet::start(&config, 1);
     let run_id = env.plan(&config).await.run_id;
-    // The first worker has taken every job by now; the second starts idle.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The second starts idle once the first holds every job.
+    env.eventually("the first worker to take every job", 60, || async {
+        env.queue_depth().await == 0 && env.work_consumers().await == 1
+    })
+    .await;
     let second = Fleet::start(&config, 1);
     env.wait(run_id).await;
     second.stop().await;
@@ -1745,7 +1758,7 @@ async fn events_whose_jobs_cannot_be_published_wait_unacked_and_arrive_later() {
     let policy = format!("{}-refuse", env.name);
     work_queue_length(&env, &policy, r#"{"max-length": 0}"#);
     let cleared = ClearPolicy(policy);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    policy_in_force(&env, &cleared.0).await;
     env.publish_raw(b"x", "placeholder").await;
 
     env.source

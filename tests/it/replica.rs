@@ -68,6 +68,7 @@ async fn a_worker_reading_a_standby_waits_until_it_has_the_changes_its_job_was_m
         .await
         .unwrap();
     let second = env.plan(&config).await;
+    env.delivered().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(value(&on_standby, 42).await.as_deref(), Some("old"));
     let status: String = env
@@ -226,6 +227,7 @@ async fn late_job_through_a_lagging_standby(first_read_on_the_primary: bool) {
     .at(Some(made_at.parse().unwrap()));
     env.publish_raw(&late.encode(), &late.id()).await;
     let fleet = Fleet::start(&through_behind, 1);
+    env.delivered().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
         value(&env.dest, 42).await.as_deref(),

@@ -238,12 +238,11 @@ async fn during_syncs(
         let (binary, config) = (bench.syncfleet.clone(), config.to_path_buf());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let _ = Command::new(&binary)
+                let _ = syncfleet_chaos::syncfleet_command(&binary)
                     .arg("--config")
                     .arg(&config)
                     .args(["sync", "--wait"])
                     .env("RUST_LOG", "error")
-                    .kill_on_drop(true)
                     .output()
                     .await;
             }

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use tokio::process::Command;
 
 use crate::util::{Bench, Workers, db_err};
 
@@ -58,12 +57,11 @@ pub async fn run(bench: &Bench, rate: u32, seconds: u64) -> Result<Freshness, St
     )
     .map_err(|e| e.to_string())?;
     let workers = Workers::start(bench, &config, 2).await?;
-    let mut producer = Command::new(&bench.syncfleet)
+    let mut producer = syncfleet_chaos::syncfleet_command(&bench.syncfleet)
         .arg("--config")
         .arg(&config)
         .arg("producer")
         .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .map_err(|e| e.to_string())?;
     tokio::time::sleep(Duration::from_secs(3)).await;

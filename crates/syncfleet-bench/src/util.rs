@@ -580,13 +580,12 @@ impl Bench {
             .map_err(db_err)?;
         let config = self.config(&table, "batch_size = 1000", "");
         let t = Instant::now();
-        let mut child = Command::new(&self.syncfleet)
+        let mut child = syncfleet_chaos::syncfleet_command(&self.syncfleet)
             .arg("--config")
             .arg(&config)
             .arg("sync")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .map_err(|e| e.to_string())?;
         let pid = child.id().unwrap_or(0);
@@ -682,7 +681,7 @@ impl Workers {
         let mut children = Vec::new();
         for _ in 0..n {
             children.push(
-                Command::new(&bench.syncfleet)
+                syncfleet_chaos::syncfleet_command(&bench.syncfleet)
                     .arg("--config")
                     .arg(config)
                     .arg("worker")
@@ -691,7 +690,6 @@ impl Workers {
                         std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
                     )
                     .stdout(Stdio::null())
-                    .kill_on_drop(true)
                     .spawn()
                     .map_err(|e| e.to_string())?,
             );

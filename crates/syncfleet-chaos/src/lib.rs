@@ -167,7 +167,7 @@ impl Fleet {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        Ok(Command::new(&self.syncfleet)
+        Ok(syncfleet_command(&self.syncfleet)
             .arg("--config")
             .arg(&self.config)
             .arg("worker")
@@ -175,7 +175,6 @@ impl Fleet {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .kill_on_drop(true)
             .spawn()?)
     }
 
@@ -232,6 +231,18 @@ async fn syncfleet(
     run_syncfleet(binary, config, args, Duration::from_secs(300)).await
 }
 
+/// A `syncfleet` command that takes nothing from the environment's
+/// overrides (an operator's `SYNCFLEET_DESTINATION_URL` must not send a
+/// harness's writes to a real database), killed if dropped.
+pub fn syncfleet_command(binary: &Path) -> Command {
+    let mut command = Command::new(binary);
+    for var in syncfleet_core::config::ENV_VARS {
+        command.env_remove(var);
+    }
+    command.kill_on_drop(true);
+    command
+}
+
 /// Runs one `syncfleet` command against `config`, bounded by `limit`.
 pub async fn run_syncfleet(
     binary: &Path,
@@ -241,12 +252,11 @@ pub async fn run_syncfleet(
 ) -> Result<std::process::Output, ChaosError> {
     let out = tokio::time::timeout(
         limit,
-        Command::new(binary)
+        syncfleet_command(binary)
             .arg("--config")
             .arg(config)
             .args(args)
             .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
             .output(),
     )
     .await

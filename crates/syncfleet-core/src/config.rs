@@ -26,6 +26,18 @@ pub const ENV_MAX_RETRIES: &str = "SYNC_MAX_RETRIES";
 pub const ENV_DELAY_SECONDS: &str = "SYNC_DELAY_SECONDS";
 pub const ENV_INTERVAL_SECONDS: &str = "SYNC_INTERVAL_SECONDS";
 pub const ENV_ENABLE_INCREMENTAL: &str = "SYNC_ENABLE_INCREMENTAL";
+/// Every variable above, for a tool that runs syncfleet on its own
+/// databases and broker whatever the operator's shell points at.
+pub const ENV_VARS: [&str; 8] = [
+    ENV_SOURCE_URL,
+    ENV_DESTINATION_URL,
+    ENV_AMQP_URL,
+    ENV_MANAGEMENT_URL,
+    ENV_MAX_RETRIES,
+    ENV_DELAY_SECONDS,
+    ENV_INTERVAL_SECONDS,
+    ENV_ENABLE_INCREMENTAL,
+];
 
 /// Everything a syncfleet process needs to know, validated.
 #[derive(Debug, Clone)]

@@ -195,6 +195,14 @@ pub async fn run(config: Arc<Config>, mut shutdown: ShutdownSignal) -> Result<()
             ..config.source.clone()
         };
         let probe = syncfleet_db::Pool::connect(syncfleet_db::Role::Source, &probe).await?;
+        // Before the first job: a worker that joins a backlog must not read
+        // at the ceiling while the fleet is backing off.
+        crate::throttle::resume_fleet_level(
+            executor.gate(),
+            executor.destination(),
+            &config.broker.prefix,
+        )
+        .await;
         tokio::spawn(crate::throttle::run_probe(
             executor.gate().clone(),
             probe,

@@ -239,10 +239,19 @@ impl ReadGate {
     }
 }
 
+/// Starts the gate from the level the `fleet` (its broker prefix) last
+/// reported in the `destination`'s control schema, if recently.
+pub async fn resume_fleet_level(gate: &ReadGate, destination: &syncfleet_db::Pool, fleet: &str) {
+    if let Some(level) = syncfleet_db::ceiling::fleet_level(destination, fleet).await {
+        gate.resume(level);
+        tracing::info!(level, "adaptive throttle starts at the fleet's level");
+    }
+}
+
 /// Probes the source every `interval` and feeds the gate, until shutdown.
 /// A probe that fails is skipped: a source that is down fails the jobs by
-/// itself. Starts from the level of the `fleet` (its broker prefix) found
-/// in the `destination`'s control schema, and reports its own there.
+/// itself. Reports the gate's level to the `destination`'s control schema
+/// for the `fleet`, where [`resume_fleet_level`] finds it.
 pub async fn run_probe(
     gate: std::sync::Arc<ReadGate>,
     client: syncfleet_db::Pool,
@@ -251,10 +260,6 @@ pub async fn run_probe(
     config: ThrottleConfig,
     mut shutdown: ShutdownSignal,
 ) {
-    if let Some(level) = syncfleet_db::ceiling::fleet_level(&destination, &fleet).await {
-        gate.resume(level);
-        tracing::info!(level, "adaptive throttle starts at the fleet's level");
-    }
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_level = gate.level();
