@@ -950,6 +950,108 @@ async fn failing_a_done_batch_leaves_it_and_its_run_alone() {
     assert_eq!(batch_attempts(&env, run_id).await[1].1, "failed");
 }
 
+/// A job that fails while the control schema is locked (a migration, a
+/// `VACUUM FULL`) is parked for its retry within seconds, not held by its
+/// worker for as long as the lock lasts: recording the failed attempt gives
+/// up, as the attempt itself did at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_while_the_control_schema_is_locked_is_parked_not_held() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\ndeadline = \"2s\"\n",
+    );
+    let plan = env.plan(&config).await;
+    let locker = crate::helpers::connect(&env.dest_url).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE syncfleet.batches IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    let delayed = Topology::new(&env.name).delay_queue(1);
+    env.eventually("the job to be parked for a retry", 60, || async {
+        env.depth_of(&delayed).await > 0
+    })
+    .await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+}
+
+/// A job still running when its worker's shutdown grace ends is aborted,
+/// and what it left running on the servers is cancelled: a statement still
+/// waiting there would hold the job's locks against the worker its
+/// delivery goes to next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_aborted_at_shutdown_leaves_no_statement_behind() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let text = env
+        .config_text("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n")
+        .replace("shutdown_grace = \"20s\"", "shutdown_grace = \"1s\"");
+    let config = Arc::new(syncfleet_core::Config::load(&env.write("grace.toml", &text)).unwrap());
+    env.sync(&config, 1).await;
+    // The next run's job waits for a lock on the destination's table.
+    let plan = env.plan(&config).await;
+    let locker = crate::helpers::connect(&env.dest_url).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let waiting = || async {
+        env.dest
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let fleet = Fleet::start(&config, 1);
+    env.eventually("the job to wait for the lock", 60, || async {
+        waiting().await > 0
+    })
+    .await;
+    fleet.stop().await;
+    env.eventually("the job's statement to be cancelled", 30, || async {
+        waiting().await == 0
+    })
+    .await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    // The job, back in the broker, runs to the end with the next worker.
+    let fleet = Fleet::start(&config, 1);
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+}
+
+/// A job whose batch an earlier attempt already committed (one cut off by
+/// its deadline after its commit, say), and that then fails for good, is
+/// acked, not dead-lettered: its work is done, and its run stays succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_once_its_batch_is_done_is_acked_not_dead_lettered() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let fleet = Fleet::start(&config, 1);
+    let plan = env.plan(&config).await;
+    env.wait(plan.run_id).await;
+    // A batch's job once more, when it can only fail: its table is gone.
+    env.source.batch_execute("DROP TABLE items").await.unwrap();
+    let job = env.jobs(plan.run_id, "items").await.remove(0);
+    env.publish_raw(&job.encode(), &job.id()).await;
+    env.delivered().await;
+    // Stopping lets the job end, and puts it back in the queue if unsettled.
+    fleet.stop().await;
+    assert_eq!(env.queue_depth().await, 0, "the job was not settled");
+    assert_eq!(env.dead_letters().await, 0, "done work was dead-lettered");
+    assert_eq!(run_status(&env, plan.run_id).await.status, "succeeded");
+}
+
 /// A worker whose prefetch (sized for a stream of tiny batches) brought it
 /// more large jobs than it can run hands back those that waited longer
 /// than their deadline, and an idle worker takes them.

@@ -614,20 +614,33 @@ pub async fn reopen(
 
 /// Records a failed attempt that will be retried: the batch stays pending.
 pub async fn record_retry(
-    client: &impl GenericClient,
+    client: &mut Client,
     run_id: i64,
     stream: &str,
     batch_no: i64,
     error: &str,
 ) -> Result<(), DbError> {
-    client
-        .execute(
-            "UPDATE syncfleet.batches SET attempts = attempts + 1, error = $4 \
-             WHERE run_id = $1 AND stream = $2 AND batch_no = $3 AND status = 'pending'",
-            &[&run_id, &stream, &batch_no, &error],
-        )
-        .await?;
+    let tx = settling(client).await?;
+    tx.execute(
+        "UPDATE syncfleet.batches SET attempts = attempts + 1, error = $4 \
+         WHERE run_id = $1 AND stream = $2 AND batch_no = $3 AND status = 'pending'",
+        &[&run_id, &stream, &batch_no, &error],
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
+}
+
+/// A transaction that records how a job ended after its deadline, within
+/// the slack the broker leaves for it (`SETTLE_SLACK`): a lock held on the
+/// control schema (a migration, `VACUUM FULL`) fails it in a few seconds
+/// rather than holding the job's delivery, and its worker's slot, for as
+/// long as the lock lasts.
+async fn settling(client: &mut Client) -> Result<tokio_postgres::Transaction<'_>, DbError> {
+    let tx = read_committed(client).await?;
+    tx.batch_execute("SET LOCAL statement_timeout = '3s'")
+        .await?;
+    Ok(tx)
 }
 
 /// A failed batch, for `status`.
@@ -1220,16 +1233,17 @@ pub async fn run_progress(
 }
 
 /// Records a batch that cannot succeed, and fails its run with the reason.
-/// A batch already done (a job delivered again after it succeeded) stays
-/// done, and its run is left alone.
+/// A batch already done stays done, and its run is left alone: then this
+/// returns false. Its job committed before (an attempt cut off after its
+/// commit, or a job delivered again after it succeeded).
 pub async fn fail_batch(
     client: &mut Client,
     run_id: i64,
     stream: &str,
     batch_no: i64,
     error: &str,
-) -> Result<(), DbError> {
-    let tx = read_committed(client).await?;
+) -> Result<bool, DbError> {
+    let tx = settling(client).await?;
     // The run's row first, as an abandoning check (`runs_going`) takes it:
     // taken the other way round, the two could deadlock.
     tx.execute(
@@ -1245,7 +1259,14 @@ pub async fn fail_batch(
         )
         .await?;
     if failed == 0 {
-        return Ok(());
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM syncfleet.batches \
+                 WHERE run_id = $1 AND stream = $2 AND batch_no = $3 AND status = 'done'",
+                &[&run_id, &stream, &batch_no],
+            )
+            .await?;
+        return Ok(done.is_none());
     }
     fail_run(
         &tx,
@@ -1254,7 +1275,7 @@ pub async fn fail_batch(
     )
     .await?;
     tx.commit().await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Charges a read to the fleet's rows/s budget ([`charge_read`]): `$2` is

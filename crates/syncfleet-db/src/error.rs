@@ -60,7 +60,13 @@ pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
         return ErrorClass::Disconnected;
     };
     let unavailable = [SqlState::CANNOT_CONNECT_NOW, SqlState::TOO_MANY_CONNECTIONS];
-    let disconnected = [SqlState::ADMIN_SHUTDOWN, SqlState::CRASH_SHUTDOWN];
+    // A session ended under the job: by an operator, a crash, or the
+    // server's `idle_session_timeout` racing a pooled connection's reuse.
+    let disconnected = [
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::CRASH_SHUTDOWN,
+        SqlState::IDLE_SESSION_TIMEOUT,
+    ];
     let transient = [
         SqlState::T_R_SERIALIZATION_FAILURE,
         SqlState::T_R_DEADLOCK_DETECTED,

@@ -250,7 +250,7 @@ pub async fn run(config: Arc<Config>, mut shutdown: ShutdownSignal) -> Result<()
         .await
         .is_err()
     {
-        in_flight.abort_all();
+        abandon(&mut in_flight).await;
     }
     context.publisher.close().await;
     tracing::info!(worker = %context.executor.id(), "worker stopped");
@@ -317,7 +317,7 @@ async fn session(
         tokio::select! {
             _ = shutdown.wait() => break None,
             _ = async { tokio::time::sleep_until(hand_back_at.expect("guarded")).await }, if hand_back_at.is_some() => {
-                hand_back_waiting(context, &mut pending).await;
+                hand_back_waiting(context, &mut pending, in_flight);
             }
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(e) = done {
@@ -367,7 +367,7 @@ async fn session(
             abandoned = in_flight.len(),
             "jobs still running after the shutdown grace; the broker will redeliver them"
         );
-        in_flight.abort_all();
+        abandon(in_flight).await;
     }
     let _ = channel.close(200, "worker stopping".into()).await;
     let _ = connection.close(200, "worker stopping".into()).await;
@@ -375,8 +375,15 @@ async fn session(
 }
 
 /// Hands the deliveries that waited here past their time back to the
-/// broker (see [`Pending::hand_back_at`]).
-async fn hand_back_waiting(context: &Context, pending: &mut VecDeque<Pending>) {
+/// broker (see [`Pending::hand_back_at`]). As tasks among the jobs: a
+/// publish held up by the broker (a memory alarm) must not stop this loop
+/// from seeing a shutdown or a lost channel, and a shutdown's drain waits
+/// for them as for jobs.
+fn hand_back_waiting(
+    context: &Arc<Context>,
+    pending: &mut VecDeque<Pending>,
+    in_flight: &mut JoinSet<()>,
+) {
     let now = tokio::time::Instant::now();
     let (expired, kept): (VecDeque<Pending>, VecDeque<Pending>) = std::mem::take(pending)
         .into_iter()
@@ -389,11 +396,14 @@ async fn hand_back_waiting(context: &Context, pending: &mut VecDeque<Pending>) {
         );
     }
     for p in expired {
-        let (id, stream) = match &p.job {
-            Ok(job) => (job.id(), job.stream.as_str()),
-            Err(_) => ("job".into(), "?"),
-        };
-        hand_back(context, &p.delivery, &id, stream).await;
+        let context = context.clone();
+        in_flight.spawn(async move {
+            let (id, stream) = match &p.job {
+                Ok(job) => (job.id(), job.stream.as_str()),
+                Err(_) => ("job".into(), "?"),
+            };
+            hand_back(&context, &p.delivery, &id, stream).await;
+        });
     }
 }
 
@@ -449,6 +459,15 @@ async fn report_gauges(context: Arc<Context>, mut shutdown: ShutdownSignal) {
 
 async fn drain(in_flight: &mut JoinSet<()>) {
     while in_flight.join_next().await.is_some() {}
+}
+
+/// Aborts the jobs still running, and sends the cancels of the statements
+/// they leave on the servers (see `execute::Unpooled`): otherwise those go
+/// on holding the jobs' locks, against the workers their deliveries go to.
+async fn abandon(in_flight: &mut JoinSet<()>) {
+    in_flight.abort_all();
+    drain(in_flight).await;
+    crate::execute::cancels_sent().await;
 }
 
 /// Executes a group of deliveries in one transaction and settles each (see
@@ -627,15 +646,10 @@ async fn conclude(
             let recorded = format!("{reason} ({kind} after {} attempt(s))", meta.attempt);
             match context.executor.fail(job, &recorded).await {
                 // Dead-lettered now, the batch would stay pending and its
-                // run `running`: the job waits for the destination like any
-                // other, and fails again, recorded, once it is back.
-                Err(e)
-                    if matches!(
-                        e.class(),
-                        syncfleet_db::ErrorClass::Unavailable
-                            | syncfleet_db::ErrorClass::Disconnected
-                    ) =>
-                {
+                // run `running`: the job waits for the destination (or the
+                // lock on its control schema) like any other, and fails
+                // again, recorded, once it is back.
+                Err(e) if e.class() != syncfleet_db::ErrorClass::Permanent => {
                     let reason = format!("could not record the failed batch: {e}");
                     finished("waiting");
                     wait_out_outage(context, delivery, &id, meta, &reason).await;
@@ -644,7 +658,15 @@ async fn conclude(
                 Err(e) => {
                     tracing::error!(job = %id, error = %e, "could not record the failed batch")
                 }
-                Ok(()) => {}
+                // An attempt cut off after its commit (by its deadline,
+                // say) did the job; failing it would dead-letter done work.
+                Ok(false) => {
+                    tracing::info!(job = %id, %reason, "the job's batch was done by an earlier attempt; acking it");
+                    finished("succeeded");
+                    settle(delivery.ack(BasicAckOptions::default()).await);
+                    return;
+                }
+                Ok(true) => {}
             }
             tracing::error!(job = %id, attempt = meta.attempt, %reason, kind, "batch failed for good; dead-lettering it");
             finished("dead_lettered");

@@ -34,7 +34,7 @@
 //! goes back to the broker for a later attempt.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::time::{Duration, Instant};
@@ -81,27 +81,78 @@ impl Drop for GatePermit<'_> {
 
 /// A pooled connection that goes back to the pool only when its attempt
 /// ended cleanly ([`Unpooled::keep`]). Any other way out (an error, the
-/// deadline, a panic the worker catches) closes it, which also rolls its
-/// transaction back: the next job must not get a connection in the middle
-/// of a transaction, a `COPY` or a cancelled statement.
-struct Unpooled(Option<Client>);
+/// deadline, a panic the worker catches, a job aborted at shutdown) closes
+/// it, which also rolls its transaction back: the next job must not get a
+/// connection in the middle of a transaction, a `COPY` or a cancelled
+/// statement. And cancels what may still run on it: the driver closes a
+/// dropped connection only once every pending response has come, so a
+/// statement left running (a lock or slot wait, a paced merge) would go on
+/// holding the job's locks until it ended by itself.
+struct Unpooled {
+    client: Option<Client>,
+    tls: syncfleet_db::tls::Tls,
+}
+
+/// Cancels of dropped connections not sent yet, for a stopping worker to
+/// wait for ([`cancels_sent`]).
+static CANCELS: AtomicUsize = AtomicUsize::new(0);
 
 impl Unpooled {
+    fn new(client: Client, tls: syncfleet_db::tls::Tls) -> Self {
+        Unpooled {
+            client: Some(client),
+            tls,
+        }
+    }
+
     fn get(&mut self) -> &mut Client {
-        self.0.as_mut().expect("held until kept or dropped")
+        self.client.as_mut().expect("held until kept or dropped")
     }
 
     /// Back to the pool.
     fn keep(mut self) {
-        self.0.take();
+        self.client.take();
+    }
+
+    /// Closed, once what runs on it is cancelled (within [`CANCEL_TIMEOUT`]).
+    async fn cancel(mut self) -> Result<(), tokio_postgres::Error> {
+        let Some(client) = self.client.take() else {
+            return Ok(());
+        };
+        let token = client.cancel_token();
+        drop(Object::take(client));
+        let tls = self.tls.clone();
+        tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls))
+            .await
+            .unwrap_or(Ok(()))
     }
 }
 
 impl Drop for Unpooled {
     fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
-            drop(Object::take(client));
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let token = client.cancel_token();
+        drop(Object::take(client));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let tls = self.tls.clone();
+            CANCELS.fetch_add(1, Ordering::Relaxed);
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls)).await;
+                CANCELS.fetch_sub(1, Ordering::Relaxed);
+            });
         }
+    }
+}
+
+/// Waits, at most [`CANCEL_TIMEOUT`], until the cancels of the connections
+/// that jobs dropped have been sent: a worker's last step, after aborting
+/// the jobs still running past its shutdown grace.
+pub async fn cancels_sent() {
+    let by = Instant::now() + CANCEL_TIMEOUT;
+    while CANCELS.load(Ordering::Relaxed) > 0 && Instant::now() < by {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -550,12 +601,10 @@ impl Executor {
         budget: Duration,
         slot_by: Instant,
     ) -> Result<Vec<BatchOutcome>, JobError> {
-        let mut src = Unpooled(Some(self.source.get().await?));
-        let mut dst = Unpooled(Some(self.destination.get().await?));
-        let cancel = [
-            (src.get().cancel_token(), self.source.tls()),
-            (dst.get().cancel_token(), self.destination.tls()),
-        ];
+        // The destination first: while it is down, attempts cost the source
+        // (the app's database) no connection.
+        let mut dst = Unpooled::new(self.destination.get().await?, self.destination.tls());
+        let mut src = Unpooled::new(self.source.get().await?, self.source.tls());
         let (src_client, dst_client) = (src.get(), dst.get());
         // Every wait for a standby to catch up ends by then.
         let replay_by =
@@ -585,16 +634,12 @@ impl Executor {
                 dst.keep();
                 Ok(outcomes)
             }
-            // A statement failed, possibly in the middle of a COPY: the
-            // connections are closed, not pooled.
+            // A statement failed, possibly in the middle of a COPY (or of
+            // a pipeline): the connections are cancelled and closed, not
+            // pooled.
             Ok(Err(e)) => Err(e),
             Err(_) => {
-                let [src_cancel, dst_cancel] = cancel.map(|(token, tls)| async move {
-                    tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls))
-                        .await
-                        .unwrap_or(Ok(()))
-                });
-                let (src_cancelled, dst_cancelled) = tokio::join!(src_cancel, dst_cancel);
+                let (src_cancelled, dst_cancelled) = tokio::join!(src.cancel(), dst.cancel());
                 for e in [src_cancelled, dst_cancelled]
                     .into_iter()
                     .filter_map(Result::err)
@@ -756,14 +801,9 @@ impl Executor {
                 taken?;
             } else {
                 // The wait goes on on the server, holding the write locks,
-                // until cancelled (the connection is closed, see `attempt`,
-                // but the server notices only when the wait ends). Sent
-                // apart: it must not eat the deadline and cost an attempt.
-                let token = dst.cancel_token();
-                let tls = self.destination.tls();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls)).await;
-                });
+                // until cancelled: by the connection's drop (see
+                // `Unpooled`), apart, so that it does not eat the deadline
+                // and cost an attempt.
                 return Err(none_free());
             }
         }
@@ -891,13 +931,17 @@ impl Executor {
             }))
         };
         let source_ended = done.last().is_some_and(|d| d.source_ended);
+        // The source's transaction only read, and its COPY has ended: once
+        // the destination has committed, a failed COMMIT there (its session
+        // ended meanwhile) changes nothing, and must not fail the jobs. A
+        // closed connection does not go back to the pool.
         let source_commit = async {
-            if !source_ended {
-                src.batch_execute("COMMIT").await?;
+            if !source_ended && let Err(e) = src.batch_execute("COMMIT").await {
+                tracing::warn!(error = %e, "the source's read-only transaction could not commit; its reads were complete");
             }
-            Ok::<_, JobError>(())
         };
-        let (finished, ()) = tokio::try_join!(destination_commit, source_commit)?;
+        let (finished, ()) = tokio::join!(destination_commit, source_commit);
+        let finished = finished?;
         let mut outcomes = Vec::with_capacity(work.len());
         for (i, (w, d)) in work.iter().zip(&done).enumerate() {
             let stream = &w.stream.name;
@@ -1206,15 +1250,16 @@ impl Executor {
     }
 
     /// Records a job that cannot succeed: its batch and run become failed.
-    pub async fn fail(&self, job: &Job, reason: &str) -> Result<(), syncfleet_db::DbError> {
+    /// False if its batch was done already (see `control::fail_batch`).
+    pub async fn fail(&self, job: &Job, reason: &str) -> Result<bool, syncfleet_db::DbError> {
         let mut client = self.destination.get().await?;
         control::fail_batch(&mut client, job.run_id, &job.stream, job.batch, reason).await
     }
 
     /// Records a failed attempt that will be retried through the broker.
     pub async fn record_retry(&self, job: &Job, reason: &str) -> Result<(), syncfleet_db::DbError> {
-        let client = self.destination.get().await?;
-        control::record_retry(&**client, job.run_id, &job.stream, job.batch, reason).await
+        let mut client = self.destination.get().await?;
+        control::record_retry(&mut client, job.run_id, &job.stream, job.batch, reason).await
     }
 }
 
@@ -1250,10 +1295,11 @@ mod tests {
             .max_size(1)
             .build()
             .unwrap();
-        let mut kept = Unpooled(Some(pool.get().await.unwrap()));
+        let tls = syncfleet_db::tls::config(&url).unwrap().1;
+        let mut kept = Unpooled::new(pool.get().await.unwrap(), tls.clone());
         let (first, _) = backend(kept.get()).await;
         kept.keep();
-        let mut held = Unpooled(Some(pool.get().await.unwrap()));
+        let mut held = Unpooled::new(pool.get().await.unwrap(), tls);
         assert_eq!(backend(held.get()).await.0, first, "kept: pooled");
 
         let panicked = AssertUnwindSafe(async move {
