@@ -12,7 +12,8 @@
 //! 3. the app's pgbench latency alone and during continuous syncs, per
 //!    protection mode;
 //! 4. empty-job overhead against a bare lapin publish→consume→ack loop;
-//! 5. worker memory, scaling over worker processes, planner time and memory.
+//! 5. worker memory, scaling over worker processes, planner time and memory;
+//! 6. freshness through upstream events: source commit to destination row.
 
 mod app;
 mod freshness;
@@ -51,7 +52,7 @@ struct Args {
     /// The syncfleet binary [default: next to this one]
     #[arg(long)]
     syncfleet: Option<PathBuf>,
-    /// Run only these sections (1-5, repeatable) [default: all]
+    /// Run only these sections (1-6, repeatable) [default: all]
     #[arg(long = "only", value_name = "N")]
     only: Vec<u8>,
     /// Run only these modes of section 3 (0 unthrottled … 3 adaptive,

@@ -703,8 +703,8 @@ impl Validator<'_> {
     }
 
     fn reads(&self, raw: &RawSource) -> Result<ReadLimits, ConfigError> {
-        let positive = |field: &str, v: Option<u32>| match v {
-            Some(0) => Err(self.invalid(field, "must be at least 1 (leave it out for no limit)")),
+        let positive = |field: &str, v: Option<u32>, otherwise: &str| match v {
+            Some(0) => Err(self.invalid(field, format!("must be at least 1 ({otherwise})"))),
             other => Ok(other),
         };
         let replica_url = match &raw.replica_url {
@@ -754,9 +754,17 @@ impl Validator<'_> {
         Ok(ReadLimits {
             max_concurrent: match raw.max_concurrent_reads {
                 None => Some(DEFAULT_MAX_CONCURRENT_READS),
-                v => positive("source.max_concurrent_reads", v)?,
+                v => positive(
+                    "source.max_concurrent_reads",
+                    v,
+                    "a large value for no practical limit",
+                )?,
             },
-            max_rows_per_second: positive("source.max_rows_per_second", raw.max_rows_per_second)?,
+            max_rows_per_second: positive(
+                "source.max_rows_per_second",
+                raw.max_rows_per_second,
+                "leave it out for no limit",
+            )?,
             replica_url,
             throttle,
         })

@@ -1,5 +1,5 @@
 //! Types every syncfleet component shares, and nothing that does I/O beyond
-//! reading the config file.
+//! reading the config file and the TLS files it names.
 //!
 //! - [`config`]: the TOML file and its environment overrides, validated once
 //!   into typed values ([`Config`]). Everything downstream trusts these values.
@@ -11,6 +11,8 @@
 //! - [`shutdown`]: the one stop signal every long-running task selects on.
 //! - [`backoff`]: capped exponential delays with full jitter.
 //! - [`duration`]: `"250ms"`, `"60s"`, `"5m"` for config fields.
+//! - [`health`]: the process's readiness, for `/readyz`.
+//! - [`metrics`]: the name of every metric syncfleet exports.
 
 pub mod backoff;
 pub mod config;

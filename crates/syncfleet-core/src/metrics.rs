@@ -35,7 +35,8 @@ pub const WATERMARK_AGE: &str = "syncfleet_watermark_age_seconds";
 pub const EVENTS: &str = "syncfleet_events_total";
 /// 1 while this producer is the leader.
 pub const LEADER: &str = "syncfleet_leader";
-/// Messages in each `queue`, by `state` (ready).
+/// Messages in each `queue`, by `state`: ready, and unacked when the
+/// management API is configured.
 pub const QUEUE_MESSAGES: &str = "syncfleet_queue_messages";
 /// Consumers of each `queue`.
 pub const QUEUE_CONSUMERS: &str = "syncfleet_queue_consumers";

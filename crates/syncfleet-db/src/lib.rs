@@ -15,9 +15,11 @@
 //! - [`ddl`]: creates a missing destination table (and the enum and domain
 //!   types it needs) from the source's column types.
 //! - [`control`]: the control schema in the destination (`syncfleet.runs`,
-//!   `syncfleet.batches`, and `syncfleet.fleet_reads` and
-//!   `syncfleet.standby_reads`, what a fleet's workers share about reading
-//!   the source), its migrations and queries.
+//!   `syncfleet.batches`, `syncfleet.run_streams` (which run holds each
+//!   stream), `syncfleet.watermarks` (incremental runs' cursors), and
+//!   `syncfleet.fleet_reads` and `syncfleet.standby_reads`, what a fleet's
+//!   workers share about reading the source), its migrations and queries.
+//! - [`tls`]: TLS to PostgreSQL as the URL's `sslmode` and `sslrootcert` ask.
 //! - [`error`]: errors that say whether trying again can help.
 
 pub mod ceiling;
