@@ -968,10 +968,26 @@ async fn a_job_failing_while_the_control_schema_is_locked_is_parked_not_held() {
         .batch_execute("BEGIN; LOCK TABLE syncfleet.batches IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
+    let recording = || async {
+        env.dest
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE 'UPDATE syncfleet.batches SET attempts%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
     let fleet = Fleet::start(&config, 1);
-    let delayed = Topology::new(&env.name).delay_queue(1);
-    env.eventually("the job to be parked for a retry", 60, || async {
-        env.depth_of(&delayed).await > 0
+    env.eventually(
+        "a failed attempt's record to wait for the lock",
+        60,
+        || async { recording().await > 0 },
+    )
+    .await;
+    env.eventually("the record to give up", 60, || async {
+        recording().await == 0
     })
     .await;
     locker.batch_execute("ROLLBACK").await.unwrap();

@@ -694,7 +694,7 @@ async fn wait_out_outage(
 ) {
     let streak = context.outage.fetch_add(1, Ordering::Relaxed) + 1;
     if streak == 1 {
-        tracing::warn!(job = %id, %reason, "a database is unreachable (or a standby behind); jobs wait for it without using up attempts");
+        tracing::warn!(job = %id, %reason, "a database cannot take jobs for now (unreachable, a standby behind, or the control schema locked); jobs wait for it without using up attempts");
     }
     park(context, delivery, id, meta, OUTAGE.delay(streak), false).await;
 }
