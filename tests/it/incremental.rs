@@ -721,4 +721,15 @@ async fn an_incremental_sync_fails_if_any_streams_run_failed() {
     assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert_eq!(stdout.lines().count(), 2, "one run id per stream: {stdout}");
     env.assert_same_rows("SELECT * FROM good").await;
+    // Watching a run that failed exits as waiting for it does.
+    let mut watched = Vec::new();
+    for id in stdout.lines() {
+        let path = env.dir.join("syncfleet.toml");
+        let out = env.cli(&path, &["status", "--watch", id.trim()]).await;
+        watched.push(out.status.code());
+    }
+    assert!(
+        watched.contains(&Some(3)) && watched.contains(&Some(0)),
+        "{watched:?}"
+    );
 }

@@ -284,6 +284,11 @@ async fn sync_wait_and_status_through_the_binary() {
     let out = env.cli(&path, &["status", "--watch", &run_id]).await;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("succeeded"));
+    // A run that does not exist is a usage error, watched or not.
+    for args in [&["status", "999999"][..], &["status", "--watch", "999999"]] {
+        let out = env.cli(&path, args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
 
     // No worker runs now: the wait runs out, and says the run goes on.
     let out = env.cli(&path, &["sync", "--wait", "--timeout", "1s"]).await;

@@ -10,7 +10,8 @@
 //!   anything else.
 //! - [`progress`]: a run's live progress, a bar per stream; [`serve`]: `/metrics`, `/healthz` and
 //!   `/readyz` of the long-running commands.
-//! - [`signals`]: SIGINT/SIGTERM into the shared shutdown signal.
+//! - [`signals`]: SIGINT/SIGTERM into the shared shutdown signal (a second
+//!   one exits at once, with 130).
 
 mod dead_letters;
 mod demo;

@@ -30,19 +30,19 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
         return json(config, &destination, args.run_id).await;
     }
     if args.watch {
+        // Exits as `sync --wait` does: 3 if the run fails.
         let client = destination.get().await?;
-        let id = match args.run_id {
-            Some(id) => id,
-            None => control::recent_runs(&**client, 1)
-                .await?
-                .pop()
-                .map(|r| r.id)
-                .ok_or_else(|| CliError::Usage("no runs yet".into()))?,
-        };
+        let id = chosen_run(&client, args.run_id)
+            .await?
+            .ok_or_else(|| CliError::Usage("no runs yet".into()))?
+            .id;
         drop(client);
         let run = wait_for_run(&destination, id, Duration::from_secs(86_400), true).await?;
         print_run(&run);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(match run.status.as_str() {
+            "succeeded" => ExitCode::SUCCESS,
+            _ => crate::error::found_wrong(),
+        });
     }
     let client = destination.get().await?;
     let run = chosen_run(&client, args.run_id).await?;
