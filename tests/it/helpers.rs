@@ -54,6 +54,20 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// Sessions of `client`'s database waiting for a lock, running a statement
+/// `LIKE pattern`.
+pub async fn lock_waiters(client: &Client, pattern: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE $1",
+            &[&pattern],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// The `syncfleet` binary under test, with none of the environment's
 /// overrides: it runs on the test's databases and broker only.
 pub fn syncfleet() -> tokio::process::Command {

@@ -431,17 +431,7 @@ async fn a_passing_source_error_does_not_make_a_stream_unroutable() {
     let producer = Producer::start(&config);
     // The leader tries to describe the streams, waits for the lock, and is
     // cancelled by the statement timeout (nothing else frees the lock).
-    let waiting = || async {
-        env.source
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let waiting = || crate::helpers::lock_waiters(&env.source, "%");
     env.eventually("the producer to wait for the lock", 60, || async {
         waiting().await > 0
     })

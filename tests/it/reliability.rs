@@ -968,17 +968,8 @@ async fn a_job_failing_while_the_control_schema_is_locked_is_parked_not_held() {
         .batch_execute("BEGIN; LOCK TABLE syncfleet.batches IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let recording = || async {
-        env.dest
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock' AND query LIKE 'UPDATE syncfleet.batches SET attempts%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let recording =
+        || crate::helpers::lock_waiters(&env.dest, "UPDATE syncfleet.batches SET attempts%");
     let fleet = Fleet::start(&config, 1);
     env.eventually(
         "a failed attempt's record to wait for the lock",
@@ -1016,17 +1007,7 @@ async fn a_job_aborted_at_shutdown_leaves_no_statement_behind() {
         .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let waiting = || async {
-        env.dest
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let waiting = || crate::helpers::lock_waiters(&env.dest, "%");
     let fleet = Fleet::start(&config, 1);
     env.eventually("the job to wait for the lock", 60, || async {
         waiting().await > 0
