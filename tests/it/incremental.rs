@@ -237,6 +237,15 @@ async fn events_from_any_publisher_reach_the_destination() {
         )
         .await
         .unwrap();
+    // First, an event whose one id is a list of 30,000 numbers: its dead
+    // letter says so without quoting it whole (the headers of a message
+    // must fit in one frame of the broker's), and holds up nothing after it.
+    let huge = (1..30_000).map(|i| i.to_string()).collect::<Vec<_>>();
+    let huge = format!(
+        r#"{{"table": "users", "op": "upsert", "ids": [[{}]]}}"#,
+        huge.join(",")
+    );
+    env.publish_event("users", &huge).await;
     for (key, body) in [
         (
             "users",
@@ -279,7 +288,7 @@ async fn events_from_any_publisher_reach_the_destination() {
     })
     .await;
     env.eventually("the malformed events' dead letters", 30, || async {
-        env.dead_letters().await == 2
+        env.dead_letters().await == 3
     })
     .await;
     producer.stop().await;
@@ -289,7 +298,7 @@ async fn events_from_any_publisher_reach_the_destination() {
         1,
         "orders: no stream reads it"
     );
-    assert_eq!(counters.events_dead.load(Ordering::Relaxed), 2);
+    assert_eq!(counters.events_dead.load(Ordering::Relaxed), 3);
     let list = env
         .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "list"])
         .await;
@@ -302,6 +311,7 @@ async fn events_from_any_publisher_reach_the_destination() {
         stdout.contains("'abc' is not a valid value of column id of stream 'users'"),
         "{stdout}"
     );
+    assert!(stdout.contains("bytes cut)"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,14 +98,33 @@ impl Meta {
         self.headers(self.attempt, now_ms)
     }
 
-    /// Headers for a dead letter: this meta plus why it died.
+    /// Headers for a dead letter: this meta plus why it died, the error
+    /// [`clip`]ped.
     pub fn dead(&self, reason: &str, error: &str, now_ms: i64) -> FieldTable {
         let mut h = self.headers(self.attempt, now_ms);
         h.insert(REASON.into(), text(reason));
-        h.insert(ERROR.into(), text(error));
+        h.insert(ERROR.into(), text(&clip(error)));
         h.insert(DEAD_AT.into(), AMQPValue::LongLongInt(now_ms));
         h
     }
+}
+
+/// The longest error text a dead letter carries, in bytes. The headers
+/// travel in one frame the broker refuses past its `frame_max` (128 KiB by
+/// default), closing the connection: an error that quotes an upstream
+/// event's ids (any size) must not stop every publish behind it.
+pub const MAX_ERROR: usize = 2048;
+
+/// `error` cut to [`MAX_ERROR`] bytes (on a character boundary), saying so.
+pub fn clip(error: &str) -> std::borrow::Cow<'_, str> {
+    if error.len() <= MAX_ERROR {
+        return error.into();
+    }
+    let mut end = MAX_ERROR;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes cut)", &error[..end], error.len() - end).into()
 }
 
 /// A message in the dead-letter queue, as `dead-letters list` shows it.
