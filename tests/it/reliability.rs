@@ -937,15 +937,29 @@ async fn failing_a_done_batch_leaves_it_and_its_run_alone() {
         .unwrap();
     let mut client = crate::helpers::connect(&env.dest_url).await;
 
-    control::fail_batch(&mut client, run_id, "items", 1, "boom")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        run_id,
+        "items",
+        1,
+        "boom",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     assert_eq!(run_status(&env, run_id).await.status, "running");
     assert_eq!(batch_attempts(&env, run_id).await[0].1, "done");
 
-    control::fail_batch(&mut client, run_id, "items", 2, "boom")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        run_id,
+        "items",
+        2,
+        "boom",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     assert_eq!(run_status(&env, run_id).await.status, "failed");
     assert_eq!(batch_attempts(&env, run_id).await[1].1, "failed");
 }
@@ -1114,9 +1128,16 @@ async fn a_failed_run_with_jobs_still_out_keeps_its_stream_busy() {
     let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
     let run_id = env.plan(&config).await.run_id;
     let mut client = crate::helpers::connect(&env.dest_url).await;
-    control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        run_id,
+        "items",
+        1,
+        "dead-lettered",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     assert_eq!(run_status(&env, run_id).await.status, "failed");
     let busy = |stale_after| control::stream_busy(&env.dest, "items", stale_after);
     assert!(busy(Duration::from_secs(3600)).await.unwrap());
@@ -1272,9 +1293,16 @@ async fn a_reopened_run_holds_its_stream_however_quiet_it_was() {
     let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
     let run_id = env.plan(&config).await.run_id;
     let mut client = crate::helpers::connect(&env.dest_url).await;
-    control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        run_id,
+        "items",
+        1,
+        "dead-lettered",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     let hour = Duration::from_secs(3600);
     async fn going(client: &tokio_postgres::Client) -> Vec<i64> {
         let hour = Duration::from_secs(3600);
@@ -1290,9 +1318,16 @@ async fn a_reopened_run_holds_its_stream_however_quiet_it_was() {
     assert_eq!(reopened, Ok(1));
 
     // A day later, failed again and quiet since.
-    control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        run_id,
+        "items",
+        1,
+        "dead-lettered",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     client
         .batch_execute(
             "UPDATE syncfleet.runs SET created_at = created_at - interval '1 day', \
@@ -1321,9 +1356,16 @@ async fn a_run_failed_while_planning_runs_once_reopened() {
     let mut client = crate::helpers::connect(&env.dest_url).await;
     let hour = Duration::from_secs(3600);
     let run_id = new_run(&env, &mut client, &["items"]).await;
-    control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        run_id,
+        "items",
+        1,
+        "dead-lettered",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     control::mark_planned(&client, run_id).await.unwrap();
     assert_eq!(run_status(&env, run_id).await.status, "failed");
     let reopened = control::reopen(&mut client, &env.name, run_id, Some(("items", 1)), hour)
@@ -1445,9 +1487,16 @@ async fn a_stale_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() {
     // Failed by one batch (a dead letter, say) with three jobs still out,
     // then quiet for a day.
     let mut client = crate::helpers::connect(&env.dest_url).await;
-    control::fail_batch(&mut client, first, "items", 1, "dead-lettered")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        first,
+        "items",
+        1,
+        "dead-lettered",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     env.dest.batch_execute(A_DAY_AGO).await.unwrap();
     let sync = env.cli(&path, &["sync"]).await;
     assert!(
@@ -1540,9 +1589,16 @@ async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
     control::mark_planned(&client, second).await.unwrap();
     in_flight.batch_execute("BEGIN").await.unwrap();
     assert!(!lock_and_check(&in_flight, &env.name, second).await);
-    control::fail_batch(&mut client, second, "items", 1, "dead-lettered")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        second,
+        "items",
+        1,
+        "dead-lettered",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     let reopened = control::reopen(&mut client, &env.name, second, Some(("items", 1)), hour)
         .await
         .unwrap();
@@ -1552,9 +1608,16 @@ async fn a_run_claims_its_stream_after_the_jobs_in_flight_commit() {
 
     // Once the second is over, re-opening the first (a replay of its
     // batch) makes it the holder again.
-    control::fail_batch(&mut client, first, "items", 1, "dead-lettered")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        first,
+        "items",
+        1,
+        "dead-lettered",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     client
         .batch_execute(&format!(
             "UPDATE syncfleet.batches SET status = 'done' WHERE run_id = {second}; \
@@ -1621,7 +1684,9 @@ async fn failing_a_batch_locks_its_run_before_the_batch() {
         .await
         .unwrap();
     let failing = tokio::spawn(async move {
-        control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered").await
+        // Within a minute: the lock below is let go of well before.
+        let within = Duration::from_secs(60);
+        control::fail_batch(&mut client, run_id, "items", 1, "dead-lettered", within).await
     });
     env.eventually("fail_batch to wait for the run's row", 30, || async {
         lock_waits(&env.dest).await == ["transactionid"]
@@ -1653,9 +1718,16 @@ async fn a_run_reopened_for_one_stream_holds_no_other() {
     let mut client = crate::helpers::connect(&env.dest_url).await;
     let first = new_run(&env, &mut client, &["x", "y"]).await;
     control::mark_planned(&client, first).await.unwrap();
-    control::fail_batch(&mut client, first, "x", 1, "dead-lettered")
-        .await
-        .unwrap();
+    control::fail_batch(
+        &mut client,
+        first,
+        "x",
+        1,
+        "dead-lettered",
+        control::SETTLE_WITHIN,
+    )
+    .await
+    .unwrap();
     client.batch_execute(A_DAY_AGO).await.unwrap();
     let second = control::create_run_of(&mut client, &env.name, "full", &["y"], hour)
         .await

@@ -620,7 +620,7 @@ pub async fn record_retry(
     batch_no: i64,
     error: &str,
 ) -> Result<(), DbError> {
-    let tx = settling(client).await?;
+    let tx = settling(client, SETTLE_WITHIN).await?;
     tx.execute(
         "UPDATE syncfleet.batches SET attempts = attempts + 1, error = $4 \
          WHERE run_id = $1 AND stream = $2 AND batch_no = $3 AND status = 'pending'",
@@ -631,15 +631,24 @@ pub async fn record_retry(
     Ok(())
 }
 
-/// A transaction that records how a job ended after its deadline, within
-/// the slack the broker leaves for it (`SETTLE_SLACK`): a lock held on the
-/// control schema (a migration, `VACUUM FULL`) fails it in a few seconds
-/// rather than holding the job's delivery, and its worker's slot, for as
-/// long as the lock lasts.
-async fn settling(client: &mut Client) -> Result<tokio_postgres::Transaction<'_>, DbError> {
+/// How long recording a job's end may take: within the slack the broker
+/// leaves after a job's deadline (`SETTLE_SLACK`). A lock held on the
+/// control schema (a migration, `VACUUM FULL`) then fails the record in a
+/// few seconds rather than holding the job's delivery, and its worker's
+/// slot, for as long as the lock lasts.
+pub const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A transaction whose statements each end `within`.
+async fn settling(
+    client: &mut Client,
+    within: std::time::Duration,
+) -> Result<tokio_postgres::Transaction<'_>, DbError> {
     let tx = read_committed(client).await?;
-    tx.batch_execute("SET LOCAL statement_timeout = '3s'")
-        .await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL statement_timeout = {}",
+        within.as_millis().max(1)
+    ))
+    .await?;
     Ok(tx)
 }
 
@@ -1232,18 +1241,20 @@ pub async fn run_progress(
         .collect())
 }
 
-/// Records a batch that cannot succeed, and fails its run with the reason.
-/// A batch already done stays done, and its run is left alone: then this
-/// returns false. Its job committed before (an attempt cut off after its
-/// commit, or a job delivered again after it succeeded).
+/// Records a batch that cannot succeed, and fails its run with the reason,
+/// each statement ending `within` (a worker's: [`SETTLE_WITHIN`]). A batch
+/// already done stays done, and its run is left alone: then this returns
+/// false. Its job committed before (an attempt cut off after its commit,
+/// or a job delivered again after it succeeded).
 pub async fn fail_batch(
     client: &mut Client,
     run_id: i64,
     stream: &str,
     batch_no: i64,
     error: &str,
+    within: std::time::Duration,
 ) -> Result<bool, DbError> {
-    let tx = settling(client).await?;
+    let tx = settling(client, within).await?;
     // The run's row first, as an abandoning check (`runs_going`) takes it:
     // taken the other way round, the two could deadlock.
     tx.execute(

@@ -308,6 +308,8 @@ async fn session(
     // Deliveries wait here for one of the `concurrency` slots; a slot that
     // frees up takes every small job waiting, up to a group.
     let mut pending = VecDeque::new();
+    // Hand-backs, apart from the jobs: they take no slot.
+    let mut handing_back = JoinSet::new();
     let lost = loop {
         while in_flight.len() < usize::from(concurrency) && !pending.is_empty() {
             let group = next_group(config, &mut pending);
@@ -317,8 +319,9 @@ async fn session(
         tokio::select! {
             _ = shutdown.wait() => break None,
             _ = async { tokio::time::sleep_until(hand_back_at.expect("guarded")).await }, if hand_back_at.is_some() => {
-                hand_back_waiting(context, &mut pending, in_flight);
+                hand_back_waiting(context, &mut pending, &mut handing_back);
             }
+            Some(_) = handing_back.join_next(), if !handing_back.is_empty() => {}
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(e) = done {
                     tracing::error!(error = %e, "a job task failed to complete");
@@ -362,7 +365,11 @@ async fn session(
         .await;
     let grace = config.worker.shutdown_grace;
     tracing::info!(in_flight = in_flight.len(), ?grace, "draining");
-    if tokio::time::timeout(grace, drain(in_flight)).await.is_err() {
+    let drained = async {
+        drain(in_flight).await;
+        drain(&mut handing_back).await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             abandoned = in_flight.len(),
             "jobs still running after the shutdown grace; the broker will redeliver them"
@@ -375,14 +382,14 @@ async fn session(
 }
 
 /// Hands the deliveries that waited here past their time back to the
-/// broker (see [`Pending::hand_back_at`]). As tasks among the jobs: a
-/// publish held up by the broker (a memory alarm) must not stop this loop
-/// from seeing a shutdown or a lost channel, and a shutdown's drain waits
-/// for them as for jobs.
+/// broker (see [`Pending::hand_back_at`]). As tasks: a publish held up by
+/// the broker (a memory alarm) must not stop the consume loop from seeing
+/// a shutdown or a lost channel, and a shutdown's drain waits for them as
+/// for jobs.
 fn hand_back_waiting(
     context: &Arc<Context>,
     pending: &mut VecDeque<Pending>,
-    in_flight: &mut JoinSet<()>,
+    handing_back: &mut JoinSet<()>,
 ) {
     let now = tokio::time::Instant::now();
     let (expired, kept): (VecDeque<Pending>, VecDeque<Pending>) = std::mem::take(pending)
@@ -397,7 +404,7 @@ fn hand_back_waiting(
     }
     for p in expired {
         let context = context.clone();
-        in_flight.spawn(async move {
+        handing_back.spawn(async move {
             let (id, stream) = match &p.job {
                 Ok(job) => (job.id(), job.stream.as_str()),
                 Err(_) => ("job".into(), "?"),

@@ -137,10 +137,19 @@ impl Drop for Unpooled {
         drop(Object::take(client));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let tls = self.tls.clone();
+            // Counted down however the task ends, also dropped unpolled
+            // by a runtime shutting down.
+            struct Sent;
+            impl Drop for Sent {
+                fn drop(&mut self) {
+                    CANCELS.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
             CANCELS.fetch_add(1, Ordering::Relaxed);
+            let sent = Sent;
             runtime.spawn(async move {
+                let _sent = sent;
                 let _ = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls)).await;
-                CANCELS.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }
@@ -602,9 +611,13 @@ impl Executor {
         slot_by: Instant,
     ) -> Result<Vec<BatchOutcome>, JobError> {
         // The destination first: while it is down, attempts cost the source
-        // (the app's database) no connection.
-        let mut dst = Unpooled::new(self.destination.get().await?, self.destination.tls());
-        let mut src = Unpooled::new(self.source.get().await?, self.source.tls());
+        // (the app's database) no connection. Both checked out before either
+        // is `Unpooled`: one that cannot be had sends the other, unused,
+        // back to its pool.
+        let dst = self.destination.get().await?;
+        let src = self.source.get().await?;
+        let mut dst = Unpooled::new(dst, self.destination.tls());
+        let mut src = Unpooled::new(src, self.source.tls());
         let (src_client, dst_client) = (src.get(), dst.get());
         // Every wait for a standby to catch up ends by then.
         let replay_by =
@@ -1253,7 +1266,16 @@ impl Executor {
     /// False if its batch was done already (see `control::fail_batch`).
     pub async fn fail(&self, job: &Job, reason: &str) -> Result<bool, syncfleet_db::DbError> {
         let mut client = self.destination.get().await?;
-        control::fail_batch(&mut client, job.run_id, &job.stream, job.batch, reason).await
+        let (run, stream, batch) = (job.run_id, &job.stream, job.batch);
+        control::fail_batch(
+            &mut client,
+            run,
+            stream,
+            batch,
+            reason,
+            control::SETTLE_WITHIN,
+        )
+        .await
     }
 
     /// Records a failed attempt that will be retried through the broker.
