@@ -82,21 +82,40 @@ fn fits(oid: u32, value: &str) -> bool {
     if value.contains('\0') {
         return false;
     }
-    let value = value.trim();
+    // The server skips C's `isspace` around an integer, no other space.
+    let int = value.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r'));
     match oid {
-        20 => value.parse::<i64>().is_ok(),
-        23 => value.parse::<i32>().is_ok(),
-        21 => value.parse::<i16>().is_ok(),
-        2950 => {
-            let digits: Vec<char> = value
-                .trim_start_matches('{')
-                .trim_end_matches('}')
-                .chars()
-                .filter(|c| *c != '-')
-                .collect();
-            digits.len() == 32 && digits.iter().all(char::is_ascii_hexdigit)
-        }
+        20 => int.parse::<i64>().is_ok(),
+        23 => int.parse::<i32>().is_ok(),
+        21 => int.parse::<i16>().is_ok(),
+        2950 => is_uuid(value),
         _ => true,
+    }
+}
+
+/// PostgreSQL's `uuid_in`: 32 hex digits, a `-` allowed after each group of
+/// four but the last, the whole optionally in one pair of braces, and
+/// nothing else (no spaces).
+fn is_uuid(value: &str) -> bool {
+    let b = value.as_bytes();
+    let (b, braces) = match b.strip_prefix(b"{") {
+        Some(rest) => (rest, true),
+        None => (b, false),
+    };
+    let mut at = 0;
+    for byte in 0..16 {
+        match b.get(at..at + 2) {
+            Some(pair) if pair.iter().all(u8::is_ascii_hexdigit) => at += 2,
+            _ => return false,
+        }
+        if byte % 2 == 1 && byte < 15 && b.get(at) == Some(&b'-') {
+            at += 1;
+        }
+    }
+    let rest = &b[at..];
+    match braces {
+        true => rest == b"}",
+        false => rest.is_empty(),
     }
 }
 
@@ -603,6 +622,21 @@ mod tests {
         assert!(fits(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"));
         assert!(fits(2950, "{A0EEBC999C0B4EF8BB6D6BB9BD380A11}"));
         assert!(!fits(2950, "a0eebc99-9c0b") && !fits(2950, "g0eebc999c0b4ef8bb6d6bb9bd380a11"));
+        // What the server takes, and nothing it refuses (each checked with
+        // `::uuid` on PostgreSQL 15).
+        assert!(fits(2950, "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11"));
+        for refused in [
+            " a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11-",
+            "a0e-ebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "{{a0eebc999c0b4ef8bb6d6bb9bd380a11}}",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+        ] {
+            assert!(!fits(2950, refused), "{refused:?}");
+        }
+        // Integers: C's spaces around them, not Unicode's.
+        assert!(fits(20, "\t42\x0b") && !fits(20, "\u{a0}42"));
         assert!(fits(25, "anything") && fits(1700, "not checked"));
         assert!(!fits(25, "nul\0inside") && !fits(1700, "1\0"));
     }
