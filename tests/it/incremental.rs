@@ -465,6 +465,31 @@ async fn a_passing_source_error_does_not_make_a_stream_unroutable() {
     fleet.stop().await;
 }
 
+/// A leader whose tick queues behind a lock on the control schema (an
+/// operator's `LOCK TABLE syncfleet.runs`, a migration) still stops when
+/// told: each statement of its tick is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stops_while_the_control_schema_is_locked() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(APP).await.unwrap();
+    env.migrate().await;
+    let config = env.config(APP_STREAMS);
+    let locker = crate::helpers::connect(&env.dest_url).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE syncfleet.runs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let producer = Producer::start(&config);
+    env.eventually("the leader's tick to wait for the lock", 60, || async {
+        crate::helpers::lock_waiters(&env.dest, "WITH abandoned AS%").await > 0
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(60), producer.stop())
+        .await
+        .expect("the producer to stop while the lock is held");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+}
+
 /// The kind of the first run a newly started leader plans.
 async fn first_scheduled_run(env: &TestEnv, config: &Arc<Config>) -> String {
     let before = syncfleet_db::control::last_run_id(&env.dest).await.unwrap();

@@ -43,6 +43,10 @@ const EVENTS_STOP: Duration = Duration::from_secs(15);
 /// left to hold up the queue-depth gauges that come after it.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The bound on each control-schema statement of the leader's tick (see
+/// [`bounded`]); one that runs out skips the stream's tick.
+const TICK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the service has done, for logs and tests.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -74,11 +78,36 @@ pub async fn run(
     ));
     syncfleet_core::health::set_ready(true);
     let key = format!("syncfleet.leader/{}", config.broker.prefix);
+    // The last failure to stand for election, logged when it changes: a
+    // standby that cannot take over says why.
+    let mut failing: Option<String> = None;
     loop {
         // A dedicated connection: the lock lives exactly as long as it.
+        let bound = config.destination.connect_timeout + ELECTION_EVERY * 5;
         let leader = tokio::select! {
             _ = shutdown.wait() => break,
-            leader = elect(&config.destination, &key) => leader,
+            leader = tokio::time::timeout(bound, elect(&config.destination, &key)) => {
+                leader.unwrap_or_else(|_| Err(format!("no answer within {bound:?}")))
+            }
+        };
+        let leader = match leader {
+            Ok(leader) => {
+                if failing.take().is_some() {
+                    tracing::info!("standing for election again");
+                }
+                leader
+            }
+            Err(e) => {
+                if failing.as_ref() != Some(&e) {
+                    tracing::warn!(
+                        url = %config.destination.url.redacted(),
+                        error = %e,
+                        "could not stand for election as the producers' leader; trying again"
+                    );
+                }
+                failing = Some(e);
+                None
+            }
         };
         let Some(lock) = leader else {
             tokio::select! {
@@ -108,14 +137,19 @@ pub async fn run(
         }
     }
     publisher.close().await;
-    let _ = gauges.await;
+    // Its reads are bounded, its queue-depth calls not all: it is waited
+    // for a moment, then left to stop with the process.
+    let _ = tokio::time::timeout(Duration::from_secs(5), gauges).await;
     Ok(())
 }
 
 /// One attempt at leadership, on the `destination`: the lock's connection
-/// when this process won.
-async fn elect(destination: &DbConfig, key: &str) -> Option<tokio_postgres::Client> {
-    let (mut pg, tls) = syncfleet_db::tls::config(destination.url.expose()).ok()?;
+/// when this process won, `None` when another holds the lock.
+async fn elect(
+    destination: &DbConfig,
+    key: &str,
+) -> Result<Option<tokio_postgres::Client>, String> {
+    let (mut pg, tls) = syncfleet_db::tls::config(destination.url.expose())?;
     // Operators (and tests) find the leader by this name in pg_stat_activity.
     pg.application_name(format!("syncfleet-leader-{}", std::process::id()));
     pg.connect_timeout(destination.connect_timeout);
@@ -131,14 +165,15 @@ async fn elect(destination: &DbConfig, key: &str) -> Option<tokio_postgres::Clie
     );
     pg.options(options.trim());
     pg.keepalives_idle(Duration::from_secs(10));
-    let (client, connection) = pg.connect(tls).await.ok()?;
+    let describe = |e: tokio_postgres::Error| syncfleet_db::error::describe(&e);
+    let (client, connection) = pg.connect(tls).await.map_err(describe)?;
     tokio::spawn(connection);
     let won: bool = client
         .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
         .await
-        .ok()?
+        .map_err(describe)?
         .get(0);
-    won.then_some(client)
+    Ok(won.then_some(client))
 }
 
 /// The leader's work, until shutdown (`Ok`) or the lock's connection is
@@ -195,11 +230,12 @@ async fn lead(
             // Checked here before planning describes the stream on the
             // source; creating the run checks again, under the stream's lock.
             let stale = config.broker.consumer_timeout;
-            let busy = match destination.get().await {
-                Ok(c) => control::stream_busy(&**c, &stream.name, stale)
-                    .await
-                    .unwrap_or(true),
-                Err(_) => true,
+            let busy = bounded(destination, TICK_TIMEOUT, async |c| {
+                control::stream_busy(&***c, &stream.name, stale).await
+            });
+            let busy = tokio::select! {
+                _ = shutdown.wait() => break 'lead Ok(()),
+                busy = busy => busy.unwrap_or(true),
             };
             let mut started = false;
             if busy {
@@ -207,10 +243,11 @@ async fn lead(
                 tracing::info!(stream = %stream.name, "previous run still going; tick skipped");
             } else {
                 // The runs this tick starts are newer than this one.
-                let before = match destination.get().await {
-                    Ok(c) => control::last_run_id(&**c).await.ok(),
-                    Err(_) => None,
-                };
+                let before = bounded(destination, TICK_TIMEOUT, async |c| {
+                    control::last_run_id(&***c).await
+                })
+                .await
+                .ok();
                 let ceiling = Ceiling::new(config);
                 let plan = async {
                     match full {
@@ -318,22 +355,14 @@ async fn report_gauges(config: Arc<Config>, destination: Pool, mut shutdown: Shu
 /// destination only through full runs. Due at once if there has been none,
 /// or if the destination cannot say.
 async fn full_run_wait(destination: &Pool, stream: &str, full_interval: Duration) -> Duration {
-    let age = async {
-        let client = destination.get().await?;
-        control::last_full_run_age(&**client, stream).await
-    };
-    match tokio::time::timeout(Duration::from_secs(5), age).await {
-        Ok(Ok(Some(age))) => full_interval.saturating_sub(age),
-        Ok(Ok(None)) => Duration::ZERO,
-        Ok(Err(e)) => {
+    let age = bounded(destination, PROGRESS_TIMEOUT, async |c| {
+        control::last_full_run_age(&***c, stream).await
+    });
+    match age.await {
+        Ok(Some(age)) => full_interval.saturating_sub(age),
+        Ok(None) => Duration::ZERO,
+        Err(e) => {
             tracing::warn!(stream, error = %e, "could not read when the last full run was; one is due now");
-            Duration::ZERO
-        }
-        Err(_) => {
-            tracing::warn!(
-                stream,
-                "reading when the last full run was timed out; one is due now"
-            );
             Duration::ZERO
         }
     }
@@ -364,18 +393,12 @@ fn reschedule(
 /// bounded: a run left planning is still abandoned in time, as a killed
 /// pod's is.
 async fn fail_interrupted(destination: &Pool, stream: &str, before: i64) {
-    let fail = async {
-        let client = destination.get().await?;
-        control::fail_planning_runs(
-            &**client,
-            stream,
-            before,
-            "planning stopped: the producer shut down",
-        )
-        .await
-    };
-    match tokio::time::timeout(Duration::from_secs(5), fail).await {
-        Ok(Ok(runs)) => {
+    let why = "planning stopped: the producer shut down";
+    let fail = bounded(destination, PROGRESS_TIMEOUT, async |c| {
+        control::fail_planning_runs(&***c, stream, before, why).await
+    });
+    match fail.await {
+        Ok(runs) => {
             for run_id in runs {
                 tracing::warn!(
                     run_id,
@@ -384,22 +407,34 @@ async fn fail_interrupted(destination: &Pool, stream: &str, before: i64) {
                 );
             }
         }
-        Ok(Err(e)) => tracing::warn!(stream, error = %e, "could not fail the run being planned"),
-        Err(_) => tracing::warn!(stream, "timed out failing the run being planned"),
+        Err(e) => tracing::warn!(stream, error = %e, "could not fail the run being planned"),
     }
 }
 
 /// [`report_progress`] on a pooled connection, bounded on this side too,
 /// for a server that does not answer at all (the server's own timeout ends
-/// a slow read first). Such a connection is cancelled and closed, not handed
-/// back to the pool busy, where the next user (the leader's election)
-/// would wait behind it.
+/// a slow read first).
 async fn read_progress(config: &Config, destination: &Pool) -> Result<(), String> {
+    bounded(destination, 2 * PROGRESS_TIMEOUT, async |client| {
+        report_progress(config, client).await
+    })
+    .await
+}
+
+/// `work` on a pooled connection of the control schema, within `bound`: a
+/// lock on it (a migration, an operator's `LOCK TABLE`) must not hold up
+/// the leader's loop, which also watches its lock and the stop signal. A
+/// connection past the bound is cancelled and closed, not handed back to
+/// the pool busy, where the next user would wait behind it.
+async fn bounded<T>(
+    destination: &Pool,
+    bound: Duration,
+    work: impl AsyncFnOnce(&mut Client) -> Result<T, DbError>,
+) -> Result<T, String> {
     let mut client = destination.get().await.map_err(|e| e.to_string())?;
     let cancel = client.cancel_token();
-    let bound = 2 * PROGRESS_TIMEOUT;
-    match tokio::time::timeout(bound, report_progress(config, &mut client)).await {
-        Ok(read) => read.map_err(|e| e.to_string()),
+    match tokio::time::timeout(bound, work(&mut client)).await {
+        Ok(done) => done.map_err(|e| e.to_string()),
         Err(_) => {
             let tls = destination.tls();
             tokio::spawn(async move {
@@ -490,7 +525,7 @@ mod tests {
             statement_timeout: None,
         };
         let key = format!("syncfleet.test-leader/{}", std::process::id());
-        let leader = elect(&destination, &key).await.expect("elected");
+        let leader = elect(&destination, &key).await.unwrap().expect("elected");
         let settings: Vec<String> = leader
             .query(
                 "SELECT name || '=' || setting FROM pg_settings \
@@ -513,9 +548,18 @@ mod tests {
             ]
         );
         assert!(
-            elect(&destination, &key).await.is_none(),
+            elect(&destination, &key).await.unwrap().is_none(),
             "one leader at a time"
         );
+        // A failure to stand says why, without the password.
+        let refused = DbConfig {
+            url: syncfleet_core::secret::SecretUrl::new(
+                "postgres://postgres:secret@127.0.0.1:1/postgres",
+            ),
+            ..destination
+        };
+        let error = elect(&refused, &key).await.unwrap_err();
+        assert!(!error.contains("secret"), "{error}");
     }
 
     #[test]
