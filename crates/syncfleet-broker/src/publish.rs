@@ -212,7 +212,13 @@ impl Publisher {
                 // A nack is the broker, up and well, refusing the message
                 // (a full queue, say): reconnecting would not change that.
                 Err(e @ BrokerError::Nacked(_)) => return Err(e),
-                Err(e) if started.elapsed() >= RECONNECT_FOR => return Err(e),
+                Err(e) if started.elapsed() >= RECONNECT_FOR => {
+                    // Not kept for the next caller to find broken.
+                    if let Some(old) = session.take() {
+                        close_within(&old.connection, "giving up").await;
+                    }
+                    return Err(e);
+                }
                 Err(e) => {
                     if failures == 0 {
                         tracing::warn!(publisher = %self.name, error = %e, "publish failed; reconnecting to the broker");
