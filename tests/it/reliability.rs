@@ -1000,6 +1000,47 @@ async fn a_job_failing_while_the_control_schema_is_locked_is_parked_not_held() {
     fleet.stop().await;
 }
 
+/// A job failing for good while the control schema is locked waits, as in
+/// an outage, until its failure can be recorded: dead-lettered unrecorded,
+/// its batch would stay pending and its run `running` for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_for_good_while_the_control_schema_is_locked_waits_to_be_recorded() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
+    let plan = env.plan(&config).await;
+    // Its one job can only fail: its table is gone.
+    env.source.batch_execute("DROP TABLE items").await.unwrap();
+    let locker = crate::helpers::connect(&env.dest_url).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE syncfleet.batches IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let failing =
+        || crate::helpers::lock_waiters(&env.dest, "UPDATE syncfleet.batches SET status%");
+    let fleet = Fleet::start(&config, 1);
+    for what in [
+        "the failure's record to wait",
+        "the job to come back and wait again",
+    ] {
+        env.eventually(what, 60, || async { failing().await > 0 })
+            .await;
+        env.eventually("the record to give up", 60, || async {
+            failing().await == 0
+        })
+        .await;
+    }
+    assert_eq!(env.dead_letters().await, 0, "dead-lettered unrecorded");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    env.eventually("the job's dead letter", 60, || async {
+        env.dead_letters().await == 1
+    })
+    .await;
+    fleet.stop().await;
+    assert_eq!(run_status(&env, plan.run_id).await.status, "failed");
+}
+
 /// A job still running when its worker's shutdown grace ends is aborted,
 /// and what it left running on the servers is cancelled: a statement still
 /// waiting there would hold the job's locks against the worker its
