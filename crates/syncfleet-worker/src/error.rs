@@ -40,7 +40,8 @@ pub enum JobError {
     #[error("{0}")]
     NotStarted(String),
     /// No fleet read slot came free by half the deadline (or by the time
-    /// it had to begin): handed back untried like [`JobError::NotStarted`],
+    /// it had to begin), or no connection of this worker, which its jobs
+    /// waiting for a slot hold: handed back untried like [`JobError::NotStarted`],
     /// a group's jobs all at once, since alone each would wait as long.
     #[error("{0}")]
     NoReadSlot(String),

@@ -616,6 +616,16 @@ impl Executor {
         // back to its pool.
         let dst = self.destination.get().await?;
         let src = self.source.get().await?;
+        // A worker's connections are taken by its jobs waiting for the
+        // fleet's read slots too: one that waited for them past its time
+        // for a slot goes back untried, as if it had waited for the slot,
+        // not to time out and use up an attempt.
+        if Instant::now() >= slot_by {
+            return Err(JobError::NoReadSlot(format!(
+                "no database connection of this worker came free within half the job's deadline ({:?})",
+                budget / 2
+            )));
+        }
         let mut dst = Unpooled::new(dst, self.destination.tls());
         let mut src = Unpooled::new(src, self.source.tls());
         let (src_client, dst_client) = (src.get(), dst.get());
