@@ -480,7 +480,29 @@ async fn jobs_that_find_no_read_slot_by_half_their_deadline_are_handed_back() {
         outcome(&metrics().await, "handed_back") >= 4.0
     })
     .await;
+    // Handing jobs back costs the source no new connections: nothing was
+    // begun there, so the worker's stay in its pool.
+    let sessions = || async {
+        let mut pids: Vec<i32> = env
+            .source
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name = 'syncfleet-source'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        pids.sort_unstable();
+        pids
+    };
+    let before = sessions().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
+    let handed_back = outcome(&metrics().await, "handed_back");
+    assert!(!before.is_empty());
+    assert_eq!(sessions().await, before, "after {handed_back} hand-backs");
     let held = metrics().await;
     assert_eq!(outcome(&held, "succeeded"), 0.0, "{held}");
     assert_eq!(outcome(&held, "retried"), 0.0, "{held}");

@@ -657,6 +657,15 @@ impl Executor {
                 dst.keep();
                 Ok(outcomes)
             }
+            // No read slot came free: nothing was begun on the source (its
+            // read starts after the slot), so its connection goes back to
+            // the pool; a hand-back must not cost the app's database a
+            // connection. The destination's, whose wait for the slot may
+            // still run on the server, is cancelled and closed.
+            Ok(Err(e @ JobError::NoReadSlot(_))) => {
+                src.keep();
+                Err(e)
+            }
             // A statement failed, possibly in the middle of a COPY (or of
             // a pipeline): the connections are cancelled and closed, not
             // pooled.
