@@ -524,9 +524,9 @@ async fn dead_letter(
     counters.events_dead.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(m::EVENTS, "outcome" => "dead_lettered").increment(1);
     metrics::counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
-    let error = syncfleet_broker::headers::clip(error);
-    tracing::warn!(%error, "dead-lettering an event: {reason}");
-    let headers = Meta::first().dead(reason, &error, syncfleet_broker::headers::now_ms());
+    let clipped = syncfleet_broker::headers::clip(error);
+    tracing::warn!(error = %clipped, "dead-lettering an event: {reason}");
+    let headers = Meta::first().dead(reason, error, syncfleet_broker::headers::now_ms());
     let id = delivery
         .properties
         .message_id()

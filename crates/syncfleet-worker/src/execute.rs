@@ -116,27 +116,35 @@ impl Unpooled {
 
     /// Closed, once what runs on it is cancelled (within [`CANCEL_TIMEOUT`]).
     async fn cancel(mut self) -> Result<(), tokio_postgres::Error> {
-        let Some(client) = self.client.take() else {
-            return Ok(());
-        };
+        match self.close() {
+            Some(cancel) => cancel.await,
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the connection out of the pool, closing it, and gives the
+    /// cancel of what may still run on it; `None` once kept or closed.
+    fn close(
+        &mut self,
+    ) -> Option<impl Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static> {
+        let client = self.client.take()?;
         let token = client.cancel_token();
         drop(Object::take(client));
         let tls = self.tls.clone();
-        tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls))
-            .await
-            .unwrap_or(Ok(()))
+        Some(async move {
+            tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls))
+                .await
+                .unwrap_or(Ok(()))
+        })
     }
 }
 
 impl Drop for Unpooled {
     fn drop(&mut self) {
-        let Some(client) = self.client.take() else {
+        let Some(cancel) = self.close() else {
             return;
         };
-        let token = client.cancel_token();
-        drop(Object::take(client));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let tls = self.tls.clone();
             // Counted down however the task ends, also dropped unpolled
             // by a runtime shutting down.
             struct Sent;
@@ -149,7 +157,7 @@ impl Drop for Unpooled {
             let sent = Sent;
             runtime.spawn(async move {
                 let _sent = sent;
-                let _ = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls)).await;
+                let _ = cancel.await;
             });
         }
     }
