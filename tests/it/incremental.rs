@@ -314,6 +314,84 @@ async fn events_from_any_publisher_reach_the_destination() {
     assert!(stdout.contains("bytes cut)"), "{stdout}");
 }
 
+/// Ids of a type the producer cannot check (a date) share one job when
+/// their events come in one window; so do rows the destination refuses. A
+/// worker splits such a job until only the values at fault fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_value_in_an_event_job_fails_only_itself() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE readings (day date PRIMARY KEY, value int);
+             INSERT INTO readings SELECT '2026-01-01'::date + i, i FROM generate_series(0, 2) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[producer]\ninterval = \"1h\"\nstagger = \"0s\"\nevent_window = \"200ms\"\n\
+         [[stream]]\nname = \"readings\"\ntable = \"readings\"\n",
+    );
+    let fleet = Fleet::start(&config, 1);
+    let producer = Producer::start(&config);
+    let readings = "SELECT * FROM readings ORDER BY day";
+    env.eventually("the first run", 60, || async {
+        env.dest
+            .query_one(
+                "SELECT count(*) FROM syncfleet.runs WHERE status = 'succeeded'",
+                &[],
+            )
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+    })
+    .await;
+    assert_eq!(TestEnv::rows(&env.dest, readings).await.len(), 3);
+    env.dest
+        .batch_execute("ALTER TABLE readings ADD CONSTRAINT small CHECK (value < 100)")
+        .await
+        .unwrap();
+    env.source
+        .batch_execute(
+            "UPDATE readings SET value = 10 WHERE day = '2026-01-01';
+             INSERT INTO readings VALUES ('2026-01-04', 4), ('2026-01-05', 500);",
+        )
+        .await
+        .unwrap();
+    // One event, so one job: a day that does not exist, a row the
+    // destination refuses, and two good rows.
+    env.publish_event(
+        "readings",
+        r#"{"table": "readings", "op": "upsert", "ids": ["2026-01-01", "2026-01-04", "2026-01-05", "2026-13-45"]}"#,
+    )
+    .await;
+    env.eventually(
+        "the good rows, and a dead letter for each bad value",
+        60,
+        || async {
+            env.dead_letters().await == 2
+                && TestEnv::rows(&env.dest, readings).await
+                    == TestEnv::rows(
+                        &env.source,
+                        "SELECT * FROM readings WHERE value < 100 ORDER BY day",
+                    )
+                    .await
+        },
+    )
+    .await;
+    producer.stop().await;
+    fleet.stop().await;
+    let list = env
+        .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "list"])
+        .await;
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        stdout.contains("date/time field value out of range: \"2026-13-45\"")
+            && stdout.contains("violates check constraint \"small\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 dead letter(s)"), "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_cannot_take_events_holds_up_no_other_and_its_events_replay_once_fixed() {
     let env = TestEnv::new().await;

@@ -93,13 +93,23 @@ impl Publisher {
 
     /// Publishes jobs to the work queue as first attempts.
     pub async fn publish_jobs(&self, jobs: &[Job]) -> Result<(), BrokerError> {
+        self.publish_jobs_as(jobs, FieldTable::default()).await
+    }
+
+    /// Publishes jobs to the work queue with `headers` (the halves of a
+    /// split job, as its attempt).
+    pub async fn publish_jobs_as(
+        &self,
+        jobs: &[Job],
+        headers: FieldTable,
+    ) -> Result<(), BrokerError> {
         let messages = jobs
             .iter()
             .map(|job| Outgoing {
                 exchange: self.topology.work_exchange(),
                 routing_key: self.topology.work_queue(),
                 body: job.encode(),
-                properties: properties(&job.id(), FieldTable::default()),
+                properties: properties(&job.id(), headers.clone()),
             })
             .collect();
         self.send(messages, None).await

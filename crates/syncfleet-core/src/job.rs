@@ -161,6 +161,29 @@ impl Job {
         Ok(job)
     }
 
+    /// An event job's two halves, each naming half its rows, or `None`
+    /// for a job of one row or of a run (whose batch is recorded as one).
+    /// A worker splits an event job one of whose values fails it (see the
+    /// worker's `JobError::BadValue`), until only the values at fault are
+    /// dead-lettered: the rest of a coalesced window still arrives. The
+    /// halves keep the job's id, so `dead-letters replay ID` replays them
+    /// all.
+    pub fn halves(&self) -> Option<(Job, Job)> {
+        let select = self.select.as_ref().filter(|s| s.values.len() > 1)?;
+        if self.run_id != NO_RUN {
+            return None;
+        }
+        let (first, second) = select.values.split_at(select.values.len() / 2);
+        let half = |values: &[Key]| Job {
+            select: Some(Selection {
+                columns: select.columns.clone(),
+                values: values.to_vec(),
+            }),
+            ..self.clone()
+        };
+        Some((half(first), half(second)))
+    }
+
     /// A stable id for logs and the broker's `message_id`.
     pub fn id(&self) -> String {
         format!("{}:{}:{}", self.run_id, self.stream, self.batch)
@@ -170,6 +193,30 @@ impl Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_event_jobs_of_several_rows_split() {
+        let select = |n: usize| Selection {
+            columns: vec!["id".into()],
+            values: (0..n).map(|i| vec![i.to_string()]).collect(),
+        };
+        let job = Job::selection(NO_RUN, "users", 9, select(5)).at(Some(Lsn(7)));
+        let (a, b) = job.halves().unwrap();
+        assert_eq!(a.select.unwrap().values, select(5).values[..2]);
+        assert_eq!(b.select.as_ref().unwrap().values, select(5).values[2..]);
+        assert_eq!((b.id(), b.source_lsn), (job.id(), Some(Lsn(7))));
+        assert!(
+            Job::selection(NO_RUN, "users", 9, select(1))
+                .halves()
+                .is_none()
+        );
+        assert!(Job::selection(3, "users", 9, select(5)).halves().is_none());
+        assert!(
+            Job::new(NO_RUN, "users", 9, KeyRange::default())
+                .halves()
+                .is_none()
+        );
+    }
 
     #[test]
     fn round_trips_and_rejects_bad_messages() {

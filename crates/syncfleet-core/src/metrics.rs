@@ -2,7 +2,7 @@
 //! and the alert rules in `deploy/` use only these (a test checks).
 
 /// Jobs settled, by `stream` and `outcome` (succeeded, superseded,
-/// retried, waiting, handed_back, dead_lettered).
+/// retried, waiting, handed_back, split, dead_lettered).
 pub const JOBS: &str = "syncfleet_jobs_total";
 /// Job duration, by `stream` (histogram).
 pub const JOB_DURATION: &str = "syncfleet_job_duration_seconds";

@@ -75,9 +75,10 @@ struct Route {
 /// Whether `value` is valid input for the type `oid`, as far as syncfleet
 /// can tell without asking the server: integers and uuids are checked, a
 /// NUL character (which no PostgreSQL type takes) is refused everywhere,
-/// other types pass. One id the server cannot cast would fail the whole
-/// coalesced job it shares with other events' ids, so it is dead-lettered
-/// with its event instead.
+/// other types pass. An id the server cannot cast would fail the coalesced
+/// job it shares with other events' ids, and cost the worker a split of
+/// that job per halving (see `Job::halves`) to find it: it is
+/// dead-lettered with its event instead, which names where it came from.
 fn fits(oid: u32, value: &str) -> bool {
     if value.contains('\0') {
         return false;

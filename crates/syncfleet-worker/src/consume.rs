@@ -18,6 +18,7 @@
 //! | a database is unreachable | re-published to `P.delay.N` as the same attempt, after a backoff that grows while the outage lasts, then ack |
 //! | a connection broke under the job | as for an unreachable database, counted in the message; after `max_attempts` of them, as for a permanent failure (a job that ends its own session or crashes the server each time must not do so forever) |
 //! | transient failure, attempts left | re-published to `P.delay.N` (confirmed), then ack |
+//! | a bad value (a data exception or a constraint of the destination) in an event job of several rows | its two halves published (confirmed) as the same attempt, then ack: split until only the values at fault are dead-lettered |
 //! | permanent failure, attempts used up, or not a job | batch marked failed, message published to `P.dead` with the reason (confirmed), then ack; if the destination is unreachable to mark it, as for an unreachable database |
 //! | the job panicked | nack with requeue; the queue's delivery limit dead-letters a job that keeps doing so |
 //!
@@ -621,6 +622,18 @@ async fn conclude(
             let meta = meta.lost_connection();
             wait_out_outage(context, delivery, &id, meta, &reason).await;
         }
+        Ok(Err(JobError::BadValue(reason))) if job.halves().is_some() => {
+            let (a, b) = job.halves().expect("checked above");
+            let rows = [&a, &b].map(|j| j.select.as_ref().map_or(0, |s| s.values.len()));
+            tracing::warn!(job = %id, ?rows, %reason, "a value of the event job is bad; splitting it in halves, so that only the values at fault are dead-lettered");
+            finished("split");
+            let copied = context
+                .publisher
+                .publish_jobs_as(&[a, b], meta.again(now_ms()))
+                .await;
+            let failed = "could not publish the job's halves; requeueing it";
+            ack_if_copied(delivery, &id, copied, failed, true).await;
+        }
         Ok(Err(JobError::Retry(reason))) if meta.attempt < retry.max_attempts => {
             let delay = retry.delay(meta.attempt);
             tracing::warn!(job = %id, attempt = meta.attempt, %reason, ?delay, "batch failed; retrying later");
@@ -633,7 +646,9 @@ async fn conclude(
         }
         Ok(Err(e)) => {
             let (kind, reason, meta) = match e {
-                JobError::Reject(r) | JobError::ShapeChanged(r) => ("permanent", r, meta),
+                JobError::Reject(r) | JobError::BadValue(r) | JobError::ShapeChanged(r) => {
+                    ("permanent", r, meta)
+                }
                 // (Not begun: handed back above, never dead-lettered.)
                 JobError::Retry(r)
                 | JobError::Unavailable(r)

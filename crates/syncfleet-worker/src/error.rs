@@ -27,6 +27,14 @@ pub enum JobError {
     /// Retrying gives the same answer: dead-letter it and fail the batch.
     #[error("{0}")]
     Reject(String),
+    /// A value is not valid where the job puts it: SQLSTATE class 22 (a
+    /// data exception, such as an event's id its key column cannot take)
+    /// or 23 (a constraint the destination enforces on a row). Retrying
+    /// gives the same answer, as for [`JobError::Reject`]; but an event job
+    /// of several rows is split in halves instead (see `Job::halves`), so
+    /// that one bad value fails only itself, not the window it came in.
+    #[error("{0}")]
+    BadValue(String),
     /// A column the job's statements name is gone (dropped under a
     /// running run): tried again in the worker with the stream described
     /// anew, and rejected if that does not help (a column the destination
@@ -63,18 +71,25 @@ impl JobError {
     }
 }
 
+/// The control schema's statements: never a [`JobError::BadValue`], whose
+/// split would multiply a job whose values are not at fault.
 impl From<DbError> for JobError {
     fn from(e: DbError) -> Self {
         JobError::classified(e.class(), e.to_string())
     }
 }
 
+/// The job's own statements: its read, its write, and their settings.
 impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
+        let class = e.code().map(|c| &c.code()[..2]);
         if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) {
-            return JobError::ShapeChanged(syncfleet_db::error::describe(&e));
+            JobError::ShapeChanged(syncfleet_db::error::describe(&e))
+        } else if matches!(class, Some("22" | "23")) {
+            JobError::BadValue(syncfleet_db::error::describe(&e))
+        } else {
+            DbError::from(e).into()
         }
-        DbError::from(e).into()
     }
 }
 

@@ -480,6 +480,7 @@ impl Executor {
             JobError::Unavailable(_) | JobError::ShapeChanged(_) => true,
             JobError::Retry(_) => jobs.len() == 1,
             JobError::Reject(_)
+            | JobError::BadValue(_)
             | JobError::Disconnected(_)
             | JobError::Lagging(_)
             | JobError::NotStarted(_)
