@@ -2,6 +2,7 @@
 //! the commands around them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use syncfleet_core::job::{Job, KeyRange, NO_RUN, Selection};
 use syncfleet_db::StreamShape;
@@ -9,6 +10,7 @@ use syncfleet_db::sql::{self, Upsert};
 use syncfleet_worker::Executor;
 
 use crate::helpers::{Fleet, TestEnv};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const USERS: &str = "CREATE TABLE users (id bigint PRIMARY KEY, email text NOT NULL, name text, score numeric);
      INSERT INTO users SELECT i, 'u' || i || '@example.com', 'name ' || i, i * 1.5 FROM generate_series(1, 500) i;";
@@ -221,6 +223,21 @@ async fn verify_names_the_streams_and_ranges_that_differ() {
         stdout.contains("(500, +inf): source 0 rows, destination 1 rows"),
         "{stdout}"
     );
+
+    // A column added to the source before the destination has it: the
+    // error says which stream, which side and what (not just "db error").
+    env.source
+        .batch_execute("ALTER TABLE notes ADD COLUMN extra int")
+        .await
+        .unwrap();
+    let out = env.cli(&path, &["verify", "--stream", "notes"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stream 'notes': on the destination: column")
+            && stderr.contains("extra does not exist"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,10 +247,14 @@ async fn sync_wait_and_status_through_the_binary() {
     let config = env.config(USERS_STREAM);
     let path = env.dir.join("syncfleet.toml");
 
-    // Without the control schema, sync refuses and says what to run.
-    let out = env.cli(&path, &["sync"]).await;
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("syncfleet migrate"));
+    // Without the control schema, sync and status refuse and say what to
+    // run.
+    for args in [&["sync"][..], &["status"], &["status", "--json"]] {
+        let out = env.cli(&path, args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("syncfleet migrate"), "{args:?}: {stderr}");
+    }
 
     let out = env.cli(&path, &["migrate"]).await;
     assert!(out.status.success());
@@ -295,6 +316,56 @@ async fn sync_wait_and_status_through_the_binary() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("it goes on"), "{stderr}");
+
+    // Resumed, and then the control schema locked under its wait (a
+    // migration, `VACUUM FULL`): the wait still ends at its timeout.
+    let going: i64 = env
+        .dest
+        .query_one("SELECT max(id) FROM syncfleet.runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut child = crate::helpers::syncfleet()
+        .args(["sync", "--wait", "--timeout", "3s", "--resume"])
+        .arg(going.to_string())
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut stderr = String::new();
+    let resumed = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            stderr.push_str(&line);
+            if line.contains("resumed run") {
+                return;
+            }
+        }
+        panic!("no resume: {stderr}");
+    };
+    tokio::time::timeout(Duration::from_secs(60), resumed)
+        .await
+        .unwrap();
+    let locker = crate::helpers::connect(&env.dest_url).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE syncfleet.runs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let waited = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            stderr.push_str(&line);
+        }
+        child.wait().await.unwrap()
+    };
+    let status = tokio::time::timeout(Duration::from_secs(60), waited).await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let status = status.expect("the wait ended while the lock was held");
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("gave no answer"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

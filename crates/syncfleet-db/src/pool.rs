@@ -39,6 +39,9 @@ pub struct Pool {
 
 pub type Client = deadpool_postgres::Object;
 
+/// Bound on a cancel request of [`Pool::bounded`].
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Starts the transaction every source read runs in: one consistent
 /// snapshot (REPEATABLE READ), and READ ONLY, so syncfleet can never write
 /// to the app's database.
@@ -227,6 +230,37 @@ impl Pool {
                 detail: other.to_string(),
             },
         })
+    }
+
+    /// `work` on a pooled connection, within `bound` (the checkout
+    /// included). A lock on the control schema (a migration, an operator's
+    /// `LOCK TABLE`) must not hold up a loop that also watches other
+    /// things, or a command past its own timeout. A connection past the
+    /// bound is cancelled and closed, not handed back to the pool busy,
+    /// where the next user would wait behind it. `None` past the bound.
+    pub async fn bounded<T>(
+        &self,
+        bound: Duration,
+        work: impl AsyncFnOnce(&mut Client) -> Result<T, DbError>,
+    ) -> Option<Result<T, DbError>> {
+        let by = tokio::time::Instant::now() + bound;
+        let mut client = match tokio::time::timeout_at(by, self.get()).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Some(Err(e)),
+            Err(_) => return None,
+        };
+        let cancel = client.cancel_token();
+        match tokio::time::timeout_at(by, work(&mut client)).await {
+            Ok(done) => Some(done),
+            Err(_) => {
+                let tls = self.tls();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel.cancel_query(tls)).await;
+                });
+                drop(Client::take(client));
+                None
+            }
+        }
     }
 
     /// Pool size, available and waiting counts, for status and metrics.

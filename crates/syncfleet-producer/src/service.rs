@@ -421,28 +421,17 @@ async fn read_progress(config: &Config, destination: &Pool) -> Result<(), String
     .await
 }
 
-/// `work` on a pooled connection of the control schema, within `bound`: a
-/// lock on it (a migration, an operator's `LOCK TABLE`) must not hold up
-/// the leader's loop, which also watches its lock and the stop signal. A
-/// connection past the bound is cancelled and closed, not handed back to
-/// the pool busy, where the next user would wait behind it.
+/// `work` on a pooled connection of the control schema, within `bound`
+/// (see [`Pool::bounded`]): the leader's loop also watches its lock and
+/// the stop signal.
 async fn bounded<T>(
     destination: &Pool,
     bound: Duration,
     work: impl AsyncFnOnce(&mut Client) -> Result<T, DbError>,
 ) -> Result<T, String> {
-    let mut client = destination.get().await.map_err(|e| e.to_string())?;
-    let cancel = client.cancel_token();
-    match tokio::time::timeout(bound, work(&mut client)).await {
-        Ok(done) => done.map_err(|e| e.to_string()),
-        Err(_) => {
-            let tls = destination.tls();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(PROGRESS_TIMEOUT, cancel.cancel_query(tls)).await;
-            });
-            drop(syncfleet_db::pool::Client::take(client));
-            Err(format!("no answer within {bound:?}"))
-        }
+    match destination.bounded(bound, work).await {
+        Some(done) => done.map_err(|e| e.to_string()),
+        None => Err(format!("no answer within {bound:?}")),
     }
 }
 

@@ -87,9 +87,24 @@ macro_rules! failed_from {
     )*};
 }
 
-failed_from!(
-    DbError,
-    syncfleet_broker::BrokerError,
-    tokio_postgres::Error,
-    std::io::Error
-);
+failed_from!(DbError, syncfleet_broker::BrokerError, std::io::Error);
+
+/// The server's message, detail and hint: the driver's own `Display` is
+/// only "db error".
+impl From<tokio_postgres::Error> for CliError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        CliError::Failed(DbError::from(e).to_string())
+    }
+}
+
+impl CliError {
+    /// The same error, its message prefixed with where it happened.
+    pub fn at(self, place: &str) -> Self {
+        match self {
+            CliError::Usage(m) => CliError::Usage(format!("{place}: {m}")),
+            CliError::Failed(m) => CliError::Failed(format!("{place}: {m}")),
+            CliError::TimedOut(m) => CliError::TimedOut(format!("{place}: {m}")),
+            CliError::Busy(m) => CliError::Busy(format!("{place}: {m}")),
+        }
+    }
+}

@@ -24,14 +24,32 @@ pub struct Args {
     json: bool,
 }
 
+/// Bound on each statement `status` runs, and on each poll of a run waited
+/// for: a lock on the control schema (a migration, `VACUUM FULL`) must not
+/// hang a command, nor hold `sync --wait` past its `--timeout`.
+const READ_BOUND: Duration = Duration::from_secs(10);
+
+/// A connection whose statements each end within [`READ_BOUND`].
+async fn reader(destination: &Pool) -> Result<syncfleet_db::pool::Client, CliError> {
+    let client = destination.get().await?;
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = {}",
+            READ_BOUND.as_millis()
+        ))
+        .await?;
+    Ok(client)
+}
+
 pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
+    syncfleet_producer::check_schema(&destination).await?;
     if args.json {
         return json(config, &destination, args.run_id).await;
     }
     if args.watch {
         // Exits as `sync --wait` does: 3 if the run fails.
-        let client = destination.get().await?;
+        let client = reader(&destination).await?;
         let id = chosen_run(&client, args.run_id)
             .await?
             .ok_or_else(|| CliError::Usage("no runs yet".into()))?
@@ -44,7 +62,7 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
             _ => crate::error::found_wrong(),
         });
     }
-    let client = destination.get().await?;
+    let client = reader(&destination).await?;
     let run = chosen_run(&client, args.run_id).await?;
     match &run {
         Some(run) => {
@@ -201,7 +219,8 @@ async fn print_queues(config: &Config) {
 }
 
 /// Polls a run until it succeeds or fails, printing progress to stderr
-/// when `show`. Bounded by `timeout`.
+/// when `show`. Bounded by `timeout`, each poll too (a poll that gets no
+/// answer in time, the control schema locked, is tried again).
 pub async fn wait_for_run(
     destination: &Pool,
     run_id: i64,
@@ -210,13 +229,37 @@ pub async fn wait_for_run(
 ) -> Result<RunSummary, CliError> {
     let started = Instant::now();
     let mut display = Progress::new(run_id);
+    let mut unanswered = false;
     loop {
-        let client = destination.get().await?;
-        let run = control::run(&**client, run_id)
-            .await?
-            .ok_or_else(|| CliError::Failed(format!("run {run_id} disappeared")))?;
+        let left = timeout.saturating_sub(started.elapsed());
+        let bound = READ_BOUND.min(left).max(Duration::from_millis(500));
+        let polled = destination
+            .bounded(bound, async |client| {
+                let run = control::run(&***client, run_id).await?;
+                let progress = match show && run.is_some() {
+                    true => control::run_progress(&***client, run_id).await?,
+                    false => Vec::new(),
+                };
+                Ok((run, progress))
+            })
+            .await;
+        let Some(polled) = polled else {
+            unanswered = true;
+            if started.elapsed() > timeout {
+                return Err(CliError::TimedOut(format!(
+                    "run {run_id}: the control schema gave no answer within {bound:?} \
+                     (is it locked?), and the wait's {timeout:?} are up; \
+                     see `syncfleet status {run_id}`"
+                )));
+            }
+            continue;
+        };
+        let (run, progress) = polled?;
+        let run = run.ok_or_else(|| CliError::Failed(format!("run {run_id} disappeared")))?;
+        if std::mem::take(&mut unanswered) && show {
+            eprintln!("run {run_id}: the control schema answers again");
+        }
         if show {
-            let progress = control::run_progress(&**client, run_id).await?;
             display.update(&run, &progress);
         }
         match run.status.as_str() {
@@ -236,7 +279,6 @@ pub async fn wait_for_run(
             }
             _ => {}
         }
-        drop(client);
         if started.elapsed() > timeout {
             return Err(CliError::TimedOut(format!(
                 "run {run_id} did not finish within {timeout:?}; it goes on: see `syncfleet status {run_id}`"
@@ -269,7 +311,7 @@ async fn json(
     run_id: Option<i64>,
 ) -> Result<ExitCode, CliError> {
     use serde_json::json;
-    let client = destination.get().await?;
+    let client = reader(destination).await?;
     let run = chosen_run(&client, run_id).await?;
     let run_json = match &run {
         Some(r) => {

@@ -58,12 +58,19 @@ impl StreamReport {
 
 pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     let streams = config.select_streams(&args.streams)?;
+    if streams.is_empty() {
+        return Err(CliError::Usage(format!(
+            "config {}: no [[stream]] is configured: nothing to verify",
+            config.origin
+        )));
+    }
     let source = Pool::connect(Role::Source, &config.source).await?;
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
     let ceiling = Ceiling::new(config);
     let mut reports = Vec::new();
     for stream in streams {
-        reports.push(compare(&source, &destination, &ceiling, stream, args.range_rows).await?);
+        let report = compare(&source, &destination, &ceiling, stream, args.range_rows).await;
+        reports.push(report.map_err(|e| e.at(&format!("stream '{}'", stream.name)))?);
     }
     print_reports(&reports);
     Ok(if reports.iter().all(StreamReport::matches) {
@@ -95,8 +102,8 @@ pub async fn compare(
         .get(0);
     if !exists {
         return Err(CliError::Failed(format!(
-            "stream '{}': destination table {} does not exist (has it been synced?)",
-            stream.name, stream.destination_table
+            "destination table {} does not exist (has it been synced?)",
+            stream.destination_table
         )));
     }
     let tx = syncfleet_db::pool::read_snapshot(&mut src).await?;
@@ -140,7 +147,8 @@ pub async fn compare(
                     &sql::checksum(&shape, &destination_relation, &predicate, false),
                     &params,
                 )
-                .await?;
+                .await
+                .map_err(|e| CliError::from(e).at("on the destination"))?;
             let (source_rows, source_sum): (i64, String) = (s.get(0), s.get(1));
             let (destination_rows, destination_sum): (i64, String) = (d.get(0), d.get(1));
             report.ranges += 1;
