@@ -347,32 +347,36 @@ async fn a_bad_value_in_an_event_job_fails_only_itself() {
     .await;
     assert_eq!(TestEnv::rows(&env.dest, readings).await.len(), 3);
     env.dest
-        .batch_execute("ALTER TABLE readings ADD CONSTRAINT small CHECK (value < 100)")
+        .batch_execute(
+            "ALTER TABLE readings ADD CONSTRAINT small CHECK (value < 100);
+             CREATE UNIQUE INDEX one_day_a_value ON readings (value);",
+        )
         .await
         .unwrap();
     env.source
         .batch_execute(
             "UPDATE readings SET value = 10 WHERE day = '2026-01-01';
-             INSERT INTO readings VALUES ('2026-01-04', 4), ('2026-01-05', 500);",
+             INSERT INTO readings VALUES ('2026-01-04', 4), ('2026-01-05', 500), ('2026-01-06', 1);",
         )
         .await
         .unwrap();
     // One event, so one job: a day that does not exist, a row the
-    // destination refuses, and two good rows.
+    // destination's check refuses, one its unique index refuses (a
+    // constraint of the data, not a race to retry), and two good rows.
     env.publish_event(
         "readings",
-        r#"{"table": "readings", "op": "upsert", "ids": ["2026-01-01", "2026-01-04", "2026-01-05", "2026-13-45"]}"#,
+        r#"{"table": "readings", "op": "upsert", "ids": ["2026-01-01", "2026-01-04", "2026-01-05", "2026-01-06", "2026-13-45"]}"#,
     )
     .await;
     env.eventually(
         "the good rows, and a dead letter for each bad value",
         60,
         || async {
-            env.dead_letters().await == 2
+            env.dead_letters().await == 3
                 && TestEnv::rows(&env.dest, readings).await
                     == TestEnv::rows(
                         &env.source,
-                        "SELECT * FROM readings WHERE value < 100 ORDER BY day",
+                        "SELECT * FROM readings WHERE value < 100 AND day <> '2026-01-06' ORDER BY day",
                     )
                     .await
         },
@@ -386,10 +390,14 @@ async fn a_bad_value_in_an_event_job_fails_only_itself() {
     let stdout = String::from_utf8_lossy(&list.stdout);
     assert!(
         stdout.contains("date/time field value out of range: \"2026-13-45\"")
-            && stdout.contains("violates check constraint \"small\""),
+            && stdout.contains("violates check constraint \"small\"")
+            && stdout.contains("violates unique constraint \"one_day_a_value\""),
         "{stdout}"
     );
-    assert!(stdout.contains("2 dead letter(s)"), "{stdout}");
+    assert!(
+        stdout.contains("3 dead letter(s)") && !stdout.contains("attempts exhausted"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,6 +122,45 @@ async fn a_transient_error_is_retried_until_it_succeeds() {
     assert_eq!(env.dead_letters().await, 0);
 }
 
+/// A destination that cannot take writes for a while (switched over, its old
+/// primary now a standby; its disk full) is an outage: jobs wait for it
+/// without using up attempts, rather than being dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_or_full_destination_is_waited_for_like_an_outage() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
+    let plan = env.plan(&config).await;
+    env.dest
+        .batch_execute(
+            "CREATE SEQUENCE failures;
+             CREATE FUNCTION unwritable() RETURNS trigger LANGUAGE plpgsql AS $$
+             DECLARE n int8 := nextval('failures');
+             BEGIN
+               IF n <= 5 THEN
+                 RAISE EXCEPTION 'injected: read-only' USING ERRCODE = '25006';
+               ELSIF n <= 10 THEN
+                 RAISE EXCEPTION 'injected: disk full' USING ERRCODE = '53100';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER unwritable BEFORE INSERT ON items FOR EACH STATEMENT EXECUTE FUNCTION unwritable();",
+        )
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+    assert_eq!(
+        batch_attempts(&env, plan.run_id).await,
+        vec![(1, "done".to_string(), 1)],
+        "no attempt used up"
+    );
+    env.assert_same_rows("SELECT * FROM items").await;
+    assert_eq!(env.dead_letters().await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_is_dead_lettered_at_once_and_can_be_replayed() {
     let env = TestEnv::new().await;

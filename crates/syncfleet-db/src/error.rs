@@ -6,8 +6,9 @@ use tokio_postgres::error::SqlState;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// The database cannot be reached (refused, starting up or shutting
-    /// down, out of connections, pool exhausted): an outage, not a property
-    /// of the work. Wait for it without counting attempts.
+    /// down, out of connections, pool exhausted) or cannot take writes
+    /// (read-only, disk full): an outage, not a property of the work. Wait
+    /// for it without counting attempts.
     Unavailable,
     /// A working connection broke while in use (closed, reset, terminated
     /// by an administrator or by a crash of the server). Mostly an outage;
@@ -59,7 +60,15 @@ pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
         // No SQLSTATE: the connection broke, timed out or closed.
         return ErrorClass::Disconnected;
     };
-    let unavailable = [SqlState::CANNOT_CONNECT_NOW, SqlState::TOO_MANY_CONNECTIONS];
+    // A read-only transaction: a destination switched over, its old
+    // primary still taking connections as a standby. A full disk: nothing
+    // the job can fix, and no attempt's fault.
+    let unavailable = [
+        SqlState::CANNOT_CONNECT_NOW,
+        SqlState::TOO_MANY_CONNECTIONS,
+        SqlState::READ_ONLY_SQL_TRANSACTION,
+        SqlState::DISK_FULL,
+    ];
     // A session ended under the job: by an operator, a crash, or the
     // server's `idle_session_timeout` racing a pooled connection's reuse.
     let disconnected = [

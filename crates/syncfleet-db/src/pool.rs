@@ -91,9 +91,10 @@ pub const READ_AT_MOST: &str = "SELECT pg_wal_lsn_diff(CASE WHEN pg_is_in_recove
 
 /// Session settings for both sides. Rows travel in PostgreSQL's text COPY
 /// format, so both sessions must print and parse values the same way: ISO
-/// dates, UTC, and floats with every digit.
+/// dates, UTC, floats with every digit, `money` in the C locale, and `xml`
+/// parsed as content (a fragment), as it is stored.
 const SESSION_SETTINGS: &str = "-c DateStyle=ISO,YMD -c IntervalStyle=postgres -c TimeZone=UTC \
-     -c extra_float_digits=3 -c bytea_output=hex";
+     -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C -c xmloption=content";
 
 /// This process, as `host:pid` (the host is the pod's name under
 /// Kubernetes): the creator of the runs it starts (`runs.created_by`), and

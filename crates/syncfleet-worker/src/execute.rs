@@ -50,7 +50,6 @@ use syncfleet_core::metrics as m;
 use syncfleet_db::pool::Client;
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape, ceiling, control};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::error::JobError;
@@ -170,19 +169,6 @@ pub async fn cancels_sent() {
     let by = Instant::now() + CANCEL_TIMEOUT;
     while CANCELS.load(Ordering::Relaxed) > 0 && Instant::now() < by {
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A unique violation while inserting rows this job saw as new: another
-/// job wrote them since (a replay racing its original). Not permanent: the
-/// next attempt sees them and merges.
-fn raced(e: tokio_postgres::Error) -> JobError {
-    match e.code() {
-        Some(&SqlState::UNIQUE_VIOLATION) => JobError::Retry(format!(
-            "rows of the range were written concurrently: {}",
-            syncfleet_db::error::describe(&e)
-        )),
-        _ => JobError::from(e),
     }
 }
 
@@ -1229,8 +1215,7 @@ impl Executor {
                 sink.finish().await
             }
             .await
-            .inspect(|_| source_read.record(read_started.elapsed().as_secs_f64()))
-            .map_err(raced)?;
+            .inspect(|_| source_read.record(read_started.elapsed().as_secs_f64()))?;
             return Ok(RangeDone {
                 rows_copied,
                 rows_deleted: 0,
@@ -1255,7 +1240,10 @@ impl Executor {
             .prepare_cached(&sql::upsert(shape, table, pace.is_some(), how))
             .await?;
         let (merged, ended) = tokio::join!(dst.execute(&statement, &[]), end_source());
-        merged.map_err(raced)?;
+        // A unique violation here is the data's, never a race: the job's
+        // write locks keep every other job off its rows. A query stream's
+        // key repeated, or a unique index of the destination's own.
+        merged?;
         ended?;
         // Only a range or a key selection owns the rows it names: a row
         // missing from a selection on another column may merely have moved
