@@ -9,12 +9,16 @@ const APP: &str = "CREATE TABLE users (id bigint PRIMARY KEY, email text);
      CREATE TABLE no_pk (id bigint, v text);
      INSERT INTO users VALUES (1, 'a@example.com');
      CREATE TABLE tags (name text COLLATE \"C\" PRIMARY KEY);
-     CREATE TABLE words (w text COLLATE \"und-x-icu\" PRIMARY KEY);";
+     CREATE TABLE words (w text COLLATE \"und-x-icu\" PRIMARY KEY);
+     CREATE TYPE level AS ENUM ('low', 'mid', 'high');
+     CREATE TABLE levels (l level PRIMARY KEY);";
 
 /// Destination tables made beforehand, outside `public`.
 const DESTINATION: &str = "CREATE SCHEMA pre;
      CREATE TABLE pre.tags_icu (name text COLLATE \"und-x-icu\" PRIMARY KEY);
-     CREATE TABLE pre.tags_posix (name text COLLATE \"POSIX\" PRIMARY KEY);";
+     CREATE TABLE pre.tags_posix (name text COLLATE \"POSIX\" PRIMARY KEY);
+     CREATE TYPE level AS ENUM ('low', 'high');
+     ALTER TYPE level ADD VALUE 'mid';";
 
 struct Case {
     name: &'static str,
@@ -90,6 +94,15 @@ const CASES: &[Case] = &[
         expect: &[
             "stream 'words'",
             "key column \"w\" sorts by collation i:und in the source but c:",
+        ],
+    },
+    Case {
+        name: "a destination enum key whose labels sort in another order",
+        streams: "[[stream]]\nname = \"levels\"\ntable = \"levels\"\n",
+        code: 2,
+        expect: &[
+            "stream 'levels'",
+            r#"key column "l" is an enum whose labels sort as ["low", "mid", "high"] in the source but ["low", "high", "mid"]"#,
         ],
     },
     Case {

@@ -9,6 +9,8 @@ CREATE DOMAIN positive AS integer CHECK (VALUE > 0);
 CREATE DOMAIN mood_domain AS mood;
 CREATE SCHEMA app;
 CREATE TYPE app.level AS ENUM ('low', 'high');
+CREATE TABLE by_mood (m mood PRIMARY KEY, n int);
+INSERT INTO by_mood SELECT m, array_position(enum_range(NULL::mood), m) FROM unnest(enum_range(NULL::mood)) m;
 CREATE TABLE everything (
     id          bigint PRIMARY KEY,
     i2 smallint, i4 integer, i8 bigint,
@@ -58,9 +60,12 @@ async fn every_type_round_trips_unchanged() {
     env.migrate().await;
     let config = env.config(
         "[[stream]]\nname = \"everything\"\ntable = \"everything\"\nbatch_size = 2\n\
-         destination_table = \"copy_of_everything\"\n",
+         destination_table = \"copy_of_everything\"\n\
+         [[stream]]\nname = \"by_mood\"\ntable = \"by_mood\"\nbatch_size = 1\n",
     );
     env.sync(&config, 1).await;
+    // An enum key, its labels in the same order on both sides.
+    env.assert_same_rows("SELECT * FROM by_mood").await;
 
     // Same column types, created by syncfleet (with the enum and domains).
     let types = "SELECT attname || ' ' || format_type(atttypid, atttypmod) FROM pg_attribute \

@@ -141,11 +141,14 @@ pub async fn ensure_table(
     Ok(TableState::Created)
 }
 
-/// Refuses a stream whose text key columns sort differently in the two
-/// databases. A key range is read from the source in the source's order
-/// and its stale rows are deleted from the destination in the
-/// destination's: under two orders a range holds different rows on each
-/// side, and a job would delete rows that belong to its neighbours.
+/// Refuses a stream whose key columns sort differently in the two
+/// databases: text by another collation, an enum by labels in another
+/// order (`ADD VALUE … BEFORE` on one side, a plain `ADD VALUE` on the
+/// other) or with labels the other lacks. A key range is read from the
+/// source in the source's order and its stale rows are deleted from the
+/// destination in the destination's: under two orders a range holds
+/// different rows on each side, and a job would delete rows that belong
+/// to its neighbours.
 async fn check_key_order(
     source: &impl GenericClient,
     destination: &impl GenericClient,
@@ -177,7 +180,57 @@ async fn check_key_order(
             )));
         }
     }
+    let theirs = enum_order(source, &shape.relation, &key)
+        .await
+        .map_err(err)?;
+    let ours = enum_order(destination, &table.to_string(), &key)
+        .await
+        .map_err(err)?;
+    for ((column, s), d) in key.iter().zip(&theirs).zip(&ours) {
+        if s != d {
+            let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "not an enum".into());
+            return Err(invalid(format!(
+                "key column {} is an enum whose labels sort as {} in the source but {} in \
+                 destination table {table}; a key range would hold different rows on each side, \
+                 and rows at its edges could be deleted. Give the destination's type the same \
+                 labels in the same order (ALTER TYPE … ADD VALUE … BEFORE/AFTER)",
+                ident::quote(column),
+                show(s),
+                show(d),
+            )));
+        }
+    }
     Ok(())
+}
+
+/// The labels in sort order (a JSON array) of each of `key`'s columns of
+/// `relation` that is an enum, `None` for the others.
+async fn enum_order(
+    client: &impl GenericClient,
+    relation: &str,
+    key: &[&str],
+) -> Result<Vec<Option<String>>, tokio_postgres::Error> {
+    let types: Vec<String> = key
+        .iter()
+        .map(|k| {
+            format!(
+                "pg_typeof((SELECT {} FROM {relation} AS s LIMIT 0))",
+                ident::quote(k)
+            )
+        })
+        .collect();
+    let sql = format!(
+        "SELECT (SELECT jsonb_agg(e.enumlabel ORDER BY e.enumsortorder)::text \
+                 FROM pg_enum e WHERE e.enumtypid = n.t::oid) \
+         FROM unnest(ARRAY[{}]::regtype[]) WITH ORDINALITY AS n(t, i) ORDER BY n.i",
+        types.join(", ")
+    );
+    Ok(client
+        .query(&sql, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// The collation of each of `key`'s columns of `relation`, as
