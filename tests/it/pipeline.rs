@@ -368,6 +368,29 @@ async fn sync_wait_and_status_through_the_binary() {
     assert!(stderr.contains("gave no answer"), "{stderr}");
 }
 
+/// A key whose `=` forgives differences (numeric scale) is copied as the
+/// source writes it: the row its key finds holds it in another form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_equal_in_value_but_not_in_form_is_rewritten() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE nk (id numeric PRIMARY KEY, v text);
+             INSERT INTO nk VALUES (1.00, 'a'), (2, 'b'), (3.5, 'c');",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"nk\"\ntable = \"nk\"\nbatch_size = 2\n");
+    env.sync(&config, 1).await;
+    env.dest
+        .batch_execute("UPDATE nk SET id = 1.0 WHERE id = 1; UPDATE nk SET id = 2.000 WHERE id = 2")
+        .await
+        .unwrap();
+    env.sync(&config, 1).await;
+    env.assert_same_rows("SELECT id::text, v FROM nk").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_empty_range_and_merge_paths_give_the_same_rows() {
     let env = TestEnv::new().await;

@@ -325,11 +325,14 @@ pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool, how: Upsert) 
         Upsert::Merge => "s",
         Upsert::OnConflict => "EXCLUDED",
     };
+    // A key column whose `=` forgives differences is compared and written
+    // too: the row its key finds may hold it in another form (`1.0` where
+    // the source now has `1.00`).
     let values: Vec<&Column> = shape
         .columns
         .iter()
         .enumerate()
-        .filter(|(i, _)| !shape.key.contains(i))
+        .filter(|(i, c)| !shape.key.contains(i) || !EXACT_EQUALITY.contains(&c.type_oid))
         .map(|(_, c)| c)
         .collect();
     let set: Vec<String> = values
