@@ -229,6 +229,65 @@ async fn unreachable_servers_are_named_without_passwords() {
     assert_eq!(env.queue_depth().await, 0);
 }
 
+/// A URL its driver cannot read is bad config (exit 2), named by its field
+/// (or variable), without its password, before anything connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_its_driver_cannot_read_is_a_config_error() {
+    let env = TestEnv::new().await;
+    let good = env.config_text("[[stream]]\nname = \"users\"\ntable = \"users\"\n");
+    let cases = [
+        (
+            good.replacen(
+                &env.source_url,
+                "postgres://app:hunter2@127.0.0.1:notaport/app",
+                1,
+            ),
+            None,
+            &["source.url:", "port"][..],
+        ),
+        (
+            good.replacen(&env.dest_url, &format!("{}?sslmode=bogus", env.dest_url), 1),
+            None,
+            &["destination.url:", "sslmode", "'bogus'"],
+        ),
+        (
+            good.clone(),
+            Some((
+                "SYNCFLEET_SOURCE_URL",
+                "postgres://app:hunter2@127.0.0.1/app?sslmode=verify-full&sslrootcert=/nonexistent.pem",
+            )),
+            &[
+                "source.url (from SYNCFLEET_SOURCE_URL):",
+                "/nonexistent.pem",
+            ],
+        ),
+        (
+            good.replacen(
+                &amqp_url(),
+                "amqp://mq:hunter2@127.0.0.1:5672/%2f?heartbeat=abc",
+                1,
+            ),
+            None,
+            &["broker.url:", "expected amqp[s]://", "invalid digit"],
+        ),
+    ];
+    for (text, env_var, expected) in cases {
+        let path = env.write("urls.toml", &text);
+        let mut command = crate::helpers::syncfleet();
+        command.arg("--config").arg(&path).arg("verify");
+        if let Some((name, value)) = env_var {
+            command.env(name, value);
+        }
+        let out = command.output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{expected:?}: {stderr}");
+        for e in expected {
+            assert!(stderr.contains(e), "expected {e:?} in: {stderr}");
+        }
+        assert!(!stderr.contains("hunter2"), "leaked: {stderr}");
+    }
+}
+
 /// A run id that does not exist is bad usage (exit 2), for `sync --resume`
 /// and for `status`, in text or JSON.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,18 @@ pub enum BrokerError {
     Stalled(Duration),
 }
 
+/// Whether lapin reads `url` as an AMQP URL (a port, a `heartbeat`, …),
+/// or what is wrong with it, without its password.
+pub fn check_url(url: &str) -> Result<(), String> {
+    url.parse::<lapin::uri::AMQPUri>().map(|_| ()).map_err(|e| {
+        format!(
+            "expected amqp[s]://user:password@host:port/vhost?option=value, \
+                 with a numeric port and option values: {}",
+            syncfleet_core::secret::redact(&e)
+        )
+    })
+}
+
 /// Connects to the broker within the configured timeout. Errors name the
 /// broker without its password. The connection is named `PREFIX/ROLE` (for
 /// example `syncfleet/worker`) so operators can tell deployments apart.

@@ -98,6 +98,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         return demo::run(args).await;
     }
     let config = Arc::new(Config::load(&config::default_path(cli.config.as_deref()))?);
+    check_urls(&config)?;
     match cli.command {
         Command::Migrate => migrate::run(&config).await,
         Command::Sync(args) => sync::run(&config, args).await,
@@ -108,6 +109,45 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::DeadLetters(args) => dead_letters::run(&config, args).await,
         Command::Demo(_) => unreachable!("handled above"),
     }
+}
+
+/// Reads every URL as its driver will, before any command: a bad port, an
+/// unknown `sslmode` or an unreadable `sslrootcert` is bad config (exit 2),
+/// named by its field, rather than a failure to connect (exit 1).
+fn check_urls(config: &Config) -> Result<(), CliError> {
+    // Named as the config names them: by their variable when it is set.
+    let field = |name: &str, env: &str| match std::env::var(env) {
+        Ok(v) if !v.trim().is_empty() => format!("{name} (from {env})"),
+        _ => name.to_string(),
+    };
+    let bad = |field: String, message: String| {
+        CliError::from(config::ConfigError::Invalid {
+            origin: config.origin.clone(),
+            field,
+            message: syncfleet_core::secret::redact(&message),
+        })
+    };
+    let databases = [
+        (
+            field("source.url", config::ENV_SOURCE_URL),
+            Some(&config.source.url),
+        ),
+        (
+            field("destination.url", config::ENV_DESTINATION_URL),
+            Some(&config.destination.url),
+        ),
+        (
+            "source.replica_url".into(),
+            config.reads.replica_url.as_ref(),
+        ),
+    ];
+    for (name, url) in databases {
+        if let Some(url) = url {
+            syncfleet_db::tls::config(url.expose()).map_err(|e| bad(name, e))?;
+        }
+    }
+    syncfleet_broker::check_url(config.broker.url.expose())
+        .map_err(|e| bad(field("broker.url", config::ENV_AMQP_URL), e))
 }
 
 /// Logs go to stderr (stdout is for results). `RUST_LOG` overrides.
