@@ -210,10 +210,10 @@ async fn unreachable_servers_are_named_without_passwords() {
             "cannot connect to the broker at amqp://mq:***@127.0.0.1:1/%2f",
         ),
     ];
-    for (what, text, expected) in cases {
-        let path = env.write("down.toml", &text);
+    for (what, text, expected) in &cases {
+        let path = env.write("down.toml", text);
         for command in [&["sync"][..], &["worker"][..], &["verify"][..]] {
-            if what == "broker" && command == ["verify"] {
+            if *what == "broker" && command == ["verify"] {
                 continue; // verify does not use the broker
             }
             let out = env.cli(&path, command).await;
@@ -226,6 +226,18 @@ async fn unreachable_servers_are_named_without_passwords() {
             );
         }
     }
+    // status reads the destination; the broker it cannot ask, it names.
+    let path = env.write("down.toml", &cases[2].1);
+    let out = env.cli(&path, &["status", "--json"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let error = v["queues_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot connect to the broker at amqp://mq:***@"),
+        "{v}"
+    );
+    assert!(!stdout.contains("hunter2"), "leaked: {stdout}");
     assert_eq!(env.queue_depth().await, 0);
 }
 

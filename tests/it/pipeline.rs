@@ -302,6 +302,8 @@ async fn sync_wait_and_status_through_the_binary() {
     assert_eq!(v["run"]["streams"][0]["batches_done"], 13);
     assert_eq!(v["run"]["streams"][0]["rows"], 500);
     assert!(v["queues"].as_array().is_some_and(|q| !q.is_empty()), "{v}");
+    assert!(v["queues_error"].is_null(), "{v}");
+    assert_eq!(v["run"]["failed_batches_total"], 0);
     let out = env.cli(&path, &["status", "--watch", &run_id]).await;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("succeeded"));

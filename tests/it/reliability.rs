@@ -634,6 +634,19 @@ async fn malformed_messages_are_dead_lettered_and_the_worker_goes_on() {
     assert!(stdout.contains("malformed"), "{stdout}");
     assert!(stdout.contains("not a syncfleet job"), "{stdout}");
     assert!(stdout.contains("version 99 is not supported"), "{stdout}");
+    // Replayed by its id, a letter that is not a job says so, and stays.
+    let replay = env
+        .cli(
+            &env.dir.join("syncfleet.toml"),
+            &["dead-letters", "replay", "garbage-1"],
+        )
+        .await;
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    assert_eq!(replay.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("dead letter garbage-1 cannot be replayed: it is not a job"),
+        "{stderr}"
+    );
     let purge = env
         .cli(&env.dir.join("syncfleet.toml"), &["dead-letters", "purge"])
         .await;

@@ -136,6 +136,7 @@ pub async fn run(
             }
         }
     }
+    syncfleet_core::health::set_ready(false);
     publisher.close().await;
     // Its reads are bounded, its queue-depth calls not all: it is waited
     // for a moment, then left to stop with the process.

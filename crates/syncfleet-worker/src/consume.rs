@@ -501,7 +501,13 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
             Err(e) => {
                 tracing::error!(error = %e, "dead-lettering a message that is not a valid job");
                 let meta = Meta::from_properties(&delivery.properties);
-                dead_letter(&context, &delivery, "?", meta, "malformed", &e.to_string()).await;
+                // Under its publisher's id, for `dead-letters` to name it.
+                let id = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map_or("?".to_string(), |id| id.to_string());
+                dead_letter(&context, &delivery, &id, meta, "malformed", &e.to_string()).await;
             }
         }
     }

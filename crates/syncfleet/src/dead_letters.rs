@@ -123,7 +123,7 @@ async fn replay(
 ) -> Result<ExitCode, CliError> {
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
     let publisher = Publisher::connect(&config.broker, "replay").await?;
-    let (mut replayed, mut events, mut kept) = (0, 0, 0);
+    let (mut replayed, mut events, mut kept, mut skipped) = (0, 0, 0, 0);
     for m in fetch_all(channel, topology).await? {
         let dead = DeadLetter::from_properties(&m.delivery.properties);
         if !all && Some(dead.id.as_str()) != id {
@@ -145,6 +145,7 @@ async fn replay(
             Ok(job) => job,
             Err(e) => {
                 println!("skipping {}: {e}", dead.id);
+                skipped += 1;
                 continue;
             }
         };
@@ -182,7 +183,13 @@ async fn replay(
     }
     publisher.close().await;
     if let (0, 0, 0, Some(id)) = (replayed, events, kept, id) {
-        return Err(CliError::Usage(format!("no dead letter with id {id}")));
+        return Err(CliError::Usage(match skipped {
+            0 => format!("no dead letter with id {id}"),
+            _ => format!(
+                "dead letter {id} cannot be replayed: it is not a job (see above); \
+                 `dead-letters purge` deletes it once read"
+            ),
+        }));
     }
     println!("{replayed} job(s) replayed");
     if events > 0 {

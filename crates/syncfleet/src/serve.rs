@@ -41,7 +41,13 @@ pub async fn start(addr: SocketAddr, mut shutdown: ShutdownSignal) {
                 _ = shutdown.wait() => return,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
-                    Err(_) => continue,
+                    // Out of file descriptors, say: the error repeats
+                    // until some close, so wait rather than spin.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "metrics endpoint: accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
                 },
             };
             tokio::spawn(respond(stream, handle.clone()));

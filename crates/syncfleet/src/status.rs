@@ -67,15 +67,20 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
     match &run {
         Some(run) => {
             print_run(run);
-            print_progress(&control::run_progress(&**client, run.id).await?);
+            let progress = control::run_progress(&**client, run.id).await?;
+            print_progress(&progress);
             let failed = control::failed_batches(&**client, run.id).await?;
             if !failed.is_empty() {
                 println!("  failed batches:");
-                for b in failed {
+                for b in &failed {
                     println!(
                         "    {} batch {} after {} attempt(s): {}",
                         b.stream, b.batch_no, b.attempts, b.error
                     );
+                }
+                let more = failed_total(&progress) - failed.len() as i64;
+                if more > 0 {
+                    println!("    … and {more} more");
                 }
             }
         }
@@ -288,6 +293,12 @@ pub async fn wait_for_run(
     }
 }
 
+/// Failed batches of a run, all of them (`failed_batches` lists the first
+/// few).
+fn failed_total(progress: &[StreamProgress]) -> i64 {
+    progress.iter().map(|s| s.batches_failed).sum()
+}
+
 /// The run asked for (exit 2 if there is none of that id), else the latest
 /// if any.
 async fn chosen_run(
@@ -315,8 +326,8 @@ async fn json(
     let run = chosen_run(&client, run_id).await?;
     let run_json = match &run {
         Some(r) => {
-            let streams: Vec<serde_json::Value> = control::run_progress(&**client, r.id)
-                .await?
+            let progress = control::run_progress(&**client, r.id).await?;
+            let streams: Vec<serde_json::Value> = progress
                 .iter()
                 .map(|s| {
                     json!({"stream": s.stream, "batches_done": s.batches_done,
@@ -331,7 +342,8 @@ async fn json(
                 .collect();
             json!({"id": r.id, "status": r.status, "created_at": r.created_at,
                    "finished_at": r.finished_at, "seconds": r.seconds, "error": r.error,
-                   "streams": streams, "failed_batches": failed})
+                   "streams": streams, "failed_batches": failed,
+                   "failed_batches_total": failed_total(&progress)})
         }
         None => serde_json::Value::Null,
     };
@@ -350,21 +362,30 @@ async fn json(
         }
         None => serde_json::Value::Null,
     };
+    // A queue not declared yet has no depth (null); a broker that cannot
+    // be asked says why, so that a script can tell it from an empty one.
     let topology = Topology::new(&config.broker.prefix);
     let mut queues = Vec::new();
-    if let Ok(connection) = syncfleet_broker::connect(&config.broker, "status").await {
-        for (q, depth) in topology.depths(&connection).await.unwrap_or_default() {
-            if let Some((ready, consumers)) = depth {
-                queues.push(json!({"queue": q, "ready": ready, "consumers": consumers}));
+    let mut queues_error = None;
+    match syncfleet_broker::connect(&config.broker, "status").await {
+        Ok(connection) => {
+            match topology.depths(&connection).await {
+                Ok(depths) => {
+                    for (q, depth) in depths {
+                        let (ready, consumers) = depth.unzip();
+                        queues.push(json!({"queue": q, "ready": ready, "consumers": consumers}));
+                    }
+                }
+                Err(e) => queues_error = Some(e.to_string()),
             }
+            let _ = connection.close(200, "status".into()).await;
         }
-        let _ = connection.close(200, "status".into()).await;
+        Err(e) => queues_error = Some(e.to_string()),
     }
     println!(
         "{}",
-        serde_json::to_string_pretty(
-            &json!({"run": run_json, "read_slots": read_slots, "queues": queues})
-        )
+        serde_json::to_string_pretty(&json!({"run": run_json, "read_slots": read_slots,
+                                              "queues": queues, "queues_error": queues_error}))
         .expect("JSON serializes")
     );
     Ok(ExitCode::SUCCESS)
