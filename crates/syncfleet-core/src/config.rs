@@ -1001,7 +1001,11 @@ impl Validator<'_> {
                 _ => {
                     return Err(env_invalid(
                         ENV_DELAY_SECONDS,
-                        format!("expected a whole number of seconds above 0, got {v:?}"),
+                        format!(
+                            "expected a whole number of seconds above 0 (it also sets \
+                             jobs.retry_initial, the first retry's delay, and a retry without \
+                             backoff would hammer a failing database), got {v:?}"
+                        ),
                     ));
                 }
             },
