@@ -633,6 +633,52 @@ async fn a_job_the_read_gate_holds_too_long_is_handed_back_untried() {
     env.assert_same_rows("SELECT * FROM items").await;
 }
 
+/// A management API that does not answer leaves the queue gauges to
+/// passive declares rather than frozen or missing; and the dead-letter
+/// counter starts at 0 for every reason, so that the alert's `increase()`
+/// sees a pod's first dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_gauges_outlive_a_silent_management_api() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    let closed = free_port();
+    let text = env.config_text("").replace(
+        "connect_timeout = \"5s\"\n[jobs]",
+        &format!(
+            "connect_timeout = \"5s\"\nmanagement_url = \"http://127.0.0.1:{closed}\"\n[jobs]"
+        ),
+    );
+    env.write("syncfleet.toml", &text);
+    let port = free_port();
+    let _worker = spawn(
+        &env,
+        &["worker", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    let work = format!("queue=\"{}.work\"", env.name);
+    env.eventually(
+        "the worker counted as the work queue's consumer",
+        60,
+        || async {
+            get(port, "/metrics").await.is_some_and(|(_, m)| {
+                sample(&m, "syncfleet_queue_consumers", &[&work]).unwrap_or(0.0) >= 1.0
+            })
+        },
+    )
+    .await;
+    let (_, metrics) = get(port, "/metrics").await.unwrap();
+    for reason in syncfleet_core::metrics::DEAD_LETTER_REASONS {
+        assert_eq!(
+            sample(
+                &metrics,
+                "syncfleet_dead_letters_total",
+                &[&format!("reason=\"{reason}\"")]
+            ),
+            Some(0.0),
+            "{metrics}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_depth_counts_unacked_jobs_through_the_management_api() {
     let env = TestEnv::new().await;

@@ -99,15 +99,17 @@ fn counts(response: &[u8]) -> Result<QueueCounts, String> {
         ));
     }
     let v: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    // A count left out (the statistics not collected yet, or turned off)
+    // is no zero.
     let n = |field: &str| {
         v.get(field)
             .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0)
+            .ok_or_else(|| format!("the management API's answer has no {field}"))
     };
     Ok(QueueCounts {
-        ready: n("messages_ready"),
-        unacked: n("messages_unacknowledged"),
-        consumers: n("consumers"),
+        ready: n("messages_ready")?,
+        unacked: n("messages_unacknowledged")?,
+        consumers: n("consumers")?,
     })
 }
 

@@ -209,28 +209,30 @@ impl Topology {
     }
 
     /// Sets the queue gauges of the work, events and dead-letter queues
-    /// from the management API: ready, unacked and consumers. False if no
-    /// queue's counts could be had.
-    async fn report_from_management(&self, management: &Management, vhost: &str) -> bool {
+    /// from the management API: ready, unacked and consumers. Every queue's
+    /// counts, or none set and the first error.
+    async fn report_from_management(
+        &self,
+        management: &Management,
+        vhost: &str,
+    ) -> Result<(), String> {
         use syncfleet_core::metrics as m;
-        let mut any = false;
+        let mut counts = Vec::new();
         for queue in self.queues() {
-            match management.queue_counts(vhost, &queue).await {
-                Ok(c) => {
-                    any = true;
-                    for (state, value) in [("ready", c.ready), ("unacked", c.unacked)] {
-                        metrics::gauge!(m::QUEUE_MESSAGES, "queue" => queue.clone(), "state" => state)
-                            .set(value as f64);
-                    }
-                    metrics::gauge!(m::QUEUE_CONSUMERS, "queue" => queue.clone())
-                        .set(c.consumers as f64);
-                }
-                Err(e) => {
-                    tracing::debug!(%queue, error = %e, "no queue counts from the management API")
-                }
-            }
+            let c = management
+                .queue_counts(vhost, &queue)
+                .await
+                .map_err(|e| format!("queue {queue}: {e}"))?;
+            counts.push((queue, c));
         }
-        any
+        for (queue, c) in counts {
+            for (state, value) in [("ready", c.ready), ("unacked", c.unacked)] {
+                metrics::gauge!(m::QUEUE_MESSAGES, "queue" => queue.clone(), "state" => state)
+                    .set(value as f64);
+            }
+            metrics::gauge!(m::QUEUE_CONSUMERS, "queue" => queue).set(c.consumers as f64);
+        }
+        Ok(())
     }
 
     /// The same without the management API: ready and consumers, by a
@@ -291,8 +293,11 @@ pub(crate) fn text(s: &str) -> AMQPValue {
 }
 
 /// Reports the queue gauges every few seconds: from the management API
-/// when its URL is configured (ready and unacked), else by passive
-/// declares over a connection of its own, opened again when it is lost.
+/// when its URL is configured (ready and unacked), else, or while it does
+/// not answer, by passive declares over a connection of its own, opened
+/// again when it is lost. A management API that stopped answering (a
+/// password changed, its statistics off) must not freeze the gauges the
+/// alerts read.
 pub struct DepthGauges {
     topology: Topology,
     connection: Option<lapin::Connection>,
@@ -301,8 +306,9 @@ pub struct DepthGauges {
     /// cost milliseconds each time, and renewed TLS files are read once
     /// the old ones stop working.
     management: Option<Management>,
-    /// Whether the last try to make it failed (warned once, not every 5 s).
-    unmade: bool,
+    /// Whether the management API failed last time (warned once per
+    /// streak, not every 5 s).
+    failing: bool,
 }
 
 impl DepthGauges {
@@ -311,35 +317,32 @@ impl DepthGauges {
             topology,
             connection: None,
             management: None,
-            unmade: false,
+            failing: false,
         }
     }
 
     /// Sets the queue gauges: from the management API when its URL is
-    /// configured, else by passive declares.
+    /// configured and it answers, else by passive declares.
     pub async fn report(&mut self, config: &syncfleet_core::config::BrokerConfig) {
         if let Some(url) = &config.management_url {
-            if self.management.is_none() {
-                match Management::new(url, &config.tls) {
-                    Ok(m) => (self.management, self.unmade) = (Some(m), false),
-                    Err(e) => {
-                        if !std::mem::replace(&mut self.unmade, true) {
-                            tracing::warn!(error = %e, "no client for the management API");
-                        }
-                        return;
+            match self.from_management(url, config).await {
+                Ok(()) => {
+                    if std::mem::take(&mut self.failing) {
+                        tracing::info!("queue gauges from the management API again");
                     }
+                    return;
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut self.failing, true) {
+                        tracing::warn!(
+                            error = %e,
+                            "no queue counts from the management API; reporting ready messages \
+                             and consumers by passive declares until it answers"
+                        );
+                    }
+                    self.management = None;
                 }
             }
-            let management = self.management.as_ref().expect("made above");
-            let vhost = crate::management::vhost(config.url.expose());
-            if !self
-                .topology
-                .report_from_management(management, &vhost)
-                .await
-            {
-                self.management = None;
-            }
-            return;
         }
         if self
             .connection
@@ -351,6 +354,21 @@ impl DepthGauges {
         if let Some(c) = &self.connection {
             self.topology.report_from_declares(c).await;
         }
+    }
+
+    async fn from_management(
+        &mut self,
+        url: &syncfleet_core::secret::SecretUrl,
+        config: &syncfleet_core::config::BrokerConfig,
+    ) -> Result<(), String> {
+        if self.management.is_none() {
+            self.management = Some(Management::new(url, &config.tls)?);
+        }
+        let management = self.management.as_ref().expect("made above");
+        let vhost = crate::management::vhost(config.url.expose());
+        self.topology
+            .report_from_management(management, &vhost)
+            .await
     }
 
     pub async fn close(self) {

@@ -21,6 +21,17 @@ pub const IN_FLIGHT: &str = "syncfleet_jobs_in_flight";
 pub const RETRIES: &str = "syncfleet_retries_total";
 /// Messages sent to the dead-letter queue, by `reason`.
 pub const DEAD_LETTERS: &str = "syncfleet_dead_letters_total";
+/// Every `reason` of [`DEAD_LETTERS`]. A worker or producer starts each at
+/// 0: the dead-letter alert asks for an `increase()`, and a series that
+/// appears at 1 (a pod's first dead letter) has not increased.
+pub const DEAD_LETTER_REASONS: [&str; 6] = [
+    "permanent",
+    "attempts exhausted",
+    "connection lost every time",
+    "malformed",
+    "malformed event",
+    "unroutable event",
+];
 /// Pool connections by `database` (source, destination) and `state`
 /// (size, available, waiting).
 pub const POOL: &str = "syncfleet_pool_connections";

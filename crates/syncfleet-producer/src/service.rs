@@ -71,6 +71,9 @@ pub async fn run(
     crate::check_schema(&destination).await?;
     let publisher = Arc::new(Publisher::connect(&config.broker, "producer").await?);
     metrics::gauge!(m::LEADER).set(0.0);
+    for reason in m::DEAD_LETTER_REASONS {
+        metrics::counter!(m::DEAD_LETTERS, "reason" => reason).absolute(0);
+    }
     let gauges = tokio::spawn(report_gauges(
         config.clone(),
         destination.clone(),

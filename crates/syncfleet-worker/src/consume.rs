@@ -188,6 +188,9 @@ pub async fn run(config: Arc<Config>, mut shutdown: ShutdownSignal) -> Result<()
     let executor = Executor::connect(config.clone()).await?;
     control::check_schema(&**executor.destination().get().await?).await??;
     let publisher = Publisher::connect(&config.broker, "worker").await?;
+    for reason in m::DEAD_LETTER_REASONS {
+        metrics::counter!(m::DEAD_LETTERS, "reason" => reason).absolute(0);
+    }
     if let Some(throttle) = &config.reads.throttle {
         // The probe times the primary, where the app runs, even when the
         // fleet reads a replica.
