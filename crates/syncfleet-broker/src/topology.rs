@@ -325,7 +325,7 @@ impl DepthGauges {
     /// configured and it answers, else by passive declares.
     pub async fn report(&mut self, config: &syncfleet_core::config::BrokerConfig) {
         if let Some(url) = &config.management_url {
-            match self.from_management(url, config).await {
+            match self.report_managed(url, config).await {
                 Ok(()) => {
                     if std::mem::take(&mut self.failing) {
                         tracing::info!("queue gauges from the management API again");
@@ -356,7 +356,7 @@ impl DepthGauges {
         }
     }
 
-    async fn from_management(
+    async fn report_managed(
         &mut self,
         url: &syncfleet_core::secret::SecretUrl,
         config: &syncfleet_core::config::BrokerConfig,
