@@ -161,6 +161,86 @@ async fn a_read_only_or_full_destination_is_waited_for_like_an_outage() {
     assert_eq!(env.dead_letters().await, 0);
 }
 
+/// A job whose attempt header is far past the last (set by hand, or
+/// `max_attempts` lowered under jobs in flight) counts as on its last: it
+/// waits in that attempt's delay queue, not in one made for its number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_past_the_last_waits_in_the_last_delay_queue() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\n");
+    env.sync(&config, 1).await;
+    env.dest
+        .batch_execute(
+            "DELETE FROM items WHERE id <= 2;
+             CREATE SEQUENCE failures;
+             CREATE FUNCTION unwritable() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF nextval('failures') <= 5 THEN
+                 RAISE EXCEPTION 'injected: read-only' USING ERRCODE = '25006';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER unwritable BEFORE INSERT ON items FOR EACH STATEMENT EXECUTE FUNCTION unwritable();",
+        )
+        .await
+        .unwrap();
+    let job = Job::selection(
+        NO_RUN,
+        "items",
+        1,
+        Selection {
+            columns: vec!["id".into()],
+            values: vec![vec!["1".into()], vec!["2".into()]],
+        },
+    );
+    let connection = lapin::Connection::connect(&crate::helpers::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let topology = Topology::new(&env.name);
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-syncfleet-attempt".into(),
+        lapin::types::AMQPValue::LongLongInt(1000),
+    );
+    channel
+        .basic_publish(
+            topology.work_exchange().into(),
+            topology.work_queue().into(),
+            Default::default(),
+            &job.encode(),
+            lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    env.eventually("the job, once the destination takes writes", 60, || async {
+        TestEnv::rows(&env.source, "SELECT * FROM items").await
+            == TestEnv::rows(&env.dest, "SELECT * FROM items").await
+    })
+    .await;
+    fleet.stop().await;
+    assert_eq!(env.dead_letters().await, 0);
+    let max = config.jobs.retry.max_attempts;
+    assert!(
+        topology
+            .depth(&channel, &topology.delay_queue(max))
+            .await
+            .is_ok()
+    );
+    let channel = connection.create_channel().await.unwrap();
+    let made = topology.depth(&channel, &topology.delay_queue(1000)).await;
+    let _ = connection.close(200, "".into()).await;
+    assert!(made.is_err(), "a delay queue was made for attempt 1000");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_is_dead_lettered_at_once_and_can_be_replayed() {
     let env = TestEnv::new().await;

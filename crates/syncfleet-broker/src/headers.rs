@@ -184,7 +184,7 @@ fn int(h: &FieldTable, key: &str) -> Option<i64> {
         AMQPValue::LongUInt(v) => Some(*v as i64),
         AMQPValue::ShortInt(v) => Some(*v as i64),
         AMQPValue::ShortUInt(v) => Some(*v as i64),
-        AMQPValue::Timestamp(v) => Some(*v as i64 * 1000),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok()?.checked_mul(1000),
         _ => None,
     }
 }
@@ -234,5 +234,16 @@ mod tests {
             Meta::from_properties(&BasicProperties::default()),
             Meta::first()
         );
+    }
+
+    #[test]
+    fn a_timestamp_header_past_any_date_is_no_time() {
+        let mut h = FieldTable::default();
+        h.insert(FIRST_ATTEMPT_AT.into(), AMQPValue::Timestamp(u64::MAX / 10));
+        let meta = Meta::from_properties(&BasicProperties::default().with_headers(h.clone()));
+        assert_eq!(meta.first_attempt_at_ms, None);
+        h.insert(FIRST_ATTEMPT_AT.into(), AMQPValue::Timestamp(1_700_000_000));
+        let meta = Meta::from_properties(&BasicProperties::default().with_headers(h));
+        assert_eq!(meta.first_attempt_at_ms, Some(1_700_000_000_000));
     }
 }

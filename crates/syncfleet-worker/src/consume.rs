@@ -577,7 +577,15 @@ async fn conclude(
     started: Instant,
     result: std::thread::Result<Result<BatchOutcome, JobError>>,
 ) {
+    let retry = context.executor.config().jobs.retry;
+    // An attempt past the last (a header set by hand, or `max_attempts`
+    // lowered under jobs in flight) counts as the last: each attempt
+    // number has a delay queue of its own, made on first use.
     let meta = Meta::from_properties(&delivery.properties);
+    let meta = Meta {
+        attempt: meta.attempt.min(retry.max_attempts),
+        ..meta
+    };
     let id = job.id();
     if !matches!(&result, Ok(Err(e)) if e.not_started()) {
         metrics::histogram!(m::JOB_DURATION, "stream" => job.stream.clone())
@@ -586,7 +594,6 @@ async fn conclude(
     let finished = |o: &'static str| {
         metrics::counter!(m::JOBS, "stream" => job.stream.clone(), "outcome" => o).increment(1);
     };
-    let retry = context.executor.config().jobs.retry;
     match result {
         Ok(Err(JobError::NotStarted(reason) | JobError::NoReadSlot(reason))) => {
             tracing::info!(job = %id, %reason, "handing the job back untried");
