@@ -1623,10 +1623,41 @@ async fn resume_publishes_again_the_jobs_of_an_abandoned_run() {
             .contains("abandoned")
     );
 
+    // A resume that stops after re-opening the run (here: its jobs cannot
+    // be marked published) fails the run again, as planning does, rather
+    // than leave it holding its stream until abandoned once more.
+    env.dest
+        .batch_execute(
+            "CREATE FUNCTION unmarkable() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'injected: cannot mark'; END $$;
+             CREATE TRIGGER unmarkable BEFORE UPDATE OF published_at ON syncfleet.batches
+             FOR EACH ROW WHEN (NEW.published_at IS NOT NULL) EXECUTE FUNCTION unmarkable();",
+        )
+        .await
+        .unwrap();
+    let path = env.dir.join("syncfleet.toml");
+    let out = env
+        .cli(&path, &["sync", "--resume", &run_id.to_string()])
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let run = run_status(&env, run_id).await;
+    assert_eq!(run.status, "failed", "{run:?}");
+    assert!(
+        run.error
+            .unwrap_or_default()
+            .contains("injected: cannot mark"),
+        "{stderr}"
+    );
+    env.dest
+        .batch_execute("DROP TRIGGER unmarkable ON syncfleet.batches")
+        .await
+        .unwrap();
+
     let fleet = Fleet::start(&config, 1);
     let out = env
         .cli(
-            &env.dir.join("syncfleet.toml"),
+            &path,
             &[
                 "sync",
                 "--resume",

@@ -593,9 +593,12 @@ pub async fn reopen(
     };
     // The run's row before its batches', the order every transaction that
     // changes both takes them in (see `runs_going`, `fail_batch`).
+    // A run not failed (its planner or its jobs gone quiet, not abandoned
+    // yet) counts as making progress from now on too.
     tx.execute(
         "UPDATE syncfleet.runs SET status = CASE WHEN planned_at IS NULL THEN 'planning' ELSE 'running' END, \
-         error = NULL, finished_at = NULL, reopened_at = now() WHERE id = $1 AND status = 'failed'",
+         error = NULL, finished_at = NULL, reopened_at = now() \
+         WHERE id = $1 AND status IN ('failed', 'planning', 'running')",
         &[&run_id],
     )
     .await?;

@@ -345,11 +345,42 @@ pub async fn resume_run(
     )
     .await?
     .map_err(PlanError::Going)?;
+    // Re-opened, the run holds its streams: a resume that stops here fails
+    // it, as planning does, rather than leave it going until abandoned.
+    let resumed = resume_reopened(
+        source,
+        destination,
+        publisher,
+        ceiling,
+        run_id,
+        &states,
+        &names,
+        &prepared,
+    )
+    .await;
+    match resumed {
+        Ok(published) => Ok(published),
+        Err(e) => Err(planning_failed(destination, run_id, e).await),
+    }
+}
+
+/// [`resume_run`] once its run is re-opened.
+#[allow(clippy::too_many_arguments)]
+async fn resume_reopened(
+    source: &Pool,
+    destination: &Pool,
+    publisher: &Publisher,
+    ceiling: &Ceiling,
+    run_id: i64,
+    states: &[control::PlanState],
+    names: &[String],
+    prepared: &[PreparedStream<'_>],
+) -> Result<u64, PlanError> {
     let lsn = syncfleet_db::pool::wal_position(&**source.get().await?).await?;
     let mut published = 0u64;
 
     let unfinished = control::unfinished_batches(&**destination.get().await?, run_id).await?;
-    for stream in &names {
+    for stream in names {
         let todo = unfinished
             .iter()
             .filter(|b| &b.stream == stream && !b.published);
