@@ -158,8 +158,24 @@ async fn equal_cursor_values_across_batches_are_not_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_committed_late_is_picked_up_by_the_next_run() {
+    a_row_committed_late(None).await;
+}
+
+/// The same look-back for a cursor whose type is a domain over a timestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_late_is_picked_up_under_a_domain_cursor() {
+    a_row_committed_late(Some(
+        "CREATE DOMAIN stamp AS timestamptz; ALTER TABLE items ALTER COLUMN updated_at TYPE stamp",
+    ))
+    .await;
+}
+
+async fn a_row_committed_late(alter: Option<&str>) {
     let env = TestEnv::new().await;
     env.source.batch_execute(ITEMS).await.unwrap();
+    if let Some(alter) = alter {
+        env.source.batch_execute(alter).await.unwrap();
+    }
     env.migrate().await;
     // The default overlap (60 s) is what catches the late row.
     let config = env.config(

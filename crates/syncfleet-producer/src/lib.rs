@@ -496,6 +496,22 @@ pub async fn start_incremental_run(
             ),
         }));
     };
+    // The look-back is for a date or a timestamp, also under a domain's
+    // name (`stamp` over timestamptz); a time of day would wrap at midnight.
+    let base: u32 = source
+        .get()
+        .await?
+        .query_one(
+            "WITH RECURSIVE t(oid, base) AS ( \
+               SELECT oid, typbasetype FROM pg_type WHERE oid = $1 \
+               UNION ALL SELECT p.oid, p.typbasetype FROM pg_type p JOIN t ON p.oid = t.base) \
+             SELECT oid FROM t WHERE base = 0",
+            &[&cursor_col.type_oid],
+        )
+        .await
+        .map_err(syncfleet_db::DbError::from)?
+        .get(0);
+    let time_like = matches!(base, 1082 | 1114 | 1184);
     let watermark = control::watermark(&**destination.get().await?, &stream.name).await?;
     let run_id = control::create_run_of(
         &mut **destination.get().await?,
@@ -514,7 +530,7 @@ pub async fn start_incremental_run(
         run_id,
         stream,
         shape,
-        &cursor_col.type_sql,
+        (&cursor_col.type_sql, time_like),
         watermark,
     )
     .await;
@@ -539,7 +555,7 @@ async fn plan_incremental(
     run_id: i64,
     stream: &StreamConfig,
     shape: &StreamShape,
-    cursor_type: &str,
+    (cursor_type, time_like): (&str, bool),
     watermark: Option<(String, Key)>,
 ) -> Result<i64, PlanError> {
     use syncfleet_core::ident;
@@ -551,7 +567,6 @@ async fn plan_incremental(
     let key_types = shape.key_types();
     let c = format!("q.{}", ident::quote(cursor));
     let mut params: Vec<String> = Vec::new();
-    let time_like = cursor_type.starts_with("timestamp") || cursor_type == "date";
     let lower = match &watermark {
         None => "true".to_string(),
         Some((wc, _)) if time_like && !stream.cursor_overlap.is_zero() => {
