@@ -1713,6 +1713,11 @@ async fn a_stale_runs_jobs_are_dropped_once_a_newer_run_holds_the_stream() {
         .parse()
         .unwrap();
     assert_eq!(env.queue_depth().await, 8, "both runs' jobs are queued");
+    // A planner of the first run still alive, marking jobs it published
+    // after the claim, leaves them unpublished: they will be dropped.
+    control::mark_published(&client, first, "items", &[2, 3, 4])
+        .await
+        .unwrap();
 
     // The first run's jobs come first; each has started by the time the
     // second run is done and the queue is empty, and the stop drains them.

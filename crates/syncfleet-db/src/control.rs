@@ -456,7 +456,10 @@ pub async fn insert_batches(
     Ok(())
 }
 
-/// Records that the broker confirmed these batches' jobs.
+/// Records that the broker confirmed these batches' jobs, unless another
+/// run has claimed the stream since (an abandoned run's planner still at
+/// work): those jobs will be dropped ([`SUPERSEDED`]), and a resume of the
+/// run must publish them again.
 pub async fn mark_published(
     client: &impl GenericClient,
     run_id: i64,
@@ -466,7 +469,11 @@ pub async fn mark_published(
     client
         .execute(
             "UPDATE syncfleet.batches SET published_at = now() \
-             WHERE run_id = $1 AND stream = $2 AND batch_no = ANY ($3)",
+             WHERE run_id = $1 AND stream = $2 AND batch_no = ANY ($3) \
+             AND NOT EXISTS (SELECT 1 FROM syncfleet.run_streams mine \
+                             JOIN syncfleet.run_streams later \
+                               ON later.stream = mine.stream AND later.claim > mine.claim \
+                             WHERE mine.run_id = $1 AND mine.stream = $2)",
             &[&run_id, &stream, &batch_nos],
         )
         .await?;
