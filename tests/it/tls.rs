@@ -270,8 +270,14 @@ async fn a_sync_runs_over_amqps_to_a_broker_that_checks_both_ends() {
         &config.broker.tls,
     )
     .unwrap();
-    let counts = api.queue_counts("/", &work).await;
-    assert!(counts.as_ref().is_ok_and(|c| c.ready == 0), "{counts:?}");
+    // (A queue's counts appear once the broker has collected its
+    // statistics, every few seconds.)
+    env.eventually("the work queue's counts", 30, || async {
+        api.queue_counts("/", &work)
+            .await
+            .is_ok_and(|c| c.ready == 0)
+    })
+    .await;
     // The management listener asks for a client certificate too.
     let anonymous = Management::new(
         config.broker.management_url.as_ref().unwrap(),

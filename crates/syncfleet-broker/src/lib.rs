@@ -38,7 +38,7 @@ use syncfleet_core::config::BrokerConfig;
 
 pub use headers::{DeadLetter, Meta};
 pub use publish::Publisher;
-pub use topology::{DELIVERY_LIMIT, DepthGauges, Topology};
+pub use topology::{DELIVERY_LIMIT, DepthGauges, OUTAGE_QUEUE, Topology};
 
 /// A broker operation that failed. Every variant is worth retrying later:
 /// the broker or the network is the problem, not the job.

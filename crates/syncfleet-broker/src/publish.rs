@@ -19,6 +19,7 @@ use syncfleet_core::job::Job;
 use tokio::sync::Mutex;
 
 use crate::headers::Meta;
+use crate::topology::OUTAGE_QUEUE;
 use crate::{BrokerError, Topology, connect};
 
 /// How long to wait for the broker to confirm one chunk of publishes.
@@ -145,7 +146,8 @@ impl Publisher {
     /// Parks a job that failed attempt `meta.attempt` for `delay`, after
     /// which the broker moves it back to the work queue: as the next
     /// attempt, or as the same one again when `counts` is false (the job
-    /// never got a fair try, say because a database was down).
+    /// never got a fair try, say because a database was down), from the
+    /// outage's own delay queue (see [`Topology::delay_queue`]).
     pub async fn publish_retry(
         &self,
         body: &[u8],
@@ -155,21 +157,20 @@ impl Publisher {
         counts: bool,
     ) -> Result<(), BrokerError> {
         let now = crate::headers::now_ms();
-        let headers = if counts {
-            meta.next(now)
-        } else {
-            meta.again(now)
+        let (headers, queue) = match counts {
+            true => (meta.next(now), meta.attempt),
+            false => (meta.again(now), OUTAGE_QUEUE),
         };
         let message = Outgoing {
             exchange: self.topology.delay_exchange(),
-            routing_key: meta.attempt.to_string(),
+            routing_key: queue.to_string(),
             body: body.to_vec(),
             // The broker reads the expiration as whole milliseconds; at
             // least 1 so that zero does not mean "never expires".
             properties: properties(message_id, headers)
                 .with_expiration(delay.as_millis().max(1).to_string().into()),
         };
-        self.send(vec![message], Some(meta.attempt)).await
+        self.send(vec![message], Some(queue)).await
     }
 
     /// Sends a message to the dead-letter queue with `headers` saying why.

@@ -46,10 +46,13 @@ impl Topology {
         format!("{}.delay", self.prefix)
     }
 
-    /// Where a job waits after failing attempt `attempt`. One queue per
-    /// attempt keeps the delays in a queue alike, so a long delay at a
-    /// queue's head never holds a short one behind it for long (a message
-    /// expires only when it reaches the head).
+    /// Where a job waits after failing attempt `attempt`, or, as "attempt"
+    /// [`OUTAGE_QUEUE`], a job waiting out an outage (which uses up no
+    /// attempt, whatever number its header holds). A message expires only
+    /// at a queue's head, so each queue holds delays of one schedule: a
+    /// job parked for half a second while a database restarts must not
+    /// wait behind a retry's minute, and the number of queues does not
+    /// grow with the attempt numbers that jobs' headers carry.
     pub fn delay_queue(&self, attempt: u32) -> String {
         format!("{}.delay.{attempt}", self.prefix)
     }
@@ -254,7 +257,7 @@ impl Topology {
     /// Deletes every queue (delay queues up to `max_attempts`) and exchange
     /// under the prefix: tests and the demo's reset.
     pub async fn delete(&self, channel: &Channel, max_attempts: u32) -> Result<(), BrokerError> {
-        let delays = (1..=max_attempts).map(|a| self.delay_queue(a));
+        let delays = (OUTAGE_QUEUE..=max_attempts).map(|a| self.delay_queue(a));
         for q in self.queues().into_iter().chain(delays) {
             channel
                 .queue_delete(q.into(), QueueDeleteOptions::default())
@@ -273,6 +276,10 @@ impl Topology {
         Ok(())
     }
 }
+
+/// The delay queue of jobs waiting out an outage: `P.delay.0`, below every
+/// attempt.
+pub const OUTAGE_QUEUE: u32 = 0;
 
 /// A quorum queue's arguments, dead-lettering at least once to
 /// `dead_letter_to` when there is one (which needs reject-publish

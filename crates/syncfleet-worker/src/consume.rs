@@ -15,7 +15,7 @@
 //! | --- | --- |
 //! | committed | ack |
 //! | superseded: another run has claimed its stream since (see `control::SUPERSEDED`) | ack, nothing written |
-//! | a database is unreachable | re-published to `P.delay.N` as the same attempt, after a backoff that grows while the outage lasts, then ack |
+//! | a database is unreachable | re-published to `P.delay.0` as the same attempt, after a backoff that grows while the outage lasts, then ack |
 //! | a connection broke under the job | as for an unreachable database, counted in the message; after `max_attempts` of them, as for a permanent failure (a job that ends its own session or crashes the server each time must not do so forever) |
 //! | transient failure, attempts left | re-published to `P.delay.N` (confirmed), then ack |
 //! | a bad value (a data exception or a constraint of the destination) in an event job of several rows | its two halves published (confirmed) as the same attempt, then ack: split until only the values at fault are dead-lettered |
@@ -578,14 +578,7 @@ async fn conclude(
     result: std::thread::Result<Result<BatchOutcome, JobError>>,
 ) {
     let retry = context.executor.config().jobs.retry;
-    // An attempt past the last (a header set by hand, or `max_attempts`
-    // lowered under jobs in flight) counts as the last: each attempt
-    // number has a delay queue of its own, made on first use.
     let meta = Meta::from_properties(&delivery.properties);
-    let meta = Meta {
-        attempt: meta.attempt.min(retry.max_attempts),
-        ..meta
-    };
     let id = job.id();
     if !matches!(&result, Ok(Err(e)) if e.not_started()) {
         metrics::histogram!(m::JOB_DURATION, "stream" => job.stream.clone())
