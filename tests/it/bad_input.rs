@@ -11,14 +11,21 @@ const APP: &str = "CREATE TABLE users (id bigint PRIMARY KEY, email text);
      CREATE TABLE tags (name text COLLATE \"C\" PRIMARY KEY);
      CREATE TABLE words (w text COLLATE \"und-x-icu\" PRIMARY KEY);
      CREATE TYPE level AS ENUM ('low', 'mid', 'high');
-     CREATE TABLE levels (l level PRIMARY KEY);";
+     CREATE TABLE levels (l level PRIMARY KEY);
+     CREATE TYPE tier AS ENUM ('gold', 'silver');
+     CREATE DOMAIN tier_d AS tier;
+     CREATE TABLE tiers (t tier_d PRIMARY KEY);
+     CREATE TABLE ranks (r level[] PRIMARY KEY);
+     CREATE DOMAIN level_d AS level;
+     CREATE TABLE dlevels (l level_d PRIMARY KEY);";
 
 /// Destination tables made beforehand, outside `public`.
 const DESTINATION: &str = "CREATE SCHEMA pre;
      CREATE TABLE pre.tags_icu (name text COLLATE \"und-x-icu\" PRIMARY KEY);
      CREATE TABLE pre.tags_posix (name text COLLATE \"POSIX\" PRIMARY KEY);
      CREATE TYPE level AS ENUM ('low', 'high');
-     ALTER TYPE level ADD VALUE 'mid';";
+     ALTER TYPE level ADD VALUE 'mid';
+     CREATE TYPE tier AS ENUM ('platinum', 'gold', 'bronze', 'silver');";
 
 struct Case {
     name: &'static str,
@@ -106,6 +113,18 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        name: "a domain over an enum whose labels sort in another order",
+        streams: "[[stream]]\nname = \"dlevels\"\ntable = \"dlevels\"\n",
+        code: 2,
+        expect: &["stream 'dlevels'", r#"key column "l" is an enum"#],
+    },
+    Case {
+        name: "an array of an enum whose labels sort in another order",
+        streams: "[[stream]]\nname = \"ranks\"\ntable = \"ranks\"\n",
+        code: 2,
+        expect: &["stream 'ranks'", r#"key column "r" is an enum"#],
+    },
+    Case {
         name: "an unknown stream on the command line",
         streams: "[[stream]]\nname = \"users\"\ntable = \"users\"\n",
         code: 2,
@@ -171,6 +190,13 @@ async fn each_bad_input_is_named_and_publishes_nothing() {
     let dest = Pool::connect(Role::Destination, &config.destination)
         .await
         .unwrap();
+    let streams = config.select_streams(&[]).unwrap();
+    syncfleet_producer::prepare(&source, &dest, &streams)
+        .await
+        .unwrap();
+    // So does an enum key (under a domain) whose type on the destination
+    // has more labels, the source's in the same order among them.
+    let config = env.config("[[stream]]\nname = \"tiers\"\ntable = \"tiers\"\n");
     let streams = config.select_streams(&[]).unwrap();
     syncfleet_producer::prepare(&source, &dest, &streams)
         .await
@@ -283,21 +309,29 @@ async fn a_url_its_driver_cannot_read_is_a_config_error() {
             &["broker.url:", "expected amqp[s]://", "invalid digit"],
         ),
     ];
-    for (text, env_var, expected) in cases {
+    for (text, env_var, expected) in &cases {
         let path = env.write("urls.toml", &text);
         let mut command = crate::helpers::syncfleet();
-        command.arg("--config").arg(&path).arg("verify");
+        command.arg("--config").arg(&path).arg("sync");
         if let Some((name, value)) = env_var {
             command.env(name, value);
         }
         let out = command.output().await.unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{expected:?}: {stderr}");
-        for e in expected {
+        for e in *expected {
             assert!(stderr.contains(e), "expected {e:?} in: {stderr}");
         }
         assert!(!stderr.contains("hunter2"), "leaked: {stderr}");
     }
+    // A command checks only the URLs it uses: migrate, not the broker's.
+    let path = env.write("urls.toml", &cases[3].0);
+    let out = env.cli(&path, &["migrate"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A run id that does not exist is bad usage (exit 2), for `sync --resume`

@@ -328,7 +328,7 @@ async fn sync_wait_and_status_through_the_binary() {
         .unwrap()
         .get(0);
     let mut child = crate::helpers::syncfleet()
-        .args(["sync", "--wait", "--timeout", "3s", "--resume"])
+        .args(["sync", "--wait", "--timeout", "15s", "--resume"])
         .arg(going.to_string())
         .arg("--config")
         .arg(&path)

@@ -123,10 +123,10 @@ async fn a_transient_error_is_retried_until_it_succeeds() {
 }
 
 /// A destination that cannot take writes for a while (switched over, its old
-/// primary now a standby; its disk full) is an outage: jobs wait for it
-/// without using up attempts, rather than being dead-lettered.
+/// primary now a standby) is an outage: jobs wait for it without using up
+/// attempts, rather than being dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_or_full_destination_is_waited_for_like_an_outage() {
+async fn a_read_only_destination_is_waited_for_like_an_outage() {
     let env = TestEnv::new().await;
     env.source.batch_execute(ITEMS).await.unwrap();
     env.migrate().await;
@@ -138,10 +138,8 @@ async fn a_read_only_or_full_destination_is_waited_for_like_an_outage() {
              CREATE FUNCTION unwritable() RETURNS trigger LANGUAGE plpgsql AS $$
              DECLARE n int8 := nextval('failures');
              BEGIN
-               IF n <= 5 THEN
+               IF n <= 10 THEN
                  RAISE EXCEPTION 'injected: read-only' USING ERRCODE = '25006';
-               ELSIF n <= 10 THEN
-                 RAISE EXCEPTION 'injected: disk full' USING ERRCODE = '53100';
                END IF;
                RETURN NEW;
              END $$;
@@ -241,6 +239,59 @@ async fn a_job_waiting_out_an_outage_waits_in_the_outage_delay_queue() {
     }
     let _ = connection.close(200, "".into()).await;
     assert!(made.is_empty(), "{made:?}");
+}
+
+/// A value of a unique index (not the key's) that moves from a row of one
+/// batch to a row of another: the batch that writes the new row first
+/// conflicts with the old row, which the other batch has not rewritten
+/// yet. Retried, it succeeds once that batch commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_value_moving_between_batches_is_retried_not_failed() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE people (id int PRIMARY KEY, email text UNIQUE);
+             INSERT INTO people SELECT i, 'p' || i FROM generate_series(1, 2000) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    // Batches of 1,000 rows run alone, never in one transaction together.
+    let config =
+        env.config("[[stream]]\nname = \"people\"\ntable = \"people\"\nbatch_size = 1000\n");
+    env.sync(&config, 1).await;
+    env.dest
+        .batch_execute("CREATE UNIQUE INDEX people_email ON people (email)")
+        .await
+        .unwrap();
+    env.source
+        .batch_execute(
+            "UPDATE people SET email = 'moved' WHERE id = 1;
+             UPDATE people SET email = 'p1' WHERE id = 1500;",
+        )
+        .await
+        .unwrap();
+    // The first batch waits behind a lock on its row, so the second
+    // writes first.
+    let mut holder = crate::helpers::connect(&env.dest_url).await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("SELECT * FROM people WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let plan = env.plan(&config).await;
+    let fleet = Fleet::start(&config, 1);
+    env.eventually("the second batch's failed attempt recorded", 60, || async {
+        batch_attempts(&env, plan.run_id)
+            .await
+            .iter()
+            .any(|(b, _, attempts)| *b == 2 && *attempts >= 1)
+    })
+    .await;
+    hold.rollback().await.unwrap();
+    env.wait(plan.run_id).await;
+    fleet.stop().await;
+    env.assert_same_rows("SELECT * FROM people").await;
+    assert_eq!(env.dead_letters().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@ const ERROR: &str = "x-syncfleet-error";
 const REASON: &str = "x-syncfleet-reason";
 const DEAD_AT: &str = "x-syncfleet-dead-lettered-at";
 const LOST_CONNECTIONS: &str = "x-syncfleet-lost-connections";
+const SPLITS: &str = "x-syncfleet-splits";
 
 /// The dead-letter reason of an upstream event that no stream could take
 /// when it came (see the producer's event consumer): `dead-letters replay`
@@ -32,13 +33,15 @@ pub fn now_ms() -> i64 {
 }
 
 /// A work message's attempt number (1 for the first delivery), when its
-/// first attempt happened, and how many times a database connection broke
-/// under it (counted apart from attempts: mostly outages, which use none).
+/// first attempt happened, how many times a database connection broke
+/// under it (counted apart from attempts: mostly outages, which use none),
+/// and how many times the event job it is a part of was halved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Meta {
     pub attempt: u32,
     pub first_attempt_at_ms: Option<i64>,
     pub lost_connections: u32,
+    pub splits: u32,
 }
 
 impl Meta {
@@ -47,6 +50,15 @@ impl Meta {
             attempt: 1,
             first_attempt_at_ms: None,
             lost_connections: 0,
+            splits: 0,
+        }
+    }
+
+    /// This meta for a half of its job.
+    pub fn split(self) -> Self {
+        Self {
+            splits: self.splits.saturating_add(1),
+            ..self
         }
     }
 
@@ -70,6 +82,10 @@ impl Meta {
                 .and_then(|h| int(h, LOST_CONNECTIONS))
                 .map(|n| n.clamp(0, u32::MAX as i64) as u32)
                 .unwrap_or(0),
+            splits: headers
+                .and_then(|h| int(h, SPLITS))
+                .map(|n| n.clamp(0, u32::MAX as i64) as u32)
+                .unwrap_or(0),
         }
     }
 
@@ -85,6 +101,9 @@ impl Meta {
             LOST_CONNECTIONS.into(),
             AMQPValue::LongLongInt(self.lost_connections.into()),
         );
+        if self.splits > 0 {
+            h.insert(SPLITS.into(), AMQPValue::LongLongInt(self.splits.into()));
+        }
         h
     }
 
@@ -234,6 +253,14 @@ mod tests {
             Meta::from_properties(&BasicProperties::default()),
             Meta::first()
         );
+        // Halvings travel with the halves, and on to their retries.
+        let half = Meta::from_properties(
+            &BasicProperties::default().with_headers(third.split().split().again(4_000)),
+        );
+        assert_eq!((half.splits, half.attempt), (2, 3));
+        let retried =
+            Meta::from_properties(&BasicProperties::default().with_headers(half.next(5_000)));
+        assert_eq!(retried.splits, 2);
     }
 
     #[test]

@@ -187,13 +187,13 @@ async fn check_key_order(
         .await
         .map_err(err)?;
     for ((column, s), d) in key.iter().zip(&theirs).zip(&ours) {
-        if s != d {
+        if !sorts_alike(s.as_deref(), d.as_deref()) {
             let show = |o: &Option<String>| o.clone().unwrap_or_else(|| "not an enum".into());
             return Err(invalid(format!(
                 "key column {} is an enum whose labels sort as {} in the source but {} in \
                  destination table {table}; a key range would hold different rows on each side, \
                  and rows at its edges could be deleted. Give the destination's type the same \
-                 labels in the same order (ALTER TYPE … ADD VALUE … BEFORE/AFTER)",
+                 labels in the same order, or more (ALTER TYPE … ADD VALUE … BEFORE/AFTER)",
                 ident::quote(column),
                 show(s),
                 show(d),
@@ -203,8 +203,25 @@ async fn check_key_order(
     Ok(())
 }
 
+/// Whether two enums' labels (JSON arrays, in sort order) order the
+/// source's values alike on the destination: each of the source's labels
+/// there, in the same order. Labels only the destination has (a migration
+/// run there first) hold no synced row.
+fn sorts_alike(source: Option<&str>, destination: Option<&str>) -> bool {
+    let labels = |json: &str| serde_json::from_str::<Vec<String>>(json).unwrap_or_default();
+    match (source, destination) {
+        (None, None) => true,
+        (Some(s), Some(d)) => {
+            let mut ours = labels(d).into_iter();
+            labels(s).iter().all(|l| ours.any(|o| &o == l))
+        }
+        _ => false,
+    }
+}
+
 /// The labels in sort order (a JSON array) of each of `key`'s columns of
-/// `relation` that is an enum, `None` for the others.
+/// `relation` that is an enum, a domain over one or an array of one,
+/// `None` for the others.
 async fn enum_order(
     client: &impl GenericClient,
     relation: &str,
@@ -219,9 +236,16 @@ async fn enum_order(
             )
         })
         .collect();
+    // A domain's base type, an array's element type, down to the type
+    // itself.
     let sql = format!(
-        "SELECT (SELECT jsonb_agg(e.enumlabel ORDER BY e.enumsortorder)::text \
-                 FROM pg_enum e WHERE e.enumtypid = n.t::oid) \
+        "SELECT (WITH RECURSIVE down(oid) AS ( \
+                   SELECT n.t::oid \
+                   UNION ALL SELECT CASE WHEN p.typbasetype <> 0 THEN p.typbasetype ELSE p.typelem END \
+                   FROM pg_type p JOIN down ON p.oid = down.oid \
+                   WHERE p.typbasetype <> 0 OR (p.typcategory = 'A' AND p.typelem <> 0)) \
+                 SELECT jsonb_agg(e.enumlabel ORDER BY e.enumsortorder)::text \
+                 FROM pg_enum e WHERE e.enumtypid IN (SELECT oid FROM down)) \
          FROM unnest(ARRAY[{}]::regtype[]) WITH ORDINALITY AS n(t, i) ORDER BY n.i",
         types.join(", ")
     );

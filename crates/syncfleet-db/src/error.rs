@@ -7,8 +7,8 @@ use tokio_postgres::error::SqlState;
 pub enum ErrorClass {
     /// The database cannot be reached (refused, starting up or shutting
     /// down, out of connections, pool exhausted) or cannot take writes
-    /// (read-only, disk full): an outage, not a property of the work. Wait
-    /// for it without counting attempts.
+    /// (read-only): an outage, not a property of the work. Wait for it
+    /// without counting attempts.
     Unavailable,
     /// A working connection broke while in use (closed, reset, terminated
     /// by an administrator or by a crash of the server). Mostly an outage;
@@ -61,13 +61,15 @@ pub fn classify(error: &tokio_postgres::Error) -> ErrorClass {
         return ErrorClass::Disconnected;
     };
     // A read-only transaction: a destination switched over, its old
-    // primary still taking connections as a standby. A full disk: nothing
-    // the job can fix, and no attempt's fault.
+    // primary still taking connections as a standby (the source's sessions
+    // are read-only by design, and only a stream's query that writes meets
+    // this there, which planning does first). A full disk stays transient:
+    // on the source it can be the job's own doing (a query stream's sort
+    // spilling), and waiting for ever would fill it again and again.
     let unavailable = [
         SqlState::CANNOT_CONNECT_NOW,
         SqlState::TOO_MANY_CONNECTIONS,
         SqlState::READ_ONLY_SQL_TRANSACTION,
-        SqlState::DISK_FULL,
     ];
     // A session ended under the job: by an operator, a crash, or the
     // server's `idle_session_timeout` racing a pooled connection's reuse.

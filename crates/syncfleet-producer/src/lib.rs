@@ -336,6 +336,9 @@ pub async fn resume_run(
         })
     })?;
     let prepared = prepare(source, destination, &streams).await?;
+    let was_failed = control::run(&**destination.get().await?, run_id)
+        .await?
+        .is_some_and(|r| r.status == "failed");
     control::reopen(
         &mut **destination.get().await?,
         &config.broker.prefix,
@@ -345,8 +348,10 @@ pub async fn resume_run(
     )
     .await?
     .map_err(PlanError::Going)?;
-    // Re-opened, the run holds its streams: a resume that stops here fails
-    // it, as planning does, rather than leave it going until abandoned.
+    // Re-opened, a failed run holds its streams: a resume that stops here
+    // fails it again, as planning does, rather than leave it going until
+    // abandoned. A run that was going stays so: its jobs may well finish
+    // it, which they cannot do for a failed run.
     let resumed = resume_reopened(
         source,
         destination,
@@ -360,7 +365,8 @@ pub async fn resume_run(
     .await;
     match resumed {
         Ok(published) => Ok(published),
-        Err(e) => Err(planning_failed(destination, run_id, e).await),
+        Err(e) if was_failed => Err(planning_failed(destination, run_id, e).await),
+        Err(e) => Err(e),
     }
 }
 

@@ -18,7 +18,7 @@
 //! | a database is unreachable | re-published to `P.delay.0` as the same attempt, after a backoff that grows while the outage lasts, then ack |
 //! | a connection broke under the job | as for an unreachable database, counted in the message; after `max_attempts` of them, as for a permanent failure (a job that ends its own session or crashes the server each time must not do so forever) |
 //! | transient failure, attempts left | re-published to `P.delay.N` (confirmed), then ack |
-//! | a bad value (a data exception or a constraint of the destination) in an event job of several rows | its two halves published (confirmed) as the same attempt, then ack: split until only the values at fault are dead-lettered |
+//! | a bad value (a data exception or a constraint of the destination; a unique conflict once its attempts are used up) in an event job of several rows | its two halves published (confirmed) as the same attempt, then ack: halved, at most 6 times, until only the values at fault are dead-lettered |
 //! | permanent failure, attempts used up, or not a job | batch marked failed, message published to `P.dead` with the reason (confirmed), then ack; if the destination is unreachable to mark it, as for an unreachable database |
 //! | the job panicked | nack with requeue; the queue's delivery limit dead-letters a job that keeps doing so |
 //!
@@ -631,19 +631,22 @@ async fn conclude(
             let meta = meta.lost_connection();
             wait_out_outage(context, delivery, &id, meta, &reason).await;
         }
-        Ok(Err(JobError::BadValue(reason))) if job.halves().is_some() => {
-            let (a, b) = job.halves().expect("checked above");
+        Ok(Err(JobError::BadValue(reason) | JobError::Conflict(reason)))
+            if let Some((a, b)) = halves(job, meta, retry.max_attempts, &result) =>
+        {
             let rows = [&a, &b].map(|j| j.select.as_ref().map_or(0, |s| s.values.len()));
             tracing::warn!(job = %id, ?rows, %reason, "a value of the event job is bad; splitting it in halves, so that only the values at fault are dead-lettered");
             finished("split");
             let copied = context
                 .publisher
-                .publish_jobs_as(&[a, b], meta.again(now_ms()))
+                .publish_jobs_as(&[a, b], meta.split().again(now_ms()))
                 .await;
             let failed = "could not publish the job's halves; requeueing it";
             ack_if_copied(delivery, &id, copied, failed, true).await;
         }
-        Ok(Err(JobError::Retry(reason))) if meta.attempt < retry.max_attempts => {
+        Ok(Err(JobError::Retry(reason) | JobError::Conflict(reason)))
+            if meta.attempt < retry.max_attempts =>
+        {
             let delay = retry.delay(meta.attempt);
             tracing::warn!(job = %id, attempt = meta.attempt, %reason, ?delay, "batch failed; retrying later");
             finished("retried");
@@ -658,6 +661,7 @@ async fn conclude(
                 JobError::Reject(r) | JobError::BadValue(r) | JobError::ShapeChanged(r) => {
                     ("permanent", r, meta)
                 }
+                JobError::Conflict(r) => ("attempts exhausted", r, meta),
                 // (Not begun: handed back above, never dead-lettered.)
                 JobError::Retry(r)
                 | JobError::Unavailable(r)
@@ -711,6 +715,34 @@ async fn conclude(
             };
             settle(delivery.nack(requeue).await);
         }
+    }
+}
+
+/// How many times an event job is halved at most: a window of up to
+/// `event_max_keys` rows is cut into at most 64 parts. Enough to keep all
+/// but a few good rows out of the dead letters when one value is bad,
+/// without a dead letter per row when every row fails alike (a column the
+/// destination requires and the source leaves empty): at most 64, and 127
+/// executions.
+const MAX_SPLITS: u32 = 6;
+
+/// The halves of an event job that failed on a bad value (see
+/// [`JobError::BadValue`]; a [`JobError::Conflict`] once its attempts are
+/// used up), if it has more than one row and halving budget left.
+fn halves(
+    job: &Job,
+    meta: Meta,
+    max_attempts: u32,
+    result: &std::thread::Result<Result<BatchOutcome, JobError>>,
+) -> Option<(Job, Job)> {
+    let bad = match result {
+        Ok(Err(JobError::BadValue(_))) => true,
+        Ok(Err(JobError::Conflict(_))) => meta.attempt >= max_attempts,
+        _ => false,
+    };
+    match bad && meta.splits < MAX_SPLITS {
+        true => job.halves(),
+        false => None,
     }
 }
 
@@ -811,6 +843,37 @@ fn settle(result: Result<bool, lapin::Error>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use syncfleet_core::job::{NO_RUN, Selection};
+
+    #[test]
+    fn an_event_job_is_halved_on_a_bad_value_within_its_budget() {
+        let job = Job::selection(
+            NO_RUN,
+            "s",
+            1,
+            Selection {
+                columns: vec!["id".into()],
+                values: (0..100).map(|i| vec![i.to_string()]).collect(),
+            },
+        );
+        let bad = Ok(Err(JobError::BadValue("bad".into())));
+        let conflict = Ok(Err(JobError::Conflict("taken".into())));
+        let retry = Ok(Err(JobError::Retry("later".into())));
+        let meta = |attempt, splits| Meta {
+            attempt,
+            splits,
+            ..Meta::first()
+        };
+        assert!(halves(&job, meta(1, 0), 3, &bad).is_some());
+        assert!(halves(&job, meta(1, MAX_SPLITS - 1), 3, &bad).is_some());
+        assert!(halves(&job, meta(1, MAX_SPLITS), 3, &bad).is_none());
+        // A conflict is retried first, and halved once its attempts are up.
+        assert!(halves(&job, meta(2, 0), 3, &conflict).is_none());
+        assert!(halves(&job, meta(3, 0), 3, &conflict).is_some());
+        assert!(halves(&job, meta(3, 0), 3, &retry).is_none());
+        let (a, _) = halves(&job, meta(1, 0), 3, &bad).unwrap();
+        assert!(halves(&a, meta(1, 0).split(), 3, &bad).is_some());
+    }
 
     #[test]
     fn small_jobs_share_a_group_and_large_ones_go_alone() {

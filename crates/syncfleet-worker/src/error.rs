@@ -35,6 +35,14 @@ pub enum JobError {
     /// that one bad value fails only itself, not the window it came in.
     #[error("{0}")]
     BadValue(String),
+    /// A unique index of the destination other than the key's holds one of
+    /// the job's values in another row. Another batch may be moving it (a
+    /// value passed from a row of one batch to a row of another, written
+    /// first): retried like [`JobError::Retry`]; once the attempts are used
+    /// up, a [`JobError::BadValue`]. (Never the key's own index: the write
+    /// locks keep every other job off the job's keys.)
+    #[error("{0}")]
+    Conflict(String),
     /// A column the job's statements name is gone (dropped under a
     /// running run): tried again in the worker with the stream described
     /// anew, and rejected if that does not help (a column the destination
@@ -82,9 +90,12 @@ impl From<DbError> for JobError {
 /// The job's own statements: its read, its write, and their settings.
 impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
+        use tokio_postgres::error::SqlState;
         let class = e.code().map(|c| &c.code()[..2]);
-        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) {
+        if e.code() == Some(&SqlState::UNDEFINED_COLUMN) {
             JobError::ShapeChanged(syncfleet_db::error::describe(&e))
+        } else if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+            JobError::Conflict(syncfleet_db::error::describe(&e))
         } else if matches!(class, Some("22" | "23")) {
             JobError::BadValue(syncfleet_db::error::describe(&e))
         } else {

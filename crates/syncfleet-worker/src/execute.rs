@@ -464,7 +464,7 @@ impl Executor {
         // job broke it, each retry would do so again.
         let retried = |e: &JobError| match e {
             JobError::Unavailable(_) | JobError::ShapeChanged(_) => true,
-            JobError::Retry(_) => jobs.len() == 1,
+            JobError::Retry(_) | JobError::Conflict(_) => jobs.len() == 1,
             JobError::Reject(_)
             | JobError::BadValue(_)
             | JobError::Disconnected(_)
