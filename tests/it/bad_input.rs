@@ -310,7 +310,7 @@ async fn a_url_its_driver_cannot_read_is_a_config_error() {
         ),
     ];
     for (text, env_var, expected) in &cases {
-        let path = env.write("urls.toml", &text);
+        let path = env.write("urls.toml", text);
         let mut command = crate::helpers::syncfleet();
         command.arg("--config").arg(&path).arg("sync");
         if let Some((name, value)) = env_var {
