@@ -269,11 +269,13 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
         report.section(
         "4. Job overhead",
         &format!(
-            "{jobs} empty jobs (zero-row batches) end to end: published with confirms, consumed \
-             by 2 worker processes, executed (a source read each; jobs waiting in a worker \
-             together share one source and one destination transaction, up to 16) and acked, against a bare lapin loop publishing {jobs} messages with confirms and \
-             consuming them with acks in the same run, once before and once after; the faster \
-             of the two is the reference."
+            "{jobs} empty jobs (zero-row batches) end to end, from the `syncfleet sync` that \
+             plans and publishes them (with confirms) to the last ack, 2 worker processes \
+             consuming from the start (each job a source read; jobs waiting in a worker \
+             together share one source and one destination transaction, up to 16), against a \
+             bare lapin loop publishing {jobs} messages with confirms to a consumer attached \
+             from the start that acks each, in the same run, once before and once after; the \
+             faster of the two is the reference."
         ),
         &["measurement", "seconds", "jobs/s", "vs bare loop", "target"],
         vec![

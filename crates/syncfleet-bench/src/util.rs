@@ -151,15 +151,26 @@ impl Bench {
 
     /// Writes a config for one stream over `table` and returns its path.
     pub fn config(&self, table: &str, stream_extra: &str, source_extra: &str) -> PathBuf {
-        let name = format!(
-            "{table}-{:x}.toml",
+        self.config_as(table, table, stream_extra, source_extra)
+    }
+
+    /// The same for a stream named `name` over `table`.
+    pub fn config_as(
+        &self,
+        name: &str,
+        table: &str,
+        stream_extra: &str,
+        source_extra: &str,
+    ) -> PathBuf {
+        let file = format!(
+            "{name}-{table}-{:x}.toml",
             hash(&(stream_extra.to_string() + source_extra))
         );
-        let path = self.dir.join(name);
+        let path = self.dir.join(file);
         let text = format!(
             "[source]\nurl = \"{}\"\n{source_extra}\n[destination]\nurl = \"{}\"\n\
              [broker]\nurl = \"{}\"\nprefix = \"{}\"\n\
-             [[stream]]\nname = \"{table}\"\ntable = \"{table}\"\n{stream_extra}\n",
+             [[stream]]\nname = \"{name}\"\ntable = \"{table}\"\n{stream_extra}\n",
             self.src_url(),
             self.dst_url(),
             self.amqp_url,
@@ -451,15 +462,22 @@ impl Bench {
         Ok((batches, total as f64 / batches as f64, kinds.join("; ")))
     }
 
-    /// Empty jobs end to end against a bare lapin loop, both `n` messages.
-    /// The loop runs before and after the jobs; the faster of the two is
-    /// returned, the harder reference (the broker's speed drifts by a third
-    /// between runs on this machine).
+    /// Empty jobs end to end against a bare lapin loop, both `n + 1`
+    /// messages and both timed from the first publish, consumers attached,
+    /// to the last ack. The loop runs before and after the jobs; the faster
+    /// of the two is returned, the harder reference (the broker's speed
+    /// drifts by a third between runs on this machine).
     pub async fn job_overhead(&self, n: usize) -> Result<(usize, Duration, Duration), String> {
+        // The planner walks the keys of one table, the workers read the
+        // stream from another, empty: every job is a zero-row batch (the
+        // last, open one too: n + 1 jobs in all), and the workers can be
+        // consuming before the first one is published.
         self.src
             .batch_execute(&format!(
-                "DROP TABLE IF EXISTS empty_jobs; CREATE TABLE empty_jobs (id int PRIMARY KEY);
-                 INSERT INTO empty_jobs SELECT generate_series(1, {n});"
+                "DROP TABLE IF EXISTS empty_jobs, empty_job_keys;
+                 CREATE TABLE empty_jobs (id int PRIMARY KEY);
+                 CREATE TABLE empty_job_keys (id int PRIMARY KEY);
+                 INSERT INTO empty_job_keys SELECT generate_series(1, {n});"
             ))
             .await
             .map_err(db_err)?;
@@ -467,31 +485,58 @@ impl Bench {
             .batch_execute("DROP TABLE IF EXISTS empty_jobs")
             .await
             .map_err(db_err)?;
-        // One job per row; then the rows go, so every job is a zero-row
-        // batch (the last, open one too: n jobs in all with it).
-        let config = self.config("empty_jobs", "batch_size = 1", "");
-        let t = Instant::now();
-        let run_id = self.plan(&config).await?;
-        let publish = t.elapsed();
-        self.src
-            .batch_execute("DELETE FROM empty_jobs")
-            .await
-            .map_err(db_err)?;
-        let jobs = self.batches(run_id).await?;
-        let before = self.bare_loop(jobs as usize).await?;
-        self.settle().await?;
-        let workers = Workers::start(self, &config, 2).await?;
-        let t = Instant::now();
-        self.wait_run(run_id).await?;
-        let ours = publish + t.elapsed();
-        eprintln!(
-            "bench: empty jobs: planning and publishing {publish:?}, executing {:?}",
-            t.elapsed()
+        let planner = self.config_as(
+            "empty_jobs",
+            "empty_job_keys",
+            "batch_size = 1\ndestination_table = \"empty_jobs\"",
+            "",
         );
+        let executor = self.config("empty_jobs", "batch_size = 1", "");
+        let jobs = n + 1;
+        let before = self.bare_loop(jobs).await?;
+        self.settle().await?;
+        let workers = Workers::start(self, &executor, 2).await?;
+        let t = Instant::now();
+        let run_id = self.plan(&planner).await?;
+        let publish = t.elapsed();
+        self.wait_run(run_id).await?;
+        let ours = t.elapsed();
         workers.stop().await;
-        let after = self.bare_loop(jobs as usize).await?;
+        let batches = self.batches(run_id).await?;
+        if batches != jobs as i64 {
+            return Err(format!("{batches} empty jobs, expected {jobs}"));
+        }
+        eprintln!("bench: empty jobs: {ours:?}, of which planning and publishing {publish:?}");
+        let after = self.bare_loop(jobs).await?;
         eprintln!("bench: bare loop {before:?} before, {after:?} after");
-        Ok((jobs as usize, ours, before.min(after)))
+        Ok((jobs, ours, before.min(after)))
+    }
+
+    /// Consumers of the work queue (0 while it does not exist).
+    async fn work_consumers(&self) -> u32 {
+        let Ok(connection) =
+            Connection::connect(&self.amqp_url, ConnectionProperties::default()).await
+        else {
+            return 0;
+        };
+        let consumers = async {
+            let channel = connection.create_channel().await.ok()?;
+            let queue = channel
+                .queue_declare(
+                    format!("{}.work", self.prefix).as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .ok()?;
+            Some(queue.consumer_count())
+        }
+        .await;
+        let _ = connection.close(200, "".into()).await;
+        consumers.unwrap_or(0)
     }
 
     async fn bare_loop(&self, n: usize) -> Result<Duration, String> {
@@ -520,6 +565,36 @@ impl Bench {
             .map_err(e)?;
         let body =
             br#"{"v":1,"run_id":1,"stream":"s","batch":1,"range":{"lower":null,"upper":null}}"#;
+        // The consumer attached first, as the workers are: publishing and
+        // consuming overlap, as they do for the jobs.
+        let consumer_channel = connection.create_channel().await.map_err(e)?;
+        consumer_channel
+            .basic_qos(8, BasicQosOptions::default())
+            .await
+            .map_err(e)?;
+        let mut consumer = consumer_channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(e)?;
+        let consumed = tokio::spawn(async move {
+            for _ in 0..n {
+                let delivery = consumer
+                    .next()
+                    .await
+                    .ok_or("consumer closed")?
+                    .map_err(|e| e.to_string())?;
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(())
+        });
         let t = Instant::now();
         let mut confirms = Vec::with_capacity(n);
         for _ in 0..n {
@@ -539,26 +614,10 @@ impl Bench {
         for c in confirms {
             c.await.map_err(e)?;
         }
-        let consumer_channel = connection.create_channel().await.map_err(e)?;
-        consumer_channel
-            .basic_qos(8, BasicQosOptions::default())
+        tokio::time::timeout(Duration::from_secs(120), consumed)
             .await
-            .map_err(e)?;
-        let mut consumer = consumer_channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(e)?;
-        let mut got = 0;
-        while got < n {
-            let delivery = consumer.next().await.ok_or("consumer closed")?.map_err(e)?;
-            delivery.ack(BasicAckOptions::default()).await.map_err(e)?;
-            got += 1;
-        }
+            .map_err(|_| "the bare loop's consumer took over 120 s".to_string())?
+            .map_err(|e| e.to_string())??;
         let elapsed = t.elapsed();
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -694,9 +753,22 @@ impl Workers {
                     .map_err(|e| e.to_string())?,
             );
         }
-        // Let them connect and start consuming.
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        Ok(Self { children })
+        let mut workers = Self { children };
+        // Until each consumes: a measurement starts with the fleet ready.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while bench.work_consumers().await < n as u32 {
+            for child in &mut workers.children {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("a worker exited at start: {status}"));
+                }
+            }
+            if Instant::now() > deadline {
+                workers.stop().await;
+                return Err(format!("{n} worker(s) did not consume within 60 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(workers)
     }
 
     pub fn peak_rss_kb(&self) -> u64 {
