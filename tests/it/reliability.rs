@@ -294,6 +294,41 @@ async fn a_unique_value_moving_between_batches_is_retried_not_failed() {
     assert_eq!(env.dead_letters().await, 0);
 }
 
+/// A job that fails past half its deadline, where a retry in the worker
+/// could only be handed back untried for want of time to take a read
+/// slot: its error counts, attempt after attempt, until it is
+/// dead-lettered, rather than the job going round the queue for ever as
+/// the same attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_late_in_its_deadline_uses_up_its_attempts() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\ndeadline = \"2s\"\n",
+    );
+    let plan = env.plan(&config).await;
+    env.dest
+        .batch_execute(
+            "CREATE FUNCTION late() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               PERFORM pg_sleep(1.3);
+               RAISE EXCEPTION 'injected: late conflict' USING ERRCODE = '40001';
+             END $$;
+             CREATE TRIGGER late BEFORE INSERT ON items FOR EACH STATEMENT EXECUTE FUNCTION late();",
+        )
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    env.eventually("the job dead-lettered", 60, || async {
+        env.dead_letters().await == 1
+    })
+    .await;
+    fleet.stop().await;
+    let batches = batch_attempts(&env, plan.run_id).await;
+    assert_eq!(batches, vec![(1, "failed".to_string(), 3)], "{batches:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_is_dead_lettered_at_once_and_can_be_replayed() {
     let env = TestEnv::new().await;

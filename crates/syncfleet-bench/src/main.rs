@@ -267,22 +267,34 @@ async fn run(bench: &Bench, args: &Args) -> Result<Report, String> {
         eprintln!("bench: job overhead");
         let (jobs, ours, bare) = bench.job_overhead(5_000).await?;
         report.section(
-        "4. Job overhead",
-        &format!(
-            "{jobs} empty jobs (zero-row batches) end to end, from the `syncfleet sync` that \
+            "4. Job overhead",
+            &format!(
+                "{jobs} empty jobs (zero-row batches) end to end, from the `syncfleet sync` that \
              plans and publishes them (with confirms) to the last ack, 2 worker processes \
              consuming from the start (each job a source read; jobs waiting in a worker \
              together share one source and one destination transaction, up to 16), against a \
              bare lapin loop publishing {jobs} messages with confirms to a consumer attached \
              from the start that acks each, in the same run, once before and once after; the \
              faster of the two is the reference."
-        ),
-        &["measurement", "seconds", "jobs/s", "vs bare loop", "target"],
-        vec![
-            vec!["bare lapin publish → consume → ack".into(), ms(bare), per_s(jobs as f64, bare), "1.00".into(), "".into()],
-            vec!["syncfleet empty jobs".into(), ms(ours), per_s(jobs as f64, ours), ratio(bare, ours), "≥ 0.50".into()],
-        ],
-    );
+            ),
+            &["measurement", "seconds", "jobs/s", "vs bare loop", "target"],
+            vec![
+                vec![
+                    "bare lapin publish → consume → ack".into(),
+                    ms(bare),
+                    per_s(jobs as f64, bare),
+                    "1.00".into(),
+                    "".into(),
+                ],
+                vec![
+                    "syncfleet empty jobs".into(),
+                    ms(ours),
+                    per_s(jobs as f64, ours),
+                    ratio(bare, ours),
+                    "≥ 0.50".into(),
+                ],
+            ],
+        );
     }
 
     // 5. Memory and scaling.

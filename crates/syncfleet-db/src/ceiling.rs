@@ -206,12 +206,11 @@ pub struct Ceiling {
 /// destination says within 5 s: best effort, for a reader that goes on
 /// without one.
 pub async fn fleet_level(destination: &Pool, fleet: &str) -> Option<f64> {
-    let level = async {
-        let client = destination.get().await.ok()?;
-        control::fleet_level(&**client, fleet).await.ok()?
-    };
-    tokio::time::timeout(Duration::from_secs(5), level)
-        .await
+    destination
+        .bounded(Duration::from_secs(5), async |client| {
+            control::fleet_level(&***client, fleet).await
+        })
+        .await?
         .ok()?
 }
 

@@ -214,11 +214,18 @@ impl Pool {
 
     /// A pooled connection, waiting at most the connect timeout.
     pub async fn get(&self) -> Result<Client, DbError> {
-        use deadpool_postgres::PoolError;
+        use deadpool_postgres::{PoolError, TimeoutType};
         self.inner.get().await.map_err(|e| match e {
-            PoolError::Timeout(_) => DbError::PoolTimeout {
+            // Every connection in use, by this process's own work.
+            PoolError::Timeout(TimeoutType::Wait) => DbError::PoolTimeout {
                 role: self.role.name(),
                 size: self.inner.status().max_size,
+            },
+            // A server that does not answer: an outage.
+            PoolError::Timeout(_) => DbError::Connect {
+                role: self.role.name(),
+                url: self.url.clone(),
+                detail: "no answer within the connect timeout".into(),
             },
             PoolError::Backend(e) => DbError::Connect {
                 role: self.role.name(),

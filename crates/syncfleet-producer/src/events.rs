@@ -579,10 +579,12 @@ async fn flush(
         }
     }
     let published = async {
-        let position = async { syncfleet_db::pool::wal_position(&**source.get().await?).await };
-        let lsn = tokio::time::timeout(POSITION_TIMEOUT, position)
+        let lsn = source
+            .bounded(POSITION_TIMEOUT, async |c| {
+                syncfleet_db::pool::wal_position(&***c).await
+            })
             .await
-            .map_err(|_| format!("the source's WAL position took over {POSITION_TIMEOUT:?}"))?
+            .ok_or_else(|| format!("the source's WAL position took over {POSITION_TIMEOUT:?}"))?
             .map_err(|e| format!("reading the source's WAL position: {e}"))?;
         let jobs: Vec<Job> = jobs.into_iter().map(|job| job.at(lsn)).collect();
         publisher

@@ -477,6 +477,11 @@ impl Executor {
         // begin, or found a database down: in a busy fleet, each hand-back
         // would describe the stream again.)
         let tries = AtomicU32::new(0);
+        // The last error of an attempt that began: a retry handed back
+        // untried (its slot or connections not had in time) must not hide
+        // it, or a job failing late in its deadline would be handed back,
+        // as the same attempt, for ever.
+        let failed: std::sync::Mutex<Option<JobError>> = std::sync::Mutex::new(None);
         let attempt = || async {
             tries.fetch_add(1, Ordering::Relaxed);
             let result = self
@@ -484,19 +489,22 @@ impl Executor {
                 .await;
             if let Err(e) = &result
                 && !e.not_started()
-                && !matches!(e, JobError::Unavailable(_) | JobError::Lagging(_))
             {
-                let mut shapes = self.shapes.lock().expect("shape cache");
-                for stream in &streams {
-                    shapes.forget(&stream.name);
+                *failed.lock().expect("last error") = Some(e.clone());
+                if !matches!(e, JobError::Unavailable(_) | JobError::Lagging(_)) {
+                    let mut shapes = self.shapes.lock().expect("shape cache");
+                    for stream in &streams {
+                        shapes.forget(&stream.name);
+                    }
                 }
             }
             result
         };
+        // Past `slot_by` a retry could only be handed back untried.
         let attempts = attempt
             .retry(backoff)
             .sleep(tokio::time::sleep)
-            .when(|e| retried(e) && Instant::now() < deadline)
+            .when(|e| retried(e) && Instant::now() < slot_by)
             .notify(|e, delay| {
                 tracing::debug!(job = %jobs[0].id(), error = %e, ?delay, "retrying in this worker");
             });
@@ -506,6 +514,10 @@ impl Executor {
         let outer = deadline + CANCEL_TIMEOUT + Duration::from_secs(1);
         let result = tokio::time::timeout_at(outer.into(), attempts).await;
         drop(permit);
+        let result = match (result, failed.into_inner().expect("last error")) {
+            (Ok(Err(e)), Some(failed)) if e.not_started() => Ok(Err(failed)),
+            (result, _) => result,
+        };
         match result {
             // Out of time before a second try: the next attempt will tell.
             Ok(Err(JobError::ShapeChanged(e))) if tries.load(Ordering::Relaxed) < 2 => {
@@ -609,17 +621,25 @@ impl Executor {
         // (the app's database) no connection. Both checked out before either
         // is `Unpooled`: one that cannot be had sends the other, unused,
         // back to its pool.
-        let dst = self.destination.get().await?;
-        let src = self.source.get().await?;
         // A worker's connections are taken by its jobs waiting for the
         // fleet's read slots too: one that waited for them past its time
-        // for a slot goes back untried, as if it had waited for the slot,
-        // not to time out and use up an attempt.
-        if Instant::now() >= slot_by {
-            return Err(JobError::NoReadSlot(format!(
+        // for a slot (or for the pool's whole checkout timeout: all taken by
+        // this worker's jobs, not a database down) goes back untried, as if
+        // it had waited for the slot, not to time out and use up an attempt.
+        let no_connection = || {
+            JobError::NoReadSlot(format!(
                 "no database connection of this worker came free within half the job's deadline ({:?})",
                 budget / 2
-            )));
+            ))
+        };
+        let untried = |checkout: Result<Client, syncfleet_db::DbError>| match checkout {
+            Err(syncfleet_db::DbError::PoolTimeout { .. }) => Err(no_connection()),
+            other => other.map_err(JobError::from),
+        };
+        let dst = untried(self.destination.get().await)?;
+        let src = untried(self.source.get().await)?;
+        if Instant::now() >= slot_by {
+            return Err(no_connection());
         }
         let mut dst = Unpooled::new(dst, self.destination.tls());
         let mut src = Unpooled::new(src, self.source.tls());
@@ -914,21 +934,21 @@ impl Executor {
                 }
                 Ok::<_, syncfleet_db::DbError>(finished)
             };
-            // After the commit, in its own transaction: the fleet's rows/s
-            // budget is one row every worker updates.
-            let charge = async {
-                let rate = rate?;
+            let (known, recorded, committed, finished) =
+                tokio::join!(biased; complete, record, commit, finish);
+            // Checked first: after a failed statement the server answers
+            // COMMIT by rolling back, and reports that as a success.
+            let known = known?;
+            recorded?;
+            committed?;
+            // Once committed (a failed attempt is not charged), in its own
+            // transaction: the fleet's rows/s budget is one row every worker
+            // updates.
+            if let Some(rate) = rate {
                 let rows: u64 = done.iter().map(|d| d.rows_copied + d.rows_unchanged).sum();
                 let cost = Duration::from_secs_f64(rows as f64 / f64::from(rate));
                 let prefix = &self.config.broker.prefix;
-                Some((
-                    cost,
-                    control::charge_read(&*dst, prefix, began.elapsed(), cost).await,
-                ))
-            };
-            let (known, recorded, committed, finished, charged) =
-                tokio::join!(biased; complete, record, commit, finish, charge);
-            if let Some((cost, charged)) = charged {
+                let charged = control::charge_read(&*dst, prefix, began.elapsed(), cost).await;
                 // Without the fleet's clock, this worker still keeps the rate.
                 let wait = charged.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "could not charge the fleet's rows/s budget");
@@ -936,11 +956,6 @@ impl Executor {
                 });
                 self.gate.hold_until((Instant::now() + wait).into());
             }
-            // Checked first: after a failed statement the server answers
-            // COMMIT by rolling back, and reports that as a success.
-            let known = known?;
-            recorded?;
-            committed?;
             if !known {
                 // Its run is gone from the control schema. Writing the
                 // range was harmless (every write converges it to the

@@ -264,21 +264,35 @@ pub async fn run_probe(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_level = gate.level();
     let mut reported = Instant::now();
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.wait() => return,
             _ = ticker.tick() => {}
         }
-        let Ok(client) = client.get().await else {
-            continue;
-        };
         let started = Instant::now();
-        // A probe that times out is the slowest probe of all; one that fails
-        // says nothing about the app's latency and is skipped.
-        let probe =
-            tokio::time::timeout(config.interval * 4, client.simple_query(&config.probe)).await;
-        if let Ok(Err(_)) = probe {
-            continue;
+        // A probe that times out is the slowest probe of all (cancelled and
+        // its connection closed, so that the next probe does not queue
+        // behind it); one that fails says nothing about the app's latency
+        // and is skipped, said once while it goes on failing.
+        let probe = client
+            .bounded(config.interval * 4, async |c| {
+                c.simple_query(&config.probe)
+                    .await
+                    .map_err(syncfleet_db::DbError::from)
+            })
+            .await;
+        match probe {
+            Some(Err(e)) => {
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "the throttle's probe fails; the throttle holds its level until it answers");
+                }
+                continue;
+            }
+            Some(Ok(_)) if std::mem::take(&mut failing) => {
+                tracing::info!("the throttle's probe answers again")
+            }
+            _ => {}
         }
         let latency = started.elapsed();
         let level = gate.observe(latency);
@@ -302,11 +316,12 @@ pub async fn run_probe(
             // down costs a newly started worker only its head start.
             let (destination, fleet) = (destination.clone(), fleet.clone());
             tokio::spawn(async move {
-                let report = async {
-                    let client = destination.get().await?;
-                    syncfleet_db::control::report_level(&**client, &fleet, level).await
-                };
-                if let Ok(Err(e)) = tokio::time::timeout(FLEET_LEVEL_EVERY, report).await {
+                let report = destination
+                    .bounded(FLEET_LEVEL_EVERY, async |c| {
+                        syncfleet_db::control::report_level(&***c, &fleet, level).await
+                    })
+                    .await;
+                if let Some(Err(e)) = report {
                     tracing::debug!(error = %e, "could not report the throttle level");
                 }
             });
