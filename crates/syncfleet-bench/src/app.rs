@@ -92,6 +92,7 @@ pub async fn run(
     let mut rows = Vec::new();
     for (i, mode) in modes.iter().enumerate() {
         let config = bench.config("wide", "batch_size = 10000", &mode.source);
+        let adaptive = mode.name.starts_with("adaptive");
         let mut measured = Vec::new();
         for round in 1..=mode.rounds {
             let name = match mode.rounds {
@@ -118,7 +119,10 @@ pub async fn run(
                 busy.cores,
                 idle.steal.max(busy.steal),
             ];
-            rows.push(app_row(name, &row));
+            // The target is the adaptive mode's, judged once: on its one
+            // round, or on the median of its rounds below.
+            let judged = adaptive && mode.rounds == 1;
+            rows.push(app_row(name, &row, judged));
             measured.push(row);
         }
         if mode.rounds > 1 {
@@ -133,6 +137,7 @@ pub async fn run(
                     mode.name, mode.rounds
                 ),
                 &median,
+                adaptive,
             ));
         }
     }
@@ -140,10 +145,12 @@ pub async fn run(
 }
 
 /// alone p99, p50, p99, ratio, rows/s, vs unthrottled; the machine's busy
-/// cores alone and with the syncs, and the larger steal of the two phases.
+/// cores alone and with the syncs, and the larger steal of the two phases;
+/// with the adaptive throttle's target when `judged`.
 fn app_row(
     name: String,
     [alone, p50, p99, ratio, rows_per_s, speed, idle, busy, steal]: &[f64; 9],
+    judged: bool,
 ) -> Vec<String> {
     vec![
         name,
@@ -156,6 +163,13 @@ fn app_row(
         format!("{idle:.2} → {busy:.2}"),
         format!("{:.0}", rows_per_s / (busy - idle)),
         format!("{:.1}", steal * 100.0),
+        match judged {
+            true => crate::util::target(
+                "p99 ≤ 1.5× at ≥ 0.20 of unthrottled",
+                *ratio <= 1.5 && *speed >= 0.20,
+            ),
+            false => String::new(),
+        },
     ]
 }
 
@@ -236,41 +250,70 @@ async fn during_syncs(
     let syncs = {
         let stop = stop.clone();
         let (binary, config) = (bench.syncfleet.clone(), config.to_path_buf());
+        // The syncs that did not succeed: a phase whose syncs failed would
+        // measure the app alone.
         tokio::spawn(async move {
+            let mut failed = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                let _ = syncfleet_chaos::syncfleet_command(&binary)
+                let out = syncfleet_chaos::syncfleet_command(&binary)
                     .arg("--config")
                     .arg(&config)
                     .args(["sync", "--wait"])
                     .env("RUST_LOG", "error")
                     .output()
                     .await;
+                match out {
+                    Ok(out) if out.status.success() => {}
+                    Ok(out) => failed.push(format!(
+                        "{}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
             }
+            failed
         })
     };
-    // Let the syncs get going before measuring.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let window_start: f64 = bench
-        .dst
-        .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
-        .await
-        .map_err(db_err)?
-        .get(0);
-    let ((p50, p99), cpu) = measured(pgbench(bench, script, seconds, rate, tag)).await?;
-    let copied: f64 = bench
-        .dst
-        .query_one(
-            "SELECT coalesce(sum(rows_copied + coalesce(rows_unchanged, 0)), 0)::float8 FROM syncfleet.batches \
-             WHERE finished_at >= to_timestamp($1) AND finished_at < to_timestamp($1) + make_interval(secs => $2)",
-            &[&window_start, &(seconds as f64)],
-        )
-        .await
-        .map_err(db_err)?
-        .get(0);
+    let measurement = async {
+        // Let the syncs get going before measuring.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let window_start: f64 = bench
+            .dst
+            .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let ((p50, p99), cpu) = measured(pgbench(bench, script, seconds, rate, tag)).await?;
+        let copied: f64 = bench
+            .dst
+            .query_one(
+                "SELECT coalesce(sum(rows_copied + coalesce(rows_unchanged, 0)), 0)::float8 FROM syncfleet.batches \
+                 WHERE finished_at >= to_timestamp($1) AND finished_at < to_timestamp($1) + make_interval(secs => $2)",
+                &[&window_start, &(seconds as f64)],
+            )
+            .await
+            .map_err(db_err)?
+            .get(0);
+        Ok::<_, String>(((p50, p99, copied / seconds as f64), cpu))
+    }
+    .await;
+    // However the measurement ended: the last sync, past its bound, is
+    // killed with its task, not left to run into the next phase.
     stop.store(true, Ordering::Relaxed);
-    let _ = tokio::time::timeout(Duration::from_secs(120), syncs).await;
+    let abort = syncs.abort_handle();
+    let failed = tokio::time::timeout(Duration::from_secs(120), syncs).await;
+    abort.abort();
     workers.stop().await;
-    Ok(((p50, p99, copied / seconds as f64), cpu))
+    match failed {
+        Ok(Ok(failed)) if !failed.is_empty() => Err(format!(
+            "{} sync(s) failed during the phase, first: {}",
+            failed.len(),
+            failed[0]
+        )),
+        Ok(Ok(_)) => measurement,
+        _ => Err("the last sync of the phase did not end within 120 s".into()),
+    }
 }
 
 /// Runs pgbench at a fixed rate; returns p50 and p99 latency in ms.

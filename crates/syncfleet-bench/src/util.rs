@@ -30,6 +30,17 @@ pub fn ratio(reference: Duration, measured: Duration) -> String {
     )
 }
 
+/// A target and whether the unrounded figure meets it: a ratio of 0.596
+/// shows as 0.60 and misses "≥ 0.60".
+pub fn target(text: &str, met: bool) -> String {
+    format!("{text}: {}", if met { "met" } else { "**missed**" })
+}
+
+/// `reference / measured`, unrounded.
+pub fn speed(reference: Duration, measured: Duration) -> f64 {
+    reference.as_secs_f64() / measured.as_secs_f64().max(1e-9)
+}
+
 pub async fn connect(url: &str) -> Result<Client, String> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
@@ -397,8 +408,14 @@ impl Bench {
                 .await
                 .map_err(db_err)?
                 .get(0);
-            if others == 0 || Instant::now() > deadline {
+            if others == 0 {
                 break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{others} other session(s) still on the source 10 s after planning: \
+                     their statements would be counted as the workers'"
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -440,6 +457,7 @@ impl Bench {
                  FROM pg_stat_statements \
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'bench_src') \
                  AND query <> 'SELECT $1' AND query NOT LIKE '%pg_stat_statements_reset%' \
+                 AND query NOT LIKE '%pg_stat_reset_single_table_counters%' \
                  AND query NOT LIKE '%pg_stat_clear_snapshot%' \
                  GROUP BY 1 ORDER BY 2 DESC",
                 &[],
