@@ -105,7 +105,7 @@ pub async fn run(bench: &Bench, rate: u32, seconds: u64) -> Result<Freshness, St
         ticks += 1;
         let due = (ticks * u64::from(rate) / 100) as usize;
         let mut confirms = Vec::with_capacity(due.saturating_sub(events));
-        for _ in events..due {
+        while events < due {
             let id = if events.is_multiple_of(2) {
                 next_new += 1;
                 bench
