@@ -721,9 +721,19 @@ async fn verifying_reads_the_source_within_the_fleets_ceiling_and_level() {
     let held = hold_the_only_read_slot(&env, &config).await;
     let waiting = verify("small");
     tokio::pin!(waiting);
+    // Queued on the server for the slot, and not done meanwhile.
+    let queued = env.eventually("verify to queue for the read slot", 60, || async {
+        !TestEnv::rows(
+            &env.dest,
+            "SELECT pid FROM pg_stat_activity WHERE wait_event = 'advisory' \
+             AND datname = current_database()",
+        )
+        .await
+        .is_empty()
+    });
     tokio::select! {
         () = &mut waiting => panic!("verify finished while the fleet's only read slot was held"),
-        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        () = queued => {}
     }
     held.batch_execute("ROLLBACK").await.unwrap();
     waiting.await;

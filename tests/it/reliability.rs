@@ -839,7 +839,10 @@ async fn a_poison_message_is_dead_lettered_after_the_delivery_limit() {
         .unwrap();
     let queue = Topology::new(&env.name).work_queue();
     let mut deliveries = 0;
-    for _ in 0..(syncfleet_broker::DELIVERY_LIMIT + 10) {
+    // Bounded in time, not in tries: a loaded broker may take a while to
+    // put a message back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
         let channel = connection.create_channel().await.unwrap();
         let got = channel
             .basic_get(queue.as_str().into(), Default::default())
@@ -1321,6 +1324,14 @@ async fn a_job_failing_once_its_batch_is_done_is_acked_not_dead_lettered() {
     fleet.stop().await;
     assert_eq!(env.queue_depth().await, 0, "the job was not settled");
     assert_eq!(env.dead_letters().await, 0, "done work was dead-lettered");
+    let topology = Topology::new(&env.name);
+    for queue in [0, 1].map(|n| topology.delay_queue(n)) {
+        assert_eq!(
+            env.depth_of(&queue).await,
+            0,
+            "parked in {queue}, not acked"
+        );
+    }
     assert_eq!(run_status(&env, plan.run_id).await.status, "succeeded");
 }
 

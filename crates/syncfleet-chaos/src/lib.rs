@@ -587,7 +587,10 @@ async fn chaos(
                 elapsed.as_secs_f64(),
                 done * 100.0
             );
-            report.pg_terminations += 1;
+            // One that hit nothing is no chaos: tried again next time round.
+            if n > 0 {
+                report.pg_terminations += 1;
+            }
         }
         if report.broker_restarts == 0 && done >= options.restart_at {
             eprintln!(
