@@ -205,7 +205,7 @@ async fn run(bench: &Bench, args: &Args, started: std::time::Instant) -> Result<
             "2. Source statements per batch",
             "From `pg_stat_statements` on the source over 200,000 rows, counting every statement \
          the workers ran (the throttle's probe aside), reset after planning. Jobs of batches \
-         under 1,000 rows that wait in a worker together share one transaction (up to 16 jobs \
+         under 1,000 rows that wait in a worker together share one transaction (up to 64 jobs \
          and 1,000 rows), so `START TRANSACTION` and `COMMIT` are paid once per group: 4 \
          statements per batch, fewer for small batches, plus each worker process's description \
          of the stream, spread over the batches.",
@@ -280,7 +280,7 @@ async fn run(bench: &Bench, args: &Args, started: std::time::Instant) -> Result<
                 "{jobs} empty jobs (zero-row batches) end to end, from the `syncfleet sync` that \
              plans and publishes them (with confirms) to the last ack, 2 worker processes \
              consuming from the start (each job a source read; jobs waiting in a worker \
-             together share one source and one destination transaction, up to 16), against a \
+             together share one source and one destination transaction, up to 64), against a \
              bare lapin loop publishing {jobs} messages with confirms to a consumer attached \
              from the start that acks each, in the same run, once before and once after; the \
              faster of the two is the reference."
