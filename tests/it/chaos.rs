@@ -56,7 +56,7 @@ async fn the_fleet_rides_out_a_postgres_restart() {
         .await
         .unwrap();
     let text = format!(
-        "[source]\nurl = \"{}\"\nconnect_timeout = \"2s\"\n[destination]\nurl = \"{}\"\nconnect_timeout = \"2s\"\n\
+        "[source]\nurl = \"{}\"\nconnect_timeout = \"2s\"\nmax_rows_per_second = 4000\n[destination]\nurl = \"{}\"\nconnect_timeout = \"2s\"\n\
          [broker]\nurl = \"{}\"\nprefix = \"{}\"\n[jobs]\nretry_initial = \"100ms\"\nretry_max = \"500ms\"\n\
          [[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 25\n",
         pg.url("app"),

@@ -216,12 +216,17 @@ impl Pool {
     pub async fn get(&self) -> Result<Client, DbError> {
         use deadpool_postgres::{PoolError, TimeoutType};
         self.inner.get().await.map_err(|e| match e {
-            // Every connection in use, by this process's own work.
-            PoolError::Timeout(TimeoutType::Wait) => DbError::PoolTimeout {
-                role: self.role.name(),
-                size: self.inner.status().max_size,
-            },
-            // A server that does not answer: an outage.
+            // Every connection made and in use, by this process's own work.
+            PoolError::Timeout(TimeoutType::Wait)
+                if self.inner.status().size >= self.inner.status().max_size =>
+            {
+                DbError::PoolTimeout {
+                    role: self.role.name(),
+                    size: self.inner.status().max_size,
+                }
+            }
+            // A server that does not answer (the wait was behind
+            // connections being made): an outage.
             PoolError::Timeout(_) => DbError::Connect {
                 role: self.role.name(),
                 url: self.url.clone(),

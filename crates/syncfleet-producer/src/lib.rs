@@ -336,9 +336,11 @@ pub async fn resume_run(
         })
     })?;
     let prepared = prepare(source, destination, &streams).await?;
-    let was_failed = control::run(&**destination.get().await?, run_id)
+    // A run failed, or still planning (its planner gone), cannot finish
+    // without this resume: one that stops fails it (again).
+    let unfinishable = control::run(&**destination.get().await?, run_id)
         .await?
-        .is_some_and(|r| r.status == "failed");
+        .is_some_and(|r| r.status == "failed" || r.status == "planning");
     control::reopen(
         &mut **destination.get().await?,
         &config.broker.prefix,
@@ -348,10 +350,10 @@ pub async fn resume_run(
     )
     .await?
     .map_err(PlanError::Going)?;
-    // Re-opened, a failed run holds its streams: a resume that stops here
-    // fails it again, as planning does, rather than leave it going until
-    // abandoned. A run that was going stays so: its jobs may well finish
-    // it, which they cannot do for a failed run.
+    // Re-opened, such a run holds its streams: a resume that stops here
+    // fails it, as planning does, rather than leave it going until
+    // abandoned. A run that was running stays so: its jobs may well
+    // finish it.
     let resumed = resume_reopened(
         source,
         destination,
@@ -365,7 +367,7 @@ pub async fn resume_run(
     .await;
     match resumed {
         Ok(published) => Ok(published),
-        Err(e) if was_failed => Err(planning_failed(destination, run_id, e).await),
+        Err(e) if unfinishable => Err(planning_failed(destination, run_id, e).await),
         Err(e) => Err(e),
     }
 }

@@ -639,9 +639,15 @@ async fn conclude(
             let rows = [&a, &b].map(|j| j.select.as_ref().map_or(0, |s| s.values.len()));
             tracing::warn!(job = %id, ?rows, %reason, "a value of the event job is bad; splitting it in halves, so that only the values at fault are dead-lettered");
             finished("split");
+            // New jobs, each with its attempts ahead of it (a unique
+            // conflict is split only once its own are used up).
+            let halves = Meta {
+                attempt: 1,
+                ..meta.split()
+            };
             let copied = context
                 .publisher
-                .publish_jobs_as(&[a, b], meta.split().again(now_ms()))
+                .publish_jobs_as(&[a, b], halves.again(now_ms()))
                 .await;
             let failed = "could not publish the job's halves; requeueing it";
             ack_if_copied(delivery, &id, copied, failed, true).await;

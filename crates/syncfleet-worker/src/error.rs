@@ -39,8 +39,10 @@ pub enum JobError {
     /// the job's values in another row. Another batch may be moving it (a
     /// value passed from a row of one batch to a row of another, written
     /// first): retried like [`JobError::Retry`]; once the attempts are used
-    /// up, a [`JobError::BadValue`]. (Never the key's own index: the write
-    /// locks keep every other job off the job's keys.)
+    /// up, a [`JobError::BadValue`]. (Never another job's write on the key's
+    /// own index: the write locks keep every other job off the job's keys.
+    /// A query stream whose key repeats meets it there, and is
+    /// dead-lettered once its attempts are used up.)
     #[error("{0}")]
     Conflict(String),
     /// A column the job's statements name is gone (dropped under a

@@ -483,10 +483,14 @@ impl Executor {
         // as the same attempt, for ever.
         let failed: std::sync::Mutex<Option<JobError>> = std::sync::Mutex::new(None);
         let attempt = || async {
-            tries.fetch_add(1, Ordering::Relaxed);
             let result = self
                 .attempt(&streams, jobs, deadline, budget, slot_by)
                 .await;
+            // Attempts that began: one handed back untried described
+            // nothing anew.
+            if !matches!(&result, Err(e) if e.not_started()) {
+                tries.fetch_add(1, Ordering::Relaxed);
+            }
             if let Err(e) = &result
                 && !e.not_started()
             {

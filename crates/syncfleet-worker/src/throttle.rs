@@ -270,31 +270,37 @@ pub async fn run_probe(
             _ = shutdown.wait() => return,
             _ = ticker.tick() => {}
         }
-        let started = Instant::now();
-        // A probe that times out is the slowest probe of all (cancelled and
-        // its connection closed, so that the next probe does not queue
-        // behind it); one that fails says nothing about the app's latency
-        // and is skipped, said once while it goes on failing.
+        // Timed from the query, not the checkout (a connection made anew
+        // after one closed is no slower app). A probe that times out is the
+        // slowest probe of all (cancelled and its connection closed, so
+        // that the next probe does not queue behind it); one that fails
+        // says nothing about the app's latency and is skipped, said once
+        // while it goes on failing.
+        let bound = config.interval * 4;
         let probe = client
-            .bounded(config.interval * 4, async |c| {
+            .bounded(bound, async |c| {
+                let started = Instant::now();
                 c.simple_query(&config.probe)
                     .await
+                    .map(|_| started.elapsed())
                     .map_err(syncfleet_db::DbError::from)
             })
             .await;
-        match probe {
+        let latency = match probe {
             Some(Err(e)) => {
                 if !std::mem::replace(&mut failing, true) {
                     tracing::warn!(error = %e, "the throttle's probe fails; the throttle holds its level until it answers");
                 }
                 continue;
             }
-            Some(Ok(_)) if std::mem::take(&mut failing) => {
-                tracing::info!("the throttle's probe answers again")
+            Some(Ok(latency)) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("the throttle's probe answers again");
+                }
+                latency
             }
-            _ => {}
-        }
-        let latency = started.elapsed();
+            None => bound,
+        };
         let level = gate.observe(latency);
         metrics::gauge!(syncfleet_core::metrics::THROTTLE_LEVEL).set(level);
         tracing::trace!(?latency, level, "probe");
