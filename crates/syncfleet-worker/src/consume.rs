@@ -18,7 +18,7 @@
 //! | a database is unreachable | re-published to `P.delay.0` as the same attempt, after a backoff that grows while the outage lasts, then ack |
 //! | a connection broke under the job | as for an unreachable database, counted in the message; after `max_attempts` of them, as for a permanent failure (a job that ends its own session or crashes the server each time must not do so forever) |
 //! | transient failure, attempts left | re-published to `P.delay.N` (confirmed), then ack |
-//! | a bad value (a data exception or a constraint of the destination; a unique conflict once its attempts are used up) in an event job of several rows | its two halves published (confirmed) as the same attempt, then ack: halved, at most 6 times, until only the values at fault are dead-lettered |
+//! | a bad value (a data exception or a constraint of the destination; a unique conflict once its attempts are used up) in an event job of several rows | its two halves published (confirmed) as first attempts, then ack: halved, at most 6 times, until only the values at fault are dead-lettered |
 //! | permanent failure, attempts used up, or not a job | batch marked failed, message published to `P.dead` with the reason (confirmed), then ack; if the destination is unreachable to mark it, as for an unreachable database |
 //! | the job panicked | nack with requeue; the queue's delivery limit dead-letters a job that keeps doing so |
 //!
