@@ -66,6 +66,26 @@ async fn items_behind_a_slow_gate(
     ))
 }
 
+/// Makes the destination's first `n` writes to `items` fail with SQLSTATE
+/// `code`, counted by the sequence `failures` (a sequence is not rolled
+/// back with the failed transaction).
+async fn fail_first_writes(env: &TestEnv, n: i64, code: &str, message: &str) {
+    env.dest
+        .batch_execute(&format!(
+            "CREATE SEQUENCE failures;
+             CREATE FUNCTION failing() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF nextval('failures') <= {n} THEN
+                 RAISE EXCEPTION '{message}' USING ERRCODE = '{code}';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER failing BEFORE INSERT ON items FOR EACH STATEMENT EXECUTE FUNCTION failing();"
+        ))
+        .await
+        .unwrap();
+}
+
 async fn batch_attempts(env: &TestEnv, run_id: i64) -> Vec<(i64, String, i32)> {
     env.dest
         .query(
@@ -87,22 +107,9 @@ async fn a_transient_error_is_retried_until_it_succeeds() {
     let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
     let plan = env.plan(&config).await;
     // The destination fails its first five writes with a serialization
-    // failure (a sequence is not rolled back with the failed transaction):
-    // four tries in the worker, then a delayed retry through the broker.
-    env.dest
-        .batch_execute(
-            "CREATE SEQUENCE failures;
-             CREATE FUNCTION flaky() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF nextval('failures') <= 5 THEN
-                 RAISE EXCEPTION 'injected conflict' USING ERRCODE = '40001';
-               END IF;
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER flaky BEFORE INSERT ON items FOR EACH STATEMENT EXECUTE FUNCTION flaky();",
-        )
-        .await
-        .unwrap();
+    // failure: four tries in the worker, then a delayed retry through the
+    // broker.
+    fail_first_writes(&env, 5, "40001", "injected conflict").await;
     let fleet = Fleet::start(&config, 1);
     env.wait(plan.run_id).await;
     fleet.stop().await;
@@ -132,21 +139,7 @@ async fn a_read_only_destination_is_waited_for_like_an_outage() {
     env.migrate().await;
     let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\n");
     let plan = env.plan(&config).await;
-    env.dest
-        .batch_execute(
-            "CREATE SEQUENCE failures;
-             CREATE FUNCTION unwritable() RETURNS trigger LANGUAGE plpgsql AS $$
-             DECLARE n int8 := nextval('failures');
-             BEGIN
-               IF n <= 10 THEN
-                 RAISE EXCEPTION 'injected: read-only' USING ERRCODE = '25006';
-               END IF;
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER unwritable BEFORE INSERT ON items FOR EACH STATEMENT EXECUTE FUNCTION unwritable();",
-        )
-        .await
-        .unwrap();
+    fail_first_writes(&env, 10, "25006", "injected: read-only").await;
     let fleet = Fleet::start(&config, 1);
     env.wait(plan.run_id).await;
     fleet.stop().await;
@@ -171,20 +164,10 @@ async fn a_job_waiting_out_an_outage_waits_in_the_outage_delay_queue() {
     let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\n");
     env.sync(&config, 1).await;
     env.dest
-        .batch_execute(
-            "DELETE FROM items WHERE id <= 2;
-             CREATE SEQUENCE failures;
-             CREATE FUNCTION unwritable() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF nextval('failures') <= 5 THEN
-                 RAISE EXCEPTION 'injected: read-only' USING ERRCODE = '25006';
-               END IF;
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER unwritable BEFORE INSERT ON items FOR EACH STATEMENT EXECUTE FUNCTION unwritable();",
-        )
+        .batch_execute("DELETE FROM items WHERE id <= 2")
         .await
         .unwrap();
+    fail_first_writes(&env, 5, "25006", "injected: read-only").await;
     let job = Job::selection(
         NO_RUN,
         "items",

@@ -229,12 +229,7 @@ async fn enum_order(
 ) -> Result<Vec<Option<String>>, tokio_postgres::Error> {
     let types: Vec<String> = key
         .iter()
-        .map(|k| {
-            format!(
-                "pg_typeof((SELECT {} FROM {relation} AS s LIMIT 0))",
-                ident::quote(k)
-            )
-        })
+        .map(|k| format!("pg_typeof({})", no_value(relation, k)))
         .collect();
     // A domain's base type, an array's element type, down to the type
     // itself.
@@ -249,8 +244,25 @@ async fn enum_order(
          FROM unnest(ARRAY[{}]::regtype[]) WITH ORDINALITY AS n(t, i) ORDER BY n.i",
         types.join(", ")
     );
+    first_column(client, &sql).await
+}
+
+/// No row of `relation`'s column `key`, typed as the column: what the
+/// catalog functions ask a column's type and collation of.
+fn no_value(relation: &str, key: &str) -> String {
+    format!(
+        "(SELECT {} FROM {relation} AS s LIMIT 0)",
+        ident::quote(key)
+    )
+}
+
+/// The first column of every row `sql` returns, in order.
+async fn first_column(
+    client: &impl GenericClient,
+    sql: &str,
+) -> Result<Vec<Option<String>>, tokio_postgres::Error> {
     Ok(client
-        .query(&sql, &[])
+        .query(sql, &[])
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -271,7 +283,7 @@ async fn key_order(
         .map(|k| {
             // `pg_collation_for` raises an error for a type without
             // collations, so it is asked only of the others.
-            let value = format!("(SELECT {} FROM {relation} AS s LIMIT 0)", ident::quote(k));
+            let value = no_value(relation, k);
             format!(
                 "CASE WHEN (SELECT typcollation FROM pg_type WHERE oid = pg_typeof({value})) <> 0 \
                  THEN pg_collation_for({value}) END"
@@ -289,12 +301,7 @@ async fn key_order(
          JOIN pg_database d ON d.datname = current_database() ORDER BY n.i",
         columns.join(", ")
     );
-    Ok(client
-        .query(&sql, &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+    first_column(client, &sql).await
 }
 
 /// A collation as `provider:locale`, spelled so that two that order text
