@@ -330,6 +330,26 @@ impl TestEnv {
             .expect("syncfleet ran")
     }
 
+    /// Drops every job ready in this test's work queue, as a broker losing
+    /// them would; returns how many there were.
+    pub async fn purge_work_queue(&self) -> u32 {
+        let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+            .await
+            .unwrap();
+        let purged = connection
+            .create_channel()
+            .await
+            .unwrap()
+            .queue_purge(
+                Topology::new(&self.name).work_queue().into(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let _ = connection.close(200, "".into()).await;
+        purged
+    }
+
     /// Messages ready in this test's work queue (0 if it does not exist).
     pub async fn queue_depth(&self) -> u32 {
         self.depth_of(&Topology::new(&self.name).work_queue()).await
