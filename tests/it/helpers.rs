@@ -172,6 +172,17 @@ impl TestEnv {
         path
     }
 
+    /// Rewrites the `syncfleet.toml` that [`TestEnv::config`] wrote to
+    /// allow 50 attempts, and loads it: for a test whose job fails until
+    /// the test lifts the cause, however late a loaded machine lets it.
+    pub fn patient(&self) -> Arc<Config> {
+        let path = self.dir.join("syncfleet.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("[jobs]\n"));
+        let text = text.replace("[jobs]\n", "[jobs]\nmax_attempts = 50\n");
+        Arc::new(Config::load(&self.write("syncfleet.toml", &text)).unwrap())
+    }
+
     /// Writes and loads a config the way the binary does.
     pub fn config(&self, streams: &str) -> Arc<Config> {
         let path = self.write("syncfleet.toml", &self.config_text(streams));

@@ -532,15 +532,20 @@ async fn a_passing_source_error_does_not_make_a_stream_unroutable() {
     let env = TestEnv::new().await;
     env.source.batch_execute(APP).await.unwrap();
     env.migrate().await;
-    let text = env.config_text_with(
-        "statement_timeout = \"500ms\"\n",
-        &APP_STREAMS.replace(
-            "interval = \"1h\"",
-            "interval = \"1h\"\nfull_interval = \"1h\"",
-        ),
+    let streams = APP_STREAMS.replace(
+        "interval = \"1h\"",
+        "interval = \"1h\"\nfull_interval = \"1h\"",
     );
+    // The first sync without the short timeout, which a loaded machine's
+    // planning could run into.
+    let plain = env.config_text(&streams);
+    env.sync(
+        &Arc::new(Config::load(&env.write("plain.toml", &plain)).unwrap()),
+        1,
+    )
+    .await;
+    let text = env.config_text_with("statement_timeout = \"500ms\"\n", &streams);
     let config = Arc::new(Config::load(&env.write("syncfleet.toml", &text)).unwrap());
-    env.sync(&config, 1).await;
     let migration = crate::helpers::connect(&env.source_url).await;
     migration
         .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
@@ -610,15 +615,22 @@ async fn first_scheduled_run(env: &TestEnv, config: &Arc<Config>) -> String {
     })
     .await;
     producer.stop().await;
+    let (id, kind): (i64, String) = {
+        let row = env
+            .dest
+            .query_one(
+                "SELECT id, kind FROM syncfleet.runs WHERE id > $1 ORDER BY id LIMIT 1",
+                &[&before],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    // Finished before the fleet stops: left running, it would keep its
+    // stream busy, and the next leader's first tick would find no run due.
+    env.wait(id).await;
     fleet.stop().await;
-    env.dest
-        .query_one(
-            "SELECT kind FROM syncfleet.runs WHERE id > $1 ORDER BY id LIMIT 1",
-            &[&before],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    kind
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -251,13 +251,16 @@ async fn a_locked_control_schema_holds_up_no_gauge_but_its_own() {
     })
     .await;
     // A report that began before the lock may still land; none after it can.
+    // A scrape the loaded machine answers too late is tried again.
     let stamp = || async {
-        read(
-            &metrics().await,
-            "syncfleet_progress_timestamp_seconds",
-            &[],
-        )
-        .unwrap()
+        for _ in 0..30 {
+            let m = metrics().await;
+            if let Some(s) = read(&m, "syncfleet_progress_timestamp_seconds", &[]) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        panic!("no progress timestamp in 30 scrapes");
     };
     let locked = stamp().await;
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -566,6 +569,12 @@ async fn jobs_that_find_no_read_slot_by_half_their_deadline_are_handed_back() {
     drop(producer);
     drop(holder);
     env.wait(plan.run_id).await;
+    // The run succeeds in the last job's commit, a little before its
+    // worker counts the job.
+    env.eventually("every job counted", 30, || async {
+        outcome(&metrics().await, "succeeded") == batches
+    })
+    .await;
     let done = metrics().await;
     assert_eq!(outcome(&done, "succeeded"), batches, "{done}");
     assert_eq!(outcome(&done, "retried"), 0.0, "{done}");
@@ -619,17 +628,29 @@ async fn a_job_the_read_gate_holds_too_long_is_handed_back_untried() {
     let plan = env.plan(&config).await;
     let batches = plan.batches[0].1 as f64;
     env.wait(plan.run_id).await;
-    let metrics = get(port, "/metrics").await.expect("metrics").1;
-    let outcome = |o: &str| {
+    let outcome = |metrics: &str, o: &str| {
         sample(
-            &metrics,
+            metrics,
             "syncfleet_jobs_total",
             &["stream=\"items\"", &format!("outcome=\"{o}\"")],
         )
         .unwrap_or(0.0)
     };
-    assert!(outcome("handed_back") >= 1.0, "{metrics}");
-    assert_eq!(outcome("succeeded"), batches, "{metrics}");
+    let metrics = || async {
+        get(port, "/metrics")
+            .await
+            .map(|(_, m)| m)
+            .unwrap_or_default()
+    };
+    // The run succeeds in the last job's commit, a little before its
+    // worker counts the job.
+    env.eventually("every job counted", 30, || async {
+        outcome(&metrics().await, "succeeded") == batches
+    })
+    .await;
+    let metrics = metrics().await;
+    assert!(outcome(&metrics, "handed_back") >= 1.0, "{metrics}");
+    assert_eq!(outcome(&metrics, "succeeded"), batches, "{metrics}");
     env.assert_same_rows("SELECT * FROM items").await;
 }
 

@@ -728,13 +728,15 @@ async fn jobs_sharing_a_transaction_write_what_each_would_alone() {
         .unwrap()
         .get(0);
     assert_eq!(not_pending, 0);
-    // Alone, every other job commits.
-    let alone: Vec<bool> = futures_util::future::join_all(jobs.iter().map(|j| executor.execute(j)))
-        .await
-        .iter()
-        .map(Result::is_ok)
-        .collect();
-    assert_eq!(alone.iter().filter(|ok| !**ok).count(), 1, "{alone:?}");
+    // Alone, every other job commits. One at a time: all at once, some
+    // would wait for the executor's connections past their deadline.
+    let mut alone = Vec::new();
+    for job in &jobs {
+        alone.push(executor.execute(job).await.map(|_| ()));
+    }
+    let failed: Vec<_> = alone.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(failed.len(), 1, "{alone:?}");
+    assert!(failed[0].to_string().contains("not_bad"), "{alone:?}");
 }
 
 /// Migrations change the source first. A column added there is refused by
@@ -859,7 +861,7 @@ async fn a_description_waiting_for_a_lock_is_cancelled_at_the_deadline() {
     // The cancel request takes effect on the server a moment later.
     env.eventually(
         "no statement of the job to wait for the lock",
-        5,
+        30,
         || async {
             let waiting = TestEnv::rows(
                 &migration,
@@ -872,8 +874,18 @@ async fn a_description_waiting_for_a_lock_is_cancelled_at_the_deadline() {
     )
     .await;
     migration.batch_execute("COMMIT").await.unwrap();
-    let done = executor.execute(&jobs[0]).await;
-    assert!(done.is_ok(), "{done:?}");
+    // Its 2 s may run out again on a loaded machine (the cancelled
+    // attempt's connections were closed): tried again then, as a worker
+    // would; any other error fails the test.
+    env.eventually("the job to succeed once the lock is gone", 60, || async {
+        use syncfleet_worker::JobError;
+        match executor.execute(&jobs[0]).await {
+            Ok(_) => true,
+            Err(JobError::Retry(_) | JobError::NoReadSlot(_) | JobError::NotStarted(_)) => false,
+            Err(e) => panic!("{e:?}"),
+        }
+    })
+    .await;
 }
 
 /// A column added to the source and the destination while the workers run

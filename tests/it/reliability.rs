@@ -240,8 +240,8 @@ async fn a_unique_value_moving_between_batches_is_retried_not_failed() {
         .unwrap();
     env.migrate().await;
     // Batches of 1,000 rows run alone, never in one transaction together.
-    let config =
-        env.config("[[stream]]\nname = \"people\"\ntable = \"people\"\nbatch_size = 1000\n");
+    env.config("[[stream]]\nname = \"people\"\ntable = \"people\"\nbatch_size = 1000\n");
+    let config = env.patient();
     env.sync(&config, 1).await;
     env.dest
         .batch_execute("CREATE UNIQUE INDEX people_email ON people (email)")
@@ -715,7 +715,8 @@ async fn attempts_exhausted_end_in_the_dead_letter_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_cancels_the_query_on_the_server_and_retries_the_job() {
     let env = TestEnv::new().await;
-    let config = items_behind_a_slow_gate(&env, "true", 60, "deadline = \"2s\"\n").await;
+    items_behind_a_slow_gate(&env, "true", 60, "deadline = \"2s\"\n").await;
+    let config = env.patient();
     let plan = env.plan(&config).await;
     env.source
         .batch_execute("INSERT INTO slow_flag VALUES (true)")
@@ -1166,9 +1167,10 @@ async fn a_job_failing_while_the_control_schema_is_locked_is_parked_not_held() {
     let env = TestEnv::new().await;
     env.source.batch_execute(ITEMS).await.unwrap();
     env.migrate().await;
-    let config = env.config(
+    env.config(
         "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 100\ndeadline = \"2s\"\n",
     );
+    let config = env.patient();
     let plan = env.plan(&config).await;
     let locker = crate::helpers::connect(&env.dest_url).await;
     locker
@@ -1285,11 +1287,19 @@ async fn a_job_failing_once_its_batch_is_done_is_acked_not_dead_lettered() {
     let fleet = Fleet::start(&config, 1);
     let plan = env.plan(&config).await;
     env.wait(plan.run_id).await;
-    // A batch's job once more, when it can only fail: its table is gone.
-    env.source.batch_execute("DROP TABLE items").await.unwrap();
+    // A batch's job once more, when it can only fail: every write to its
+    // table is refused.
+    fail_first_writes(&env, 1000, "42501", "injected: permission denied").await;
     let job = env.jobs(plan.run_id, "items").await.remove(0);
     env.publish_raw(&job.encode(), &job.id()).await;
-    env.delivered().await;
+    env.eventually("the job to fail", 60, || async {
+        env.dest
+            .query_one("SELECT is_called FROM failures", &[])
+            .await
+            .unwrap()
+            .get(0)
+    })
+    .await;
     // Stopping lets the job end, and puts it back in the queue if unsettled.
     fleet.stop().await;
     assert_eq!(env.queue_depth().await, 0, "the job was not settled");
@@ -1332,14 +1342,36 @@ async fn a_worker_hands_back_the_jobs_it_cannot_get_to_in_time() {
         .replace("concurrency = 3", "concurrency = 1");
     let config =
         std::sync::Arc::new(syncfleet_core::Config::load(&env.write("hoard.toml", &text)).unwrap());
-    let first = Fleet::start(&config, 1);
     let run_id = env.plan(&config).await.run_id;
+    // The first worker's one slot is held by the tiny job (its table
+    // locked on the destination) until the second has taken a slow job:
+    // however long the second takes to start, the first cannot run them.
+    let mut locker = crate::helpers::connect(&env.dest_url).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE tiny IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let first = Fleet::start(&config, 1);
     // The second starts idle once the first holds every job.
     env.eventually("the first worker to take every job", 60, || async {
         env.queue_depth().await == 0 && env.work_consumers().await == 1
     })
     .await;
     let second = Fleet::start(&config, 1);
+    env.eventually("the second worker to finish a slow job", 60, || async {
+        env.dest
+            .query_one(
+                "SELECT count(*) FROM syncfleet.batches \
+                 WHERE run_id = $1 AND stream = 'slow' AND status = 'done'",
+                &[&run_id],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    lock.rollback().await.unwrap();
     env.wait(run_id).await;
     second.stop().await;
     first.stop().await;
@@ -1717,17 +1749,7 @@ async fn resume_publishes_again_the_jobs_of_an_abandoned_run() {
 
     let fleet = Fleet::start(&config, 1);
     let out = env
-        .cli(
-            &path,
-            &[
-                "sync",
-                "--resume",
-                &run_id.to_string(),
-                "--wait",
-                "--timeout",
-                "30s",
-            ],
-        )
+        .cli(&path, &["sync", "--resume", &run_id.to_string(), "--wait"])
         .await;
     fleet.stop().await;
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -46,22 +46,53 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
         .await
         .map_err(BrokerError::from)?;
     topology.declare(&channel).await?;
+    let (depth, _) = topology.depth(&channel, &topology.dead_queue()).await?;
+    let mut acked = 0;
     let result = match args.action {
-        Action::List => list(&channel, &topology).await,
+        Action::List => list(&channel, &topology, depth).await,
         Action::Purge => {
             let n = channel
                 .queue_purge(topology.dead_queue().into(), QueuePurgeOptions::default())
                 .await
                 .map_err(BrokerError::from)?;
             println!("purged {n} dead letter(s)");
+            acked = n;
             Ok(ExitCode::SUCCESS)
         }
-        Action::Replay { id, all } => replay(config, &channel, &topology, id.as_deref(), all).await,
+        Action::Replay { id, all } => {
+            let wanted = (id.as_deref(), all);
+            replay(config, &channel, &topology, depth, wanted, &mut acked).await
+        }
     };
     // Closing the channel returns every message fetched and not acked.
     let _ = channel.close(200, "done".into()).await;
+    back_in_queue(&connection, &topology, depth.saturating_sub(acked)).await;
     let _ = connection.close(200, "done".into()).await;
     result
+}
+
+/// How long a command waits for the letters it fetched to be back.
+const RETURN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A quorum queue takes back the messages of a closed channel after the
+/// close completes: waits (a few seconds at most) until the dead letters
+/// number at least `expected` again, so that a command run right after this
+/// one (`list`, then `replay`) finds every letter this one left.
+async fn back_in_queue(connection: &lapin::Connection, topology: &Topology, expected: u32) {
+    let deadline = tokio::time::Instant::now() + RETURN_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let Ok(channel) = connection.create_channel().await else {
+            return;
+        };
+        let depth = topology.depth(&channel, &topology.dead_queue()).await;
+        let _ = channel.close(200, "done".into()).await;
+        match depth {
+            Ok((n, _)) if n < expected => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Fetches every dead letter without acking it. Bounded by the queue's
@@ -69,8 +100,8 @@ pub async fn run(config: &Config, args: Args) -> Result<ExitCode, CliError> {
 async fn fetch_all(
     channel: &lapin::Channel,
     topology: &Topology,
+    depth: u32,
 ) -> Result<Vec<BasicGetMessage>, CliError> {
-    let (depth, _) = topology.depth(channel, &topology.dead_queue()).await?;
     let mut messages = Vec::new();
     for _ in 0..depth {
         match channel
@@ -88,8 +119,12 @@ async fn fetch_all(
     Ok(messages)
 }
 
-async fn list(channel: &lapin::Channel, topology: &Topology) -> Result<ExitCode, CliError> {
-    let messages = fetch_all(channel, topology).await?;
+async fn list(
+    channel: &lapin::Channel,
+    topology: &Topology,
+    depth: u32,
+) -> Result<ExitCode, CliError> {
+    let messages = fetch_all(channel, topology, depth).await?;
     if messages.is_empty() {
         println!("no dead letters in {}", topology.dead_queue());
         return Ok(ExitCode::SUCCESS);
@@ -114,17 +149,20 @@ async fn list(channel: &lapin::Channel, topology: &Topology) -> Result<ExitCode,
     Ok(ExitCode::SUCCESS)
 }
 
+/// Replays the dead letters `(id, all)` names, counting in `acked` those
+/// taken out of the queue.
 async fn replay(
     config: &Config,
     channel: &lapin::Channel,
     topology: &Topology,
-    id: Option<&str>,
-    all: bool,
+    depth: u32,
+    (id, all): (Option<&str>, bool),
+    acked: &mut u32,
 ) -> Result<ExitCode, CliError> {
     let destination = Pool::connect(Role::Destination, &config.destination).await?;
     let publisher = Publisher::connect(&config.broker, "replay").await?;
     let (mut replayed, mut events, mut kept, mut skipped) = (0, 0, 0, 0);
-    for m in fetch_all(channel, topology).await? {
+    for m in fetch_all(channel, topology, depth).await? {
         let dead = DeadLetter::from_properties(&m.delivery.properties);
         if !all && Some(dead.id.as_str()) != id {
             continue;
@@ -138,6 +176,7 @@ async fn replay(
                 .await
                 .map_err(BrokerError::from)?;
             println!("replayed event {}", dead.id);
+            *acked += 1;
             events += 1;
             continue;
         }
@@ -179,6 +218,7 @@ async fn replay(
             .await
             .map_err(BrokerError::from)?;
         println!("replayed {}", job.id());
+        *acked += 1;
         replayed += 1;
     }
     publisher.close().await;

@@ -253,7 +253,7 @@ pub async fn wait_for_run(
             if started.elapsed() > timeout {
                 return Err(CliError::TimedOut(format!(
                     "run {run_id}: the control schema gave no answer within {bound:?} \
-                     (is it locked?), and the wait's {timeout:?} are up; \
+                     (is it locked?), and the wait's {timeout:?} are up; it goes on: \
                      see `syncfleet status {run_id}`"
                 )));
             }
