@@ -197,11 +197,12 @@ fn walk(shape: &StreamShape, start: &RangePredicate, filter: &str) -> String {
            (SELECT {q} FROM {rel} AS q WHERE {start}{filter} ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) \
            UNION ALL \
            SELECT n.* FROM syncfleet_walk AS b CROSS JOIN LATERAL \
-             (SELECT {q} FROM {rel} AS q WHERE ({q}) > ({b}){filter} ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) AS n) \
+             (SELECT {q} FROM {rel} AS q WHERE ({qt}) > ({bt}){filter} ORDER BY {q} OFFSET $1::int8 - 1 LIMIT 1) AS n) \
          SELECT {out} FROM syncfleet_walk AS b",
         rel = shape.relation,
         start = start.sql,
-        b = ident::list(&keys, Some("b")),
+        qt = shape.compared_key("q"),
+        bt = shape.compared_key("b"),
         out = as_text(&keys, "b"),
     )
 }

@@ -21,6 +21,23 @@ pub struct Column {
     /// The type as SQL, with its modifier: `numeric(12,2)`, `mood`, `text[]`.
     pub type_sql: String,
     pub type_oid: u32,
+    /// The type its values are compared as: a domain's base type (through
+    /// domains over domains), else `type_sql`. PostgreSQL finds `<` and `=`
+    /// of an enum, array or range for the type itself, not for a domain
+    /// over it ("operator does not exist: mood_domain > mood_domain").
+    pub compare_sql: String,
+}
+
+impl Column {
+    /// `expr` (a value of this column) as its values compare: cast to the
+    /// base type for a domain, which keeps the key's index usable (the cast
+    /// is a relabelling the planner sees through).
+    pub fn compared(&self, expr: String) -> String {
+        match self.compare_sql == self.type_sql {
+            true => expr,
+            false => format!("({expr})::{}", self.compare_sql),
+        }
+    }
 }
 
 /// A stream's columns and key, as the source describes them.
@@ -78,11 +95,26 @@ impl StreamShape {
             .collect()
     }
 
+    /// The key columns' types as they compare ([`Column::compare_sql`]).
     pub fn key_types(&self) -> Vec<&str> {
         self.key
             .iter()
-            .map(|&i| self.columns[i].type_sql.as_str())
+            .map(|&i| self.columns[i].compare_sql.as_str())
             .collect()
+    }
+
+    /// `alias."a", alias."b"`, for comparing the key with `<`, `=` and the
+    /// like ([`Column::compared`]); plain key names elsewhere.
+    pub fn compared_key(&self, alias: &str) -> String {
+        let keys: Vec<String> = self
+            .key
+            .iter()
+            .map(|&i| {
+                let column = &self.columns[i];
+                column.compared(format!("{alias}.{}", ident::quote(&column.name)))
+            })
+            .collect();
+        keys.join(", ")
     }
 
     /// Asks the source to describe the stream.
@@ -152,27 +184,38 @@ impl StreamShape {
             .iter()
             .map(|c| c.column_id().unwrap_or(0))
             .collect();
-        let types: Vec<(u32, String)> = client
+        // A domain's base type is followed down to a type that is not one,
+        // each domain's modifier applying to the type below it.
+        let types: Vec<(u32, String, String)> = client
             .query(
-                "SELECT coalesce(a.atttypid, t.oid), \
-                        format_type(coalesce(a.atttypid, t.oid), NULLIF(coalesce(a.atttypmod, t.typmod), -1)) \
-                 FROM unnest($1::oid[], $2::int4[], $3::oid[], $4::int2[]) WITH ORDINALITY AS t(oid, typmod, rel, att, n) \
-                 LEFT JOIN pg_attribute a ON a.attrelid = t.rel AND a.attnum = t.att AND t.att > 0 \
-                 ORDER BY t.n",
+                "SELECT c.ty, format_type(c.ty, NULLIF(c.tm, -1)), \
+                        (WITH RECURSIVE up(ty, tm) AS ( \
+                           SELECT c.ty, c.tm \
+                           UNION ALL \
+                           SELECT p.typbasetype, p.typtypmod FROM up JOIN pg_type p ON p.oid = up.ty \
+                           WHERE p.typtype = 'd') \
+                         SELECT format_type(up.ty, NULLIF(up.tm, -1)) FROM up \
+                         JOIN pg_type p ON p.oid = up.ty WHERE p.typtype <> 'd') \
+                 FROM (SELECT t.n, coalesce(a.atttypid, t.oid) AS ty, coalesce(a.atttypmod, t.typmod) AS tm \
+                       FROM unnest($1::oid[], $2::int4[], $3::oid[], $4::int2[]) \
+                            WITH ORDINALITY AS t(oid, typmod, rel, att, n) \
+                       LEFT JOIN pg_attribute a ON a.attrelid = t.rel AND a.attnum = t.att AND t.att > 0) AS c \
+                 ORDER BY c.n",
                 &[&oids, &mods, &tables, &attnums],
             )
             .await
             .map_err(db)?
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
         let columns: Vec<Column> = described
             .iter()
             .zip(types)
-            .map(|(c, (type_oid, type_sql))| Column {
+            .map(|(c, (type_oid, type_sql, compare_sql))| Column {
                 name: c.name().to_string(),
                 type_sql,
                 type_oid,
+                compare_sql,
             })
             .collect();
 
@@ -275,6 +318,7 @@ mod tests {
             name: name.into(),
             type_sql: "text".into(),
             type_oid: 25,
+            compare_sql: "text".into(),
         }
     }
 

@@ -50,7 +50,7 @@ pub const SET_SETTINGS: &str = "SELECT set_config(s.name, s.value, true) FROM un
 impl RangePredicate {
     /// `lower < key <= upper` over `alias`'s key columns.
     pub fn new(shape: &StreamShape, alias: &str, range: &KeyRange, binding: Binding) -> Self {
-        let lhs = format!("({})", ident::list(&shape.key_names(), Some(alias)));
+        let lhs = format!("({})", shape.compared_key(alias));
         let types = shape.key_types();
         let mut out = RangePredicate {
             sql: String::new(),
@@ -108,6 +108,7 @@ impl RangePredicate {
             settings: (Vec::new(), Vec::new()),
         };
         let mut arrays = Vec::with_capacity(select.columns.len());
+        let mut columns = Vec::with_capacity(select.columns.len());
         for (i, name) in select.columns.iter().enumerate() {
             let column = shape
                 .columns
@@ -134,12 +135,13 @@ impl RangePredicate {
             };
             arrays.push(format!(
                 "ARRAY(SELECT json_array_elements_text({source}::json))::{}[]",
-                column.type_sql
+                column.compare_sql
             ));
+            columns.push(column.compared(format!("{alias}.{}", ident::quote(name))));
         }
         out.sql = format!(
             "({}) IN (SELECT * FROM unnest({}))",
-            ident::list(&select.columns, Some(alias)),
+            columns.join(", "),
             arrays.join(", ")
         );
         Ok(out)
@@ -365,8 +367,8 @@ pub fn upsert(shape: &StreamShape, table: &TableName, paced: bool, how: Upsert) 
             format!(
                 "MERGE INTO {table} AS d USING ({staged}) AS s ON ({}) = ({}){update} \
                  WHEN NOT MATCHED THEN INSERT ({columns}) VALUES ({})",
-                ident::list(&shape.key_names(), Some("d")),
-                ident::list(&shape.key_names(), Some("s")),
+                shape.compared_key("d"),
+                shape.compared_key("s"),
                 ident::list(&shape.column_names(), Some("s")),
             )
         }
@@ -455,7 +457,6 @@ pub fn delete_missing(
     predicate: &RangePredicate,
     paced: bool,
 ) -> String {
-    let keys = shape.key_names();
     let filter = if paced {
         format!(" AND {}", pace_filter())
     } else {
@@ -465,8 +466,8 @@ pub fn delete_missing(
         "DELETE FROM {table} AS d WHERE {}{filter} AND NOT EXISTS \
          (SELECT 1 FROM {STAGE} AS s WHERE ({}) = ({}))",
         predicate.sql,
-        ident::list(&keys, Some("s")),
-        ident::list(&keys, Some("d")),
+        shape.compared_key("s"),
+        shape.compared_key("d"),
     )
 }
 
@@ -507,6 +508,7 @@ mod tests {
         let col = |name: &str, ty: &str| Column {
             name: name.into(),
             type_sql: ty.into(),
+            compare_sql: ty.into(),
             type_oid: match ty {
                 "text" => 25,
                 "bigint" => 20,
@@ -559,6 +561,32 @@ mod tests {
         assert_eq!(s.settings.1[0], "a'; DROP TABLE t; --");
         let open = RangePredicate::new(&shape(), "q", &KeyRange::default(), Binding::Settings);
         assert_eq!(open.sql, "true");
+    }
+
+    #[test]
+    fn a_domain_key_compares_as_its_base_type() {
+        let mut shape = shape();
+        shape.columns[0].type_sql = "mood_domain".into();
+        shape.columns[0].compare_sql = "mood".into();
+        let range = KeyRange {
+            lower: Some(vec!["ok".into(), "1".into()]),
+            upper: None,
+        };
+        let p = RangePredicate::new(&shape, "d", &range, Binding::Params { first: 1 });
+        assert_eq!(
+            p.sql,
+            "((d.\"org\")::mood, d.\"id\") > ($1::text::mood, $2::text::bigint)"
+        );
+        let merge = upsert(
+            &shape,
+            &TableName::parse("t").unwrap(),
+            false,
+            Upsert::Merge,
+        );
+        assert!(
+            merge.contains("ON ((d.\"org\")::mood, d.\"id\") = ((s.\"org\")::mood, s.\"id\")"),
+            "{merge}"
+        );
     }
 
     #[test]

@@ -538,7 +538,7 @@ pub async fn start_incremental_run(
         run_id,
         stream,
         shape,
-        (&cursor_col.type_sql, time_like),
+        (cursor_col, time_like),
         watermark,
     )
     .await;
@@ -563,7 +563,7 @@ async fn plan_incremental(
     run_id: i64,
     stream: &StreamConfig,
     shape: &StreamShape,
-    (cursor_type, time_like): (&str, bool),
+    (cursor_col, time_like): (&syncfleet_db::shape::Column, bool),
     watermark: Option<(String, Key)>,
 ) -> Result<i64, PlanError> {
     use syncfleet_core::ident;
@@ -574,6 +574,7 @@ async fn plan_incremental(
     let keys = shape.key_names();
     let key_types = shape.key_types();
     let c = format!("q.{}", ident::quote(cursor));
+    let (compared, cursor_type) = (cursor_col.compared(c.clone()), &cursor_col.compare_sql);
     let mut params: Vec<String> = Vec::new();
     let lower = match &watermark {
         None => "true".to_string(),
@@ -583,7 +584,7 @@ async fn plan_incremental(
                 "{} milliseconds",
                 stream.cursor_overlap.as_millis()
             ));
-            format!("{c} >= $1::text::{cursor_type} - $2::text::interval")
+            format!("{compared} >= $1::text::{cursor_type} - $2::text::interval")
         }
         Some((wc, wk)) => {
             params.push(wc.clone());
@@ -597,8 +598,8 @@ async fn plan_incremental(
                 )
                 .collect();
             format!(
-                "({c}, {}) > ({})",
-                ident::list(&keys, Some("q")),
+                "({compared}, {}) > ({})",
+                shape.compared_key("q"),
                 rhs.join(", ")
             )
         }
