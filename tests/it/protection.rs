@@ -888,6 +888,62 @@ async fn the_producer_stops_while_its_planning_waits_for_a_read_slot() {
     held.batch_execute("ROLLBACK").await.unwrap();
 }
 
+/// A run being planned right now (here: its walk waits for the fleet's
+/// only read slot) is not resumed beside its planner, which would walk
+/// its keys a second time: the resume is refused at once (exit 5). Once
+/// its planner has stopped, a resume is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_not_resumed_while_its_planner_is_at_work() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, 100) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let text = env.config_text_with(
+        "max_concurrent_reads = 1\n",
+        "[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n",
+    );
+    let path = env.write("syncfleet.toml", &text);
+    let config = Arc::new(Config::load(&path).unwrap());
+    let held = hold_the_only_read_slot(&env, &config).await;
+    let planning = env.plan(&config);
+    tokio::pin!(planning);
+    tokio::select! {
+        _ = &mut planning => panic!("planned while the fleet's only read slot was held"),
+        () = wait_for_the_run(&env) => {}
+    }
+    let run_id: i64 = env
+        .dest
+        .query_one("SELECT id FROM syncfleet.runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let resume = env
+        .cli(&path, &["sync", "--resume", &run_id.to_string()])
+        .await;
+    let stderr = String::from_utf8_lossy(&resume.stderr);
+    assert_eq!(resume.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains(&format!("run {run_id} is being planned by another process")),
+        "{stderr}"
+    );
+    held.batch_execute("ROLLBACK").await.unwrap();
+    planning.await;
+
+    let fleet = Fleet::start(&config, 1);
+    let resume = env
+        .cli(&path, &["sync", "--resume", &run_id.to_string(), "--wait"])
+        .await;
+    fleet.stop().await;
+    let stderr = String::from_utf8_lossy(&resume.stderr);
+    assert!(resume.status.success(), "{stderr}");
+    env.assert_same_rows("SELECT * FROM items").await;
+}
+
 /// Records `level` as the throttle level the `fleet` reported
 /// `age_seconds` ago.
 async fn report_level(env: &TestEnv, fleet: &str, level: f64, age_seconds: f64) {

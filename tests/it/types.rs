@@ -158,12 +158,15 @@ async fn a_type_syncfleet_cannot_create_is_named_with_what_to_do() {
 }
 
 /// Keys whose type is a domain: over an enum, whose `<` and `=` PostgreSQL
-/// finds only for the enum itself, not for a domain over it, and over an
-/// integer. Planned (the key walk), copied, re-synced with updates and
-/// deletes, refreshed by an event and by an incremental run, and verified.
+/// finds only for the enum itself, not for a domain over it, and over a
+/// type with a modifier, which the key's index must still serve. Planned
+/// (the key walk), copied, re-synced with updates and deletes, refreshed by
+/// an event and by incremental runs, and verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_of_domain_types_sync_like_any_other() {
     use crate::helpers::{Fleet, Producer};
+    use syncfleet_core::job::KeyRange;
+    use syncfleet_db::sql::{Binding, RangePredicate, bind};
 
     let env = TestEnv::new().await;
     env.source
@@ -171,27 +174,65 @@ async fn keys_of_domain_types_sync_like_any_other() {
             "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
              CREATE DOMAIN mood_domain AS mood;
              CREATE DOMAIN mood_again AS mood_domain;
+             CREATE DOMAIN code AS varchar(8);
              CREATE DOMAIN positive AS integer CHECK (VALUE > 0);
              CREATE DOMAIN stamp AS timestamptz;
-             CREATE TABLE moods (m mood_again, p positive, v text,
-                                 at stamp NOT NULL DEFAULT '2026-01-01', PRIMARY KEY (m, p));
-             INSERT INTO moods (m, p, v)
-             SELECT m, p, 'v' || p FROM unnest(enum_range(NULL::mood)) m, generate_series(1, 100) p;",
+             CREATE TABLE moods (m mood_again, c code, n positive NOT NULL, v text,
+                                 at stamp NOT NULL DEFAULT '2026-01-01', PRIMARY KEY (m, c));
+             INSERT INTO moods (m, c, n, v)
+             SELECT m, lpad(i::text, 3, '0'), i, 'v' || i
+             FROM unnest(enum_range(NULL::mood)) m, generate_series(1, 100) i;",
         )
         .await
         .unwrap();
     env.migrate().await;
     let config = env.config(
-        "[[stream]]\nname = \"moods\"\ntable = \"moods\"\nbatch_size = 64\ncursor = \"at\"\n",
+        "[[stream]]\nname = \"moods\"\ntable = \"moods\"\nbatch_size = 64\n\
+         cursor = \"at\"\ncursor_overlap = \"0s\"\n",
     );
+
+    // A range of the key is read through the key's index.
+    let shape = syncfleet_db::StreamShape::describe(&env.source, &config.streams[0])
+        .await
+        .unwrap();
+    let range = KeyRange {
+        lower: Some(vec!["ok".into(), "050".into()]),
+        upper: Some(vec!["ok".into(), "060".into()]),
+    };
+    let predicate = RangePredicate::new(&shape, "d", &range, Binding::Params { first: 1 });
+    env.source
+        .batch_execute("SET enable_seqscan = off")
+        .await
+        .unwrap();
+    let plan: Vec<String> = env
+        .source
+        .query(
+            &format!("EXPLAIN SELECT * FROM moods AS d WHERE {}", predicate.sql),
+            &bind(&predicate.params),
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    env.source
+        .batch_execute("RESET enable_seqscan")
+        .await
+        .unwrap();
+    assert!(
+        plan.iter().any(|l| l.contains("Index Cond")),
+        "{}: {plan:#?}",
+        predicate.sql
+    );
+
     let all = "SELECT * FROM moods";
     env.sync(&config, 1).await;
     env.assert_same_rows(all).await;
 
     env.source
         .batch_execute(
-            "UPDATE moods SET v = 'changed' WHERE p % 3 = 0;
-             DELETE FROM moods WHERE p = 5 OR (m::mood = 'ok' AND p > 90);",
+            "UPDATE moods SET v = 'changed' WHERE n % 3 = 0;
+             DELETE FROM moods WHERE n = 5 OR (m::mood = 'ok' AND n > 90);",
         )
         .await
         .unwrap();
@@ -201,18 +242,18 @@ async fn keys_of_domain_types_sync_like_any_other() {
     let fleet = Fleet::start(&config, 1);
     let producer = Producer::start(&config);
     env.source
-        .batch_execute("UPDATE moods SET v = 'by event' WHERE m::mood = 'happy' AND p = 7")
+        .batch_execute("UPDATE moods SET v = 'by event' WHERE m::mood = 'happy' AND n = 7")
         .await
         .unwrap();
     env.publish_event(
         "moods",
-        r#"{"table": "moods", "op": "upsert", "ids": [["happy", 7]]}"#,
+        r#"{"table": "moods", "op": "upsert", "ids": [["happy", "007"]]}"#,
     )
     .await;
     env.eventually("the event's change to arrive", 60, || async {
         TestEnv::rows(
             &env.dest,
-            "SELECT v FROM moods WHERE m::mood = 'happy' AND p = 7",
+            "SELECT v FROM moods WHERE m::mood = 'happy' AND n = 7",
         )
         .await
             == ["(\"by event\")"]
@@ -220,14 +261,21 @@ async fn keys_of_domain_types_sync_like_any_other() {
     .await;
     producer.stop().await;
 
-    env.source
-        .batch_execute("UPDATE moods SET v = 'later', at = '2026-02-01' WHERE p = 8")
-        .await
-        .unwrap();
-    let plan = env.plan_incremental(&config).await;
-    env.wait(plan.run_id).await;
+    // The second incremental run starts after the first one's last
+    // (cursor, key): a comparison of the key.
+    for (n, at) in [(8, "2026-02-01"), (9, "2026-03-01")] {
+        env.source
+            .execute(
+                "UPDATE moods SET v = 'later', at = $2::text::timestamptz WHERE n = $1",
+                &[&n, &at],
+            )
+            .await
+            .unwrap();
+        let plan = env.plan_incremental(&config).await;
+        env.wait(plan.run_id).await;
+        env.assert_same_rows(all).await;
+    }
     fleet.stop().await;
-    env.assert_same_rows(all).await;
 
     let out = env.cli(&env.dir.join("syncfleet.toml"), &["verify"]).await;
     assert!(

@@ -19,6 +19,7 @@ use syncfleet_core::job::{Job, KeyRange, Lsn, NO_RUN, Selection};
 use tokio_postgres::{Client, GenericClient};
 
 use crate::error::DbError;
+use crate::pool::Pool;
 
 /// Migrations, in order. Each runs once, in its own transaction; the
 /// version table records how many have run.
@@ -559,6 +560,31 @@ pub async fn plan_states(
             last_upper: key_from_json(r.get(3)),
         })
         .collect())
+}
+
+/// A run's planner, for as long as it plans or resumes the run: holds a
+/// session advisory lock on a connection of its own, out of the pool.
+/// Dropped, the connection closes and the server lets the lock go, as it
+/// does when the planner's process dies.
+pub struct Planner {
+    _session: deadpool_postgres::ClientWrapper,
+}
+
+/// Becomes `run_id`'s planner, unless another process is (`None`): two
+/// planners of one run would walk its keys side by side and number its
+/// batches twice.
+pub async fn plan_run(destination: &Pool, run_id: i64) -> Result<Option<Planner>, DbError> {
+    let client = destination.get().await?;
+    let mine: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended('syncfleet.planning ' || $1::int8, 0))",
+            &[&run_id],
+        )
+        .await?
+        .get(0);
+    Ok(mine.then(|| Planner {
+        _session: deadpool_postgres::Object::take(client),
+    }))
 }
 
 /// Makes failed batches of a run pending again and the run running again

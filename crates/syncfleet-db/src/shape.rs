@@ -21,10 +21,14 @@ pub struct Column {
     /// The type as SQL, with its modifier: `numeric(12,2)`, `mood`, `text[]`.
     pub type_sql: String,
     pub type_oid: u32,
-    /// The type its values are compared as: a domain's base type (through
-    /// domains over domains), else `type_sql`. PostgreSQL finds `<` and `=`
-    /// of an enum, array or range for the type itself, not for a domain
-    /// over it ("operator does not exist: mood_domain > mood_domain").
+    /// `type_oid`, or for a domain its base type's (through domains over
+    /// domains).
+    pub base_oid: u32,
+    /// The type its values are compared as: the base type, without a
+    /// modifier, which would make the cast a call the key's index cannot
+    /// see through. PostgreSQL finds `<` and `=` of an enum for the enum
+    /// itself, not for a domain over it ("operator does not exist:
+    /// mood_domain > mood_domain").
     pub compare_sql: String,
 }
 
@@ -184,37 +188,38 @@ impl StreamShape {
             .iter()
             .map(|c| c.column_id().unwrap_or(0))
             .collect();
-        // A domain's base type is followed down to a type that is not one,
-        // each domain's modifier applying to the type below it.
-        let types: Vec<(u32, String, String)> = client
+        // A domain's base type is followed down to a type that is not one.
+        let types: Vec<(u32, String, u32, String)> = client
             .query(
-                "SELECT c.ty, format_type(c.ty, NULLIF(c.tm, -1)), \
-                        (WITH RECURSIVE up(ty, tm) AS ( \
-                           SELECT c.ty, c.tm \
-                           UNION ALL \
-                           SELECT p.typbasetype, p.typtypmod FROM up JOIN pg_type p ON p.oid = up.ty \
-                           WHERE p.typtype = 'd') \
-                         SELECT format_type(up.ty, NULLIF(up.tm, -1)) FROM up \
-                         JOIN pg_type p ON p.oid = up.ty WHERE p.typtype <> 'd') \
+                "SELECT c.ty, format_type(c.ty, NULLIF(c.tm, -1)), b.ty, format_type(b.ty, NULL) \
                  FROM (SELECT t.n, coalesce(a.atttypid, t.oid) AS ty, coalesce(a.atttypmod, t.typmod) AS tm \
                        FROM unnest($1::oid[], $2::int4[], $3::oid[], $4::int2[]) \
                             WITH ORDINALITY AS t(oid, typmod, rel, att, n) \
                        LEFT JOIN pg_attribute a ON a.attrelid = t.rel AND a.attnum = t.att AND t.att > 0) AS c \
+                 CROSS JOIN LATERAL (WITH RECURSIVE up(ty) AS ( \
+                     SELECT c.ty \
+                     UNION ALL \
+                     SELECT p.typbasetype FROM up JOIN pg_type p ON p.oid = up.ty WHERE p.typtype = 'd') \
+                   SELECT up.ty FROM up JOIN pg_type p ON p.oid = up.ty WHERE p.typtype <> 'd') AS b \
                  ORDER BY c.n",
                 &[&oids, &mods, &tables, &attnums],
             )
             .await
             .map_err(db)?
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect();
+        if types.len() != described.len() {
+            return Err(invalid(field, "a column's type is not in pg_type".into()));
+        }
         let columns: Vec<Column> = described
             .iter()
             .zip(types)
-            .map(|(c, (type_oid, type_sql, compare_sql))| Column {
+            .map(|(c, (type_oid, type_sql, base_oid, compare_sql))| Column {
                 name: c.name().to_string(),
                 type_sql,
                 type_oid,
+                base_oid,
                 compare_sql,
             })
             .collect();
@@ -318,6 +323,7 @@ mod tests {
             name: name.into(),
             type_sql: "text".into(),
             type_oid: 25,
+            base_oid: 25,
             compare_sql: "text".into(),
         }
     }

@@ -505,15 +505,19 @@ mod tests {
     use crate::shape::Column;
 
     fn shape() -> StreamShape {
-        let col = |name: &str, ty: &str| Column {
-            name: name.into(),
-            type_sql: ty.into(),
-            compare_sql: ty.into(),
-            type_oid: match ty {
+        let col = |name: &str, ty: &str| {
+            let oid = match ty {
                 "text" => 25,
                 "bigint" => 20,
                 _ => 3802,
-            },
+            };
+            Column {
+                name: name.into(),
+                type_sql: ty.into(),
+                type_oid: oid,
+                base_oid: oid,
+                compare_sql: ty.into(),
+            }
         };
         StreamShape {
             stream: "s".into(),

@@ -68,7 +68,8 @@ const RETRY: RetryPolicy = RetryPolicy {
 struct Route {
     stream: String,
     columns: Vec<String>,
-    /// The columns' type OIDs, to check ids against (see [`fits`]).
+    /// The columns' (base) type OIDs, to check ids against (see [`fits`]):
+    /// a selection compares its values as the base type.
     types: Vec<u32>,
 }
 
@@ -256,7 +257,7 @@ fn stream_routes(
                     .columns
                     .iter()
                     .find(|col| &col.name == c)
-                    .map_or(0, |col| col.type_oid)
+                    .map_or(0, |col| col.base_oid)
             })
             .collect();
         let stream = stream.name.clone();

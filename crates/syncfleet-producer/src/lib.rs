@@ -68,6 +68,12 @@ pub enum PlanError {
         "{0}: its jobs and another run's of the same stream could undo each other's newer rows; wait until it ends (`syncfleet status`), then try again"
     )]
     Going(control::Going),
+    /// Refused: another process (a `sync`, the producer service) is
+    /// planning or resuming the run right now.
+    #[error(
+        "run {0} is being planned by another process right now; resume it once that planner has stopped"
+    )]
+    Planning(i64),
 }
 
 impl From<ShapeError> for PlanError {
@@ -158,6 +164,10 @@ pub async fn start_run(
     .await?
     .map_err(PlanError::Going)?;
     tracing::info!(run_id, streams = ?names, "planning run");
+    let _planner = match planner(destination, run_id).await {
+        Ok(planner) => planner,
+        Err(e) => return Err(planning_failed(destination, run_id, e).await),
+    };
     let mut plan = RunPlan {
         run_id,
         batches: Vec::new(),
@@ -181,6 +191,13 @@ pub async fn start_run(
     }
     control::mark_planned(&**destination.get().await?, run_id).await?;
     Ok(plan)
+}
+
+/// Becomes `run_id`'s planner ([`control::plan_run`]) until dropped.
+async fn planner(destination: &Pool, run_id: i64) -> Result<control::Planner, PlanError> {
+    control::plan_run(destination, run_id)
+        .await?
+        .ok_or(PlanError::Planning(run_id))
 }
 
 /// Fails `run_id`, whose planning failed with `e` (best effort: the run is
@@ -336,6 +353,7 @@ pub async fn resume_run(
         })
     })?;
     let prepared = prepare(source, destination, &streams).await?;
+    let _planner = planner(destination, run_id).await?;
     // A run failed, or still planning (its planner gone), cannot finish
     // without this resume: one that stops fails it (again).
     let unfinishable = control::run(&**destination.get().await?, run_id)
@@ -506,20 +524,7 @@ pub async fn start_incremental_run(
     };
     // The look-back is for a date or a timestamp, also under a domain's
     // name (`stamp` over timestamptz); a time of day would wrap at midnight.
-    let base: u32 = source
-        .get()
-        .await?
-        .query_one(
-            "WITH RECURSIVE t(oid, base) AS ( \
-               SELECT oid, typbasetype FROM pg_type WHERE oid = $1 \
-               UNION ALL SELECT p.oid, p.typbasetype FROM pg_type p JOIN t ON p.oid = t.base) \
-             SELECT oid FROM t WHERE base = 0",
-            &[&cursor_col.type_oid],
-        )
-        .await
-        .map_err(syncfleet_db::DbError::from)?
-        .get(0);
-    let time_like = matches!(base, 1082 | 1114 | 1184);
+    let time_like = matches!(cursor_col.base_oid, 1082 | 1114 | 1184);
     let watermark = control::watermark(&**destination.get().await?, &stream.name).await?;
     let run_id = control::create_run_of(
         &mut **destination.get().await?,
@@ -530,6 +535,10 @@ pub async fn start_incremental_run(
     )
     .await?
     .map_err(PlanError::Going)?;
+    let _planner = match planner(destination, run_id).await {
+        Ok(planner) => planner,
+        Err(e) => return Err(planning_failed(destination, run_id, e).await),
+    };
     let result = plan_incremental(
         source,
         destination,

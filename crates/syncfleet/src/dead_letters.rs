@@ -79,20 +79,19 @@ const RETURN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// number at least `expected` again, so that a command run right after this
 /// one (`list`, then `replay`) finds every letter this one left.
 async fn back_in_queue(connection: &lapin::Connection, topology: &Topology, expected: u32) {
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
     let deadline = tokio::time::Instant::now() + RETURN_WAIT;
     while tokio::time::Instant::now() < deadline {
-        let Ok(channel) = connection.create_channel().await else {
-            return;
-        };
-        let depth = topology.depth(&channel, &topology.dead_queue()).await;
-        let _ = channel.close(200, "done".into()).await;
-        match depth {
+        match topology.depth(&channel, &topology.dead_queue()).await {
             Ok((n, _)) if n < expected => {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await
             }
-            _ => return,
+            _ => break,
         }
     }
+    let _ = channel.close(200, "done".into()).await;
 }
 
 /// Fetches every dead letter without acking it. Bounded by the queue's

@@ -62,7 +62,7 @@ impl From<PlanError> for CliError {
     fn from(e: PlanError) -> Self {
         match e {
             PlanError::Invalid(_) | PlanError::UnknownRun(_) => CliError::Usage(e.to_string()),
-            PlanError::Going(_) => CliError::Busy(e.to_string()),
+            PlanError::Going(_) | PlanError::Planning(_) => CliError::Busy(e.to_string()),
             _ => CliError::Failed(e.to_string()),
         }
     }
