@@ -24,11 +24,11 @@ pub struct Column {
     /// `type_oid`, or for a domain its base type's (through domains over
     /// domains).
     pub base_oid: u32,
-    /// The type its values are compared as: the base type, without a
-    /// modifier, which would make the cast a call the key's index cannot
-    /// see through. PostgreSQL finds `<` and `=` of an enum for the enum
-    /// itself, not for a domain over it ("operator does not exist:
-    /// mood_domain > mood_domain").
+    /// The type its values are compared as: `type_sql`, or for a domain its
+    /// base type without a modifier (which would make the cast a call the
+    /// key's index cannot see through). PostgreSQL finds `<` and `=` of an
+    /// enum for the enum itself, not for a domain over it ("operator does
+    /// not exist: mood_domain > mood_domain").
     pub compare_sql: String,
 }
 
@@ -37,7 +37,7 @@ impl Column {
     /// base type for a domain, which keeps the key's index usable (the cast
     /// is a relabelling the planner sees through).
     pub fn compared(&self, expr: String) -> String {
-        match self.compare_sql == self.type_sql {
+        match self.base_oid == self.type_oid {
             true => expr,
             false => format!("({expr})::{}", self.compare_sql),
         }
@@ -191,7 +191,8 @@ impl StreamShape {
         // A domain's base type is followed down to a type that is not one.
         let types: Vec<(u32, String, u32, String)> = client
             .query(
-                "SELECT c.ty, format_type(c.ty, NULLIF(c.tm, -1)), b.ty, format_type(b.ty, NULL) \
+                "SELECT c.ty, format_type(c.ty, NULLIF(c.tm, -1)), b.ty, \
+                        CASE b.ty WHEN c.ty THEN format_type(c.ty, NULLIF(c.tm, -1)) ELSE format_type(b.ty, NULL) END \
                  FROM (SELECT t.n, coalesce(a.atttypid, t.oid) AS ty, coalesce(a.atttypmod, t.typmod) AS tm \
                        FROM unnest($1::oid[], $2::int4[], $3::oid[], $4::int2[]) \
                             WITH ORDINALITY AS t(oid, typmod, rel, att, n) \

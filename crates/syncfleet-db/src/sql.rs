@@ -571,6 +571,7 @@ mod tests {
     fn a_domain_key_compares_as_its_base_type() {
         let mut shape = shape();
         shape.columns[0].type_sql = "mood_domain".into();
+        shape.columns[0].type_oid = 16_384;
         shape.columns[0].compare_sql = "mood".into();
         let range = KeyRange {
             lower: Some(vec!["ok".into(), "1".into()]),
