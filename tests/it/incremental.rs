@@ -218,7 +218,7 @@ const APP: &str = "CREATE TABLE users (id int PRIMARY KEY, first_name text, emai
 const APP_STREAMS: &str = "[producer]\ninterval = \"1h\"\nstagger = \"0s\"\nevent_window = \"100ms\"\n\
      [[stream]]\nname = \"users\"\ntable = \"users\"\n\
      [[stream]]\nname = \"user_profiles\"\n\
-     query = \"SELECT p.id, p.user_id, p.bio, u.first_name, u.email FROM user_profiles p JOIN users u ON u.id = p.user_id\"\n\
+     query = \"SELECT p.id, p.user_id, p.bio, u.first_name, u.email FROM user_profiles p JOIN users u ON u.id = p.user_id -- ends in a comment\"\n\
      key = [\"id\"]\n[stream.events]\nuser_profiles = \"id\"\nusers = \"user_id\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

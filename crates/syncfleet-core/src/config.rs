@@ -179,8 +179,13 @@ impl StreamConfig {
             .iter()
             .map(|(t, c)| (t.clone(), Some(c.clone())))
             .collect();
+        // Events match tables by name whatever the schema (see the
+        // producer's routes): `[stream.events]` naming the stream's own
+        // table, qualified or not, takes its place.
         if let StreamSource::Table(t) = &self.source
-            && !tables.iter().any(|(name, _)| name == &t.name)
+            && !tables
+                .iter()
+                .any(|(name, _)| name.rsplit('.').next() == Some(t.name.as_str()))
         {
             tables.push((t.name.clone(), None));
         }
@@ -484,10 +489,20 @@ impl Config {
     /// gate) about as long. The broker closes the channel of a delivery
     /// unacked past its `consumer_timeout` (and redelivers it elsewhere
     /// while it may still be running), so every deadline must stay under
-    /// half of what that timeout leaves after the slack.
+    /// half of what that timeout leaves after the slack. So must the
+    /// producer's event window, for which it holds events unacked: past
+    /// the timeout the broker would take them back, window after window.
     pub fn check_deadlines(&self) -> Result<(), ConfigError> {
         let limit = self.broker.consumer_timeout.saturating_sub(SETTLE_SLACK) / 2;
-        let deadlines = std::iter::once(("jobs.deadline".to_string(), self.jobs.deadline)).chain(
+        let deadlines = [
+            ("jobs.deadline".to_string(), self.jobs.deadline),
+            (
+                "producer.event_window".to_string(),
+                self.producer.event_window,
+            ),
+        ]
+        .into_iter()
+        .chain(
             self.streams
                 .iter()
                 .map(|s| (format!("stream '{}' deadline", s.name), s.deadline)),
@@ -1119,6 +1134,21 @@ impl Validator<'_> {
                     name: s.name.clone(),
                 },
             };
+            // syncfleet's own tables (runs, batches, watermarks) would be
+            // written and deleted from like any range.
+            if let Some(schema) = &destination_table.schema
+                && (schema == "syncfleet"
+                    || schema.starts_with("pg_")
+                    || schema == "information_schema")
+            {
+                return Err(self.invalid(
+                    &field("destination_table"),
+                    format!(
+                        "{destination_table} is in schema {schema}, which holds syncfleet's or \
+                         PostgreSQL's own tables; choose a table in another schema"
+                    ),
+                ));
+            }
             // Compared as the destination resolves them with its default
             // search_path: `users` is `public.users`.
             let resolved = (
@@ -1355,6 +1385,11 @@ mod tests {
         )
         .unwrap();
         assert!(raised.check_deadlines().is_ok());
+        let window =
+            parse(&GOOD.replace("[source]", "[producer]\nevent_window = \"1h\"\n[source]"))
+                .unwrap();
+        let e = window.check_deadlines().unwrap_err().to_string();
+        assert!(e.contains("producer.event_window"), "{e}");
     }
 
     #[test]
@@ -1399,6 +1434,23 @@ mod tests {
             );
         }
         assert!(parse(&GOOD.replace("\"rep.profiles_tab\"", "\"rep.users\"")).is_ok());
+    }
+
+    #[test]
+    fn a_stream_may_not_write_syncfleets_or_the_catalogs_tables() {
+        for table in [
+            "syncfleet.runs",
+            "pg_catalog.pg_class",
+            "information_schema.tables",
+        ] {
+            let text = GOOD.replace("\"rep.profiles_tab\"", &format!("\"{table}\""));
+            let e = error_of(&text);
+            assert!(
+                e.contains("stream[1] ('profiles').destination_table")
+                    && e.contains("another schema"),
+                "{table}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -91,19 +91,34 @@ pub fn percent_decode(value: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Masks the value of every `password = value`: a connection string's
+/// parameter (`password=pw`), a URL's query (`?password=pw&`), a TOML line
+/// quoted in a parse error (`password = "pw"`), in any case, spaced or not,
+/// quoted or not.
 fn mask_password_params(text: &str) -> String {
+    // ASCII lowering keeps every byte where it was.
+    let lower = text.to_ascii_lowercase();
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(pos) = rest.find("password=") {
-        let value_start = pos + "password=".len();
-        out.push_str(&rest[..value_start]);
+    let mut from = 0;
+    while let Some(found) = lower[from..].find("password") {
+        let key_end = from + found + "password".len();
+        let after = &text[key_end..];
+        let Some(rest) = after.trim_start().strip_prefix('=') else {
+            out.push_str(&text[from..key_end]);
+            from = key_end;
+            continue;
+        };
+        let value_at = text.len() - rest.trim_start().len();
+        let value = &text[value_at..];
+        let len = match value.chars().next() {
+            Some(q @ ('"' | '\'')) => value[1..].find(q).map_or(value.len(), |i| i + 2),
+            _ => value.find([' ', '&', '\n']).unwrap_or(value.len()),
+        };
+        out.push_str(&text[from..value_at]);
         out.push_str("***");
-        let value_end = rest[value_start..]
-            .find([' ', '&'])
-            .map_or(rest.len(), |i| value_start + i);
-        rest = &rest[value_end..];
+        from = value_at + len;
     }
-    out.push_str(rest);
+    out.push_str(&text[from..]);
     out
 }
 
@@ -136,6 +151,13 @@ mod tests {
             redact("postgres://db/app?password=hunter2&sslmode=require"),
             "postgres://db/app?password=***&sslmode=require"
         );
+        // Spaced, quoted, in another case: a TOML line, a connection string.
+        assert_eq!(redact(r#"password = "s3 cret" # x"#), "password = *** # x");
+        assert_eq!(
+            redact("host=db PASSWORD = 'pw' user=x"),
+            "host=db PASSWORD = *** user=x"
+        );
+        assert_eq!(redact("the password is wrong"), "the password is wrong");
         let s = SecretUrl::new("postgres://a:b@c/d");
         assert!(!format!("{s} {s:?}").contains(":b@"));
     }

@@ -63,14 +63,16 @@ pub async fn read_snapshot(
 /// The source's WAL position now: on a primary where it inserts, on a
 /// standby what it has replayed. Every change committed before lies before
 /// it, so a job stamped with it (see `Job::source_lsn`) is read from a
-/// standby only once the standby has replayed that far.
+/// standby only once the standby has replayed that far. The insert
+/// position, not the write position: under `synchronous_commit = off` a
+/// commit returns (and its event is sent) before its WAL is written.
 pub async fn wal_position(
     client: &impl tokio_postgres::GenericClient,
 ) -> Result<Option<Lsn>, DbError> {
     let position: Option<String> = client
         .query_one(
             "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-             ELSE pg_current_wal_lsn() END)::text",
+             ELSE pg_current_wal_insert_lsn() END)::text",
             &[],
         )
         .await?

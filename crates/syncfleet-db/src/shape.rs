@@ -128,7 +128,8 @@ impl StreamShape {
     ) -> Result<Self, ShapeError> {
         let (relation, field) = match &stream.source {
             StreamSource::Table(t) => (t.to_string(), "table"),
-            StreamSource::Query(q) => (format!("({q})"), "query"),
+            // The newline ends a `--` comment the query may close with.
+            StreamSource::Query(q) => (format!("({q}\n)"), "query"),
         };
         let invalid = |field: &'static str, message: String| ShapeError::Invalid {
             stream: stream.name.clone(),

@@ -107,6 +107,20 @@ impl RangePredicate {
             params: Vec::new(),
             settings: (Vec::new(), Vec::new()),
         };
+        if select.columns.is_empty() {
+            return Err("its selection names no column".into());
+        }
+        if let Some(v) = select
+            .values
+            .iter()
+            .find(|v| v.len() != select.columns.len())
+        {
+            return Err(format!(
+                "a selected key of {} value(s) for {} column(s)",
+                v.len(),
+                select.columns.len()
+            ));
+        }
         let mut arrays = Vec::with_capacity(select.columns.len());
         let mut columns = Vec::with_capacity(select.columns.len());
         for (i, name) in select.columns.iter().enumerate() {
@@ -115,11 +129,7 @@ impl RangePredicate {
                 .iter()
                 .find(|c| &c.name == name)
                 .ok_or_else(|| format!("column '{name}' is not among the stream's columns"))?;
-            let values: Vec<&str> = select
-                .values
-                .iter()
-                .map(|v| v.get(i).map_or("", String::as_str))
-                .collect();
+            let values: Vec<&str> = select.values.iter().map(|v| v[i].as_str()).collect();
             let json = serde_json::to_string(&values).expect("strings serialize");
             let source = match binding {
                 Binding::Params { first } => {
@@ -565,6 +575,29 @@ mod tests {
         assert_eq!(s.settings.1[0], "a'; DROP TABLE t; --");
         let open = RangePredicate::new(&shape(), "q", &KeyRange::default(), Binding::Settings);
         assert_eq!(open.sql, "true");
+    }
+
+    #[test]
+    fn a_selection_whose_keys_do_not_fit_its_columns_is_refused() {
+        let select = |columns: &[&str], values: &[&[&str]]| Selection {
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            values: values
+                .iter()
+                .map(|v| v.iter().map(|s| s.to_string()).collect())
+                .collect(),
+        };
+        let params = Binding::Params { first: 1 };
+        let ok = RangePredicate::selection(
+            &shape(),
+            "d",
+            &select(&["org", "id"], &[&["a", "1"]]),
+            params,
+        );
+        assert!(ok.is_ok());
+        let short =
+            RangePredicate::selection(&shape(), "d", &select(&["org", "id"], &[&["a"]]), params);
+        assert!(short.unwrap_err().contains("1 value(s) for 2 column(s)"));
+        assert!(RangePredicate::selection(&shape(), "d", &select(&[], &[]), params).is_err());
     }
 
     #[test]

@@ -87,9 +87,12 @@ fn fits(oid: u32, value: &str) -> bool {
     // The server skips C's `isspace` around an integer, no other space.
     let int = value.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r'));
     match oid {
-        20 => int.parse::<i64>().is_ok(),
-        23 => int.parse::<i32>().is_ok(),
-        21 => int.parse::<i16>().is_ok(),
+        // Any width's integer: a column widened on the source (int to
+        // bigint, past 2^31) is seen here only when the routes are
+        // described again. One too wide for its column still fails on the
+        // server, in a job the worker splits and dead-letters on its own,
+        // where `dead-letters replay` can send it again.
+        20 | 21 | 23 => int.parse::<i64>().is_ok(),
         2950 => is_uuid(value),
         _ => true,
     }
@@ -144,13 +147,29 @@ fn parse(body: &[u8]) -> Result<Event, String> {
         .get("ids")
         .and_then(Value::as_array)
         .ok_or("field \"ids\" must be an array")?;
-    let ids = ids
+    let ids: Vec<Vec<Value>> = ids
         .iter()
         .map(|id| match id {
             Value::Array(parts) => parts.clone(),
             scalar => vec![scalar.clone()],
         })
         .collect();
+    // A JSON number past 64-bit integers is read as a float, whose text
+    // names another id (1.2345678901234568e23): it must come as a string.
+    if let Some(n) = ids.iter().flatten().find_map(|v| match v {
+        Value::Number(n)
+            if n.as_f64()
+                .is_some_and(|f| f.abs() >= 9_007_199_254_740_992.0)
+                && n.is_f64() =>
+        {
+            Some(n)
+        }
+        _ => None,
+    }) {
+        return Err(format!(
+            "ids: the number {n} cannot be read exactly; send ids of more than 15 digits as strings"
+        ));
+    }
     Ok(Event {
         table: table.to_string(),
         ids,
@@ -195,7 +214,11 @@ impl Routes {
             match described {
                 Ok(found) => {
                     for (table, route) in found {
-                        routes.tables.entry(table).or_default().push(route);
+                        routes
+                            .tables
+                            .entry(unqualified(&table))
+                            .or_default()
+                            .push(route);
                     }
                 }
                 Err(e) => {
@@ -204,7 +227,7 @@ impl Routes {
                     for (table, _) in stream.event_tables() {
                         routes
                             .broken
-                            .entry(table)
+                            .entry(unqualified(&table))
                             .and_modify(|w| *w = format!("{w}; {why}"))
                             .or_insert_with(|| why.clone());
                     }
@@ -214,21 +237,24 @@ impl Routes {
         Ok(routes)
     }
 
-    /// The streams an event's table refreshes (its unqualified name also
-    /// matches), and why others that read it cannot take it, if any do.
+    /// The streams an event's table refreshes, and why others that read it
+    /// cannot take it, if any do. Tables are matched by name, whatever the
+    /// schema each side names: `app.users` and `users` are one table to
+    /// events, and a table of that name in another schema gets its events
+    /// too (a selection of ids it may not have: extra reads, nothing
+    /// wrong written).
     fn find(&self, table: &str) -> (&[Route], Option<&str>) {
-        let unqualified = table.rsplit('.').next().unwrap_or(table);
-        let lookup = |name| {
-            (
-                self.tables.get(name).map_or(&[][..], Vec::as_slice),
-                self.broken.get(name).map(String::as_str),
-            )
-        };
-        match lookup(table) {
-            ([], None) => lookup(unqualified),
-            found => found,
-        }
+        let name = unqualified(table);
+        (
+            self.tables.get(&name).map_or(&[][..], Vec::as_slice),
+            self.broken.get(&name).map(String::as_str),
+        )
     }
+}
+
+/// A table's name without its schema.
+fn unqualified(table: &str) -> String {
+    table.rsplit('.').next().unwrap_or(table).to_string()
 }
 
 /// The tables whose events refresh `stream`, each with its route.
@@ -451,33 +477,17 @@ async fn take(
         }
         (_, None) => {}
     }
+    // Every route checked before any is buffered: an event refused for one
+    // stream must leave nothing behind for the others (buffered without
+    // its delivery, those ids would wait for an unrelated event).
+    let mut routed = Vec::with_capacity(targets.len());
     for route in targets {
-        let mut keys = Vec::with_capacity(event.ids.len());
-        for id in &event.ids {
-            let key: Option<Key> = id.iter().map(text).collect();
-            let reason = match key {
-                Some(k) if k.len() == route.columns.len() => {
-                    match k.iter().zip(&route.types).position(|(v, t)| !fits(*t, v)) {
-                        None => {
-                            keys.push(k);
-                            continue;
-                        }
-                        Some(i) => format!(
-                            "ids for table {}: '{}' is not a valid value of column {} of stream '{}'",
-                            event.table, k[i], route.columns[i], route.stream
-                        ),
-                    }
-                }
-                _ => format!(
-                    "ids for table {} must each be {} scalar value(s) ({}), got {}",
-                    event.table,
-                    route.columns.len(),
-                    route.columns.join(", "),
-                    Value::Array(id.clone())
-                ),
-            };
-            return dead(delivery, publisher, counters, MALFORMED, &reason).await;
+        match route_keys(&event, route) {
+            Ok(keys) => routed.push((route, keys)),
+            Err(reason) => return dead(delivery, publisher, counters, MALFORMED, &reason).await,
         }
+    }
+    for (route, keys) in routed {
         let set = buffer.ids.entry(route.clone()).or_default();
         for k in keys {
             if set.insert(k) {
@@ -489,6 +499,37 @@ async fn take(
     }
     buffer.since.get_or_insert_with(Instant::now);
     buffer.deliveries.push(delivery);
+}
+
+/// The event's ids as keys of `route`'s columns, or why they are not.
+fn route_keys(event: &Event, route: &Route) -> Result<Vec<Key>, String> {
+    let mut keys = Vec::with_capacity(event.ids.len());
+    for id in &event.ids {
+        let key: Option<Key> = id.iter().map(text).collect();
+        match key {
+            Some(k) if k.len() == route.columns.len() => {
+                match k.iter().zip(&route.types).position(|(v, t)| !fits(*t, v)) {
+                    None => keys.push(k),
+                    Some(i) => {
+                        return Err(format!(
+                            "ids for table {}: '{}' is not a valid value of column {} of stream '{}'",
+                            event.table, k[i], route.columns[i], route.stream
+                        ));
+                    }
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "ids for table {} must each be {} scalar value(s) ({}), got {}",
+                    event.table,
+                    route.columns.len(),
+                    route.columns.join(", "),
+                    Value::Array(id.clone())
+                ));
+            }
+        }
+    }
+    Ok(keys)
 }
 
 /// The dead-letter reason of an event that is wrong in itself.
@@ -622,7 +663,9 @@ mod tests {
     #[test]
     fn ids_are_checked_against_integer_and_uuid_columns() {
         assert!(fits(20, "42") && fits(20, " -9223372036854775808 ") && fits(23, "+7"));
-        assert!(!fits(20, "abc") && !fits(23, "4294967296") && !fits(21, "1.5"));
+        assert!(!fits(20, "abc") && !fits(21, "1.5") && !fits(23, "9223372036854775808"));
+        // Any integer width's: the column may have been widened since.
+        assert!(fits(23, "4294967296") && fits(21, "-70000"));
         assert!(fits(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"));
         assert!(fits(2950, "{A0EEBC999C0B4EF8BB6D6BB9BD380A11}"));
         assert!(!fits(2950, "a0eebc99-9c0b") && !fits(2950, "g0eebc999c0b4ef8bb6d6bb9bd380a11"));
@@ -684,5 +727,60 @@ mod tests {
         );
         assert_eq!(text(&serde_json::json!(12)), Some("12".into()));
         assert_eq!(text(&serde_json::json!(null)), None);
+        // Past 64 bits a JSON number is a float naming another id.
+        let big =
+            parse(br#"{"table": "t", "op": "upsert", "ids": [[1, 123456789012345678901234]]}"#);
+        assert!(big.unwrap_err().contains("as strings"));
+        assert!(
+            parse(br#"{"table": "t", "op": "upsert", "ids": [18446744073709551615, 1.5]}"#).is_ok()
+        );
+    }
+
+    #[test]
+    fn events_match_tables_by_name_whatever_the_schema() {
+        let route = |stream: &str| Route {
+            stream: stream.into(),
+            columns: vec!["id".into()],
+            types: vec![20],
+        };
+        let mut routes = Routes::default();
+        for (table, stream) in [("users", "plain"), ("app.users", "qualified")] {
+            routes
+                .tables
+                .entry(unqualified(table))
+                .or_default()
+                .push(route(stream));
+        }
+        for table in ["users", "app.users", "public.users"] {
+            let streams: Vec<&str> = routes
+                .find(table)
+                .0
+                .iter()
+                .map(|r| r.stream.as_str())
+                .collect();
+            assert_eq!(streams, ["plain", "qualified"], "{table}");
+        }
+        assert!(routes.find("orders").0.is_empty());
+    }
+
+    #[test]
+    fn an_event_refused_for_one_stream_is_checked_for_all_first() {
+        let event = parse(br#"{"table": "t", "op": "upsert", "ids": [1, "x"]}"#).unwrap();
+        let ints = Route {
+            stream: "a".into(),
+            columns: vec!["id".into()],
+            types: vec![20],
+        };
+        let texts = Route {
+            stream: "b".into(),
+            columns: vec!["name".into()],
+            types: vec![25],
+        };
+        assert_eq!(route_keys(&event, &texts).unwrap().len(), 2);
+        let refused = route_keys(&event, &ints).unwrap_err();
+        assert!(
+            refused.contains("'x'") && refused.contains("stream 'a'"),
+            "{refused}"
+        );
     }
 }

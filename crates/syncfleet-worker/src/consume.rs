@@ -627,7 +627,7 @@ async fn conclude(
             wait_out_outage(context, delivery, &id, meta, &reason).await;
         }
         Ok(Err(JobError::Disconnected(reason)))
-            if meta.lost_connections + 1 < retry.max_attempts =>
+            if meta.lost_connections.saturating_add(1) < retry.max_attempts =>
         {
             finished("waiting");
             let meta = meta.lost_connection();

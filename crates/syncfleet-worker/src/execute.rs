@@ -1040,7 +1040,20 @@ impl Executor {
         let predicate = |alias, binding| match &job.select {
             Some(select) => RangePredicate::selection(shape, alias, select, binding)
                 .map_err(|e| JobError::Reject(format!("job {}: {e}", job.id()))),
-            None => Ok(RangePredicate::new(shape, alias, &job.range, binding)),
+            // A bound of another length would be cut short or fail as SQL.
+            None => match [&job.range.lower, &job.range.upper]
+                .into_iter()
+                .flatten()
+                .find(|bound| bound.len() != shape.key.len())
+            {
+                Some(bound) => Err(JobError::Reject(format!(
+                    "job {}: a range bound of {} value(s) for a key of {} column(s)",
+                    job.id(),
+                    bound.len(),
+                    shape.key.len()
+                ))),
+                None => Ok(RangePredicate::new(shape, alias, &job.range, binding)),
+            },
         };
         let mut source_range = predicate("q", Binding::Settings)?;
         for (name, value) in pace.iter().flat_map(|p| p.settings()) {

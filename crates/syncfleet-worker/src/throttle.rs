@@ -102,12 +102,23 @@ impl Controller {
             self.recent.pop_front();
         }
         self.recent.push_back(latency);
-        let limit = baseline.mul_f64(self.factor).max(self.min_latency);
+        // Saturating: a huge factor must not overflow a `Duration`.
+        let limit = Duration::try_from_secs_f64(baseline.as_secs_f64() * self.factor)
+            .unwrap_or(Duration::MAX)
+            .max(self.min_latency);
         self.level = if latency > limit {
             (self.level / 2.0).max(MIN_LEVEL)
         } else {
             (self.level + self.increase).min(self.max)
         };
+        self.level
+    }
+
+    /// Takes a probe that timed out: slower than any limit, whatever the
+    /// settings (its bound may lie under `min_latency`), and no measure of
+    /// the baseline. Returns the new level.
+    pub fn timed_out(&mut self) -> f64 {
+        self.level = (self.level / 2.0).max(MIN_LEVEL);
         self.level
     }
 }
@@ -171,10 +182,17 @@ impl ReadGate {
         }
     }
 
-    /// Feeds a probe latency to the throttle.
-    pub fn observe(&self, latency: Duration) -> f64 {
+    /// Feeds a probe latency to the throttle; `None` for a probe that
+    /// timed out ([`Controller::timed_out`]).
+    pub fn observe(&self, latency: Option<Duration>) -> f64 {
         let level = match &self.controller {
-            Some(c) => c.lock().expect("controller").observe(latency),
+            Some(c) => {
+                let mut c = c.lock().expect("controller");
+                match latency {
+                    Some(latency) => c.observe(latency),
+                    None => c.timed_out(),
+                }
+            }
             None => self.max,
         };
         self.changed.notify_waiters();
@@ -271,8 +289,8 @@ pub async fn run_probe(
             _ = ticker.tick() => {}
         }
         // Timed from the query, not the checkout (a connection made anew
-        // after one closed is no slower app). A probe that times out is the
-        // slowest probe of all (cancelled and its connection closed, so
+        // after one closed is no slower app). A probe that times out is
+        // slower than any limit (cancelled and its connection closed, so
         // that the next probe does not queue behind it); one that fails
         // says nothing about the app's latency and is skipped, said once
         // while it goes on failing.
@@ -297,9 +315,9 @@ pub async fn run_probe(
                 if std::mem::take(&mut failing) {
                     tracing::info!("the throttle's probe answers again");
                 }
-                latency
+                Some(latency)
             }
-            None => bound,
+            None => None,
         };
         let level = gate.observe(latency);
         metrics::gauge!(syncfleet_core::metrics::THROTTLE_LEVEL).set(level);
@@ -376,6 +394,28 @@ mod tests {
     }
 
     #[test]
+    fn a_timed_out_probe_is_a_rise_whatever_the_settings() {
+        // A floor above the probe's bound (4 intervals): a timed-out probe
+        // still halves the level.
+        let lenient = ThrottleConfig {
+            min_latency: Duration::from_secs(10),
+            ..config()
+        };
+        let mut c = Controller::new(4.0, &lenient);
+        c.observe(Duration::from_millis(1));
+        assert_eq!(c.timed_out(), 2.0);
+        assert_eq!(c.baseline(), Some(Duration::from_millis(1)));
+        // A factor too large for a `Duration` saturates.
+        let huge = ThrottleConfig {
+            factor: 1e30,
+            ..config()
+        };
+        let mut c = Controller::new(4.0, &huge);
+        c.observe(Duration::from_secs(1));
+        assert_eq!(c.observe(Duration::from_secs(2)), 4.0);
+    }
+
+    #[test]
     fn noise_below_the_floor_is_not_a_rise() {
         let mut c = Controller::new(2.0, &config());
         c.observe(Duration::from_micros(100));
@@ -388,10 +428,10 @@ mod tests {
     async fn below_level_one_reads_run_one_at_a_time_and_are_paced_on_the_server() {
         let gate = std::sync::Arc::new(ReadGate::new(4, None, Some(&config())));
         for _ in 0..4 {
-            gate.observe(Duration::from_millis(1));
+            gate.observe(Some(Duration::from_millis(1)));
         }
         for _ in 0..3 {
-            gate.observe(Duration::from_millis(50));
+            gate.observe(Some(Duration::from_millis(50)));
         }
         assert_eq!(gate.level(), 0.5);
         let first = gate.acquire().await;
@@ -407,7 +447,7 @@ mod tests {
         assert_eq!(pace.work, pace.sleep);
         // Recovered to level one and above: no pacing.
         for _ in 0..200 {
-            gate.observe(Duration::from_millis(1));
+            gate.observe(Some(Duration::from_millis(1)));
         }
         assert_eq!(gate.pace(), None);
     }
@@ -418,11 +458,11 @@ mod tests {
         let gate = ReadGate::new(3, Some(6), Some(&config()));
         assert_eq!(gate.level(), 6.0);
         assert_eq!(gate.slots(), Some(6));
-        gate.observe(Duration::from_millis(1));
+        gate.observe(Some(Duration::from_millis(1)));
         let slow = Duration::from_millis(50);
         let slots: Vec<_> = (0..4)
             .map(|_| {
-                gate.observe(slow);
+                gate.observe(Some(slow));
                 gate.slots()
             })
             .collect();
@@ -434,9 +474,9 @@ mod tests {
         // Without a ceiling the level counts up to this process's
         // concurrency, and below it still counts the fleet's reads.
         let gate = ReadGate::new(3, None, Some(&config()));
-        gate.observe(Duration::from_millis(1));
+        gate.observe(Some(Duration::from_millis(1)));
         assert_eq!(gate.slots(), None);
-        gate.observe(slow);
+        gate.observe(Some(slow));
         assert_eq!(gate.slots(), Some(1));
     }
 

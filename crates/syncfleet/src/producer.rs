@@ -17,6 +17,7 @@ pub struct Args {
 }
 
 pub async fn run(config: Arc<Config>, args: Args) -> Result<ExitCode, CliError> {
+    config.check_deadlines()?;
     let shutdown = Shutdown::new();
     crate::signals::install(shutdown.clone())?;
     crate::serve::start(args.metrics_addr, shutdown.signal()).await;
