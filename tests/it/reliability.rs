@@ -1391,6 +1391,54 @@ async fn a_worker_hands_back_the_jobs_it_cannot_get_to_in_time() {
     assert_eq!(env.dead_letters().await, 0);
 }
 
+/// A batch failed by one copy of its job (out of attempts, say, while a
+/// redelivered copy runs elsewhere) and then done by the other leaves its
+/// run succeeded, not failed with nothing left to do; a run failed while
+/// planning stays failed, whatever its recorded batches do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_done_after_all_finishes_its_run() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let executor = syncfleet_worker::Executor::connect(config.clone())
+        .await
+        .unwrap();
+    let mut client = crate::helpers::connect(&env.dest_url).await;
+    for planned in [true, false] {
+        let plan = env.plan(&config).await;
+        if !planned {
+            env.dest
+                .execute(
+                    "UPDATE syncfleet.run_streams SET batches_planned = NULL WHERE run_id = $1",
+                    &[&plan.run_id],
+                )
+                .await
+                .unwrap();
+        }
+        control::fail_batch(
+            &mut client,
+            plan.run_id,
+            "items",
+            1,
+            "injected",
+            control::SETTLE_WITHIN,
+        )
+        .await
+        .unwrap();
+        assert_eq!(run_status(&env, plan.run_id).await.status, "failed");
+        for job in env.jobs(plan.run_id, "items").await {
+            executor.execute(&job).await.unwrap();
+        }
+        let run = run_status(&env, plan.run_id).await;
+        match planned {
+            true => assert_eq!((run.status.as_str(), run.error), ("succeeded", None)),
+            false => assert_eq!(run.status, "failed", "{run:?}"),
+        }
+    }
+    env.assert_same_rows("SELECT * FROM items").await;
+}
+
 /// A run failed by one dead-lettered batch, while its other jobs are still
 /// in the broker, keeps its stream busy: a new run's jobs would not be
 /// ordered against them. Without progress for a while, it no longer does.

@@ -967,10 +967,14 @@ pub async fn try_finish_run(
 /// Finishes the run if nothing is left, and in the same statement moves
 /// its streams' watermarks to where its scans ended. An incremental scan
 /// that found nothing new leaves its watermark where it is, but marks it
-/// current (`updated_at`): a quiet stream is not a stale one.
+/// current (`updated_at`): a quiet stream is not a stale one. A failed run
+/// finishes too once every stream is planned and every batch done: a
+/// batch failed by one copy of its job (a duplicate out of its attempts)
+/// and then done by another.
 pub const TRY_FINISH_RUN: &str = "WITH fin AS ( \
-       UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now() \
-       WHERE id = $1 AND status = 'running' \
+       UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now(), error = NULL \
+       WHERE id = $1 AND (status = 'running' OR status = 'failed' AND NOT EXISTS \
+         (SELECT 1 FROM syncfleet.run_streams WHERE run_id = $1 AND batches_planned IS NULL)) \
        AND (SELECT batch_no FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done' \
             ORDER BY stream, batch_no LIMIT 1) IS NULL \
        RETURNING id, kind), \
