@@ -973,41 +973,60 @@ fn connections_of(user: &str) -> usize {
         .count()
 }
 
+/// A broker user of the test's own, deleted when dropped: closing "its"
+/// connections touches no other test.
+struct BrokerUser(String);
+
+impl BrokerUser {
+    fn new(env: &TestEnv) -> Self {
+        let user = env.name.clone();
+        rabbitmqctl(&["add_user", &user, "pw"]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+        BrokerUser(user)
+    }
+
+    /// `syncfleet.toml` rewritten to connect as this user, loaded.
+    fn config(&self, env: &TestEnv) -> Arc<Config> {
+        let path = env.dir.join("syncfleet.toml");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("amqp://guest:guest@", &format!("amqp://{}:pw@", self.0));
+        Arc::new(Config::load(&env.write("syncfleet.toml", &text)).unwrap())
+    }
+
+    fn close_connections(&self) {
+        rabbitmqctl(&[
+            "close_all_user_connections",
+            &self.0,
+            "test: the broker drops the worker",
+        ]);
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .output();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
     let env = TestEnv::new().await;
     env.source.batch_execute(ITEMS).await.unwrap();
     env.migrate().await;
-    // A broker user of this test's own, so closing "its" connections
-    // touches no other test.
-    let user = env.name.clone();
-    struct DropUser(String);
-    impl Drop for DropUser {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .args(["delete_user", &self.0])
-                .output();
-        }
-    }
-    rabbitmqctl(&["add_user", &user, "pw"]);
-    let _cleanup = DropUser(user.clone());
-    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
-    let text = env
-        .config_text("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 5\n")
-        .replace("amqp://guest:guest@", &format!("amqp://{user}:pw@"));
-    let path = env.write("syncfleet.toml", &text);
-    let config = std::sync::Arc::new(syncfleet_core::Config::load(&path).unwrap());
+    let broker = BrokerUser::new(&env);
+    let user = broker.0.clone();
+    env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 5\n");
+    let config = broker.config(&env);
 
     let fleet = Fleet::start(&config, 1);
     env.eventually("the worker to connect", 30, || async {
         connections_of(&user) >= 2
     })
     .await;
-    rabbitmqctl(&[
-        "close_all_user_connections",
-        &user,
-        "test: the broker drops the worker",
-    ]);
+    broker.close_connections();
     env.eventually("the worker to reconnect", 30, || async {
         connections_of(&user) >= 1
     })
@@ -1016,6 +1035,62 @@ async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
     env.wait(plan.run_id).await;
     fleet.stop().await;
     env.assert_same_rows("SELECT * FROM items").await;
+}
+
+/// A job whose connection to the broker is lost while it runs is put back
+/// by the broker, and its next delivery settles it: the copy that was
+/// running records and publishes nothing in its stead (here, its batch's
+/// failure and its dead letter), which would make two of each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cut_off_from_the_broker_leaves_its_settling_to_its_next_delivery() {
+    let env = TestEnv::new().await;
+    // The read of row 1 sleeps 4 s (the connection is closed during it);
+    // every write is refused for good.
+    items_behind_a_slow_gate(&env, "id = 1", 4, "").await;
+    let broker = BrokerUser::new(&env);
+    let config = broker.config(&env);
+    let plan = env.plan(&config).await;
+    fail_first_writes(&env, 1000, "42501", "injected: permission denied").await;
+    env.source
+        .batch_execute("INSERT INTO slow_flag VALUES (true)")
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&config, 1);
+    let reading = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND state = 'active' AND query LIKE 'COPY (SELECT%slow_gate%'";
+    env.eventually("the job to read", 30, || async {
+        env.source
+            .query_one(reading, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    broker.close_connections();
+    // Both copies wrote (and were refused), and the second was settled.
+    env.eventually("both copies to be refused", 60, || async {
+        let writes: i64 = env
+            .dest
+            .query_one(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM failures",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        writes >= 2 && env.dead_letters().await >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.stop().await;
+    assert_eq!(env.dead_letters().await, 1, "one dead letter per failure");
+    let batches = batch_attempts(&env, plan.run_id).await;
+    assert_eq!(
+        batches,
+        [(1, "failed".to_string(), 1)],
+        "one failure recorded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

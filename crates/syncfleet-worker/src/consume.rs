@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
@@ -138,6 +138,11 @@ struct Pending {
     /// settled within the broker's consumer timeout: else the broker
     /// closes the channel and every job of the session runs twice.
     start_by: Instant,
+    /// Cleared when its session's connection is lost: the broker has put
+    /// the delivery back for another worker, so this one neither runs it
+    /// nor publishes anything in its stead (a retry, halves, a dead letter,
+    /// its batch failed), which would make two of each.
+    live: Arc<AtomicBool>,
 }
 
 /// Takes the next group from the front of `pending`.
@@ -314,6 +319,7 @@ async fn session(
     // Deliveries wait here for one of the `concurrency` slots; a slot that
     // frees up takes every small job waiting, up to a group.
     let mut pending = VecDeque::new();
+    let live = Arc::new(AtomicBool::new(true));
     // Hand-backs, apart from the jobs: they take no slot.
     let mut handing_back = JoinSet::new();
     let lost = loop {
@@ -344,7 +350,8 @@ async fn session(
                     let hand_back_at = tokio::time::Instant::now() + deadline;
                     let start_by = Instant::now()
                         + config.broker.consumer_timeout.saturating_sub(deadline + SETTLE_SLACK);
-                    pending.push_back(Pending { delivery, job, hand_back_at, start_by });
+                    let live = live.clone();
+                    pending.push_back(Pending { delivery, job, hand_back_at, start_by, live });
                 }
                 Some(Err(e)) => break Some(WorkerError::from(e)),
                 None => break Some(WorkerError::Broker(BrokerError::Connect {
@@ -355,6 +362,7 @@ async fn session(
         }
     };
     if let Some(error) = lost {
+        live.store(false, Ordering::Relaxed);
         let _ = connection.close(200, "reconnecting".into()).await;
         return SessionEnd::Lost {
             error,
@@ -487,6 +495,9 @@ async fn abandon(in_flight: &mut JoinSet<()>) {
 /// the module docs). If the group fails, its jobs run again one by one, so
 /// that each meets its own fate: one bad job does not fail the others.
 async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
+    let Some(live) = group.first().map(|p| p.live.clone()) else {
+        return;
+    };
     let mut deliveries = Vec::with_capacity(group.len());
     let mut jobs = Vec::with_capacity(group.len());
     let mut start_by = Vec::with_capacity(group.len());
@@ -523,7 +534,7 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
         match result {
             Ok(Ok(outcomes)) => {
                 for ((delivery, job), outcome) in deliveries.iter().zip(&jobs).zip(outcomes) {
-                    conclude(&context, delivery, job, started, Ok(Ok(outcome))).await;
+                    conclude(&context, &live, delivery, job, started, Ok(Ok(outcome))).await;
                 }
                 return;
             }
@@ -534,7 +545,7 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
                 e @ (JobError::Unavailable(_) | JobError::Lagging(_) | JobError::NoReadSlot(_)),
             )) => {
                 for (delivery, job) in deliveries.iter().zip(&jobs) {
-                    conclude(&context, delivery, job, started, Ok(Err(e.clone()))).await;
+                    conclude(&context, &live, delivery, job, started, Ok(Err(e.clone()))).await;
                 }
                 return;
             }
@@ -553,9 +564,12 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
         }
     }
     for ((delivery, job), by) in deliveries.iter().zip(&jobs).zip(start_by) {
+        if !live.load(Ordering::Relaxed) {
+            return;
+        }
         let started = Instant::now();
         let result = executing(1, context.executor.execute_by(job, Some(by))).await;
-        conclude(&context, delivery, job, started, result).await;
+        conclude(&context, &live, delivery, job, started, result).await;
     }
 }
 
@@ -571,9 +585,11 @@ async fn executing<T>(
     result
 }
 
-/// Settles one executed delivery by its result.
+/// Settles one executed delivery by its result, unless its session is no
+/// longer `live` ([`Pending::live`]).
 async fn conclude(
     context: &Context,
+    live: &AtomicBool,
     delivery: &Delivery,
     job: &Job,
     started: Instant,
@@ -582,6 +598,10 @@ async fn conclude(
     let retry = context.executor.config().jobs.retry;
     let meta = Meta::from_properties(&delivery.properties);
     let id = job.id();
+    if !live.load(Ordering::Relaxed) {
+        tracing::debug!(job = %id, "the broker connection it came on was lost: the broker has put it back, and its next delivery settles it");
+        return;
+    }
     if !matches!(&result, Ok(Err(e)) if e.not_started()) {
         metrics::histogram!(m::JOB_DURATION, "stream" => job.stream.clone())
             .record(started.elapsed().as_secs_f64());
