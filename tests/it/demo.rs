@@ -60,3 +60,25 @@ async fn demo_syncs_and_verifies_every_stream() {
         assert_eq!(fields.last(), Some(&"yes"), "{line}");
     }
 }
+
+/// A `--name` that is no plain identifier (it names databases the demo
+/// drops, and the broker prefix) is refused before anything is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_refuses_a_name_it_cannot_use_as_is() {
+    let out = crate::helpers::syncfleet()
+        .args([
+            "demo",
+            "--name",
+            "x\"; DROP",
+            "--write-config",
+            "/nonexistent/demo.toml",
+        ])
+        .env("SYNCFLEET_DEMO_PG_URL", pg_url())
+        .env("SYNCFLEET_DEMO_AMQP_URL", amqp_url())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--name: expected"), "{stderr}");
+}

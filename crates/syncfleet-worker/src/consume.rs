@@ -433,8 +433,8 @@ fn hand_back_waiting(
 /// queue's delivery limit, and a delay queue could hold it behind a long
 /// retry. Counted as the outcome `handed_back`.
 async fn hand_back(context: &Context, delivery: &Delivery, id: &str, stream: &str) {
-    metrics::counter!(m::JOBS, "stream" => stream.to_string(), "outcome" => "handed_back")
-        .increment(1);
+    let stream = stream_label(context.executor.config(), stream);
+    metrics::counter!(m::JOBS, "stream" => stream, "outcome" => "handed_back").increment(1);
     let headers = Meta::from_properties(&delivery.properties).again(now_ms());
     let copied = context
         .publisher
@@ -448,6 +448,16 @@ async fn hand_back(context: &Context, delivery: &Delivery, id: &str, stream: &st
         true,
     )
     .await;
+}
+
+/// A job's stream as a metrics label: one of the config's streams, or
+/// `unknown`. A message may name any stream, and each name would be a new
+/// series for as long as the worker runs.
+fn stream_label(config: &Config, stream: &str) -> String {
+    match config.stream(stream) {
+        Some(s) => s.name.clone(),
+        None => "unknown".into(),
+    }
 }
 
 /// Every few seconds: pool use and queue depths, for dashboards.
@@ -602,12 +612,13 @@ async fn conclude(
         tracing::debug!(job = %id, "the broker connection it came on was lost: the broker has put it back, and its next delivery settles it");
         return;
     }
+    let stream = stream_label(context.executor.config(), &job.stream);
     if !matches!(&result, Ok(Err(e)) if e.not_started()) {
-        metrics::histogram!(m::JOB_DURATION, "stream" => job.stream.clone())
+        metrics::histogram!(m::JOB_DURATION, "stream" => stream.clone())
             .record(started.elapsed().as_secs_f64());
     }
     let finished = |o: &'static str| {
-        metrics::counter!(m::JOBS, "stream" => job.stream.clone(), "outcome" => o).increment(1);
+        metrics::counter!(m::JOBS, "stream" => stream.clone(), "outcome" => o).increment(1);
     };
     match result {
         Ok(Err(JobError::NotStarted(reason) | JobError::NoReadSlot(reason))) => {
@@ -678,7 +689,7 @@ async fn conclude(
             let delay = retry.delay(meta.attempt);
             tracing::warn!(job = %id, attempt = meta.attempt, %reason, ?delay, "batch failed; retrying later");
             finished("retried");
-            metrics::counter!(m::RETRIES, "stream" => job.stream.clone()).increment(1);
+            metrics::counter!(m::RETRIES, "stream" => stream.clone()).increment(1);
             if let Err(e) = context.executor.record_retry(job, &reason).await {
                 tracing::debug!(job = %id, error = %e, "could not record the failed attempt");
             }
