@@ -879,3 +879,86 @@ async fn an_incremental_sync_fails_if_any_streams_run_failed() {
         "{watched:?}"
     );
 }
+
+/// An event whose ids fit one stream's columns and not another's reaches
+/// the stream they fit, and a copy goes to the dead letters for the other;
+/// a table of the same name in another schema gets none of its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_reaches_the_streams_its_ids_fit_and_its_own_schemas() {
+    let env = TestEnv::new().await;
+    env.source
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, name text NOT NULL, v text);
+             INSERT INTO t SELECT i, 'n' || i, 'v' || i FROM generate_series(1, 20) i;
+             CREATE SCHEMA other;
+             CREATE TABLE other.t (id int PRIMARY KEY, v text);
+             INSERT INTO other.t SELECT i, 'v' || i FROM generate_series(1, 20) i;",
+        )
+        .await
+        .unwrap();
+    env.migrate().await;
+    let config = env.config(
+        "[producer]\ninterval = \"1h\"\nstagger = \"0s\"\nevent_window = \"100ms\"\n\
+         [[stream]]\nname = \"by_id\"\ntable = \"public.t\"\n\
+         [[stream]]\nname = \"by_name\"\nquery = \"SELECT id, name, v FROM t\"\nkey = [\"id\"]\n\
+         [stream.events]\nt = \"name\"\n\
+         [[stream]]\nname = \"other_t\"\ntable = \"other.t\"\n",
+    );
+    let fleet = Fleet::start(&config, 1);
+    let producer = Producer::start(&config);
+    // The leader's first scheduled runs, one a stream, then none for an
+    // hour: only the events can bring the changes below.
+    env.eventually("the first scheduled runs to finish", 60, || async {
+        let (done, going): (i64, i64) = {
+            let r = env
+                .dest
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE status = 'succeeded'), \
+                            count(*) FILTER (WHERE status IN ('planning', 'running')) FROM syncfleet.runs",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (r.get(0), r.get(1))
+        };
+        done >= 3 && going == 0
+    })
+    .await;
+    env.source
+        .batch_execute("UPDATE t SET v = 'changed' WHERE id = 5; UPDATE other.t SET v = 'changed' WHERE id = 5")
+        .await
+        .unwrap();
+    // "n5" is no id of `by_id` (an int), but a name of `by_name`.
+    env.publish_event(
+        "t",
+        r#"{"table": "public.t", "op": "upsert", "ids": ["n5"]}"#,
+    )
+    .await;
+    env.eventually("the change to reach the stream by name", 60, || async {
+        TestEnv::rows(&env.dest, "SELECT v FROM by_name WHERE id = 5").await == ["(changed)"]
+    })
+    .await;
+    env.eventually(
+        "a copy for the stream by id in the dead letters",
+        30,
+        || async { env.dead_letters().await == 1 },
+    )
+    .await;
+    // An event naming `public.t` by id: `other.t` is another table.
+    env.publish_event("t", r#"{"table": "public.t", "op": "upsert", "ids": [5]}"#)
+        .await;
+    env.eventually("the change to reach the stream by id", 60, || async {
+        TestEnv::rows(&env.dest, "SELECT v FROM by_id WHERE id = 5").await == ["(changed)"]
+    })
+    .await;
+    // Any job of that flush for `other_t` went out with the one for
+    // `by_id`: delivered, and ended by the fleet's stop.
+    producer.stop().await;
+    env.delivered().await;
+    fleet.stop().await;
+    assert_eq!(
+        TestEnv::rows(&env.dest, "SELECT v FROM other_t WHERE id = 5").await,
+        ["(v5)"],
+        "other.t took an event of public.t"
+    );
+}

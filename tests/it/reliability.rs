@@ -1044,30 +1044,53 @@ async fn the_worker_reconnects_after_the_broker_closes_its_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_cut_off_from_the_broker_leaves_its_settling_to_its_next_delivery() {
     let env = TestEnv::new().await;
-    // The read of row 1 sleeps 4 s (the connection is closed during it);
-    // every write is refused for good.
-    items_behind_a_slow_gate(&env, "id = 1", 4, "").await;
+    // The read of row 1 waits for an advisory lock the test holds, so that
+    // the connection is lost while the job runs; every write is refused
+    // for good.
+    env.source
+        .batch_execute(&format!(
+            "{ITEMS}
+             CREATE FUNCTION held_gate(id int) RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+             BEGIN
+               IF id = 1 THEN
+                 PERFORM pg_advisory_lock_shared(4242);
+                 PERFORM pg_advisory_unlock_shared(4242);
+               END IF;
+               RETURN true;
+             END $$;"
+        ))
+        .await
+        .unwrap();
+    env.migrate().await;
+    env.config(
+        "[[stream]]\nname = \"items\"\nquery = \"SELECT id, v FROM items WHERE held_gate(id)\"\n\
+         key = [\"id\"]\nbatch_size = 100\n",
+    );
     let broker = BrokerUser::new(&env);
     let config = broker.config(&env);
     let plan = env.plan(&config).await;
     fail_first_writes(&env, 1000, "42501", "injected: permission denied").await;
-    env.source
-        .batch_execute("INSERT INTO slow_flag VALUES (true)")
+    let gate = crate::helpers::connect(&env.source_url).await;
+    gate.batch_execute("SELECT pg_advisory_lock(4242)")
         .await
         .unwrap();
     let fleet = Fleet::start(&config, 1);
-    let reading = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                   AND state = 'active' AND query LIKE 'COPY (SELECT%slow_gate%'";
-    env.eventually("the job to read", 30, || async {
-        env.source
-            .query_one(reading, &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
+    env.eventually("the job to wait at the gate", 60, || async {
+        crate::helpers::lock_waiters(&env.source, "COPY (SELECT%held_gate%").await == 1
     })
     .await;
     broker.close_connections();
+    // Put back by the broker and delivered again to the reconnected
+    // worker, the job waits for the batch's write lock the first copy holds.
+    env.eventually(
+        "the job's next delivery to wait for the first",
+        60,
+        || async { crate::helpers::lock_waiters(&env.dest, "%pg_advisory_xact_lock%").await == 1 },
+    )
+    .await;
+    gate.batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .unwrap();
     // Both copies wrote (and were refused), and the second was settled.
     env.eventually("both copies to be refused", 60, || async {
         let writes: i64 = env

@@ -179,15 +179,20 @@ impl StreamConfig {
             .iter()
             .map(|(t, c)| (t.clone(), Some(c.clone())))
             .collect();
-        // Events match tables by name whatever the schema (see the
-        // producer's routes): `[stream.events]` naming the stream's own
-        // table, qualified or not, takes its place.
-        if let StreamSource::Table(t) = &self.source
-            && !tables
+        // The stream's own table as configured, with its schema if it has
+        // one (events for a table of that name in another schema are not
+        // its own); `[stream.events]` naming it takes its place.
+        if let StreamSource::Table(t) = &self.source {
+            let own = match &t.schema {
+                Some(schema) => format!("{schema}.{}", t.name),
+                None => t.name.clone(),
+            };
+            if !tables
                 .iter()
-                .any(|(name, _)| name.rsplit('.').next() == Some(t.name.as_str()))
-        {
-            tables.push((t.name.clone(), None));
+                .any(|(name, _)| *name == own || *name == t.name)
+            {
+                tables.push((own, None));
+            }
         }
         tables
     }
@@ -509,13 +514,16 @@ impl Config {
         );
         for (what, deadline) in deadlines {
             if deadline > limit {
+                let held = match what.as_str() {
+                    "producer.event_window" => "events held unacked that long could be taken back",
+                    _ => "a job that long could be redelivered while it still runs",
+                };
                 return Err(self.invalid_field(
                     &what,
                     format!(
                         "{deadline:?} is not comfortably below the broker's consumer_timeout \
-                         ({:?}, broker.consumer_timeout): a job that long could be redelivered \
-                         while it still runs; keep it under {limit:?}, or raise the broker's \
-                         consumer_timeout and broker.consumer_timeout with it",
+                         ({:?}, broker.consumer_timeout): {held}; keep it under {limit:?}, or \
+                         raise the broker's consumer_timeout and broker.consumer_timeout with it",
                         self.broker.consumer_timeout
                     ),
                 ));

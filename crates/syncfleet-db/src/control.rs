@@ -972,7 +972,8 @@ pub async fn try_finish_run(
 /// batch failed by one copy of its job (a duplicate out of its attempts)
 /// and then done by another.
 pub const TRY_FINISH_RUN: &str = "WITH fin AS ( \
-       UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now(), error = NULL \
+       UPDATE syncfleet.runs SET status = 'succeeded', finished_at = now(), error = NULL, \
+         planned_at = coalesce(planned_at, now()) \
        WHERE id = $1 AND (status = 'running' OR status = 'failed' AND NOT EXISTS \
          (SELECT 1 FROM syncfleet.run_streams WHERE run_id = $1 AND batches_planned IS NULL)) \
        AND (SELECT batch_no FROM syncfleet.batches WHERE run_id = $1 AND status <> 'done' \

@@ -214,11 +214,7 @@ impl Routes {
             match described {
                 Ok(found) => {
                     for (table, route) in found {
-                        routes
-                            .tables
-                            .entry(unqualified(&table))
-                            .or_default()
-                            .push(route);
+                        routes.tables.entry(table).or_default().push(route);
                     }
                 }
                 Err(e) => {
@@ -227,7 +223,7 @@ impl Routes {
                     for (table, _) in stream.event_tables() {
                         routes
                             .broken
-                            .entry(unqualified(&table))
+                            .entry(table)
                             .and_modify(|w| *w = format!("{w}; {why}"))
                             .or_insert_with(|| why.clone());
                     }
@@ -238,23 +234,43 @@ impl Routes {
     }
 
     /// The streams an event's table refreshes, and why others that read it
-    /// cannot take it, if any do. Tables are matched by name, whatever the
-    /// schema each side names: `app.users` and `users` are one table to
-    /// events, and a table of that name in another schema gets its events
-    /// too (a selection of ids it may not have: extra reads, nothing
-    /// wrong written).
-    fn find(&self, table: &str) -> (&[Route], Option<&str>) {
-        let name = unqualified(table);
-        (
-            self.tables.get(&name).map_or(&[][..], Vec::as_slice),
-            self.broken.get(&name).map(String::as_str),
-        )
+    /// cannot take it, if any do. A name with its schema on one side only
+    /// matches the other's by its table name (`app.users` and `users`);
+    /// with a schema on both, the schemas must agree too, so that tenants'
+    /// schemas with tables of one name keep their events apart.
+    fn find(&self, table: &str) -> (Vec<&Route>, Option<String>) {
+        let mut routes: Vec<&Route> = Vec::new();
+        for route in matching(&self.tables, table).flatten() {
+            if !routes.contains(&route) {
+                routes.push(route);
+            }
+        }
+        let broken: Vec<&str> = matching(&self.broken, table).map(String::as_str).collect();
+        (routes, (!broken.is_empty()).then(|| broken.join("; ")))
     }
 }
 
-/// A table's name without its schema.
-fn unqualified(table: &str) -> String {
-    table.rsplit('.').next().unwrap_or(table).to_string()
+/// The entries of `map` (by table name as configured) that an event's
+/// `table` matches (see [`Routes::find`]), in the order of their names.
+fn matching<'a, T>(map: &'a HashMap<String, T>, table: &str) -> impl Iterator<Item = &'a T> {
+    let (schema, name) = split_table(table);
+    let mut found: Vec<(&String, &T)> = map
+        .iter()
+        .filter(|(configured, _)| {
+            let (s, n) = split_table(configured);
+            n == name && (s.is_none() || schema.is_none() || s == schema)
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(b.0));
+    found.into_iter().map(|(_, v)| v)
+}
+
+/// `schema.table` as (schema, table); a bare name has no schema.
+fn split_table(table: &str) -> (Option<&str>, &str) {
+    match table.rsplit_once('.') {
+        Some((schema, name)) => (Some(schema), name),
+        None => (None, table),
+    }
 }
 
 /// The tables whose events refresh `stream`, each with its route.
@@ -453,38 +469,48 @@ async fn take(
         Err(reason) => return dead(delivery, publisher, counters, MALFORMED, &reason).await,
     };
     let (targets, broken) = routes.find(&event.table);
-    match (targets, broken) {
-        ([], None) => {
-            counters.events_dropped.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(m::EVENTS, "outcome" => "dropped").increment(1);
-            let _ = delivery.ack(BasicAckOptions::default()).await;
-            return;
-        }
-        ([], Some(why)) => {
-            return dead(delivery, publisher, counters, UNROUTABLE_EVENT, why).await;
-        }
-        // The streams that can take it still do, once a copy for the
-        // others is safe in the dead letters.
-        (_, Some(why)) => {
-            if !dead_letter(&delivery, publisher, counters, UNROUTABLE_EVENT, why).await {
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                };
-                let _ = delivery.nack(requeue).await;
-                return;
-            }
-        }
-        (_, None) => {}
+    if targets.is_empty() && broken.is_none() {
+        counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::EVENTS, "outcome" => "dropped").increment(1);
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        return;
     }
-    // Every route checked before any is buffered: an event refused for one
-    // stream must leave nothing behind for the others (buffered without
-    // its delivery, those ids would wait for an unrelated event).
-    let mut routed = Vec::with_capacity(targets.len());
+    // Each stream takes the ids that fit its columns. Every route is
+    // checked before any is buffered, so that what one refuses is settled
+    // first: ids buffered without their delivery would wait for an
+    // unrelated event.
+    let (mut routed, mut refused) = (Vec::new(), Vec::new());
     for route in targets {
         match route_keys(&event, route) {
             Ok(keys) => routed.push((route, keys)),
-            Err(reason) => return dead(delivery, publisher, counters, MALFORMED, &reason).await,
+            Err(reason) => refused.push(reason),
+        }
+    }
+    // A stream that cannot take events now makes the event unroutable,
+    // which `dead-letters replay` sends back once it is fixed; ids that
+    // fit no column of a stream make it malformed.
+    let (reason, why) = match (broken, refused.is_empty()) {
+        (None, true) => (MALFORMED, None),
+        (Some(b), true) => (UNROUTABLE_EVENT, Some(b)),
+        (None, false) => (MALFORMED, Some(refused.join("; "))),
+        (Some(b), false) => (
+            UNROUTABLE_EVENT,
+            Some(format!("{b}; {}", refused.join("; "))),
+        ),
+    };
+    if let Some(why) = why {
+        if routed.is_empty() {
+            return dead(delivery, publisher, counters, reason, &why).await;
+        }
+        // The streams that can take it still do, once a copy for the
+        // others is safe in the dead letters.
+        if !dead_letter(&delivery, publisher, counters, reason, &why).await {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            let _ = delivery.nack(requeue).await;
+            return;
         }
     }
     for (route, keys) in routed {
@@ -737,34 +763,38 @@ mod tests {
     }
 
     #[test]
-    fn events_match_tables_by_name_whatever_the_schema() {
+    fn events_match_tables_by_name_and_by_schema_where_both_name_one() {
         let route = |stream: &str| Route {
             stream: stream.into(),
             columns: vec!["id".into()],
             types: vec![20],
         };
         let mut routes = Routes::default();
-        for (table, stream) in [("users", "plain"), ("app.users", "qualified")] {
+        for (table, stream) in [("users", "bare"), ("app.users", "app"), ("b.users", "b")] {
             routes
                 .tables
-                .entry(unqualified(table))
+                .entry(table.into())
                 .or_default()
                 .push(route(stream));
         }
-        for table in ["users", "app.users", "public.users"] {
-            let streams: Vec<&str> = routes
-                .find(table)
-                .0
-                .iter()
-                .map(|r| r.stream.as_str())
-                .collect();
-            assert_eq!(streams, ["plain", "qualified"], "{table}");
-        }
-        assert!(routes.find("orders").0.is_empty());
+        routes.broken.insert("b.users".into(), "b is broken".into());
+        let find = |table| {
+            let (found, broken) = routes.find(table);
+            let streams: Vec<String> = found.iter().map(|r| r.stream.clone()).collect();
+            (streams, broken)
+        };
+        assert_eq!(find("users").0, ["app", "b", "bare"]);
+        assert_eq!(find("app.users"), (vec!["app".into(), "bare".into()], None));
+        assert_eq!(
+            find("b.users"),
+            (vec!["b".into(), "bare".into()], Some("b is broken".into()))
+        );
+        assert_eq!(find("other.users").0, ["bare"]);
+        assert!(find("orders").0.is_empty());
     }
 
     #[test]
-    fn an_event_refused_for_one_stream_is_checked_for_all_first() {
+    fn ids_are_keys_of_the_streams_whose_columns_they_fit() {
         let event = parse(br#"{"table": "t", "op": "upsert", "ids": [1, "x"]}"#).unwrap();
         let ints = Route {
             stream: "a".into(),

@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
@@ -138,11 +138,12 @@ struct Pending {
     /// settled within the broker's consumer timeout: else the broker
     /// closes the channel and every job of the session runs twice.
     start_by: Instant,
-    /// Cleared when its session's connection is lost: the broker has put
-    /// the delivery back for another worker, so this one neither runs it
-    /// nor publishes anything in its stead (a retry, halves, a dead letter,
-    /// its batch failed), which would make two of each.
-    live: Arc<AtomicBool>,
+    /// The channel it came on. Once that is no longer connected (the
+    /// connection lost), the broker has put the delivery back for another
+    /// worker: this one neither runs it nor records or publishes anything
+    /// in its stead (a failure, a retry, halves, a dead letter), which would
+    /// make two of each.
+    channel: lapin::Channel,
 }
 
 /// Takes the next group from the front of `pending`.
@@ -319,7 +320,6 @@ async fn session(
     // Deliveries wait here for one of the `concurrency` slots; a slot that
     // frees up takes every small job waiting, up to a group.
     let mut pending = VecDeque::new();
-    let live = Arc::new(AtomicBool::new(true));
     // Hand-backs, apart from the jobs: they take no slot.
     let mut handing_back = JoinSet::new();
     let lost = loop {
@@ -350,8 +350,8 @@ async fn session(
                     let hand_back_at = tokio::time::Instant::now() + deadline;
                     let start_by = Instant::now()
                         + config.broker.consumer_timeout.saturating_sub(deadline + SETTLE_SLACK);
-                    let live = live.clone();
-                    pending.push_back(Pending { delivery, job, hand_back_at, start_by, live });
+                    let channel = channel.clone();
+                    pending.push_back(Pending { delivery, job, hand_back_at, start_by, channel });
                 }
                 Some(Err(e)) => break Some(WorkerError::from(e)),
                 None => break Some(WorkerError::Broker(BrokerError::Connect {
@@ -362,7 +362,6 @@ async fn session(
         }
     };
     if let Some(error) = lost {
-        live.store(false, Ordering::Relaxed);
         let _ = connection.close(200, "reconnecting".into()).await;
         return SessionEnd::Lost {
             error,
@@ -505,7 +504,7 @@ async fn abandon(in_flight: &mut JoinSet<()>) {
 /// the module docs). If the group fails, its jobs run again one by one, so
 /// that each meets its own fate: one bad job does not fail the others.
 async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
-    let Some(live) = group.first().map(|p| p.live.clone()) else {
+    let Some(channel) = group.first().map(|p| p.channel.clone()) else {
         return;
     };
     let mut deliveries = Vec::with_capacity(group.len());
@@ -524,6 +523,8 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
                 jobs.push(job);
                 start_by.push(by);
             }
+            // Its redelivery dead-letters it once the channel is gone.
+            Err(_) if !channel.status().connected() => {}
             Err(e) => {
                 tracing::error!(error = %e, "dead-lettering a message that is not a valid job");
                 let meta = Meta::from_properties(&delivery.properties);
@@ -544,7 +545,7 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
         match result {
             Ok(Ok(outcomes)) => {
                 for ((delivery, job), outcome) in deliveries.iter().zip(&jobs).zip(outcomes) {
-                    conclude(&context, &live, delivery, job, started, Ok(Ok(outcome))).await;
+                    conclude(&context, &channel, delivery, job, started, Ok(Ok(outcome))).await;
                 }
                 return;
             }
@@ -555,7 +556,15 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
                 e @ (JobError::Unavailable(_) | JobError::Lagging(_) | JobError::NoReadSlot(_)),
             )) => {
                 for (delivery, job) in deliveries.iter().zip(&jobs) {
-                    conclude(&context, &live, delivery, job, started, Ok(Err(e.clone()))).await;
+                    conclude(
+                        &context,
+                        &channel,
+                        delivery,
+                        job,
+                        started,
+                        Ok(Err(e.clone())),
+                    )
+                    .await;
                 }
                 return;
             }
@@ -574,12 +583,12 @@ async fn handle_group(context: Arc<Context>, group: Vec<Pending>) {
         }
     }
     for ((delivery, job), by) in deliveries.iter().zip(&jobs).zip(start_by) {
-        if !live.load(Ordering::Relaxed) {
+        if !channel.status().connected() {
             return;
         }
         let started = Instant::now();
         let result = executing(1, context.executor.execute_by(job, Some(by))).await;
-        conclude(&context, &live, delivery, job, started, result).await;
+        conclude(&context, &channel, delivery, job, started, result).await;
     }
 }
 
@@ -595,11 +604,11 @@ async fn executing<T>(
     result
 }
 
-/// Settles one executed delivery by its result, unless its session is no
-/// longer `live` ([`Pending::live`]).
+/// Settles one executed delivery by its result, unless the `channel` it
+/// came on is no longer connected ([`Pending::channel`]).
 async fn conclude(
     context: &Context,
-    live: &AtomicBool,
+    channel: &lapin::Channel,
     delivery: &Delivery,
     job: &Job,
     started: Instant,
@@ -608,7 +617,7 @@ async fn conclude(
     let retry = context.executor.config().jobs.retry;
     let meta = Meta::from_properties(&delivery.properties);
     let id = job.id();
-    if !live.load(Ordering::Relaxed) {
+    if !channel.status().connected() {
         tracing::debug!(job = %id, "the broker connection it came on was lost: the broker has put it back, and its next delivery settles it");
         return;
     }

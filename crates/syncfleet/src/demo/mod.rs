@@ -141,10 +141,10 @@ fn with_database(url: &str, database: &str) -> Result<String, CliError> {
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     // It names databases that are dropped and made anew, the broker prefix
     // and a line of the config file: checked before any of them.
-    let plain = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-');
     if args.name.is_empty() || args.name.len() > 50 || !args.name.chars().all(plain) {
         return Err(CliError::Usage(format!(
-            "--name: expected 1-50 characters from [A-Za-z0-9_], got {:?}",
+            "--name: expected 1-50 characters from [A-Za-z0-9_-], got {:?}",
             args.name
         )));
     }
