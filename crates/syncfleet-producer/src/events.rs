@@ -489,16 +489,13 @@ async fn take(
     // A stream that cannot take events now makes the event unroutable,
     // which `dead-letters replay` sends back once it is fixed; ids that
     // fit no column of a stream make it malformed.
-    let (reason, why) = match (broken, refused.is_empty()) {
-        (None, true) => (MALFORMED, None),
-        (Some(b), true) => (UNROUTABLE_EVENT, Some(b)),
-        (None, false) => (MALFORMED, Some(refused.join("; "))),
-        (Some(b), false) => (
-            UNROUTABLE_EVENT,
-            Some(format!("{b}; {}", refused.join("; "))),
-        ),
+    let reason = match broken {
+        Some(_) => UNROUTABLE_EVENT,
+        None => MALFORMED,
     };
-    if let Some(why) = why {
+    let why: Vec<String> = broken.into_iter().chain(refused).collect();
+    if !why.is_empty() {
+        let why = why.join("; ");
         if routed.is_empty() {
             return dead(delivery, publisher, counters, reason, &why).await;
         }
