@@ -1537,6 +1537,45 @@ async fn a_failed_batch_done_after_all_finishes_its_run() {
     env.assert_same_rows("SELECT * FROM items").await;
 }
 
+/// A quiet run with nothing left whose finish was lost (a worker's finish
+/// check failing after its last commit, or the planner's last mark) is
+/// finished when next looked at, not failed as abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_run_with_nothing_left_is_finished_not_abandoned() {
+    let env = TestEnv::new().await;
+    env.source.batch_execute(ITEMS).await.unwrap();
+    env.migrate().await;
+    let config = env.config("[[stream]]\nname = \"items\"\ntable = \"items\"\nbatch_size = 10\n");
+    let executor = syncfleet_worker::Executor::connect(config.clone())
+        .await
+        .unwrap();
+    for mark in ["running", "planning"] {
+        let plan = env.plan(&config).await;
+        for job in env.jobs(plan.run_id, "items").await {
+            executor.execute(&job).await.unwrap();
+        }
+        env.dest
+            .execute(
+                "UPDATE syncfleet.runs SET status = $2, finished_at = NULL, \
+                 planned_at = CASE WHEN $2 = 'planning' THEN NULL ELSE planned_at END WHERE id = $1",
+                &[&plan.run_id, &mark],
+            )
+            .await
+            .unwrap();
+        env.dest.batch_execute(A_DAY_AGO).await.unwrap();
+        let busy = control::stream_busy(&env.dest, "items", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let run = run_status(&env, plan.run_id).await;
+        assert!(!busy);
+        assert_eq!(
+            (run.status.as_str(), run.error),
+            ("succeeded", None),
+            "{mark}"
+        );
+    }
+}
+
 /// A run failed by one dead-lettered batch, while its other jobs are still
 /// in the broker, keeps its stream busy: a new run's jobs would not be
 /// ordered against them. Without progress for a while, it no longer does.

@@ -1105,7 +1105,8 @@ pub async fn stream_busy(
 /// ("abandoned"): a producer that died mid-plan, or a batch the broker
 /// dead-lettered by its delivery limit, must not block the stream for ever.
 /// Their pending batches count as unpublished from then on: whatever became
-/// of their jobs, `sync --resume` publishes them again.
+/// of their jobs, `sync --resume` publishes them again. One with nothing
+/// left (its finish lost after its last commit) is finished instead.
 pub async fn runs_going(
     client: &impl GenericClient,
     streams: &[&str],
@@ -1113,8 +1114,8 @@ pub async fn runs_going(
     stale_after: Duration,
 ) -> Result<Vec<Going>, DbError> {
     let seconds = stale_after.as_secs_f64();
-    client
-        .execute(
+    let abandoned = client
+        .query(
             "WITH abandoned AS ( \
                UPDATE syncfleet.runs r SET status = 'failed', finished_at = now(), \
                  error = format('abandoned: no progress for %s seconds; resume it with syncfleet sync --resume %s', $2::float8, r.id) \
@@ -1124,11 +1125,18 @@ pub async fn runs_going(
                      (SELECT max(b.finished_at) FROM syncfleet.batches b WHERE b.run_id = r.id)) \
                    < now() - make_interval(secs => $2::float8) \
                RETURNING r.id) \
-             UPDATE syncfleet.batches b SET published_at = NULL FROM abandoned a \
-             WHERE b.run_id = a.id AND b.status = 'pending'",
+             , unpublished AS ( \
+               UPDATE syncfleet.batches b SET published_at = NULL FROM abandoned a \
+               WHERE b.run_id = a.id AND b.status = 'pending') \
+             SELECT id FROM abandoned",
             &[&streams, &seconds],
         )
         .await?;
+    for row in abandoned {
+        client
+            .query_one(TRY_FINISH_RUN, &[&row.get::<_, i64>(0)])
+            .await?;
+    }
     going(client, streams, except, stale_after).await
 }
 
