@@ -86,6 +86,18 @@ async fn fail_first_writes(env: &TestEnv, n: i64, code: &str, message: &str) {
         .unwrap();
 }
 
+/// Writes to `items` so far that [`fail_first_writes`] saw (refused or not).
+async fn writes_seen(env: &TestEnv) -> i64 {
+    env.dest
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM failures",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn batch_attempts(env: &TestEnv, run_id: i64) -> Vec<(i64, String, i32)> {
     env.dest
         .query(
@@ -118,13 +130,7 @@ async fn a_transient_error_is_retried_until_it_succeeds() {
         vec![(1, "done".to_string(), 2)],
         "one failed delivery recorded, then success on the second"
     );
-    let tries: i64 = env
-        .dest
-        .query_one("SELECT last_value FROM failures", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(tries, 6);
+    assert_eq!(writes_seen(&env).await, 6);
     env.assert_same_rows("SELECT * FROM items").await;
     assert_eq!(env.dead_letters().await, 0);
 }
@@ -1093,16 +1099,7 @@ async fn a_job_cut_off_from_the_broker_leaves_its_settling_to_its_next_delivery(
         .unwrap();
     // Both copies wrote (and were refused), and the second was settled.
     env.eventually("both copies to be refused", 60, || async {
-        let writes: i64 = env
-            .dest
-            .query_one(
-                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM failures",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        writes >= 2 && env.dead_letters().await >= 1
+        writes_seen(&env).await >= 2 && env.dead_letters().await >= 1
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1391,11 +1388,7 @@ async fn a_job_failing_once_its_batch_is_done_is_acked_not_dead_lettered() {
     let job = env.jobs(plan.run_id, "items").await.remove(0);
     env.publish_raw(&job.encode(), &job.id()).await;
     env.eventually("the job to fail", 60, || async {
-        env.dest
-            .query_one("SELECT is_called FROM failures", &[])
-            .await
-            .unwrap()
-            .get(0)
+        writes_seen(&env).await > 0
     })
     .await;
     // Stopping lets the job end, and puts it back in the queue if unsettled.

@@ -330,8 +330,8 @@ impl Drop for Held {
         let (cancel, tls) = (self.cancel.clone(), self.tls.clone());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), cancel.cancel_query(tls)).await;
+                let _ = tokio::time::timeout(crate::pool::CANCEL_TIMEOUT, cancel.cancel_query(tls))
+                    .await;
             });
         }
     }

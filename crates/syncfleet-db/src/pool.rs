@@ -39,8 +39,8 @@ pub struct Pool {
 
 pub type Client = deadpool_postgres::Object;
 
-/// Bound on a cancel request of [`Pool::bounded`].
-const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on asking the server to cancel a statement.
+pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Starts the transaction every source read runs in: one consistent
 /// snapshot (REPEATABLE READ), and READ ONLY, so syncfleet can never write

@@ -164,10 +164,7 @@ pub async fn start_run(
     .await?
     .map_err(PlanError::Going)?;
     tracing::info!(run_id, streams = ?names, "planning run");
-    let _planner = match planner(destination, run_id).await {
-        Ok(planner) => planner,
-        Err(e) => return Err(planning_failed(destination, run_id, e).await),
-    };
+    let _planner = new_run_planner(destination, run_id).await?;
     let mut plan = RunPlan {
         run_id,
         batches: Vec::new(),
@@ -198,6 +195,14 @@ async fn planner(destination: &Pool, run_id: i64) -> Result<control::Planner, Pl
     control::plan_run(destination, run_id)
         .await?
         .ok_or(PlanError::Planning(run_id))
+}
+
+/// [`planner`] of a run just created, failed if it cannot be.
+async fn new_run_planner(destination: &Pool, run_id: i64) -> Result<control::Planner, PlanError> {
+    match planner(destination, run_id).await {
+        Ok(planner) => Ok(planner),
+        Err(e) => Err(planning_failed(destination, run_id, e).await),
+    }
 }
 
 /// Fails `run_id`, whose planning failed with `e` (best effort: the run is
@@ -535,10 +540,7 @@ pub async fn start_incremental_run(
     )
     .await?
     .map_err(PlanError::Going)?;
-    let _planner = match planner(destination, run_id).await {
-        Ok(planner) => planner,
-        Err(e) => return Err(planning_failed(destination, run_id, e).await),
-    };
+    let _planner = new_run_planner(destination, run_id).await?;
     let result = plan_incremental(
         source,
         destination,

@@ -47,7 +47,7 @@ use syncfleet_core::backoff::full_jitter;
 use syncfleet_core::config::StreamConfig;
 use syncfleet_core::job::{Job, Lsn, NO_RUN};
 use syncfleet_core::metrics as m;
-use syncfleet_db::pool::Client;
+use syncfleet_db::pool::{CANCEL_TIMEOUT, Client};
 use syncfleet_db::sql::{self, Binding, RangePredicate};
 use syncfleet_db::{Pool, Role, StreamShape, ceiling, control};
 use tokio_postgres::types::ToSql;
@@ -59,8 +59,6 @@ use crate::unchanged::{Compare, Found};
 /// Quick retries of a transient error inside the worker, before the job
 /// goes back to the broker.
 const IN_WORKER_RETRIES: usize = 3;
-/// Bound on asking the server to cancel a statement.
-const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A read-gate permit that goes back to the gate however the job ends,
 /// a panic included (the worker catches job panics and carries on, and a
